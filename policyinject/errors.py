@@ -1,0 +1,38 @@
+"""Exception types raised by policyinject (other than :class:`policyinject.ConfigError`).
+
+Every error names what the user wrote: the module path, the layer class, the policy.
+
+Example:
+    >>> from policyinject.errors import PlanError
+    >>> str(PlanError("model.layers.0.self_attn.q_proj: 9 heads cannot split over tp_size=2"))
+    'model.layers.0.self_attn.q_proj: 9 heads cannot split over tp_size=2'
+"""
+
+from __future__ import annotations
+
+
+class PolicyInjectError(Exception):
+    """Base class of the errors raised by policyinject."""
+
+
+class PolicyError(PolicyInjectError, ValueError):
+    """A policy is malformed (a role missing, a style unknown, a layer class that does not resolve)."""
+
+
+class PlanError(PolicyInjectError, ValueError):
+    """Planning failed; the user's model has not been touched.
+
+    Carries every problem found, one per line.
+    """
+
+    def __init__(self, problems: "str | list[str]") -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class PluginError(PolicyInjectError, RuntimeError):
+    """A plugin failed to load or to register; the message names the plugin and its distribution."""
+
+
+class UnsupportedError(PolicyInjectError, NotImplementedError):
+    """A feature was asked for that cannot run here (for example CUDA graphs without CUDA)."""

@@ -1,0 +1,22 @@
+"""Declarative policies: the one description of an architecture that every pass derives its work from."""
+
+from .layout import qkv_rows
+from .model import (
+    Activation,
+    AttentionSpec,
+    BlockKind,
+    MLPSpec,
+    ModelPolicy,
+    NormKind,
+    NormSpec,
+    Policy,
+    QKVLayout,
+    Style,
+    read_size,
+    resolve_qualified_name,
+)
+
+__all__ = [
+    "Activation", "AttentionSpec", "BlockKind", "MLPSpec", "ModelPolicy", "NormKind", "NormSpec", "Policy",
+    "QKVLayout", "Style", "qkv_rows", "read_size", "resolve_qualified_name",
+]

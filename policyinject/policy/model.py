@@ -1,0 +1,361 @@
+"""The declarative policy data model: what each submodule of a layer class *is*.
+
+A :class:`Policy` describes one layer class (a transformer block): where its attention projections, MLP
+projections and norms are, how heads are counted, and how each linear splits under tensor parallelism.
+A :class:`ModelPolicy` describes the model around the blocks: embeddings, the layer list, the final norm
+and the output head. Every pass (tensor parallel, quantize, kernel injection, the decode engine) derives
+its work from these two descriptions; none of them hard-codes an architecture.
+
+All classes are frozen attrs classes: policies are values, safe to share between models and processes.
+
+Example:
+    >>> from policyinject.policy import Policy, AttentionSpec, MLPSpec, NormSpec
+    >>> p = Policy(
+    ...     layer="transformers.models.llama.modeling_llama.LlamaDecoderLayer",
+    ...     attention=AttentionSpec(module="self_attn", q="q_proj", k="k_proj", v="v_proj", o="o_proj"),
+    ...     mlp=MLPSpec(module="mlp", gate="gate_proj", up="up_proj", down="down_proj", activation="silu"),
+    ...     norms=(NormSpec("input_layernorm", "rms"), NormSpec("post_attention_layernorm", "rms")),
+    ... )
+    >>> p.linear_styles()["self_attn.o_proj"].value
+    'row'
+    >>> p.layer_name
+    'LlamaDecoderLayer'
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+from typing import Any, Callable, Mapping, Optional, Union
+
+import attrs
+
+from ..errors import PolicyError
+
+#: A head count (or other size) is read from the model config: an attribute name, a tuple of candidate
+#: attribute names (first present wins), or a callable ``config -> int``.
+SizeSource = Union[str, tuple, Callable[[Any], int], None]
+
+
+class Style(str, enum.Enum):
+    """How one weight splits over tensor-parallel ranks (Megatron vocabulary)."""
+
+    #: Output features split (weight dim 0 of an ``nn.Linear``); bias split with them; no communication.
+    COLUMN = "column"
+    #: Column split, then an all-gather so the output is replicated (HF ``colwise_gather_output``).
+    COLUMN_GATHER = "column_gather"
+    #: Input features split (weight dim 1); all-reduce after the matmul; bias added once after the reduce.
+    ROW = "row"
+    #: Row split whose input arrives replicated and is sliced locally first (HF ``rowwise_split_input``).
+    ROW_SPLIT_INPUT = "row_split_input"
+    #: The whole weight on every rank.
+    REPLICATE = "replicate"
+    #: A fused projection (q|k|v, gate|up) whose pieces are split separately and re-packed per rank, so
+    #: that every rank holds matching pieces. Its layout is given by the role that names it.
+    PACKED_COLUMN = "packed_column"
+    #: ``nn.Embedding`` split over the vocabulary; masked lookup then all-reduce.
+    VOCAB_EMBEDDING = "vocab_embedding"
+    #: Output head split over the vocabulary, then the logits are all-gathered.
+    VOCAB_HEAD = "vocab_head"
+
+
+class QKVLayout(str, enum.Enum):
+    """Row order of a fused q/k/v projection's output features."""
+
+    #: ``[q (Hq*d) | k (Hkv*d) | v (Hkv*d)]`` -- GPT-2 ``c_attn``, Phi-3 ``qkv_proj``, Falcon multi-query.
+    BLOCKS = "blocks"
+    #: Per head ``[q_h | k_h | v_h]`` each of ``d`` rows -- GPT-NeoX / BLOOM ``query_key_value`` (Hq == Hkv).
+    PER_HEAD = "per_head"
+    #: Per KV group ``[q_g0 .. q_g{n-1} | k_g | v_g]`` -- Falcon ``new_decoder_architecture``.
+    PER_KV_GROUP = "per_kv_group"
+
+
+class Activation(str, enum.Enum):
+    SILU = "silu"
+    GELU = "gelu"
+    GELU_TANH = "gelu_tanh"
+    RELU = "relu"
+
+
+class NormKind(str, enum.Enum):
+    RMS = "rms"
+    LAYER = "layer"
+
+
+class BlockKind(str, enum.Enum):
+    """How attention, MLP and residuals are wired inside the block."""
+
+    #: ``h = x + attn(norm1(x)); out = h + mlp(norm2(h))`` -- Llama, Mistral, Qwen, GPT-2, NeoX (non-parallel).
+    PRE_NORM = "pre_norm"
+    #: ``out = x + attn(norm1(x)) + mlp(norm1(x))`` (or norm2 for the MLP) -- Falcon, Phi, GPT-J, NeoX parallel.
+    PARALLEL = "parallel"
+    #: ``h = norm1(x + attn(x)); out = norm2(h + mlp(h))`` -- BERT.
+    POST_NORM = "post_norm"
+    #: Anything else: the block's own forward is kept; only its submodules are replaced.
+    OPAQUE = "opaque"
+
+
+def _tuple_of_str(value: Any) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
+
+
+@attrs.frozen
+class AttentionSpec:
+    """The attention role of a layer.
+
+    Paths are relative to the attention module (``module``, itself relative to the layer; ``""`` when the
+    projections sit directly on the layer). Give either ``q``/``k``/``v`` or a fused ``qkv`` with its
+    ``qkv_layout``.
+    """
+
+    module: str = ""
+    q: Optional[str] = None
+    k: Optional[str] = None
+    v: Optional[str] = None
+    qkv: Optional[str] = None
+    qkv_layout: QKVLayout = attrs.field(default=QKVLayout.BLOCKS, converter=QKVLayout)
+    o: Optional[str] = None
+    #: Where head counts come from in the model config.
+    num_heads: SizeSource = ("num_attention_heads", "n_head", "num_heads")
+    num_kv_heads: SizeSource = ("num_key_value_heads", "num_kv_heads", "n_head_kv")
+    head_dim: SizeSource = ("head_dim",)
+    #: Rotary embedding applied to q and k: ``"half"`` (rotate-half, Llama/NeoX), ``"interleaved"`` or None.
+    rotary: Optional[str] = None
+    #: Fraction of ``head_dim`` that is rotated (NeoX ``rotary_pct``, Phi ``partial_rotary_factor``).
+    rotary_fraction: SizeSource = None
+    #: Extra norms applied per head on q and k (Qwen3 ``q_norm``/``k_norm``), relative to ``module``.
+    q_norm: Optional[str] = None
+    k_norm: Optional[str] = None
+    causal: bool = True
+    #: Attributes the module's own forward uses to reshape, rewritten per rank by tensor parallelism:
+    #: attribute path (relative to ``module``) -> quantity, one of ``heads``, ``kv_heads``, ``hidden``
+    #: (q heads x head_dim), ``kv_hidden``, ``kv_groups`` (q heads per kv head).
+    tp_attributes: Mapping[str, str] = attrs.field(factory=dict, converter=dict)
+
+    def __attrs_post_init__(self) -> None:
+        separate = (self.q, self.k, self.v)
+        if self.qkv is None and not all(separate):
+            raise PolicyError("AttentionSpec needs q, k and v projections, or a fused qkv projection")
+        if self.qkv is not None and any(separate):
+            raise PolicyError("AttentionSpec takes either q/k/v or a fused qkv, not both")
+        if self.rotary not in (None, "half", "interleaved"):
+            raise PolicyError(f"AttentionSpec.rotary must be 'half', 'interleaved' or None, got {self.rotary!r}")
+
+    def path(self, name: Optional[str]) -> Optional[str]:
+        """Layer-relative path of one of this role's submodules."""
+        if name is None:
+            return None
+        return f"{self.module}.{name}" if self.module else name
+
+
+@attrs.frozen
+class MLPSpec:
+    """The MLP role: gated (gate/up/down or a fused gate_up) or plain (fc1/fc2)."""
+
+    module: str = ""
+    gate: Optional[str] = None
+    up: Optional[str] = None
+    gate_up: Optional[str] = None
+    down: Optional[str] = None
+    fc1: Optional[str] = None
+    fc2: Optional[str] = None
+    activation: Activation = attrs.field(default=Activation.SILU, converter=Activation)
+    #: Attributes rewritten per rank (path relative to ``module`` -> ``intermediate``).
+    tp_attributes: Mapping[str, str] = attrs.field(factory=dict, converter=dict)
+
+    def __attrs_post_init__(self) -> None:
+        gated = self.gate is not None or self.up is not None or self.gate_up is not None
+        plain = self.fc1 is not None or self.fc2 is not None
+        if gated == plain:
+            raise PolicyError("MLPSpec is either gated (gate/up/down or gate_up/down) or plain (fc1/fc2)")
+        if gated and (self.down is None or (self.gate_up is None and (self.gate is None or self.up is None))):
+            raise PolicyError("a gated MLPSpec needs gate and up (or gate_up) and down")
+        if plain and (self.fc1 is None or self.fc2 is None):
+            raise PolicyError("a plain MLPSpec needs fc1 and fc2")
+
+    @property
+    def gated(self) -> bool:
+        return self.fc1 is None
+
+    def path(self, name: Optional[str]) -> Optional[str]:
+        if name is None:
+            return None
+        return f"{self.module}.{name}" if self.module else name
+
+
+@attrs.frozen
+class NormSpec:
+    """One norm submodule (path relative to the layer, or to the model for the final norm)."""
+
+    path: str
+    kind: NormKind = attrs.field(default=NormKind.RMS, converter=NormKind)
+    #: Attribute holding epsilon on the module (first present wins).
+    eps_attr: tuple = attrs.field(default=("variance_epsilon", "eps", "epsilon"), converter=_tuple_of_str)
+    #: Gemma-style norms scale by ``(offset + weight)``.
+    weight_offset: float = 0.0
+    #: Compute in fp32 and keep the weight in fp32 under a 16-bit dtype pass.
+    keep_fp32: bool = False
+
+
+@attrs.frozen
+class Policy:
+    """Declarative description of one layer class.
+
+    ``layer`` is the class object or its fully qualified name (resolved lazily, so a plugin never needs to
+    import ``transformers`` at load time). ``styles`` gives explicit tensor-parallel styles for linears
+    (path relative to the layer), overriding the styles derived from the roles.
+    """
+
+    layer: Union[type, str]
+    attention: Optional[AttentionSpec] = None
+    mlp: Optional[MLPSpec] = None
+    norms: tuple = attrs.field(default=(), converter=tuple)
+    block: BlockKind = attrs.field(default=BlockKind.OPAQUE, converter=BlockKind)
+    #: Names of the norm before attention and the norm before the MLP (PRE_NORM / PARALLEL blocks), or
+    #: after attention / after MLP (POST_NORM). Used by the block-level residual fusion.
+    input_norm: Optional[str] = None
+    post_attention_norm: Optional[str] = None
+    styles: Mapping[str, Style] = attrs.field(factory=dict, converter=lambda d: {k: Style(v) for k, v in dict(d).items()})
+    #: Linear-like submodules (relative to the layer) that store weights as ``[in, out]`` (GPT-2 ``Conv1D``).
+    transposed: tuple = attrs.field(default=(), converter=_tuple_of_str)
+    #: Where this policy came from ("plugin llama", "injection_policy", ...); filled in on registration.
+    source: str = ""
+    #: How the row-parallel names of a short-form policy match (see docs/policies.md).
+    name_match: str = "suffix"
+
+    @property
+    def layer_name(self) -> str:
+        """The class's short name, for messages and tables."""
+        if isinstance(self.layer, str):
+            return self.layer.rsplit(".", 1)[-1]
+        return self.layer.__name__
+
+    @property
+    def qualified_name(self) -> str:
+        if isinstance(self.layer, str):
+            return self.layer
+        return f"{self.layer.__module__}.{self.layer.__qualname__}"
+
+    def resolve_layer(self) -> Optional[type]:
+        """Import the layer class if it is given by name; None when its module is not importable."""
+        if not isinstance(self.layer, str):
+            return self.layer
+        return resolve_qualified_name(self.layer)
+
+    def matches(self, module_class: type) -> bool:
+        """True when ``module_class`` is this policy's layer class (exactly, or by qualified name)."""
+        if not isinstance(self.layer, str):
+            return module_class is self.layer
+        return f"{module_class.__module__}.{module_class.__qualname__}" == self.layer
+
+    def linear_styles(self) -> dict:
+        """Every linear this policy names, with its tensor-parallel style (layer-relative path -> Style)."""
+        out: dict = {}
+        a = self.attention
+        if a is not None:
+            if a.qkv is not None:
+                out[a.path(a.qkv)] = Style.PACKED_COLUMN
+            else:
+                for n in (a.q, a.k, a.v):
+                    out[a.path(n)] = Style.COLUMN
+            if a.o is not None:
+                out[a.path(a.o)] = Style.ROW
+        m = self.mlp
+        if m is not None:
+            if m.gated:
+                if m.gate_up is not None:
+                    out[m.path(m.gate_up)] = Style.PACKED_COLUMN
+                else:
+                    out[m.path(m.gate)] = Style.COLUMN
+                    out[m.path(m.up)] = Style.COLUMN
+                out[m.path(m.down)] = Style.ROW
+            else:
+                out[m.path(m.fc1)] = Style.COLUMN
+                out[m.path(m.fc2)] = Style.ROW
+        out.update(self.styles)
+        return out
+
+    def with_source(self, source: str) -> "Policy":
+        return attrs.evolve(self, source=source)
+
+
+@attrs.frozen
+class ModelPolicy:
+    """The model around the blocks. Paths are relative to the top-level model object."""
+
+    model: Union[type, str]
+    layers: str
+    embed: Optional[str] = None
+    #: Learned absolute position embeddings (GPT-2 ``transformer.wpe``, OPT ``embed_positions``).
+    position_embed: Optional[str] = None
+    final_norm: Optional[NormSpec] = None
+    lm_head: Optional[str] = None
+    #: The module that computes rotary (cos, sin) once per forward (HF ``model.rotary_emb``).
+    rotary_emb: Optional[str] = None
+    source: str = ""
+
+    @property
+    def model_name(self) -> str:
+        if isinstance(self.model, str):
+            return self.model.rsplit(".", 1)[-1]
+        return self.model.__name__
+
+    def matches(self, model_class: type) -> bool:
+        if not isinstance(self.model, str):
+            return model_class is self.model
+        return f"{model_class.__module__}.{model_class.__qualname__}" == self.model
+
+    def with_source(self, source: str) -> "ModelPolicy":
+        return attrs.evolve(self, source=source)
+
+
+def resolve_qualified_name(name: str) -> Optional[type]:
+    """Import ``package.module.Class``; None if the module cannot be imported or lacks the class.
+
+    Example:
+        >>> resolve_qualified_name("collections.OrderedDict").__name__
+        'OrderedDict'
+        >>> resolve_qualified_name("no_such_module.Thing") is None
+        True
+    """
+    module_name, _, attr = name.rpartition(".")
+    if not module_name:
+        return None
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    obj = module
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj if isinstance(obj, type) else None
+
+
+def read_size(model_config: Any, source: SizeSource, what: str = "size") -> Optional[int]:
+    """Read a size from a model config following a :data:`SizeSource`.
+
+    Example:
+        >>> class C: num_attention_heads = 9
+        >>> read_size(C(), ("num_heads", "num_attention_heads"))
+        9
+    """
+    if source is None or model_config is None:
+        return None
+    if callable(source) and not isinstance(source, str):
+        value = source(model_config)
+        return None if value is None else int(value)
+    for name in _tuple_of_str(source):
+        obj = model_config
+        for part in name.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if obj is not None:
+            return int(obj)
+    return None
