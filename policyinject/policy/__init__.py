@@ -12,11 +12,12 @@ from .model import (
     Policy,
     QKVLayout,
     Style,
+    is_linear_like,
     read_size,
     resolve_qualified_name,
 )
 
 __all__ = [
     "Activation", "AttentionSpec", "BlockKind", "MLPSpec", "ModelPolicy", "NormKind", "NormSpec", "Policy",
-    "QKVLayout", "Style", "qkv_rows", "read_size", "resolve_qualified_name",
+    "QKVLayout", "Style", "is_linear_like", "qkv_rows", "read_size", "resolve_qualified_name",
 ]

@@ -224,8 +224,9 @@ class Policy:
     transposed: tuple = attrs.field(default=(), converter=_tuple_of_str)
     #: Where this policy came from ("plugin llama", "injection_policy", ...); filled in on registration.
     source: str = ""
-    #: How the row-parallel names of a short-form policy match (see docs/policies.md).
-    name_match: str = "suffix"
+    #: Style of every linear inside the layer that neither a role nor ``styles`` covers (DeepSpeed's short
+    #: form sets COLUMN: "every other linear is column-parallel"). None leaves such linears to the lint.
+    default_style: Optional[Style] = attrs.field(default=None, converter=attrs.converters.optional(Style))
 
     @property
     def layer_name(self) -> str:
@@ -282,6 +283,64 @@ class Policy:
     def with_source(self, source: str) -> "Policy":
         return attrs.evolve(self, source=source)
 
+    def styles_for(self, layer: Any) -> tuple:
+        """Resolve styles against one layer instance.
+
+        Returns ``(styles, unmatched_rules, uncovered)``: ``styles`` maps the layer-relative path of every
+        linear-like submodule this policy covers to its :class:`Style`; ``unmatched_rules`` lists ``styles``
+        keys and role paths that name no submodule; ``uncovered`` lists linear-like submodules no rule covers.
+        A ``styles`` key matches a submodule whose path equals it or ends with ``"." + key`` (so
+        ``"output.dense"`` matches ``attention.output.dense`` and ``output.dense``, as in DeepSpeed).
+
+        Example:
+            >>> import torch
+            >>> class B(torch.nn.Module):
+            ...     def __init__(self):
+            ...         super().__init__(); self.fc1 = torch.nn.Linear(2, 4); self.fc2 = torch.nn.Linear(4, 2)
+            >>> styles, unmatched, uncovered = Policy(B, styles={"fc2": "row"}, default_style="column").styles_for(B())
+            >>> {k: v.value for k, v in styles.items()}, unmatched, uncovered
+            ({'fc2': 'row', 'fc1': 'column'}, [], [])
+        """
+        linears = {name: mod for name, mod in layer.named_modules() if name and is_linear_like(mod)}
+        modules = dict(layer.named_modules())
+        derived = self.linear_styles()
+        explicit = set(self.styles)
+        out: dict = {}
+        unmatched: list = []
+        for path, style in derived.items():
+            if path in explicit:
+                continue
+            if path in modules:
+                out[path] = style
+            else:
+                unmatched.append(path)
+        for key, style in self.styles.items():
+            hits = [n for n in linears if n == key or n.endswith("." + key)]
+            if not hits and key in modules:
+                hits = [key]
+            if not hits:
+                unmatched.append(key)
+            for n in hits:
+                out[n] = style
+        uncovered = []
+        for name in linears:
+            if name in out:
+                continue
+            if self.default_style is not None:
+                out[name] = self.default_style
+            else:
+                uncovered.append(name)
+        return out, unmatched, uncovered
+
+
+def is_linear_like(module: Any) -> bool:
+    """True for ``nn.Linear`` (and subclasses), GPT-2 style ``Conv1D`` and modules marked ``_policyinject_linear``."""
+    import torch
+
+    if isinstance(module, torch.nn.Linear) or getattr(module, "_policyinject_linear", False):
+        return True
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
 
 @attrs.frozen
 class ModelPolicy:
@@ -296,6 +355,9 @@ class ModelPolicy:
     lm_head: Optional[str] = None
     #: The module that computes rotary (cos, sin) once per forward (HF ``model.rotary_emb``).
     rotary_emb: Optional[str] = None
+    #: Tensor-parallel styles of model-level modules (model-relative path -> Style); by default the
+    #: embedding is VOCAB_EMBEDDING and the head VOCAB_HEAD.
+    styles: Mapping[str, Style] = attrs.field(factory=dict, converter=lambda d: {k: Style(v) for k, v in dict(d).items()})
     source: str = ""
 
     @property
