@@ -1,0 +1,101 @@
+"""``InferenceEngine``: the transformed model, its plan and its report.
+
+Calling the engine runs the model's forward; ``generate`` uses the engine's own decode loop (static KV
+cache, CUDA graphs) when the decode engine supports the model, and the model's own ``generate``
+otherwise.
+
+Example:
+    >>> import torch, policyinject as pi
+    >>> engine = pi.init_inference(torch.nn.Linear(3, 2), dtype="fp32")
+    >>> engine(torch.ones(1, 3)).shape
+    torch.Size([1, 2])
+    >>> engine.report["parameter_bytes"]
+    32
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .plan import Plan
+
+
+def parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer that holds weights (quantized weights counted as stored).
+
+    Example:
+        >>> parameter_bytes(torch.nn.Linear(2, 2, bias=False))
+        16
+    """
+    seen: set = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in seen or t.device.type == "meta":
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+class InferenceEngine(torch.nn.Module):
+    """Wraps the transformed model. ``engine.module`` is the model itself (transformed in place)."""
+
+    def __init__(self, module: torch.nn.Module, config: Any, plan: Plan, context: Any = None) -> None:
+        super().__init__()
+        self.module = module
+        self.config = config
+        self.plan = plan
+        self._context = context
+        self._decoder = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the model's forward (under ``torch.inference_mode``)."""
+        with torch.inference_mode():
+            return self.module(*args, **kwargs)
+
+    @property
+    def report(self) -> dict:
+        """What the passes did: parameter bytes, per-pass notes and timings, lint."""
+        notes = {}
+        if self._context is not None:
+            for key, value in self._context.notes.items():
+                if isinstance(value, (int, float, str, bool, dict, list)):
+                    notes[key] = value
+        return {
+            "parameter_bytes": parameter_bytes(self.module),
+            "summary": dict(self.plan.summary),
+            "notes": notes,
+            "lint": list(self.plan.lint),
+        }
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.module.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Generate tokens; Hugging Face ``generate`` keyword names.
+
+        Uses the engine's decode loop when the model is supported by it, else the model's ``generate``.
+        """
+        decoder = self._get_decoder()
+        if decoder is not None:
+            return decoder.generate(*args, **kwargs)
+        generate = getattr(self.module, "generate", None)
+        if generate is None:
+            raise TypeError(f"{type(self.module).__name__} has no generate(); call the engine for a forward pass")
+        with torch.inference_mode():
+            return generate(*args, **kwargs)
+
+    def _get_decoder(self) -> Any:
+        if self._decoder is None and self._context is not None:
+            factory = self._context.notes.get("decoder_factory")
+            if factory is not None:
+                self._decoder = factory(self)
+        return self._decoder
+
+    def extra_repr(self) -> str:
+        return f"actions={len(self.plan)}, lint={len(self.plan.lint)}"

@@ -1,0 +1,134 @@
+"""Match policies to the module instances of a model, and lint what is left uncovered.
+
+Layer policies match by exact class first, then by fully qualified class name; the policies a user passes
+through ``injection_policy`` take precedence over plugins for their class. A matched layer's descendants
+are not matched again. Nothing here mutates the model.
+
+Example:
+    >>> import torch
+    >>> from policyinject.policy import Policy
+    >>> class Block(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__(); self.fc = torch.nn.Linear(4, 4)
+    >>> model = torch.nn.Sequential(Block(), Block())
+    >>> result = match_layers(model, user=[Policy(Block, styles={"fc": "row"})], plugins=[])
+    >>> [m.path for m in result.layers]
+    ['0', '1']
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import attrs
+import torch
+
+from .passes.base import MatchedLayer
+from .policy import ModelPolicy, Policy
+
+
+@attrs.define
+class MatchResult:
+    layers: list = attrs.field(factory=list)
+    model_policy: Optional[ModelPolicy] = None
+    lint: list = attrs.field(factory=list)
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def find_policy(module_class: type, candidates: Sequence[Policy]) -> list:
+    """Candidates for one class: exact class matches first, then qualified-name matches.
+
+    Example:
+        >>> import torch
+        >>> p = Policy("torch.nn.modules.linear.Linear", styles={"x": "row"})
+        >>> find_policy(torch.nn.Linear, [p]) == [p]
+        True
+    """
+    exact = [p for p in candidates if not isinstance(p.layer, str) and p.layer is module_class]
+    named = [p for p in candidates if isinstance(p.layer, str) and p.layer == _qualname(module_class)]
+    return exact + named
+
+
+def match_layers(
+    model: torch.nn.Module,
+    user: Sequence[Policy],
+    plugins: Sequence[Policy],
+    model_policies: Sequence[ModelPolicy] = (),
+    select: Optional[Callable[[Any, str, list], Optional[Policy]]] = None,
+) -> MatchResult:
+    """Find every module instance covered by a policy (user policies win over plugin policies)."""
+    result = MatchResult()
+    covered_prefixes: list = []
+    user_hits = {id(p): 0 for p in user}
+    for path, module in model.named_modules():
+        if any(path == c or path.startswith(c + ".") for c in covered_prefixes):
+            continue
+        cls = type(module)
+        chosen = None
+        user_candidates = find_policy(cls, user)
+        if user_candidates:
+            chosen = user_candidates[0]
+            user_hits[id(chosen)] += 1
+        else:
+            candidates = find_policy(cls, plugins)
+            if len(candidates) > 1 and select is not None:
+                chosen = select(module, path, candidates) or candidates[0]
+            elif candidates:
+                chosen = candidates[0]
+        if chosen is None:
+            continue
+        result.layers.append(MatchedLayer(path=path, module=module, policy=chosen))
+        covered_prefixes.append(path)
+    for p in user:
+        if user_hits[id(p)] == 0:
+            result.lint.append(f"injection_policy for {p.layer_name} matched no module in the model")
+    result.model_policy = match_model(model, model_policies)
+    result.lint.extend(uncovered_layer_classes(model, result.layers))
+    return result
+
+
+def match_model(model: torch.nn.Module, model_policies: Iterable[ModelPolicy]) -> Optional[ModelPolicy]:
+    """The first model policy whose class is the model's (exactly, then by qualified name)."""
+    policies = list(model_policies)
+    cls = type(model)
+    for p in policies:
+        if not isinstance(p.model, str) and p.model is cls:
+            return p
+    for p in policies:
+        if isinstance(p.model, str) and p.model == _qualname(cls):
+            return p
+    return None
+
+
+def uncovered_layer_classes(model: torch.nn.Module, layers: Sequence[MatchedLayer]) -> list:
+    """Lint: classes of ``nn.ModuleList`` children that no policy covers, with their instance counts."""
+    covered = {id(m.module) for m in layers}
+    counts: dict = {}
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList):
+            for child in module:
+                if id(child) not in covered:
+                    name = type(child).__name__
+                    counts[name] = counts.get(name, 0) + 1
+    return [f"no policy covers layer class {name} ({n} instances)" for name, n in counts.items()]
+
+
+def lint_linears(layers: Sequence[MatchedLayer]) -> list:
+    """Lint: per layer class, policy rules that matched nothing and linears no rule covers."""
+    seen: set = set()
+    out: list = []
+    for m in layers:
+        key = id(m.policy)
+        if key in seen:
+            continue
+        seen.add(key)
+        _, unmatched, uncovered = m.policy.styles_for(m.module)
+        name = m.policy.layer_name
+        for rule in unmatched:
+            out.append(f"policy for {name}: rule {rule!r} matched no submodule (first instance: {m.path})")
+        for lin in uncovered:
+            out.append(f"policy for {name}: linear {lin!r} is covered by no rule (first instance: {m.path})")
+    return out

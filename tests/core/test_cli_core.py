@@ -1,0 +1,41 @@
+"""The plugins and inspect commands through their entry point."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from policyinject.cli import main
+
+
+def test_plugins_table_and_json(capsys):
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "toy" in out and "policyinject-example-plugin" in out
+    assert main(["plugins", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert any(p["name"] == "toy" and "layer ToyBlock" in p["registers"] for p in data)
+
+
+def test_inspect_preset_allocates_nothing_and_prints_the_plan(capsys):
+    assert main(["inspect", "llama-3-8b", "--set", "dtype=\"bf16\"", "--max-rows", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "LlamaForCausalLM" in out and "layers matched: 32" in out
+
+
+def test_inspect_json(capsys):
+    assert main(["inspect", "tiny:gpt2", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["actions"][0]["pass"] == "dtype"
+
+
+def test_inspect_bad_config_is_a_clear_error(capsys):
+    assert main(["inspect", "tiny:llama", "--set", "tensor_paralel.tp_size=2"]) == 1
+    assert "tensor_parallel" in capsys.readouterr().err
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "policyinject.cli", "plugins", "--json"],
+                         capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)
