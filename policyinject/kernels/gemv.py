@@ -1,0 +1,286 @@
+"""Decode GEMV: ``y = x @ W.T (+ bias)`` for a 16-bit weight and a handful of rows (batch 1..16).
+
+At batch 1 the weight is read once and every byte of it is used for one multiply-add, so the kernel is a pure
+stream over the weight: each program owns ``BN`` output rows and walks K in blocks of ``BK`` elements with
+16-byte loads (``BK`` contiguous elements of each row), multiplies by the activation rows (all ``M <= BM`` of
+them, so the weight is read once whatever the batch) and accumulates in float32. ``split_k > 1`` splits K
+over programs for short-and-wide weights (few output rows); the partial sums meet in a float32 buffer through
+atomic adds.
+
+Configs come from a shape heuristic (:func:`gemv_config`); pass ``config=`` to override (the benchmark
+sweeps). Under ``TRITON_INTERPRET=1`` the same kernel runs on CPU tensors.
+
+Example:
+    >>> import torch
+    >>> x, w = torch.randn(1, 64), torch.randn(32, 64)
+    >>> torch.allclose(gemv(x, w, backend="torch"), x @ w.T, atol=1e-4)
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import torch
+
+from ..errors import UnsupportedError
+from .quant_reference import gemv_reference
+
+try:  # triton is a Linux-only dependency; the torch backend works without it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+
+__all__ = ["gemv", "gemv_config", "GEMV_MAX_M", "triton_launchable", "resolve_backend"]
+
+#: Largest batch the GEMV kernel takes (the activation rows live in registers).
+GEMV_MAX_M = 16
+
+
+def _is_interpreted(kernel: Any) -> bool:
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def triton_launchable(kernel: Any, *tensors: torch.Tensor) -> None:
+    """Raise a clear :class:`UnsupportedError` when ``kernel`` cannot run on these tensors.
+
+    A jitted kernel runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before the
+    kernel module was imported.
+    """
+    if triton is None:
+        raise UnsupportedError("backend='triton' needs the triton package; use backend='torch'")
+    on_cuda = all(t.is_cuda for t in tensors)
+    if on_cuda and _is_interpreted(kernel):
+        raise UnsupportedError(
+            "this process runs Triton in interpreter mode (TRITON_INTERPRET=1) but the tensors are on CUDA; "
+            "unset TRITON_INTERPRET or move the tensors to the CPU"
+        )
+    if not on_cuda and not _is_interpreted(kernel):
+        devices = sorted({str(t.device) for t in tensors})
+        raise UnsupportedError(
+            f"backend='triton' needs CUDA tensors (got {', '.join(devices)}), or TRITON_INTERPRET=1 set before "
+            "policyinject's kernels are imported; use backend='torch' or 'auto' on this machine"
+        )
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """``"auto"`` -> ``"triton"`` on CUDA tensors (when triton is importable), else ``"torch"``.
+
+    Example:
+        >>> resolve_backend("auto", torch.zeros(1))
+        'torch'
+    """
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend == "auto":
+        return "triton" if (x.is_cuda and triton is not None) else "torch"
+    return backend
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # interpreter: any plausible value keeps the heuristic deterministic
+
+
+def gemv_config(m: int, n: int, k: int, element_size: int = 2, sm_count: int = 132) -> dict:
+    """Heuristic launch config for :func:`gemv`: ``BN``, ``BK``, ``split_k``, ``num_warps``.
+
+    About 8 KB of weight per program and loop step (``BN * BK * element_size``), 16 KB in flight per SM with
+    two resident programs; fewer rows per program when the grid would not cover the SMs twice; split K when
+    even one row per program leaves SMs idle.
+
+    Example:
+        >>> gemv_config(1, 4096, 4096)
+        {'BM': 1, 'BN': 8, 'BK': 512, 'split_k': 1, 'num_warps': 4}
+        >>> gemv_config(1, 256, 8192)["split_k"] > 1
+        True
+    """
+    bm = _next_pow2(max(m, 1))
+    bk = pick_block_k(k, 1024 // element_size)
+    # weight elements per step: 4096 (8 KB of bf16) at batch 1..2, fewer as more activation rows multiply
+    # each element, so that the BM x BN x BK product stays at 8192 values (64 registers per thread).
+    elems = max(min(4096, 8192 // bm), 512)
+    bn = max(1, min(64, elems // bk))
+    bn = 1 << (bn.bit_length() - 1)
+    while bn > 1 and triton_cdiv(n, bn) < 2 * sm_count:
+        bn //= 2
+    split_k = pick_split_k(triton_cdiv(n, bn), triton_cdiv(k, bk), sm_count)
+    return {"BM": bm, "BN": bn, "BK": bk, "split_k": split_k, "num_warps": 4}
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def pick_block_k(k: int, max_bk: int, min_even: int = 64) -> int:
+    """The largest power of two <= ``max_bk`` that divides ``k`` (no K mask, 16-byte loads), if it is at least
+    ``min_even``; else ``min(next_pow2(k), max_bk)`` with a masked tail.
+
+    Example:
+        >>> pick_block_k(4096, 512), pick_block_k(576, 512), pick_block_k(1000, 512)
+        (512, 64, 512)
+    """
+    bk = max_bk
+    while bk > 1 and k % bk != 0:
+        bk //= 2
+    if bk >= min_even or bk >= k:
+        return bk
+    return min(_next_pow2(k), max_bk)
+
+
+def pick_split_k(programs: int, k_steps: int, sm_count: int) -> int:
+    """Split K (by a power of two that divides the number of K steps, so every split is full) while the grid
+    covers fewer than two programs per SM and each split keeps at least two steps.
+
+    Example:
+        >>> pick_split_k(64, 32, 132), pick_split_k(1024, 32, 132)
+        (8, 1)
+    """
+    split_k = 1
+    while programs * split_k < 2 * sm_count and k_steps % (split_k * 2) == 0 and k_steps // (split_k * 2) >= 2:
+        split_k *= 2
+    return split_k
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gemv_kernel(
+        X, W, B, Y,
+        M, N, K, K_PER_SPLIT,
+        stride_xm, stride_wn, stride_ym,
+        HAS_BIAS: tl.constexpr,
+        BM: tl.constexpr,  # power of two >= ROWS (accumulator width)
+        ROWS: tl.constexpr,  # activation rows handled (== M; the loop over them is unrolled)
+        BN: tl.constexpr,
+        BK: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_m = tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        offs_k = tl.arange(0, BK)
+        # Out-of-range rows are clamped (their results are never stored), so no load needs a row mask.
+        rows = offs_n % N
+        w_ptrs = W + rows[:, None] * stride_wn + offs_k[None, :]
+        # BM == 1: accumulate elementwise in the weight tile's own layout and reduce once at the end (no
+        # shuffles in the loop). BM > 1: reduce each activation row's product per step into acc_t[:, m].
+        acc2 = tl.zeros((BN, BK), dtype=tl.float32)
+        acc_t = tl.zeros((BN, BM), dtype=tl.float32)
+        k_start = tl.multiple_of(pid_k * K_PER_SPLIT, BK)  # K_PER_SPLIT is a multiple of BK
+        k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+        for k0 in range(k_start, k_end, BK):
+            kk = k0 + offs_k
+            if EVEN_K:
+                w = tl.load(w_ptrs + k0, eviction_policy="evict_first").to(tl.float32)
+            else:
+                w = tl.load(w_ptrs + k0, mask=(kk < k_end)[None, :], other=0.0, eviction_policy="evict_first")
+                w = w.to(tl.float32)
+            if BM == 1:
+                if EVEN_K:
+                    x = tl.load(X + kk).to(tl.float32)
+                else:
+                    x = tl.load(X + kk, mask=kk < k_end, other=0.0).to(tl.float32)
+                acc2 += w * x[None, :]
+            else:
+                for m in tl.static_range(ROWS):
+                    if EVEN_K:
+                        xm = tl.load(X + m * stride_xm + kk).to(tl.float32)
+                    else:
+                        xm = tl.load(X + m * stride_xm + kk, mask=kk < k_end, other=0.0).to(tl.float32)
+                    part = tl.sum(w * xm[None, :], axis=1)
+                    acc_t += tl.where(offs_m[None, :] == m, part[:, None], 0.0)
+        if BM == 1:
+            acc_t = tl.sum(acc2, axis=1)[:, None]
+        if HAS_BIAS:
+            bias = tl.load(B + rows).to(tl.float32)
+            if SPLIT_K > 1:
+                bias = tl.where(pid_k == 0, bias, 0.0)
+            acc_t += bias[:, None]
+        y_ptrs = Y + offs_m[None, :] * stride_ym + offs_n[:, None]
+        mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
+        if SPLIT_K > 1:
+            tl.atomic_add(y_ptrs, acc_t, mask=mask)
+        else:
+            tl.store(y_ptrs, acc_t.to(Y.dtype.element_ty), mask=mask)
+
+
+def _gemv_triton(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], config: Mapping) -> torch.Tensor:
+    triton_launchable(_gemv_kernel, x2, weight)
+    m, k = x2.shape
+    n = weight.shape[0]
+    bm, bn, bk = int(config["BM"]), int(config["BN"]), int(config["BK"])
+    split_k = int(config.get("split_k", 1))
+    if bm < m:
+        raise ValueError(f"config BM={bm} is smaller than the batch M={m}")
+    k_per_split = triton_cdiv(triton_cdiv(k, split_k), bk) * bk
+    split_k = triton_cdiv(k, k_per_split)
+    even_k = k % k_per_split == 0 and k_per_split % bk == 0
+    if split_k > 1:
+        y = torch.zeros((m, n), device=x2.device, dtype=torch.float32)
+    else:
+        y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    grid = (triton_cdiv(n, bn), split_k)
+    _gemv_kernel[grid](
+        x2, weight, bias if bias is not None else weight, y,
+        m, n, k, k_per_split,
+        x2.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, BM=bm, ROWS=m, BN=bn, BK=bk, EVEN_K=even_k, SPLIT_K=split_k,
+        num_warps=int(config.get("num_warps", 4)),
+    )
+    return y.to(x2.dtype) if split_k > 1 else y
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    backend: str = "auto",
+    config: Optional[Mapping] = None,
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` for ``x`` of shape ``[..., K]`` with at most :data:`GEMV_MAX_M` rows.
+
+    ``weight`` is ``[N, K]`` (16-bit or float32, same dtype as ``x``), ``bias`` ``[N]`` or None. The result has
+    ``x``'s dtype. ``backend``: ``"auto"`` (Triton on CUDA, reference elsewhere), ``"triton"`` or ``"torch"``.
+    ``config`` overrides :func:`gemv_config` (keys ``BM``, ``BN``, ``BK``, ``split_k``, ``num_warps``).
+
+    Example:
+        >>> x, w, b = torch.randn(2, 3, 48), torch.randn(10, 48), torch.randn(10)
+        >>> gemv(x, w, b, backend="torch").shape
+        torch.Size([2, 3, 10])
+    """
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"gemv: x {tuple(x.shape)} does not match weight {tuple(weight.shape)} ([N, K])")
+    if resolve_backend(backend, x) == "torch":
+        return gemv_reference(x, weight, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    m = x2.shape[0]
+    if m > GEMV_MAX_M:
+        raise ValueError(f"gemv takes at most {GEMV_MAX_M} rows, got {m}; use F.linear for larger batches")
+    if m == 0:
+        return x.new_empty(*lead, weight.shape[0])
+    if weight.dtype != x.dtype:
+        raise TypeError(f"gemv: weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    cfg = dict(config) if config is not None else gemv_config(
+        m, weight.shape[0], weight.shape[1], weight.element_size(), _sm_count(x.device)
+    )
+    cfg.setdefault("BM", _next_pow2(m))
+    y = _gemv_triton(x2, weight, bias, cfg)
+    return y.reshape(*lead, weight.shape[0])

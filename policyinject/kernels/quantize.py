@@ -1,0 +1,285 @@
+"""Weight quantization formats: int8 and int4 (packed two per byte), per output channel or grouped along K.
+
+Format (what :class:`QuantizedWeight` holds for an ``[N, K]`` weight, ``N`` output and ``K`` input features):
+
+* ``qweight``: int8 ``[N, K]`` for 8 bits; uint8 ``[N, K // 2]`` for 4 bits, where byte ``j`` of a row holds
+  input feature ``2j`` in its low nibble and ``2j + 1`` in its high nibble, each nibble storing ``q + 8``.
+* ``scales``: ``[N, K // group_size]`` in ``scale_dtype`` (float16 by default: 2 bytes per group; see below).
+* ``zeros``: same shape and dtype as ``scales`` for asymmetric quantization (small integers, exact in fp16),
+  else ``None``.
+* dequantization: ``w[n, k] = (q[n, k] - z[n, k // group_size]) * s[n, k // group_size]``.
+
+Integer ranges: symmetric uses ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (int8 -127..127, int4 -7..7, so 0 is exact and
+the range is symmetric); asymmetric uses the full ``[-2^(b-1), 2^(b-1) - 1]`` with an integer zero point.
+
+Group size: ``group_size == K`` means one scale per output channel. :func:`resolve_group_size` maps the
+DeepSpeed-style ``q_groups`` (groups per row, ``group_size = K / q_groups``) or an explicit ``group_size`` to
+the group size, and picks the default when neither is given: per output channel for 8 bits; for 4 bits 128
+when it divides ``K``, else the largest of 64 and 32 that does (576 -> 64, 896 -> 128, 1536 -> 128), else per
+output channel.
+
+Scale dtype: float16 by default. Its 10-bit mantissa keeps the stored scale within 2^-11 of the exact one
+(bf16 would be 2^-8, the size of an int8 step); weights never need fp16's range (scales are weights / 7 or
+/ 127). Cost per weight: 2 bytes per group, i.e. 0.016 bytes per weight at int4 group 128 (3% of the 0.5 byte
+payload), doubled for asymmetric (zeros). float32 is available (``scale_dtype=torch.float32``).
+
+Quantization itself runs in plain PyTorch (once, at load time, on whatever device the weight lives on); the
+Triton kernels in :mod:`policyinject.kernels.quant_matmul` consume this format.
+
+Example:
+    >>> import torch
+    >>> w = torch.randn(8, 64)
+    >>> qw = quantize_weight(w, num_bits=4, group_size=32)
+    >>> qw.qweight.shape, qw.qweight.dtype, qw.scales.shape
+    (torch.Size([8, 32]), torch.uint8, torch.Size([8, 2]))
+    >>> bool(((dequantize_weight(qw) - w).abs() <= qw.scales.float().repeat_interleave(32, 1) * 0.51).all())
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import attrs
+import torch
+
+__all__ = [
+    "QuantizedWeight",
+    "default_group_size",
+    "resolve_group_size",
+    "quantize_weight",
+    "dequantize_weight",
+    "pack_int4",
+    "unpack_int4",
+    "qrange",
+]
+
+_SUPPORTED_BITS = (4, 8)
+
+
+def qrange(num_bits: int, symmetric: bool) -> tuple:
+    """The integer range ``(qmin, qmax)`` used for ``num_bits`` bits.
+
+    Example:
+        >>> qrange(8, True), qrange(8, False), qrange(4, True), qrange(4, False)
+        ((-127, 127), (-128, 127), (-7, 7), (-8, 7))
+    """
+    _check_bits(num_bits)
+    half = 2 ** (num_bits - 1)
+    return (-(half - 1), half - 1) if symmetric else (-half, half - 1)
+
+
+def _check_bits(num_bits: int) -> None:
+    if num_bits not in _SUPPORTED_BITS:
+        raise ValueError(f"num_bits must be 8 or 4, got {num_bits!r}")
+
+
+def default_group_size(in_features: int, num_bits: int) -> int:
+    """Default group size: per output channel (``in_features``) for 8 bits; 128/64/32 for 4 bits.
+
+    Example:
+        >>> default_group_size(4096, 8), default_group_size(4096, 4), default_group_size(576, 4)
+        (4096, 128, 64)
+        >>> default_group_size(1000, 4)  # no 128/64/32 divides 1000: per output channel
+        1000
+    """
+    _check_bits(num_bits)
+    if num_bits == 8:
+        return in_features
+    for g in (128, 64, 32):
+        if in_features % g == 0:
+            return g
+    return in_features
+
+
+def resolve_group_size(
+    in_features: int,
+    num_bits: int = 8,
+    *,
+    q_groups: Optional[int] = None,
+    group_size: Optional[int] = None,
+    name: str = "in_features",
+) -> int:
+    """The group size along K from ``group_size`` or ``q_groups`` (``group_size = in_features / q_groups``).
+
+    ``group_size`` wins when both are given; ``group_size in (-1, 0)`` or ``q_groups == 1`` means one scale per
+    output channel. Neither given: :func:`default_group_size`. ``name`` is used in error messages.
+
+    Example:
+        >>> resolve_group_size(4096, q_groups=32), resolve_group_size(576, 4, group_size=64)
+        (128, 64)
+        >>> resolve_group_size(576, q_groups=5)
+        Traceback (most recent call last):
+        ...
+        ValueError: in_features=576 is not divisible by q_groups=5 (group_size would be 115.2)
+    """
+    _check_bits(num_bits)
+    if in_features <= 0:
+        raise ValueError(f"{name}={in_features} must be positive")
+    if group_size is not None:
+        g = int(group_size)
+        if g in (-1, 0):
+            g = in_features
+        if g < 0 or in_features % g != 0:
+            raise ValueError(f"{name}={in_features} is not divisible by group_size={group_size}")
+    elif q_groups is not None:
+        qg = int(q_groups)
+        if qg <= 0 or in_features % qg != 0:
+            raise ValueError(
+                f"{name}={in_features} is not divisible by q_groups={q_groups} "
+                f"(group_size would be {in_features / max(qg, 1):g})"
+            )
+        g = in_features // qg
+    else:
+        g = default_group_size(in_features, num_bits)
+    if num_bits == 4 and g % 2 != 0:
+        raise ValueError(f"4-bit weights pack two values per byte: group_size={g} ({name}={in_features}) must be even")
+    return g
+
+
+@attrs.frozen(eq=False)
+class QuantizedWeight:
+    """A quantized ``[out_features, in_features]`` weight (see the module docstring for the format)."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: Optional[torch.Tensor]
+    num_bits: int
+    group_size: int
+    in_features: int
+    out_features: int
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zeros is None
+
+    @property
+    def num_groups(self) -> int:
+        return self.in_features // self.group_size
+
+    @property
+    def per_channel(self) -> bool:
+        return self.group_size == self.in_features
+
+    def nbytes(self) -> int:
+        """Bytes of the quantized weight, scales and zero points."""
+        n = self.qweight.numel() * self.qweight.element_size() + self.scales.numel() * self.scales.element_size()
+        if self.zeros is not None:
+            n += self.zeros.numel() * self.zeros.element_size()
+        return n
+
+    def to(self, device) -> "QuantizedWeight":
+        z = None if self.zeros is None else self.zeros.to(device)
+        return attrs.evolve(self, qweight=self.qweight.to(device), scales=self.scales.to(device), zeros=z)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack int values in ``[-8, 7]`` (shape ``[..., K]``, K even) into uint8 ``[..., K // 2]``.
+
+    Even positions go to the low nibble, odd ones to the high nibble, each stored as ``q + 8``.
+
+    Example:
+        >>> q = torch.tensor([[-8, 7, 0, -1]])
+        >>> pack_int4(q)
+        tensor([[240, 120]], dtype=torch.uint8)
+        >>> unpack_int4(pack_int4(q)).tolist()
+        [[-8, 7, 0, -1]]
+    """
+    if q.shape[-1] % 2 != 0:
+        raise ValueError(f"pack_int4 needs an even last dimension, got {tuple(q.shape)}")
+    if q.numel() and (int(q.min()) < -8 or int(q.max()) > 7):
+        raise ValueError("pack_int4 takes values in [-8, 7]")
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: uint8 ``[..., K // 2]`` -> int8 ``[..., K]`` in ``[-8, 7]``."""
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"unpack_int4 takes uint8, got {packed.dtype}")
+    lo = (packed & 0xF).to(torch.int8) - 8
+    hi = (packed >> 4).to(torch.int8) - 8
+    return torch.stack((lo, hi), dim=-1).flatten(-2)
+
+
+def quantize_weight(
+    weight: torch.Tensor,
+    num_bits: int = 8,
+    group_size: Optional[int] = None,
+    symmetric: bool = True,
+    *,
+    q_groups: Optional[int] = None,
+    scale_dtype: torch.dtype = torch.float16,
+) -> QuantizedWeight:
+    """Quantize an ``[out_features, in_features]`` weight (round to nearest, absmax / min-max per group).
+
+    The integers are computed against the *stored* (rounded) scale, so dequantization error is at most half a
+    step plus the tiny clamp error from rounding the scale.
+
+    Example:
+        >>> w = torch.randn(4, 96)
+        >>> qw = quantize_weight(w, 8)                   # per output channel
+        >>> qw.group_size, qw.qweight.dtype, qw.scales.shape
+        (96, torch.int8, torch.Size([4, 1]))
+        >>> qa = quantize_weight(w, 4, symmetric=False, q_groups=3)
+        >>> qa.group_size, qa.zeros.shape
+        (32, torch.Size([4, 3]))
+    """
+    _check_bits(num_bits)
+    if weight.dim() != 2:
+        raise ValueError(f"quantize_weight takes a 2-D [out_features, in_features] weight, got {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"quantize_weight takes a floating-point weight, got {weight.dtype}")
+    n, k = weight.shape
+    g = resolve_group_size(k, num_bits, q_groups=q_groups, group_size=group_size)
+    qmin, qmax = qrange(num_bits, symmetric)
+    finfo = torch.finfo(scale_dtype)
+    # Smallest positive value representable in scale_dtype (subnormal for fp16): a scale never rounds to 0.
+    tiny = finfo.smallest_normal * finfo.eps if scale_dtype == torch.float16 else finfo.tiny
+    w = weight.detach().to(torch.float32).reshape(n, k // g, g)
+    if symmetric:
+        absmax = w.abs().amax(dim=-1)
+        scale = absmax / qmax
+        zero = None
+    else:
+        wmin = w.amin(dim=-1).clamp(max=0.0)
+        wmax = w.amax(dim=-1).clamp(min=0.0)
+        scale = (wmax - wmin) / (qmax - qmin)
+    if bool((scale > finfo.max).any()):
+        raise ValueError(f"weight values too large for {scale_dtype} scales; pass scale_dtype=torch.float32")
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).clamp(min=tiny)
+    scale_q = scale.to(scale_dtype)
+    s = scale_q.to(torch.float32)
+    if symmetric:
+        q = torch.round(w / s[..., None]).clamp(qmin, qmax)
+    else:
+        zero = torch.round(qmin - wmin / s).clamp(qmin, qmax)
+        q = (torch.round(w / s[..., None]) + zero[..., None]).clamp(qmin, qmax)
+    q = q.reshape(n, k).to(torch.int8)
+    qweight = q if num_bits == 8 else pack_int4(q)
+    zeros = None if zero is None else zero.to(scale_dtype).contiguous()
+    return QuantizedWeight(
+        qweight=qweight.contiguous(),
+        scales=scale_q.contiguous(),
+        zeros=zeros,
+        num_bits=num_bits,
+        group_size=g,
+        in_features=k,
+        out_features=n,
+    )
+
+
+def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The ``[out_features, in_features]`` weight a :class:`QuantizedWeight` stands for, in ``dtype``.
+
+    Example:
+        >>> w = torch.randn(3, 64)
+        >>> float((dequantize_weight(quantize_weight(w, 8)) - w).abs().max()) < float(w.abs().max()) / 127
+        True
+    """
+    q = qw.qweight if qw.num_bits == 8 else unpack_int4(qw.qweight)
+    q = q.to(torch.float32).reshape(qw.out_features, qw.num_groups, qw.group_size)
+    s = qw.scales.to(torch.float32)[..., None]
+    if qw.zeros is not None:
+        q = q - qw.zeros.to(torch.float32)[..., None]
+    return (q * s).reshape(qw.out_features, qw.in_features).to(dtype)
