@@ -1,0 +1,148 @@
+"""Shared plumbing of the kernel families: the backend switch, lazy Triton import, launch checks.
+
+No process-wide mutable state: the Triton kernel modules are imported on first use (Python caches them in
+``sys.modules``, Triton caches compiled binaries), everything else is a pure function of its arguments.
+
+``TRITON_INTERPRET=1`` must be in the environment before the private ``_*_triton`` modules are imported,
+i.e. before the first ``backend="triton"`` call (Triton reads it when ``@triton.jit`` runs).
+
+Example:
+    >>> import torch
+    >>> from policyinject.kernels._common import use_triton
+    >>> use_triton("auto", torch.ones(2))        # CPU tensor: the PyTorch reference
+    False
+    >>> use_triton("torch", torch.ones(2))
+    False
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+from policyinject.errors import UnsupportedError
+
+BACKENDS = ("auto", "triton", "torch")
+#: Dtypes the Triton kernels accept for their floating-point tensors.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: SM count assumed off-GPU (interpreter); only used by launch heuristics.
+DEFAULT_SM_COUNT = 132
+
+
+def triton_importable() -> bool:
+    """Whether the ``triton`` package can be imported (it is Linux-only)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(backend: str, *tensors: Optional[torch.Tensor]) -> bool:
+    """Decide whether a call runs the Triton kernel (True) or the PyTorch reference (False).
+
+    ``"torch"``: never. ``"triton"``: always (errors surface at launch). ``"auto"``: only when the first
+    tensor is on CUDA, every tensor has a kernel dtype, no autograd graph is needed and triton is installed.
+    """
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        return True
+    if backend != "auto":
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    present = [t for t in tensors if t is not None]
+    if not present or present[0].device.type != "cuda":
+        return False
+    if any(t.dtype not in KERNEL_DTYPES for t in present):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return False  # the kernels have no backward
+    return triton_importable()
+
+
+def load_kernel_module(name: str) -> ModuleType:
+    """Import ``policyinject.kernels.<name>`` (a module of ``@triton.jit`` kernels) on first use."""
+    try:
+        return importlib.import_module(f"policyinject.kernels.{name}")
+    except ImportError as e:  # pragma: no cover - only without triton
+        raise UnsupportedError(
+            f"backend='triton' needs the triton package ({e}); use backend='torch' or 'auto'"
+        ) from e
+
+
+def is_interpreted(kernel: object) -> bool:
+    """True when ``kernel`` was decorated under ``TRITON_INTERPRET=1`` (runs on CPU tensors)."""
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def check_launch(name: str, kernel: object, *tensors: Optional[torch.Tensor]) -> None:
+    """Raise a clear :class:`UnsupportedError` for launches Triton would reject with an obscure message.
+
+    Checks: dtypes are kernel dtypes, all tensors share one device, and that device is CUDA unless the
+    kernel runs under the interpreter ("0 active drivers" otherwise).
+    """
+    present = [t for t in tensors if t is not None]
+    for t in present:
+        if t.dtype not in KERNEL_DTYPES:
+            raise UnsupportedError(
+                f"{name}: the Triton kernel supports float32/float16/bfloat16, got {t.dtype}; use backend='torch'"
+            )
+    devices = {t.device for t in present}
+    if len(devices) > 1:
+        raise ValueError(f"{name}: tensors on several devices: {sorted(map(str, devices))}")
+    if is_interpreted(kernel):
+        return
+    dev = present[0].device if present else torch.device("cpu")
+    if dev.type != "cuda":
+        raise UnsupportedError(
+            f"{name}: backend='triton' needs CUDA tensors (got {dev}). To run the Triton kernel on the CPU, set "
+            "TRITON_INTERPRET=1 in the environment before the first backend='triton' call of the process "
+            "(Triton reads it when the kernel module is imported); otherwise use backend='torch' or 'auto'."
+        )
+    if not torch.cuda.is_available():  # pragma: no cover - CUDA tensor without a usable GPU is unusual
+        raise UnsupportedError(f"{name}: backend='triton' needs a CUDA GPU; torch.cuda.is_available() is False")
+
+
+def sm_count(device: torch.device) -> int:
+    """Number of SMs of ``device`` (``DEFAULT_SM_COUNT`` off-GPU); used by launch heuristics only."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SM_COUNT
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (n >= 1).
+
+    Example:
+        >>> next_pow2(4096), next_pow2(4097), next_pow2(1)
+        (4096, 8192, 1)
+    """
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """View ``x`` as ``[rows, last_dim]`` with unit stride in the last dim, copying only when needed."""
+    n = x.shape[-1]
+    if x.dim() >= 1 and x.stride(-1) == 1:
+        try:
+            return x.view(-1, n)
+        except RuntimeError:
+            pass
+    return x.reshape(-1, n).contiguous()
+
+
+class device_guard:
+    """Make ``device`` current for a launch (Triton launches on the current CUDA device); no-op otherwise."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._ctx = None
+        if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+            self._ctx = torch.cuda.device(device)
+
+    def __enter__(self) -> None:
+        if self._ctx is not None:
+            self._ctx.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
