@@ -1,0 +1,39 @@
+"""Built-in policy: Mixtral (``MixtralDecoderLayer``, ``MixtralForCausalLM``, ``MixtralModel``).
+
+Llama-style attention and RMSNorms; the MLP is a sparse mixture of experts (``mlp``:
+``MixtralSparseMoeBlock``) whose experts are fused 3-D parameters (``experts.gate_up_proj`` ``[E, 2I, H]``,
+``experts.down_proj`` ``[E, H, I]``), not linears. The policy therefore names no MLP and marks the block
+``opaque``: kernel injection replaces the attention and the two norms and keeps the layer's own forward and
+the MoE block as they are.
+
+Example:
+    >>> MIXTRAL_LAYER.mlp is None, MIXTRAL_LAYER.block.value
+    (True, 'opaque')
+"""
+
+from policyinject import hookimpl
+from policyinject.policy import AttentionSpec, ModelPolicy, NormSpec, Policy
+
+_M = "transformers.models.mixtral.modeling_mixtral."
+
+MIXTRAL_LAYER = Policy(
+    layer=_M + "MixtralDecoderLayer",
+    attention=AttentionSpec(module="self_attn", q="q_proj", k="k_proj", v="v_proj", o="o_proj", rotary="half",
+                            tp_attributes={"num_key_value_groups": "kv_groups"}),
+    norms=(NormSpec("input_layernorm", "rms"), NormSpec("post_attention_layernorm", "rms")),
+    block="opaque",
+    input_norm="input_layernorm",
+    post_attention_norm="post_attention_layernorm",
+)
+
+MIXTRAL_CAUSAL_LM = ModelPolicy(model=_M + "MixtralForCausalLM", layers="model.layers", embed="model.embed_tokens",
+                                final_norm=NormSpec("model.norm", "rms"), lm_head="lm_head",
+                                rotary_emb="model.rotary_emb")
+MIXTRAL_MODEL = ModelPolicy(model=_M + "MixtralModel", layers="layers", embed="embed_tokens",
+                            final_norm=NormSpec("norm", "rms"), rotary_emb="rotary_emb")
+
+
+@hookimpl
+def policyinject_register_policies(register):
+    for policy in (MIXTRAL_LAYER, MIXTRAL_CAUSAL_LM, MIXTRAL_MODEL):
+        register(policy)

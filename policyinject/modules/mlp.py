@@ -1,0 +1,71 @@
+"""Injected MLP: gate and up projections as one matmul, the gated activation on the fused kernel.
+
+A gated MLP (Llama ``gate_proj``/``up_proj``/``down_proj``, Phi-3 ``gate_up_proj``) runs
+``down(act(gate) * up)`` with gate|up concatenated once at injection time and the activation reading the
+fused ``[..., 2*I]`` output (:func:`policyinject.kernels.activations.gated_act`). A plain MLP (GPT-2, OPT,
+NeoX, Falcon, Phi, BERT: ``fc1``/``fc2``) runs ``fc2(act(fc1(x)))`` with ``Conv1D`` converted to
+``nn.Linear``.
+
+Example:
+    >>> import torch
+    >>> from policyinject.policy import MLPSpec
+    >>> class M(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.gate_proj, self.up_proj = torch.nn.Linear(4, 8), torch.nn.Linear(4, 8)
+    ...         self.down_proj = torch.nn.Linear(8, 4)
+    ...     def forward(self, x):
+    ...         return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+    >>> m = M()
+    >>> inj = InjectedMLP.build(m, MLPSpec(gate="gate_proj", up="up_proj", down="down_proj"), backend="torch")
+    >>> x = torch.randn(2, 4)
+    >>> torch.allclose(inj(x), m(x), atol=1e-6)
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import _ops
+from .fused_linear import as_linear, fuse_linears
+
+__all__ = ["InjectedMLP"]
+
+
+class InjectedMLP(torch.nn.Module):
+    """``down(act(gate) * up)`` with a fused gate|up projection, or ``fc2(act(fc1(x)))``."""
+
+    def __init__(self, up: torch.nn.Module, down: torch.nn.Module, activation: str, gated: bool,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        self.up = up
+        self.down = down
+        self.activation = activation
+        self.gated = bool(gated)
+        self.backend = backend
+
+    @classmethod
+    def build(cls, root: torch.nn.Module, spec: Any, backend: str = "auto") -> "InjectedMLP":
+        """Build from ``root`` (the module the spec's paths are relative to: ``spec.module`` resolved)."""
+        def get(path: str) -> torch.nn.Module:
+            return root.get_submodule(path) if path else root
+
+        act = getattr(spec.activation, "value", spec.activation)
+        if spec.gated:
+            up = as_linear(get(spec.gate_up)) if spec.gate_up is not None else fuse_linears([get(spec.gate), get(spec.up)])
+            return cls(up, as_linear(get(spec.down)), act, True, backend)
+        return cls(as_linear(get(spec.fc1)), as_linear(get(spec.fc2)), act, False, backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.gated:
+            h = _ops.gated_act(h, self.activation, self.backend)
+        else:
+            h = _ops.activation(h, self.activation)
+        return self.down(h)
+
+    def extra_repr(self) -> str:
+        return f"{'gated ' if self.gated else ''}{self.activation}, backend={self.backend}"
