@@ -1,0 +1,521 @@
+"""Weight-only quantized matmuls: ``y = x @ dequant(W).T (+ bias)`` for int8 (w8a16) and int4 (w4a16) weights.
+
+The weight format is :class:`policyinject.kernels.quantize.QuantizedWeight`. Two Triton kernels, both
+dequantizing in registers (no dequantized copy of the weight is ever written) and accumulating in float32:
+
+* ``_qgemv_kernel`` for decode (``M <= 4`` rows): each program streams ``BN`` weight rows in K steps of
+  ``GPB`` groups of ``GK`` values, one 3-D tile ``[BN, GPB, GK]`` (bytes of one row contiguous, 16-byte
+  loads), multiplies by the activation row(s) and accumulates elementwise; the group scale multiplies the
+  product (per output channel: once, at the end). K is split over programs (``split_k``, float32 atomics)
+  when the rows alone do not fill the GPU.
+* ``_qgemm_kernel`` for prefill and batched decode: tiles of ``[BM, BN]`` with ``tl.dot`` on the
+  dequantized integers (exact in bf16/fp16), one K step never crossing a group, so the group scale applies to
+  the partial product of the step. int4 splits the activation into even and odd columns and does two dots
+  against the low and high nibbles.
+
+Integers become floats with the exponent trick (``float_bits(0x4B000000 | u) - 2^23 == u`` for ``u < 2^23``),
+an integer OR and a float add instead of the slower int->float conversion unit.
+
+Example:
+    >>> import torch
+    >>> from policyinject.kernels.quantize import quantize_weight
+    >>> x, qw = torch.randn(3, 64), quantize_weight(torch.randn(16, 64), 4, 32)
+    >>> quant_matmul(x, qw, backend="torch").shape
+    torch.Size([3, 16])
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+
+from ..errors import UnsupportedError
+from .gemv import _next_pow2, _sm_count, pick_split_k, resolve_backend, triton_cdiv, triton_launchable
+from .quant_reference import quant_matmul_reference
+from .quantize import QuantizedWeight
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+__all__ = [
+    "quant_matmul", "w8a16_matmul", "w4a16_matmul", "quant_matmul_config", "triton_supports", "QGEMV_MAX_M",
+]
+
+#: Batches up to this many rows take the GEMV kernel; larger ones the tl.dot kernel.
+QGEMV_MAX_M = 4
+
+
+def triton_supports(qw: QuantizedWeight) -> Optional[str]:
+    """None when the Triton kernels take this weight, else the reason (a sentence naming the group size).
+
+    They take one scale per output channel (any K), or groups that are a multiple of 32 (16 for int8).
+
+    Example:
+        >>> from policyinject.kernels.quantize import quantize_weight
+        >>> triton_supports(quantize_weight(torch.randn(4, 96), 4, 32)) is None
+        True
+        >>> triton_supports(quantize_weight(torch.randn(4, 96), 4, 24))
+        'group_size=24 (in_features=96): the Triton kernels need one scale per output channel or groups that are a multiple of 32; use backend="torch"'
+    """
+    if qw.per_channel:
+        return None
+    multiple = 16 if qw.num_bits == 8 else 32
+    if qw.group_size % multiple == 0:
+        return None
+    return (
+        f"group_size={qw.group_size} (in_features={qw.in_features}): the Triton kernels need one scale per "
+        f"output channel or groups that are a multiple of {multiple}; use backend=\"torch\""
+    )
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    """Largest power of two <= cap dividing n."""
+    d = 1
+    while d * 2 <= cap and n % (d * 2) == 0:
+        d *= 2
+    return d
+
+
+def quant_matmul_config(
+    m: int, n: int, k: int, num_bits: int, group_size: int, sm_count: int = 132, interpret: bool = False
+) -> dict:
+    """Heuristic launch config: ``{"kernel": "gemv"|"gemm", ...block sizes, split_k, num_warps}``.
+
+    GEMV: a K step of ``GPB * GK`` values (``GK`` divides the group; per-channel: the largest power of two
+    dividing K, else a masked tail), about 4 KB of weight per program and step, the grid covering the SMs
+    twice (fewer rows per program, then split K). GEMM: 16/64/128-row tiles by M, ``BK`` dividing the group.
+    Under the interpreter: small tiles (its cost is per program and per op, not per byte).
+
+    Example:
+        >>> quant_matmul_config(1, 4096, 4096, 4, 128)
+        {'kernel': 'gemv', 'BM': 1, 'BN': 4, 'GPB': 16, 'GK': 128, 'split_k': 1, 'num_warps': 4}
+        >>> quant_matmul_config(64, 4096, 4096, 8, 4096)["kernel"]
+        'gemm'
+    """
+    per_channel = group_size == k
+    if m <= QGEMV_MAX_M:
+        bm = _next_pow2(m)
+        bytes_per_value = num_bits / 8
+        max_row_bytes = 256 if interpret else 1024  # bytes of one row per step
+        max_gk = int(max_row_bytes / bytes_per_value)
+        if per_channel:
+            gk = _pow2_divisor(k, max_gk)
+            if gk < 64 and gk < k:
+                gk = min(_next_pow2(k), max_gk)  # masked tail
+            gpb = 1
+        else:
+            gk = _pow2_divisor(group_size, max_gk)
+            gpb = _pow2_divisor(k // gk, max(max_gk // gk, 1)) if gk == group_size else 1
+        bk = gpb * gk
+        row_bytes = int(bk * bytes_per_value)
+        target = 1024 if interpret else max(4096 // max(bm // 2, 1), 1024)
+        bn = max(1, min(64, target // row_bytes))
+        bn = 1 << (bn.bit_length() - 1)
+        while bn > 1 and triton_cdiv(n, bn) < 2 * sm_count:
+            bn //= 2
+        steps = triton_cdiv(k, bk)
+        split_k = pick_split_k(triton_cdiv(n, bn), steps, sm_count) if not interpret else 1
+        return {"kernel": "gemv", "BM": bm, "BN": bn, "GPB": gpb, "GK": gk, "split_k": split_k, "num_warps": 4}
+    min_bk = 16 if num_bits == 8 else 32
+    if interpret:
+        bm, bn, bk_cap, warps, stages = 16, 16, 64, 4, 1
+    elif m <= 16:
+        bm, bn, bk_cap, warps, stages = 16, 64, 256 if num_bits == 4 else 128, 4, 4
+    elif m <= 64:
+        bm, bn, bk_cap, warps, stages = 64, 64, 128, 4, 4
+    else:
+        bm, bn, bk_cap, warps, stages = 128, 128, 64, 8, 3
+    if per_channel:
+        bk = _pow2_divisor(k, bk_cap)
+        if bk < min_bk:
+            bk = bk_cap  # masked tail
+    else:
+        bk = _pow2_divisor(group_size, bk_cap)
+    bk = max(bk, min_bk)
+    programs = triton_cdiv(m, bm) * triton_cdiv(n, bn)
+    split_k = 1 if (interpret or m > 64) else pick_split_k(programs, triton_cdiv(k, bk), sm_count)
+    return {"kernel": "gemm", "BM": bm, "BN": bn, "BK": bk, "split_k": split_k, "num_warps": warps,
+            "num_stages": stages}
+
+
+if triton is not None:
+
+    @triton.jit
+    def _int_to_f32(u, SHIFT: tl.constexpr, MASK: tl.constexpr, XOR: tl.constexpr, OFFSET: tl.constexpr):
+        """((u >> SHIFT) & MASK ^ XOR) as float32 minus OFFSET, through the exponent trick."""
+        v = u.to(tl.uint32)
+        if SHIFT > 0:
+            v = v >> SHIFT
+        v = ((v & MASK) ^ XOR) | 0x4B000000
+        return v.to(tl.float32, bitcast=True) - OFFSET
+
+    @triton.jit
+    def _qgemv_kernel(
+        X, QW, S, Z, B, Y,
+        M, N, K, K_PER_SPLIT,
+        stride_xm, stride_wn, stride_sn, stride_ym,
+        BITS: tl.constexpr,
+        SYMMETRIC: tl.constexpr,
+        PER_CHANNEL: tl.constexpr,
+        G: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BM: tl.constexpr,
+        ROWS: tl.constexpr,
+        BN: tl.constexpr,
+        GPB: tl.constexpr,
+        GK: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+    ):
+        BK: tl.constexpr = GPB * GK
+        GKW: tl.constexpr = GK if BITS == 8 else GK // 2  # stored bytes per sub-block row
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_m = tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        rows = offs_n % N  # clamped: out-of-range rows compute garbage that is never stored
+        offs_g = tl.arange(0, GPB)
+        offs_j = tl.arange(0, GKW)
+        # byte offset of each tile element inside one K step, [1, GPB, GKW]
+        tile = offs_g[:, None] * GKW + offs_j[None, :]
+        w_ptrs = QW + rows[:, None, None] * stride_wn + tile[None, :, :]
+        if BITS == 8:
+            kx = tile  # element index inside the step
+        else:
+            kx = offs_g[:, None] * GK + 2 * offs_j[None, :]  # even element of each byte
+        acc3 = tl.zeros((BN, GPB, GKW), dtype=tl.float32)
+        acc_t = tl.zeros((BN, BM), dtype=tl.float32)
+        if BITS == 8:
+            OFFSET: tl.constexpr = 8388736.0  # 2^23 + 128: stored int8 q as (q ^ 0x80) = q + 128
+        else:
+            OFFSET: tl.constexpr = 8388616.0  # 2^23 + 8: nibbles hold q + 8
+        if PER_CHANNEL:
+            s_row = tl.load(S + rows * stride_sn).to(tl.float32)
+            if SYMMETRIC:
+                zc = tl.zeros((BN, 1, 1), dtype=tl.float32)
+            else:
+                zc = tl.load(Z + rows * stride_sn).to(tl.float32)[:, None, None]
+        k_start = tl.multiple_of(pid_k * K_PER_SPLIT, BK)
+        k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+        for k0 in range(k_start, k_end, BK):
+            wk = k0 if BITS == 8 else k0 // 2
+            if EVEN_K:
+                raw = tl.load(w_ptrs + wk, eviction_policy="evict_first")
+            else:
+                kmask = (k0 + kx) < k_end
+                raw = tl.load(w_ptrs + wk, mask=kmask[None, :, :], other=0, eviction_policy="evict_first")
+            if not PER_CHANNEL:
+                gidx = (k0 + offs_g * GK) // G
+                s = tl.load(S + rows[:, None] * stride_sn + gidx[None, :]).to(tl.float32)[:, :, None]
+                if SYMMETRIC:
+                    zc = tl.zeros((BN, GPB, 1), dtype=tl.float32)
+                else:
+                    zc = tl.load(Z + rows[:, None] * stride_sn + gidx[None, :]).to(tl.float32)[:, :, None]
+            if BITS == 8:
+                u = raw.to(tl.uint8, bitcast=True)
+                w0 = _int_to_f32(u, 0, 0xFF, 0x80, OFFSET) - zc
+                w1 = w0  # unused
+            else:
+                w0 = _int_to_f32(raw, 0, 0xF, 0, OFFSET) - zc
+                w1 = _int_to_f32(raw, 4, 0xF, 0, OFFSET) - zc
+            if not PER_CHANNEL:
+                w0 = w0 * s
+                if BITS == 4:
+                    w1 = w1 * s
+            if BM == 1:
+                if EVEN_K:
+                    x0 = tl.load(X + k0 + kx).to(tl.float32)
+                else:
+                    x0 = tl.load(X + k0 + kx, mask=kmask, other=0.0).to(tl.float32)
+                if BITS == 8:
+                    acc3 += w0 * x0[None, :, :]
+                else:
+                    if EVEN_K:
+                        x1 = tl.load(X + k0 + kx + 1).to(tl.float32)
+                    else:
+                        x1 = tl.load(X + k0 + kx + 1, mask=kmask, other=0.0).to(tl.float32)
+                    acc3 += w0 * x0[None, :, :] + w1 * x1[None, :, :]
+            else:
+                for m in tl.static_range(ROWS):
+                    xp = X + m * stride_xm + k0 + kx
+                    if EVEN_K:
+                        x0 = tl.load(xp).to(tl.float32)
+                    else:
+                        x0 = tl.load(xp, mask=kmask, other=0.0).to(tl.float32)
+                    prod = w0 * x0[None, :, :]
+                    if BITS == 4:
+                        if EVEN_K:
+                            x1 = tl.load(xp + 1).to(tl.float32)
+                        else:
+                            x1 = tl.load(xp + 1, mask=kmask, other=0.0).to(tl.float32)
+                        prod += w1 * x1[None, :, :]
+                    part = tl.sum(tl.sum(prod, axis=2), axis=1)
+                    acc_t += tl.where(offs_m[None, :] == m, part[:, None], 0.0)
+        if BM == 1:
+            acc_t = tl.sum(tl.sum(acc3, axis=2), axis=1)[:, None]
+        if PER_CHANNEL:
+            acc_t = acc_t * s_row[:, None]
+        if HAS_BIAS:
+            bias = tl.load(B + rows).to(tl.float32)
+            if SPLIT_K > 1:
+                bias = tl.where(pid_k == 0, bias, 0.0)
+            acc_t += bias[:, None]
+        y_ptrs = Y + offs_m[None, :] * stride_ym + offs_n[:, None]
+        mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
+        if SPLIT_K > 1:
+            tl.atomic_add(y_ptrs, acc_t, mask=mask)
+        else:
+            tl.store(y_ptrs, acc_t.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _qgemm_kernel(
+        X, QW, S, Z, B, Y,
+        M, N, K, K_PER_SPLIT,
+        stride_xm, stride_wn, stride_sn, stride_ym,
+        BITS: tl.constexpr,
+        SYMMETRIC: tl.constexpr,
+        PER_CHANNEL: tl.constexpr,
+        G: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BM: tl.constexpr,
+        BN: tl.constexpr,
+        BK: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        DOT_F32: tl.constexpr,  # dot in float32 (interpreter, float32 activations) instead of x's dtype
+        GROUP_M: tl.constexpr,
+    ):
+        BKW: tl.constexpr = BK if BITS == 8 else BK // 2
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        num_pid_m = tl.cdiv(M, BM)
+        num_pid_n = tl.cdiv(N, BN)
+        # grouped ordering: GROUP_M row tiles walk the column tiles together (weight tiles reused from L2)
+        width = GROUP_M * num_pid_n
+        group_id = pid // width
+        first_m = group_id * GROUP_M
+        size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        xrows = offs_m % M
+        rows = offs_n % N
+        offs_j = tl.arange(0, BKW)
+        w_ptrs = QW + rows[None, :] * stride_wn + offs_j[:, None]  # [BKW, BN]
+        if BITS == 8:
+            kx = offs_j
+            OFFSET: tl.constexpr = 8388736.0
+        else:
+            kx = 2 * offs_j
+            OFFSET: tl.constexpr = 8388616.0
+        x_ptrs = X + xrows[:, None] * stride_xm + kx[None, :]  # [BM, BKW]
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if PER_CHANNEL:
+            s_row = tl.load(S + rows * stride_sn).to(tl.float32)
+            if SYMMETRIC:
+                zc = tl.zeros((1, BN), dtype=tl.float32)
+            else:
+                zc = tl.load(Z + rows * stride_sn).to(tl.float32)[None, :]
+        k_start = tl.multiple_of(pid_k * K_PER_SPLIT, BK)
+        k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+        for k0 in range(k_start, k_end, BK):
+            wk = k0 if BITS == 8 else k0 // 2
+            if EVEN_K:
+                raw = tl.load(w_ptrs + wk)
+                a0 = tl.load(x_ptrs + k0)
+            else:
+                kmask = (k0 + kx) < k_end
+                raw = tl.load(w_ptrs + wk, mask=kmask[:, None], other=0)
+                a0 = tl.load(x_ptrs + k0, mask=kmask[None, :], other=0.0)
+            if not PER_CHANNEL:
+                gi = k0 // G
+                if SYMMETRIC:
+                    zc = tl.zeros((1, BN), dtype=tl.float32)
+                else:
+                    zc = tl.load(Z + rows * stride_sn + gi).to(tl.float32)[None, :]
+            if BITS == 8:
+                w0 = _int_to_f32(raw.to(tl.uint8, bitcast=True), 0, 0xFF, 0x80, OFFSET) - zc
+            else:
+                w0 = _int_to_f32(raw, 0, 0xF, 0, OFFSET) - zc
+            if DOT_F32:
+                part = tl.dot(a0.to(tl.float32), w0, input_precision="ieee")
+            else:
+                part = tl.dot(a0, w0.to(X.dtype.element_ty))
+            if BITS == 4:
+                if EVEN_K:
+                    a1 = tl.load(x_ptrs + k0 + 1)
+                else:
+                    a1 = tl.load(x_ptrs + k0 + 1, mask=kmask[None, :], other=0.0)
+                w1 = _int_to_f32(raw, 4, 0xF, 0, OFFSET) - zc
+                if DOT_F32:
+                    part += tl.dot(a1.to(tl.float32), w1, input_precision="ieee")
+                else:
+                    part += tl.dot(a1, w1.to(X.dtype.element_ty))
+            if PER_CHANNEL:
+                acc += part
+            else:
+                s = tl.load(S + rows * stride_sn + gi).to(tl.float32)
+                acc += part * s[None, :]
+        if PER_CHANNEL:
+            acc = acc * s_row[None, :]
+        if HAS_BIAS:
+            bias = tl.load(B + rows).to(tl.float32)
+            if SPLIT_K > 1:
+                bias = tl.where(pid_k == 0, bias, 0.0)
+            acc += bias[None, :]
+        y_ptrs = Y + offs_m[:, None] * stride_ym + offs_n[None, :]
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        if SPLIT_K > 1:
+            tl.atomic_add(y_ptrs, acc, mask=mask)
+        else:
+            tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask)
+
+
+def _launch(x2: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor], cfg: Mapping) -> torch.Tensor:
+    kernel_name = cfg.get("kernel", "gemv")
+    kernel = _qgemv_kernel if kernel_name == "gemv" else _qgemm_kernel
+    triton_launchable(kernel, x2, qw.qweight)
+    m, k = x2.shape
+    n = qw.out_features
+    if kernel_name == "gemv":
+        bk = int(cfg["GPB"]) * int(cfg["GK"])
+    else:
+        bk = int(cfg["BK"])
+    if not qw.per_channel and qw.group_size % bk != 0 and bk % qw.group_size != 0:
+        raise ValueError(f"config K step {bk} must divide group_size={qw.group_size} or be a multiple of it")
+    split_k = int(cfg.get("split_k", 1))
+    k_per_split = triton_cdiv(triton_cdiv(k, split_k), bk) * bk
+    split_k = triton_cdiv(k, k_per_split)
+    even_k = k % k_per_split == 0
+    if split_k > 1:
+        y = torch.zeros((m, n), device=x2.device, dtype=torch.float32)
+    else:
+        y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    zeros = qw.zeros if qw.zeros is not None else qw.scales
+    common = dict(
+        BITS=qw.num_bits, SYMMETRIC=qw.zeros is None, PER_CHANNEL=qw.per_channel, G=qw.group_size,
+        HAS_BIAS=bias is not None, EVEN_K=even_k, SPLIT_K=split_k,
+    )
+    args = (
+        x2, qw.qweight, qw.scales, zeros, bias if bias is not None else qw.scales, y,
+        m, n, k, k_per_split,
+        x2.stride(0), qw.qweight.stride(0), qw.scales.stride(0), y.stride(0),
+    )
+    if kernel_name == "gemv":
+        bm = int(cfg.get("BM", _next_pow2(m)))
+        if bm < m:
+            raise ValueError(f"config BM={bm} is smaller than the batch M={m}")
+        grid = (triton_cdiv(n, int(cfg["BN"])), split_k)
+        _qgemv_kernel[grid](
+            *args, BM=bm, ROWS=m, BN=int(cfg["BN"]), GPB=int(cfg["GPB"]), GK=int(cfg["GK"]),
+            num_warps=int(cfg.get("num_warps", 4)), **common,
+        )
+    else:
+        bm, bn = int(cfg["BM"]), int(cfg["BN"])
+        dot_f32 = (not x2.is_cuda) or x2.dtype == torch.float32
+        grid = (triton_cdiv(m, bm) * triton_cdiv(n, bn), split_k)
+        _qgemm_kernel[grid](
+            *args, BM=bm, BN=bn, BK=bk, DOT_F32=dot_f32, GROUP_M=8,
+            num_warps=int(cfg.get("num_warps", 4)), num_stages=int(cfg.get("num_stages", 3)), **common,
+        )
+    return y.to(x2.dtype) if split_k > 1 else y
+
+
+def quant_matmul(
+    x: torch.Tensor,
+    qw: QuantizedWeight,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    backend: str = "auto",
+    config: Optional[Mapping] = None,
+) -> torch.Tensor:
+    """``x @ dequantize(qw).T + bias`` for ``x`` of shape ``[..., in_features]``, in ``x``'s dtype.
+
+    ``backend``: ``"auto"`` (Triton on CUDA tensors, the reference elsewhere), ``"triton"`` (also on CPU under
+    ``TRITON_INTERPRET=1``) or ``"torch"``. ``config`` overrides :func:`quant_matmul_config`.
+
+    Example:
+        >>> from policyinject.kernels.quantize import quantize_weight
+        >>> qw = quantize_weight(torch.randn(8, 32), 8)
+        >>> quant_matmul(torch.randn(2, 5, 32), qw, torch.zeros(8), backend="torch").shape
+        torch.Size([2, 5, 8])
+    """
+    if x.shape[-1] != qw.in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects in_features={qw.in_features}")
+    if resolve_backend(backend, x) == "torch":
+        return quant_matmul_reference(x, qw, bias)
+    reason = triton_supports(qw)
+    if reason is not None:
+        raise UnsupportedError(reason)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] == 0:
+        return x.new_empty(*lead, qw.out_features)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    cfg = dict(config) if config is not None else quant_matmul_config(
+        x2.shape[0], qw.out_features, qw.in_features, qw.num_bits, qw.group_size,
+        _sm_count(x.device), interpret=not x.is_cuda,
+    )
+    y = _launch(x2, qw, bias, cfg)
+    return y.reshape(*lead, qw.out_features)
+
+
+def _wrap(qweight, scales, zeros, num_bits, in_features):
+    if scales.dim() != 2 or scales.shape[0] != qweight.shape[0]:
+        raise ValueError(f"scales must be [out_features, groups], got {tuple(scales.shape)}")
+    groups = scales.shape[1]
+    if in_features % groups != 0:
+        raise ValueError(f"in_features={in_features} is not divisible by the {groups} scale groups")
+    return QuantizedWeight(
+        qweight=qweight, scales=scales, zeros=zeros, num_bits=num_bits, group_size=in_features // groups,
+        in_features=in_features, out_features=qweight.shape[0],
+    )
+
+
+def w8a16_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    backend: str = "auto",
+    config: Optional[Mapping] = None,
+) -> torch.Tensor:
+    """int8 weight ``[N, K]``, scales (and zeros) ``[N, K // group_size]``: ``x @ ((q - z) * s).T + bias``.
+
+    Example:
+        >>> q = torch.randint(-127, 128, (8, 64), dtype=torch.int8)
+        >>> w8a16_matmul(torch.randn(1, 64), q, torch.ones(8, 2), backend="torch").shape
+        torch.Size([1, 8])
+    """
+    return quant_matmul(x, _wrap(qweight, scales, zeros, 8, qweight.shape[1]), bias, backend=backend, config=config)
+
+
+def w4a16_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    backend: str = "auto",
+    config: Optional[Mapping] = None,
+) -> torch.Tensor:
+    """Packed int4 weight uint8 ``[N, K // 2]`` (see :func:`~policyinject.kernels.quantize.pack_int4`).
+
+    Example:
+        >>> q = torch.randint(0, 256, (8, 32), dtype=torch.uint8)
+        >>> w4a16_matmul(torch.randn(3, 64), q, torch.ones(8, 2), backend="torch").shape
+        torch.Size([3, 8])
+    """
+    return quant_matmul(x, _wrap(qweight, scales, zeros, 4, qweight.shape[1] * 2), bias, backend=backend, config=config)

@@ -1,0 +1,191 @@
+"""Quantized matmul kernels (w8a16, w4a16) vs dequantize-then-matmul, under TRITON_INTERPRET=1 on tiny shapes
+(and natively at real shapes with ``-m gpu`` on a CUDA machine)."""
+
+from __future__ import annotations
+
+import os
+
+if not os.environ.get("TRITON_INTERPRET") and not __import__("torch").cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # in case tests/conftest.py did not set it before kernels import
+
+import pytest
+import torch
+
+from kernel_checks import assert_close, poisoned_alloc, randn, rel_err
+from policyinject.errors import UnsupportedError
+from policyinject.kernels import quant_matmul as qm
+from policyinject.kernels.gemv import triton_launchable
+from policyinject.kernels.quant_reference import quant_matmul_reference
+from policyinject.kernels.quantize import dequantize_weight, quantize_weight
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (M, N, K, group_size) -- K covers the built-in architectures' shape classes: powers of two, 576 and 1536
+# (SmolLM2), 896 (Qwen2.5-0.5B), a per-channel K with no power-of-two divisor >= 64 (masked tail).
+CASES = [
+    (1, 24, 64, None),
+    (1, 16, 576, 64),
+    (1, 8, 576, None),
+    (3, 16, 576, 64),
+    (2, 8, 896, 128),
+    (1, 8, 1536, 128),
+    (4, 8, 200, None),
+    (16, 24, 576, 64),
+    (19, 40, 128, None),
+    (33, 16, 192, 96),
+]
+
+
+def _check(x, qw, bias, config=None):
+    with poisoned_alloc():
+        out = qm.quant_matmul(x, qw, bias, backend="triton", config=config)
+    ref = quant_matmul_reference(x, qw, bias)
+    # also against a float64 dequantize-then-matmul, not only the float32 reference
+    w64 = dequantize_weight(qw, torch.float64)
+    ref64 = x.double().reshape(-1, qw.in_features) @ w64.t().to(x.device)
+    if bias is not None:
+        ref64 = ref64 + bias.double()
+    assert_close(out, ref, what=f"bits={qw.num_bits} g={qw.group_size} sym={qw.symmetric}")
+    assert rel_err(out.reshape(ref64.shape), ref64) < 2e-2
+    return out
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_reference(bits: int, case: tuple) -> None:
+    m, n, k, g = case
+    torch.manual_seed(hash((bits, case)) % 2**31)
+    sym = (m + n) % 2 == 0
+    dtype = [torch.float16, torch.bfloat16, torch.float32][(m + k) % 3]
+    qw = quantize_weight(randn(n, k), bits, g, sym).to(DEVICE)
+    x = randn(m, k, dtype=dtype, device=DEVICE)
+    bias = randn(n, dtype=dtype, device=DEVICE) if m % 2 else None
+    _check(x, qw, bias)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_dtypes_and_asymmetric(bits: int, symmetric: bool, dtype: torch.dtype) -> None:
+    qw = quantize_weight(randn(12, 256) + 0.3, bits, 64, symmetric).to(DEVICE)
+    for m in (1, 20):
+        _check(randn(m, 256, dtype=dtype, device=DEVICE), qw, randn(12, dtype=dtype, device=DEVICE))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"kernel": "gemv", "BM": 1, "BN": 4, "GPB": 2, "GK": 32, "split_k": 3},
+        {"kernel": "gemv", "BM": 4, "BN": 2, "GPB": 1, "GK": 64, "split_k": 2},
+        {"kernel": "gemm", "BM": 16, "BN": 16, "BK": 32, "split_k": 2},
+        {"kernel": "gemm", "BM": 16, "BN": 32, "BK": 64, "split_k": 1},
+    ],
+    ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()),
+)
+def test_explicit_configs_and_split_k(bits: int, config: dict) -> None:
+    qw = quantize_weight(randn(20, 384), bits, 64, symmetric=bits == 8).to(DEVICE)
+    m = 1 if config.get("BM") == 1 else 3
+    _check(randn(m, 384, device=DEVICE), qw, randn(20, device=DEVICE), config)
+
+
+def test_per_channel_split_k_with_masked_tail() -> None:
+    qw = quantize_weight(randn(8, 200), 8, None).to(DEVICE)
+    _check(randn(1, 200, device=DEVICE), qw, None, {"kernel": "gemv", "BN": 4, "GPB": 1, "GK": 64, "split_k": 2})
+    _check(randn(2, 200, device=DEVICE), qw, None, {"kernel": "gemm", "BM": 16, "BN": 16, "BK": 32, "split_k": 3})
+
+
+def test_leading_dims_and_non_contiguous_input() -> None:
+    qw = quantize_weight(randn(16, 128), 4, 64).to(DEVICE)
+    x = randn(2, 3, 256, device=DEVICE)[..., ::2]  # stride 2 along K
+    out = qm.quant_matmul(x, qw, backend="triton")
+    assert out.shape == (2, 3, 16)
+    assert_close(out, quant_matmul_reference(x, qw))
+
+
+def test_empty_batch() -> None:
+    qw = quantize_weight(randn(16, 64), 8).to(DEVICE)
+    assert qm.quant_matmul(randn(0, 64, device=DEVICE), qw, backend="triton").shape == (0, 16)
+
+
+def test_nan_in_input_propagates() -> None:
+    qw = quantize_weight(randn(8, 64), 8).to(DEVICE)
+    x = randn(1, 64, device=DEVICE)
+    x[0, 3] = float("nan")
+    out = qm.quant_matmul(x, qw, backend="triton")
+    assert torch.isnan(out).all()
+    assert rel_err(out, quant_matmul_reference(randn(1, 64, device=DEVICE), qw)) == float("inf")
+
+
+def test_raw_tensor_wrappers() -> None:
+    w = randn(8, 128)
+    q8, q4 = quantize_weight(w, 8, 64), quantize_weight(w, 4, 64, symmetric=False)
+    x = randn(1, 128)
+    assert_close(qm.w8a16_matmul(x, q8.qweight, q8.scales, backend="torch"), quant_matmul_reference(x, q8))
+    assert_close(qm.w4a16_matmul(x, q4.qweight, q4.scales, q4.zeros, backend="torch"), quant_matmul_reference(x, q4))
+    if DEVICE == "cpu":
+        assert_close(qm.w4a16_matmul(x, q4.qweight, q4.scales, q4.zeros, backend="triton"),
+                     quant_matmul_reference(x, q4))
+
+
+def test_auto_backend_on_cpu_is_reference() -> None:
+    qw = quantize_weight(randn(8, 64), 4, 32)
+    x = randn(2, 64)
+    assert torch.equal(qm.quant_matmul(x, qw), quant_matmul_reference(x, qw))
+    with pytest.raises(ValueError, match="backend must be"):
+        qm.quant_matmul(x, qw, backend="cuda")
+
+
+def test_unsupported_group_size_is_a_clear_error() -> None:
+    qw = quantize_weight(randn(8, 96), 4, 24)
+    with pytest.raises(UnsupportedError, match="group_size=24"):
+        qm.quant_matmul(randn(1, 96), qw, backend="triton")
+    assert qm.quant_matmul(randn(1, 96), qw, backend="torch").shape == (1, 8)
+
+
+def test_feature_mismatch() -> None:
+    with pytest.raises(ValueError, match="in_features=64"):
+        qm.quant_matmul(randn(1, 32), quantize_weight(randn(8, 64), 8), backend="torch")
+
+
+def test_launch_without_gpu_or_interpreter_is_a_clear_error() -> None:
+    class FakeJit:  # stands for a compiled (non-interpreted) kernel on a CPU-only machine
+        pass
+
+    with pytest.raises(UnsupportedError, match="needs CUDA tensors"):
+        triton_launchable(FakeJit(), torch.zeros(1))
+
+
+@pytest.mark.parametrize(
+    "m, n, k, g, bits",
+    [(1, 4, 64, 32, 4), (1, 8, 576, None, 4), (1, 8, 4096, 128, 4), (2, 8, 1024, None, 8), (8, 8, 64, 32, 8)],
+)
+def test_heuristic_configs_are_valid(m, n, k, g, bits) -> None:
+    g = g or k
+    for interpret in (True, False):
+        cfg = qm.quant_matmul_config(m, n, k, bits, g, 132, interpret)
+        step = cfg["GPB"] * cfg["GK"] if cfg["kernel"] == "gemv" else cfg["BK"]
+        assert g == k or g % step == 0 or step % g == 0
+        if cfg["kernel"] == "gemv":
+            assert cfg["BM"] >= m
+            assert g == k or k % step == 0  # grouped weights never need a K mask
+
+
+# --- real shapes on a GPU --------------------------------------------------------------------------------
+
+GPU_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (8192, 2048), (2048, 8192), (1536, 576),
+              (576, 1536), (4864, 896), (896, 4864)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits, group", [(8, None), (4, 128), (4, None)])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
+def test_gpu_real_shapes(bits: int, group, shape: tuple) -> None:
+    n, k = shape
+    qw = quantize_weight(randn(n, k, device="cuda", scale=0.02), bits, group)
+    for m in (1, 3, 16, 100):
+        x = randn(m, k, dtype=torch.bfloat16, device="cuda")
+        with poisoned_alloc():
+            out = qm.quant_matmul(x, qw, backend="triton")
+        ref = quant_matmul_reference(x, qw)
+        assert rel_err(out, ref) < 1e-2, (m, shape, bits, group)
