@@ -1,0 +1,112 @@
+"""Ahead-of-time compilation of the quantized matmul and GEMV kernels for an H100 (sm_90), no GPU needed.
+
+Runs in a subprocess without TRITON_INTERPRET (the test session sets it). Catches what the interpreter
+accepts but the GPU compiler rejects (tl.dot shapes, layouts), shared-memory overflow, and checks that the
+decode kernels' weight loads are 16 bytes wide and spill nothing to local memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+SCRIPT = r'''
+import json, re, sys
+import triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from policyinject.kernels.quant_matmul import _qgemv_kernel, _qgemm_kernel
+from policyinject.kernels.gemv import _gemv_kernel
+
+PTR = {"X": "*bf16", "W": "*bf16", "QW": None, "S": "*fp16", "Z": "*fp16", "B": "*bf16", "Y": "*bf16"}
+ALIGNED = {"X", "W", "QW", "S", "Z", "B", "Y", "K", "stride_wn", "stride_sn", "stride_ym", "K_PER_SPLIT"}
+
+def compile_one(fn, constexprs, qtype="*i8", num_warps=4, num_stages=3):
+    names = fn.arg_names
+    sig, attrs = {}, {}
+    for i, name in enumerate(names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in PTR:
+            sig[name] = PTR[name] or qtype
+        else:
+            sig[name] = "i32"
+        if name in ALIGNED and name not in constexprs:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    ptx = k.asm["ptx"]
+    return {
+        "cubin": len(k.asm["cubin"]) > 0,
+        "shared": k.metadata.shared,
+        "v4": bool(re.search(r"ld\.global[^\n]*\.v4\.b32", ptx)),
+        "local": "ld.local" in ptx or "st.local" in ptx,
+        "mma": bool(re.search(r"(wgmma\.mma_async|mma\.sync)", ptx)),
+    }
+
+out = {}
+gemv_cases = {
+    "gemv_m1": dict(HAS_BIAS=False, BM=1, ROWS=1, BN=8, BK=512, EVEN_K=True, SPLIT_K=1),
+    "gemv_m4_split": dict(HAS_BIAS=True, BM=4, ROWS=3, BN=4, BK=256, EVEN_K=True, SPLIT_K=2),
+    "gemv_m16_masked": dict(HAS_BIAS=True, BM=16, ROWS=16, BN=1, BK=512, EVEN_K=False, SPLIT_K=1),
+}
+for name, c in gemv_cases.items():
+    out[name] = compile_one(_gemv_kernel, c)
+qgemv_cases = {
+    "q8_pc_m1": (8, dict(SYMMETRIC=True, PER_CHANNEL=True, G=4096, BM=1, ROWS=1, BN=4, GPB=1, GK=1024, EVEN_K=True)),
+    "q8_g128_m1": (8, dict(SYMMETRIC=True, PER_CHANNEL=False, G=128, BM=1, ROWS=1, BN=4, GPB=8, GK=128, EVEN_K=True)),
+    "q4_g128_m1": (4, dict(SYMMETRIC=True, PER_CHANNEL=False, G=128, BM=1, ROWS=1, BN=4, GPB=16, GK=128, EVEN_K=True)),
+    "q4_g64_asym_m4": (4, dict(SYMMETRIC=False, PER_CHANNEL=False, G=64, BM=4, ROWS=4, BN=2, GPB=8, GK=64, EVEN_K=True)),
+    "q4_pc_masked": (4, dict(SYMMETRIC=False, PER_CHANNEL=True, G=1000, BM=2, ROWS=2, BN=4, GPB=1, GK=1024, EVEN_K=False)),
+}
+for name, (bits, c) in qgemv_cases.items():
+    c = dict(c, BITS=bits, HAS_BIAS=True, SPLIT_K=2 if "m4" in name else 1)
+    out[name] = compile_one(_qgemv_kernel, c, "*i8" if bits == 8 else "*u8")
+qgemm_cases = {
+    "gemm8_pc_16": (8, dict(PER_CHANNEL=True, G=4096, BM=16, BN=64, BK=128), 4),
+    "gemm4_g128_16": (4, dict(PER_CHANNEL=False, G=128, BM=16, BN=64, BK=128), 4),
+    "gemm4_g32_64": (4, dict(PER_CHANNEL=False, G=32, BM=64, BN=64, BK=32), 4),
+    "gemm8_g64_128": (8, dict(PER_CHANNEL=False, G=64, BM=128, BN=128, BK=64), 8),
+    "gemm4_asym_128": (4, dict(PER_CHANNEL=False, G=128, BM=128, BN=128, BK=64, SYMMETRIC=False), 8),
+}
+for name, (bits, c, warps) in qgemm_cases.items():
+    c = dict(dict(SYMMETRIC=True, HAS_BIAS=True, EVEN_K=True, SPLIT_K=1, DOT_F32=False, GROUP_M=8), **c, BITS=bits)
+    out[name] = compile_one(_qgemm_kernel, c, "*i8" if bits == 8 else "*u8", num_warps=warps)
+print(json.dumps(out))
+'''
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_every_kernel_compiles_for_sm90(compiled: dict) -> None:
+    assert len(compiled) == 13
+    for name, info in compiled.items():
+        assert info["cubin"], name
+        assert info["shared"] <= 228 * 1024, (name, info["shared"])
+        assert not info["local"], f"{name} spills to local memory"
+
+
+def test_decode_kernels_use_16_byte_weight_loads(compiled: dict) -> None:
+    for name in ("gemv_m1", "gemv_m4_split", "q8_pc_m1", "q8_g128_m1", "q4_g128_m1"):
+        assert compiled[name]["v4"], name
+
+
+def test_gemm_kernels_use_tensor_cores(compiled: dict) -> None:
+    for name, info in compiled.items():
+        if name.startswith("gemm"):
+            assert info["mma"], name
