@@ -1,0 +1,159 @@
+"""Validation rules: per-field normalisation, rules between fields, and values we cannot honour.
+
+Every function here returns problems or warnings instead of raising, so callers report them all at once.
+Paths are canonical: relative to the section for :func:`normalize_fields` and :func:`check_section`,
+dotted from the top for :func:`check_config`. A key named inside a message is written in backticks so
+the loader can respell it the way the user wrote it.
+
+Example:
+    >>> from policyinject.config.model import InferenceConfig, TensorParallelConfig
+    >>> InferenceConfig(enable_cuda_graph=True, tensor_parallel=TensorParallelConfig(tp_size=2))
+    Traceback (most recent call last):
+    ...
+    policyinject.config.errors.ConfigError: enable_cuda_graph: cannot be combined with `tensor_parallel.tp_size` = 2 (DeepSpeed's rule, kept: graphs are captured per process and replaying collectives across ranks is not supported)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+from .errors import ConfigWarning, InvalidValue, Problem
+from .keys import SPECS, Status, section_specs
+from .values import jsonable
+
+
+def _join(section: str, name: str) -> str:
+    return f"{section}.{name}" if section else name
+
+
+def _show(value: Any) -> str:
+    try:
+        dumped = jsonable(value)
+        return repr(dumped) if not isinstance(dumped, (list, dict)) else str(dumped)
+    except Exception:  # pragma: no cover - defensive
+        return f"<{type(value).__name__}>"
+
+
+def normalize_fields(obj: Any, section: str) -> list:
+    """Convert every leaf field of an attrs config in place (``object.__setattr__``); return the problems.
+
+    Paths are relative to ``section``; a mapping-valued key reports each bad entry (``tp_plan['x']``).
+    """
+    problems = []
+    for spec in section_specs(section):
+        if spec.section or not spec.field:
+            continue
+        value = getattr(obj, spec.name)
+        try:
+            converted = spec.convert(value)
+        except InvalidValue as e:
+            problems.extend(Problem(spec.name + sub, message) for sub, message in e.problems)
+            continue
+        if converted is not value:
+            object.__setattr__(obj, spec.name, converted)
+    for spec in section_specs(section):
+        if spec.section:
+            cls_name = type(getattr(obj, spec.name)).__name__
+            if cls_name != spec.cls:
+                problems.append(Problem(spec.name, f"expected a {spec.cls}, got {_show(getattr(obj, spec.name))} "
+                                                   "(give a mapping through load_config)"))
+    return problems
+
+
+def _unsupported(obj: Any, section: str) -> list:
+    """Problems for ``error``-status keys set to a non-default value."""
+    out = []
+    for spec in section_specs(section):
+        if spec.status is Status.ERROR and spec.field:
+            value = getattr(obj, spec.name)
+            if value != spec.default:
+                out.append(Problem(spec.name, f"{_show(value)} is not supported: {spec.note}"))
+    return out
+
+
+def check_section(obj: Any, section: str) -> list:
+    """The rules inside one nested section (problem paths relative to it)."""
+    problems = _unsupported(obj, section)
+    if section == "tensor_parallel" and obj.enabled is False and obj.tp_size > 1:
+        problems.append(Problem("enabled", f"is false but `tp_size` is {obj.tp_size}; give one of them"))
+    if section == "quant.weight" and obj.group_size is not None and obj.q_groups != 1:
+        problems.append(Problem("group_size", f"cannot be combined with `q_groups` ({obj.q_groups}); give one"))
+    return problems
+
+
+def check_config(cfg: Any) -> list:
+    """Rules of the top level and between sections (problem paths dotted from the top)."""
+    problems = _unsupported(cfg, "")
+    tp_size = cfg.tensor_parallel.tp_size
+    if cfg.enable_cuda_graph and tp_size > 1:
+        problems.append(Problem(
+            "enable_cuda_graph",
+            f"cannot be combined with `tensor_parallel.tp_size` = {tp_size} (DeepSpeed's rule, kept: graphs are "
+            "captured per process and replaying collectives across ranks is not supported)",
+        ))
+    if cfg.min_out_tokens > cfg.max_out_tokens:
+        problems.append(Problem(
+            "min_out_tokens", f"must be <= `max_out_tokens` ({cfg.max_out_tokens}), got {cfg.min_out_tokens}"
+        ))
+    if cfg.dtype == "int8":
+        weight = cfg.quant.weight
+        if weight.num_bits != 8:
+            problems.append(Problem(
+                "dtype", f"int8 means 8-bit weight quantization, but `quant.weight.num_bits` is {weight.num_bits}"
+            ))
+        if not weight.enabled:
+            problems.append(Problem("dtype", "int8 means weight quantization, but `quant.weight.enabled` is false"))
+    return problems
+
+
+def check_explicit(settings: Mapping[str, Any]) -> list:
+    """Rules that depend on which keys were *given* (``settings``: canonical path -> value as given).
+
+    Example:
+        >>> [str(p) for p in check_explicit({"quant.weight.q_groups": 1, "quant.weight.group_size": 64})]
+        ['quant.weight.group_size: cannot be combined with `quant.weight.q_groups` (1); give one']
+    """
+    problems = []
+    if "quant.weight.group_size" in settings and "quant.weight.q_groups" in settings:
+        if settings["quant.weight.group_size"] is not None:
+            problems.append(Problem(
+                "quant.weight.group_size",
+                f"cannot be combined with `quant.weight.q_groups` ({_show(settings['quant.weight.q_groups'])}); give one",
+            ))
+    if settings.get("quant.enabled") is False and _is_int8(settings.get("dtype")):
+        problems.append(Problem("quant.enabled", "is false, but `dtype` int8 turns weight quantization on"))
+    return problems
+
+
+def _is_int8(value: Any) -> bool:
+    try:
+        return SPECS["dtype"].convert(value) == "int8"
+    except Exception:
+        return False
+
+
+def unsupported_warnings(cfg: Any) -> list:
+    """A ``UserWarning`` record per ``warns``-status key set to a non-default value (canonical paths).
+
+    Example:
+        >>> from policyinject.config.model import InferenceConfig
+        >>> [w.message for w in unsupported_warnings(InferenceConfig(use_triton=True))]
+        ['`use_triton` = True is ignored here: injected kernels are already Triton on CUDA; choose with `kernel_backend`']
+    """
+    out = []
+    for path, value in _leaves(cfg, ""):
+        spec = SPECS[path]
+        if spec.status is Status.WARNS and value != spec.default:
+            out.append(ConfigWarning(UserWarning, path, f"`{path}` = {_show(value)} is ignored here: {spec.note}"))
+    return out
+
+
+def _leaves(obj: Any, section: str) -> Iterable:
+    for spec in section_specs(section):
+        if not spec.field:
+            continue
+        value = getattr(obj, spec.name)
+        if spec.section:
+            yield from _leaves(value, spec.path)
+        else:
+            yield spec.path, value

@@ -1,0 +1,445 @@
+"""Leaf value converters and dumpers: one strict, idempotent function per kind of value.
+
+A converter takes what the user wrote and returns the canonical value, or raises ``InvalidValue`` naming
+what was wrong. Converters never coerce across types: ``"yes"`` is not a bool, ``1.5`` and ``True`` are not
+ints. Applying a converter to its own output returns it unchanged (the attrs classes re-apply them).
+
+A dumper turns a canonical value into its JSON form for ``InferenceConfig.to_dict``; it returns
+:data:`OMIT` for live objects that have no JSON form (process groups, an ``mpu``, ``Policy`` objects).
+
+Example:
+    >>> positive_int(3), boolean(False), optional_positive_int(None)
+    (3, False, None)
+    >>> try:
+    ...     positive_int(True)
+    ... except ValueError as e:
+    ...     print(e)
+    expected an integer, got True
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from ..policy.model import Policy, resolve_qualified_name
+from .errors import InvalidValue, short_repr
+
+
+class _Omit:
+    """Marker a dumper returns for a value that has no JSON form; the key is left out of ``to_dict``."""
+
+    def __repr__(self) -> str:
+        return "OMIT"
+
+
+#: The value dumpers return to leave a key out of ``to_dict``.
+OMIT = _Omit()
+
+_JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+# -- scalars -------------------------------------------------------------------------------------------
+
+def boolean(value: Any) -> bool:
+    """A real bool; ``"yes"``, ``1`` and ``None`` are rejected.
+
+    Example:
+        >>> boolean(True)
+        True
+    """
+    if isinstance(value, bool):
+        return value
+    raise InvalidValue(f"expected true or false, got {short_repr(value)}")
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidValue(f"expected an integer, got {short_repr(value)}")
+    return int(value)
+
+
+def positive_int(value: Any) -> int:
+    """An int >= 1 (bools and floats rejected).
+
+    Example:
+        >>> try:
+        ...     positive_int(0)
+        ... except ValueError as e:
+        ...     print(e)
+        must be >= 1, got 0
+    """
+    number = _integer(value)
+    if number < 1:
+        raise InvalidValue(f"must be >= 1, got {number}")
+    return number
+
+
+def optional_positive_int(value: Any) -> Optional[int]:
+    """None, or an int >= 1.
+
+    Example:
+        >>> optional_positive_int(4)
+        4
+    """
+    return None if value is None else positive_int(value)
+
+
+def num_bits(value: Any) -> int:
+    """Quantization bit width: 4 or 8.
+
+    Example:
+        >>> num_bits(4)
+        4
+    """
+    bits = _integer(value)
+    if bits not in (4, 8):
+        raise InvalidValue(f"must be 4 or 8, got {bits}")
+    return bits
+
+
+def choice(*allowed: str) -> Callable[[Any], str]:
+    """A converter accepting exactly one of ``allowed`` (with a did-you-mean hint).
+
+    Example:
+        >>> choice("symmetric", "asymmetric")("symmetric")
+        'symmetric'
+        >>> try:
+        ...     choice("symmetric", "asymmetric")("symetric")
+        ... except ValueError as e:
+        ...     print(e)
+        expected one of "symmetric", "asymmetric"; got 'symetric'; did you mean "symmetric"?
+    """
+    listed = ", ".join(f'"{a}"' for a in allowed)
+
+    def convert(value: Any) -> str:
+        if isinstance(value, str) and value in allowed:
+            return value
+        hint = ""
+        if isinstance(value, str):
+            close = difflib.get_close_matches(value, allowed, n=1)
+            hint = f'; did you mean "{close[0]}"?' if close else ""
+            raise InvalidValue(f"expected one of {listed}; got {value!r}{hint}")
+        raise InvalidValue(f"expected one of {listed}; got {short_repr(value)}")
+
+    convert.allowed = allowed  # type: ignore[attr-defined]
+    return convert
+
+
+def text(value: Any) -> str:
+    """A string (a path-like object becomes its string).
+
+    Example:
+        >>> text("ckpt/")
+        'ckpt/'
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise InvalidValue(f"expected a string, got {short_repr(value)}")
+
+
+def optional_text(value: Any) -> Optional[str]:
+    """None, or a string / path.
+
+    Example:
+        >>> optional_text(None) is None
+        True
+    """
+    return None if value is None else text(value)
+
+
+# -- containers ----------------------------------------------------------------------------------------
+
+def _is_mapping(value: Any) -> bool:
+    return hasattr(value, "items") and hasattr(value, "keys") and callable(value.items)
+
+
+def mapping(value: Any) -> dict:
+    """A mapping with string keys, copied into a plain dict (values kept as given).
+
+    Example:
+        >>> mapping({"stage": 3})
+        {'stage': 3}
+    """
+    if not _is_mapping(value):
+        raise InvalidValue(f"expected a mapping, got {short_repr(value)}")
+    items = list(value.items())
+    bad = [k for k, _ in items if not isinstance(k, str)]
+    if bad:
+        raise InvalidValue(f"keys must be strings, got {short_repr(bad[0])}")
+    return dict(items)
+
+
+def optional_mapping(value: Any) -> Optional[dict]:
+    """None, or a :func:`mapping`.
+
+    Example:
+        >>> optional_mapping(None) is None
+        True
+    """
+    return None if value is None else mapping(value)
+
+
+def checkpoint(value: Any) -> Any:
+    """None, a path to a checkpoint description (str / path-like), or the description as a mapping.
+
+    Example:
+        >>> checkpoint("ckpt.json"), checkpoint({"type": "ds_model", "checkpoints": ["a.pt"]})["type"]
+        ('ckpt.json', 'ds_model')
+    """
+    if value is None:
+        return None
+    if isinstance(value, (str, os.PathLike)):
+        path = text(value)
+        if not path:
+            raise InvalidValue("expected a path or a mapping, got an empty string")
+        return path
+    if _is_mapping(value):
+        return mapping(value)
+    raise InvalidValue(f"expected a path or a mapping describing the checkpoint, got {short_repr(value)}")
+
+
+def model_config(value: Any) -> Any:
+    """``config``/``args``: None, a mapping, or a config object with ``to_dict`` (HF ``PretrainedConfig``).
+
+    Example:
+        >>> model_config({"num_attention_heads": 8})
+        {'num_attention_heads': 8}
+    """
+    if value is None:
+        return None
+    if _is_mapping(value):
+        return mapping(value)
+    if not isinstance(value, (str, bytes, type)) and callable(getattr(value, "to_dict", None)):
+        return value
+    raise InvalidValue(f"expected a mapping or a model config object (with to_dict()), got {short_repr(value)}")
+
+
+def experts(value: Any) -> tuple:
+    """``moe.moe_experts``: a non-empty list of expert counts (>= 1); a single int is a one-item list.
+
+    Example:
+        >>> experts([8]), experts(4)
+        ((8,), (4,))
+    """
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise InvalidValue("expected a non-empty list of expert counts, got an empty list")
+        out = []
+        for i, item in enumerate(value):
+            try:
+                out.append(positive_int(item))
+            except InvalidValue as e:
+                raise InvalidValue(problems=[(f"[{i}]", m) for _, m in e.problems]) from None
+        return tuple(out)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (positive_int(value),)
+    raise InvalidValue(f"expected a list of expert counts, got {short_repr(value)}")
+
+
+# -- live objects --------------------------------------------------------------------------------------
+
+def _is_plain_data(value: Any) -> bool:
+    return isinstance(value, (str, bytes, int, float, bool, list, tuple, dict, set)) or _is_mapping(value)
+
+
+def process_group(value: Any) -> Any:
+    """None or a live object (a ``torch.distributed`` process group); plain data is rejected.
+
+    Example:
+        >>> process_group(None) is None
+        True
+    """
+    if value is None:
+        return None
+    if _is_plain_data(value) or isinstance(value, type):
+        raise InvalidValue(f"expected a process group object (or None), got {short_repr(value)}")
+    return value
+
+
+def mpu(value: Any) -> Any:
+    """None or a Megatron-style model-parallel unit (has ``get_model_parallel_group`` or the tensor variant).
+
+    Example:
+        >>> class Mpu:
+        ...     def get_model_parallel_group(self): return None
+        >>> mpu(Mpu()) is not None
+        True
+    """
+    if value is None:
+        return None
+    if _is_plain_data(value) or isinstance(value, type):
+        raise InvalidValue(f"expected a model-parallel unit object (or None), got {short_repr(value)}")
+    if not any(callable(getattr(value, m, None))
+               for m in ("get_model_parallel_group", "get_tensor_model_parallel_group")):
+        raise InvalidValue(
+            f"{short_repr(value)} has no get_model_parallel_group() or get_tensor_model_parallel_group() method"
+        )
+    return value
+
+
+# -- injection_policy ----------------------------------------------------------------------------------
+
+def qualified_name(cls: type) -> str:
+    """``module.QualName`` of a class.
+
+    Example:
+        >>> qualified_name(torch.nn.Linear)
+        'torch.nn.modules.linear.Linear'
+    """
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _written(key: Any) -> str:
+    if isinstance(key, type):
+        return f"[{key.__name__}]"
+    return f"[{key!r}]" if isinstance(key, str) else f"[{short_repr(key)}]"
+
+
+def _layer_class(key: Any) -> type:
+    if isinstance(key, type):
+        if not issubclass(key, torch.nn.Module):
+            raise InvalidValue(f"{qualified_name(key)} is not a torch.nn.Module subclass")
+        return key
+    if isinstance(key, str):
+        if "." not in key.strip("."):
+            raise InvalidValue(f"{key!r} is not a qualified class name (expected 'package.module.Class')")
+        try:
+            cls = resolve_qualified_name(key)
+        except Exception as e:  # an import that fails with something other than ImportError
+            raise InvalidValue(f"importing {key!r} failed: {type(e).__name__}: {e}") from None
+        if cls is None:
+            raise InvalidValue(f"cannot import {key!r} (no such module or class)")
+        if not issubclass(cls, torch.nn.Module):
+            raise InvalidValue(f"{key!r} names {qualified_name(cls)}, which is not a torch.nn.Module subclass")
+        return cls
+    raise InvalidValue(f"a key must be an nn.Module subclass or its qualified name, got {short_repr(key)}")
+
+
+def _policy_value(value: Any, cls: type) -> Any:
+    if isinstance(value, Policy):
+        if not value.matches(cls):
+            raise InvalidValue(f"the Policy describes {value.qualified_name}, not {qualified_name(cls)}")
+        return value
+    names: Sequence = (value,) if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)):
+        raise InvalidValue(
+            "expected a row-parallel linear name, a list of them, or a policyinject.policy.Policy, "
+            f"got {short_repr(value)}"
+        )
+    if not names:
+        raise InvalidValue("expected at least one row-parallel linear name, got an empty list")
+    bad = [n for n in names if not isinstance(n, str) or not n.strip(".")]
+    if bad:
+        raise InvalidValue(f"row-parallel linear names must be non-empty strings, got {short_repr(bad[0])}")
+    return tuple(names)
+
+
+def injection_policy(value: Any) -> Optional[dict]:
+    """``{LayerClass or 'pkg.mod.Class': 'row.name' | ('a.b', 'c.d') | Policy}`` -> ``{class: tuple | Policy}``.
+
+    String keys are imported; every bad entry is reported under the key as written. An empty mapping is None.
+
+    Example:
+        >>> out = injection_policy({"torch.nn.TransformerEncoderLayer": "linear2"})
+        >>> [(k.__name__, v) for k, v in out.items()]
+        [('TransformerEncoderLayer', ('linear2',))]
+    """
+    if value is None:
+        return None
+    if not _is_mapping(value):
+        raise InvalidValue(f"expected a mapping {{layer class: row-parallel names or Policy}}, got {short_repr(value)}")
+    if not value:
+        return None
+    out: dict = {}
+    problems = []
+    for key, entry in list(value.items()):
+        try:
+            cls = _layer_class(key)
+            if cls in out:
+                raise InvalidValue(f"{qualified_name(cls)} is given more than once")
+            out[cls] = _policy_value(entry, cls)
+        except InvalidValue as e:
+            problems.extend((_written(key) + sub, message) for sub, message in e.problems)
+    if problems:
+        raise InvalidValue(problems=problems)
+    return out
+
+
+# -- dumpers -------------------------------------------------------------------------------------------
+
+def dump_plain(value: Any) -> Any:
+    """Scalars unchanged; tuples become lists; mappings and lists are dumped item by item.
+
+    Example:
+        >>> dump_plain((1, 2)), dump_plain({"a": (1,)})
+        ([1, 2], {'a': [1]})
+    """
+    return jsonable(value)
+
+
+def jsonable(value: Any) -> Any:
+    """The JSON form of a plain value: dtypes become strings, live objects :data:`OMIT` (dropped from containers).
+
+    Example:
+        >>> jsonable({"x": torch.float16, "y": object(), "z": [1.0, None]})
+        {'x': 'torch.float16', 'z': [1.0, None]}
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return value  # json.dumps writes NaN/Infinity; kept so nothing is lost silently
+    if isinstance(value, _JSON_SCALARS):
+        return value
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if _is_mapping(value):
+        out = {}
+        for k, v in value.items():
+            dumped = jsonable(v)
+            if isinstance(k, str) and dumped is not OMIT:
+                out[k] = dumped
+        return out
+    if isinstance(value, (list, tuple)):
+        return [d for d in (jsonable(v) for v in value) if d is not OMIT]
+    return OMIT
+
+
+def dump_object(value: Any) -> Any:
+    """Live objects have no JSON form: None stays None, anything else is omitted.
+
+    Example:
+        >>> dump_object(None), dump_object(object())
+        (None, OMIT)
+    """
+    return None if value is None else OMIT
+
+
+def dump_model_config(value: Any) -> Any:
+    """A mapping is dumped as JSON; a config object is omitted (see docs/config.md).
+
+    Example:
+        >>> dump_model_config({"n_head": 2})
+        {'n_head': 2}
+    """
+    if value is None or _is_mapping(value):
+        return jsonable(value)
+    return OMIT
+
+
+def dump_injection_policy(value: Optional[dict]) -> Any:
+    """Classes become qualified names, name tuples lists; ``Policy`` entries are omitted.
+
+    Example:
+        >>> dump_injection_policy({torch.nn.TransformerEncoderLayer: ("linear2",)})
+        {'torch.nn.modules.transformer.TransformerEncoderLayer': ['linear2']}
+    """
+    if value is None:
+        return None
+    return {qualified_name(cls): list(v) for cls, v in value.items() if not isinstance(v, Policy)}
