@@ -2,12 +2,11 @@
 
 Every op takes ``backend`` (``"auto"``, ``"triton"``, ``"torch"``). When a kernel family is not importable
 (for example triton is absent), ``"auto"`` and ``"torch"`` run the PyTorch reference and ``"triton"`` raises.
-:class:`InjectedNorm` is the norm the injected blocks hold (RMSNorm or LayerNorm, with the residual add
-fused: ``forward_add``).
+:func:`make_norm` builds the fused norm modules the injected blocks hold.
 
 Example:
     >>> import torch
-    >>> n = InjectedNorm.from_module(torch.nn.LayerNorm(8), "layer")
+    >>> n = make_norm(torch.nn.LayerNorm(8), "layer")
     >>> x = torch.randn(2, 8)
     >>> torch.allclose(n(x), torch.nn.functional.layer_norm(x, (8,)), atol=1e-6)
     True
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from ..errors import PolicyError, UnsupportedError
 from ..kernels import reference
 
-__all__ = ["rotary", "gated_act", "activation", "InjectedNorm", "eps_of"]
+__all__ = ["rotary", "gated_act", "activation", "make_norm"]
 
 
 def _kernel(family: str, name: str, backend: str) -> Optional[Any]:
@@ -89,71 +88,29 @@ def activation(x: torch.Tensor, act: str) -> torch.Tensor:
     raise PolicyError(f"unknown activation {act!r}")
 
 
-def eps_of(module: torch.nn.Module, names: tuple = ("variance_epsilon", "eps", "epsilon")) -> float:
-    """The epsilon a norm module holds (first attribute present among ``names``).
-
-    Example:
-        >>> eps_of(torch.nn.LayerNorm(4, eps=1e-3))
-        0.001
-    """
-    for name in names:
-        value = getattr(module, name, None)
-        if isinstance(value, (int, float)):
-            return float(value)
-    raise PolicyError(f"norm {type(module).__name__} has none of the epsilon attributes {list(names)}")
-
-
-class InjectedNorm(torch.nn.Module):
-    """RMSNorm (``kind="rms"``, scaled by ``weight_offset + weight``) or LayerNorm, on the fused kernels.
-
-    ``forward(x)`` normalises; ``forward_add(x, residual)`` returns ``(norm(x + residual), x + residual)`` in
-    one pass. The weight and bias are the original module's parameters (shared, not copied).
+def make_norm(module: torch.nn.Module, kind: str = "rms", weight_offset: float = 0.0,
+              eps_attr: tuple = ("variance_epsilon", "eps", "epsilon"), backend: str = "auto") -> torch.nn.Module:
+    """The fused norm module for an HF norm: :class:`~policyinject.modules.norms.FusedRMSNorm` (scaled by
+    ``weight_offset + weight``) or :class:`~policyinject.modules.norms.FusedLayerNorm`, sharing its parameters.
 
     Example:
         >>> import torch
         >>> ln = torch.nn.LayerNorm(6)
-        >>> n = InjectedNorm.from_module(ln, "layer")
+        >>> n = make_norm(ln, "layer", backend="torch")
         >>> x, r = torch.randn(2, 6), torch.randn(2, 6)
         >>> y, s = n.forward_add(x, r)
         >>> torch.allclose(y, ln(x + r), atol=1e-6) and torch.allclose(s, x + r)
         True
     """
+    from .norms import FusedLayerNorm, FusedRMSNorm, find_eps
 
-    def __init__(self, weight: Optional[torch.nn.Parameter], bias: Optional[torch.nn.Parameter], eps: float,
-                 kind: str = "rms", weight_offset: float = 0.0, backend: str = "auto") -> None:
-        super().__init__()
-        if kind not in ("rms", "layer"):
-            raise PolicyError(f"norm kind must be 'rms' or 'layer', got {kind!r}")
-        self.weight = weight
-        self.bias = bias
-        self.eps = float(eps)
-        self.kind = kind
-        self.weight_offset = float(weight_offset)
-        self.backend = backend
-
-    @classmethod
-    def from_module(cls, module: torch.nn.Module, kind: str = "rms", weight_offset: float = 0.0,
-                    eps_attr: tuple = ("variance_epsilon", "eps", "epsilon"), backend: str = "auto") -> "InjectedNorm":
-        """Build from an HF norm module (``weight``/``bias`` shared; epsilon read from ``eps_attr``)."""
-        kind = getattr(kind, "value", kind)
-        return cls(getattr(module, "weight", None), getattr(module, "bias", None), eps_of(module, eps_attr),
-                   kind, weight_offset, backend)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..kernels import norms
-
-        if self.kind == "rms":
-            return norms.rms_norm(x, self.weight, self.eps, self.weight_offset, backend=self.backend)
-        return norms.layer_norm(x, self.weight, self.bias, self.eps, backend=self.backend)
-
-    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        from ..kernels import norms
-
-        if self.kind == "rms":
-            return norms.add_rms_norm(x, residual, self.weight, self.eps, self.weight_offset, backend=self.backend)
-        return norms.add_layer_norm(x, residual, self.weight, self.bias, self.eps, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        n = None if self.weight is None else self.weight.shape[0]
-        off = f", weight_offset={self.weight_offset}" if self.weight_offset else ""
-        return f"{self.kind}, {n}, eps={self.eps}{off}, backend={self.backend}"
+    kind = getattr(kind, "value", kind)
+    try:
+        eps = find_eps(module, eps_attr)
+    except ValueError as exc:
+        raise PolicyError(str(exc)) from None
+    if kind == "rms":
+        return FusedRMSNorm.from_module(module, eps=eps, weight_offset=weight_offset, backend=backend)
+    if kind == "layer":
+        return FusedLayerNorm.from_module(module, eps=eps, backend=backend)
+    raise PolicyError(f"norm kind must be 'rms' or 'layer', got {kind!r}")

@@ -164,12 +164,23 @@ class InjectedAttention(torch.nn.Module):
             qkv = fuse_linears([_get(attn_module, spec.q), _get(attn_module, spec.k), _get(attn_module, spec.v)])
             layout = QKVLayout.BLOCKS
         o = as_linear(_get(attn_module, spec.o))
+        proj = spec.qkv if spec.qkv is not None else spec.q
+        owners = [attn_module]
+        if "." in proj:
+            owners.append(attn_module.get_submodule(proj.rsplit(".", 1)[0]))
+
+        def attr(name: str, default: Any) -> Any:
+            for owner in owners:
+                if hasattr(owner, name):
+                    return getattr(owner, name)
+            return default
+
         q_norm = _per_head_norm(_get(attn_module, spec.q_norm), norm_offset, backend)
         k_norm = _per_head_norm(_get(attn_module, spec.k_norm), norm_offset, backend)
-        scaling = getattr(attn_module, "scaling", None)
-        causal = bool(getattr(attn_module, "is_causal", spec.causal))
+        scaling = attr("scaling", None)
+        causal = bool(attr("is_causal", spec.causal))
         if layer_idx is None:
-            layer_idx = getattr(attn_module, "layer_idx", None)
+            layer_idx = attr("layer_idx", None)
         return cls(qkv, o, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, layout=layout,
                    rotary=spec.rotary, q_norm=q_norm, k_norm=k_norm, causal=causal,
                    scaling=float(scaling) if isinstance(scaling, (int, float)) else None,
@@ -261,9 +272,9 @@ def _per_head_norm(module: Optional[torch.nn.Module], offset: float, backend: st
     if module is None:
         return None
     if isinstance(module, torch.nn.LayerNorm):
-        return _ops.InjectedNorm.from_module(module, "layer", backend=backend)
+        return _ops.make_norm(module, "layer", backend=backend)
     if type(module).__name__.endswith("RMSNorm") and getattr(module, "weight", None) is not None:
-        return _ops.InjectedNorm.from_module(module, "rms", offset, backend=backend)
+        return _ops.make_norm(module, "rms", offset, backend=backend)
     return module
 
 

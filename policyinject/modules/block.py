@@ -41,7 +41,7 @@ import torch
 from ..errors import PolicyError
 from ..policy.model import BlockKind, NormKind
 from ._hf import CallSignature, find_cache
-from ._ops import InjectedNorm
+from ._ops import make_norm
 from .attention import InjectedAttention, _cache_kwargs, _rotary_tables
 from .mlp import InjectedMLP
 
@@ -72,11 +72,11 @@ def effective_block_kind(policy: Any, layer: torch.nn.Module) -> BlockKind:
     return kind
 
 
-def norm_from_spec(layer: torch.nn.Module, spec: Any, backend: str) -> InjectedNorm:
-    """An :class:`InjectedNorm` for the norm a :class:`~policyinject.policy.NormSpec` names in ``layer``."""
-    module = layer.get_submodule(spec.path)
+def norm_from_spec(root: torch.nn.Module, spec: Any, backend: str) -> torch.nn.Module:
+    """The fused norm module for the norm a :class:`~policyinject.policy.NormSpec` names under ``root``."""
+    module = root.get_submodule(spec.path)
     kind = "rms" if NormKind(spec.kind) is NormKind.RMS else "layer"
-    return InjectedNorm.from_module(module, kind, spec.weight_offset, spec.eps_attr, backend)
+    return make_norm(module, kind, spec.weight_offset, spec.eps_attr, backend)
 
 
 def _norm_spec(policy: Any, name: Optional[str]) -> Any:
@@ -90,8 +90,8 @@ def _norm_spec(policy: Any, name: Optional[str]) -> Any:
 class InjectedBlock(torch.nn.Module):
     """A whole layer on fused modules; see the module docstring."""
 
-    def __init__(self, attn: InjectedAttention, mlp: torch.nn.Module, norm1: InjectedNorm,
-                 norm2: Optional[InjectedNorm], kind: BlockKind, signature: CallSignature,
+    def __init__(self, attn: InjectedAttention, mlp: torch.nn.Module, norm1: torch.nn.Module,
+                 norm2: Optional[torch.nn.Module], kind: BlockKind, signature: CallSignature,
                  backend: str = "auto") -> None:
         super().__init__()
         self.attn = attn
