@@ -188,7 +188,7 @@ KEYS: tuple = (
             note="the checkpoint's tensor-parallel degree comes from its description (tp_size / mp_size)",
             convert=v.positive_int, schema=_POS_INT),
     KeySpec("replace_method", "str", "auto", "DeepSpeed: no longer needed.", status=Status.DEPRECATED,
-            note="dropped: DeepSpeed no longer needs it either", auto_value=True, field=False, schema={"type": "string"}),
+            note="policyinject, like current DeepSpeed, does not need it", auto_value=True, field=False, schema={"type": "string"}),
     KeySpec("injection_policy", "mapping or null", None,
             "{layer class or 'pkg.mod.Class': row-parallel linear name(s) or a policyinject Policy}. The names "
             "are the row-parallel linears; every other linear of the layer is column-parallel.",
