@@ -1,0 +1,343 @@
+"""The quantize pass: weight-only int8 / int4 quantization of the linears each layer policy names.
+
+Runs after the dtype and tensor-parallel passes (so each rank quantizes its own shard, and the scales are
+split with their weights) and before kernel injection (which fuses the resulting :class:`QuantLinear`s with
+``QuantLinear.cat``). Attention q/k/v (or fused qkv) projections are quantized only when
+``quant.qkv.enabled``; the output head and embeddings are not layer linears and stay 16-bit.
+
+Config read (``InferenceConfig``): ``quant.enabled``, ``quant.weight.enabled``, ``quant.weight.num_bits``
+(8 or 4), ``quant.weight.q_type`` (``symmetric``/``asymmetric``), ``quant.weight.group_size`` (wins), else
+``quant.weight.q_groups`` (groups per row: ``group_size = in_features / q_groups``; 1, the default, means one
+scale per output channel at 8 bits and the default group -- 128, else 64, else 32 -- at 4 bits),
+``quant.qkv.enabled``, ``kernel_backend``, ``tensor_parallel.tp_size``.
+
+Each linear becomes one :class:`Action` (``quantize``, with bits, group size, symmetry and bytes before/after
+for this rank) or ``keep`` (with the reason). ``ctx.notes["quantize"]`` holds the summary.
+
+Example:
+    >>> import torch, types
+    >>> from policyinject.policy import Policy, MLPSpec
+    >>> from policyinject.passes.base import MatchedLayer, PassContext
+    >>> class Block(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.fc1, self.fc2 = torch.nn.Linear(192, 256), torch.nn.Linear(256, 192)
+    >>> block = Block()
+    >>> policy = Policy(Block, mlp=MLPSpec(fc1="fc1", fc2="fc2"))
+    >>> w = types.SimpleNamespace(enabled=True, num_bits=4, q_groups=1, q_type="symmetric", group_size=None)
+    >>> cfg = types.SimpleNamespace(quant=types.SimpleNamespace(enabled=True, weight=w,
+    ...                             qkv=types.SimpleNamespace(enabled=True)), kernel_backend="torch")
+    >>> ctx = PassContext(model=block, config=cfg, layers=[MatchedLayer("", block, policy)])
+    >>> p = QuantizePass()
+    >>> actions = p.plan(ctx)
+    >>> [(a.path, a.details["bits"], a.details["group_size"]) for a in actions]
+    [('fc1', 4, 64), ('fc2', 4, 128)]
+    >>> p.apply(ctx, actions)
+    >>> type(block.fc1).__name__, round(ctx.notes["quantize"]["ratio"], 2)
+    ('QuantLinear', 0.13)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import attrs
+import torch
+from torch import nn
+
+from ..errors import PlanError
+from ..kernels.quantize import default_group_size, resolve_group_size
+from ..modules.quant_linear import QuantLinear
+from ..plan import Action
+from ..policy import Style
+from .base import Pass, PassContext
+
+__all__ = ["QuantizePass", "QuantSpec", "quantize_linear", "quant_spec_from_config"]
+
+NAME = "quantize"
+
+
+@attrs.frozen
+class QuantSpec:
+    """What the config asks for, independent of any one linear."""
+
+    num_bits: int = 8
+    symmetric: bool = True
+    q_groups: Optional[int] = None
+    group_size: Optional[int] = None
+    qkv: bool = True
+    backend: str = "auto"
+
+
+def quant_spec_from_config(config: Any) -> QuantSpec:
+    """Read the quantization settings from an ``InferenceConfig`` (or any object with the same attributes).
+
+    Example:
+        >>> from policyinject.config import load_config
+        >>> quant_spec_from_config(load_config(None, dtype="int8"))
+        QuantSpec(num_bits=8, symmetric=True, q_groups=1, group_size=None, qkv=True, backend='auto')
+    """
+    quant = getattr(config, "quant", None)
+    weight = getattr(quant, "weight", None)
+    q_type = str(getattr(weight, "q_type", "symmetric")).lower()
+    if q_type in ("sym", "symmetric"):
+        symmetric = True
+    elif q_type in ("asym", "asymmetric"):
+        symmetric = False
+    else:
+        raise PlanError(f"quant.weight.q_type must be 'symmetric' or 'asymmetric', got {q_type!r}")
+    num_bits = int(getattr(weight, "num_bits", 8))
+    if str(getattr(config, "dtype", "")) in ("int8", "torch.int8") and not getattr(quant, "enabled", False):
+        num_bits = 8
+    q_groups = getattr(weight, "q_groups", None)
+    group_size = getattr(weight, "group_size", None)
+    qkv = bool(getattr(getattr(quant, "qkv", None), "enabled", True))
+    backend = str(getattr(config, "kernel_backend", "auto") or "auto")
+    return QuantSpec(num_bits, symmetric, None if q_groups is None else int(q_groups),
+                     None if group_size is None else int(group_size), qkv, backend)
+
+
+def plan_group_size(spec: QuantSpec, in_features: int, local_in: Optional[int] = None, where: str = "") -> int:
+    """The group size for one linear of ``in_features`` inputs whose shard on this rank has ``local_in``.
+
+    ``group_size`` wins; ``q_groups > 1`` gives ``in_features / q_groups``; otherwise the per-bit default,
+    chosen so that it also divides ``local_in`` (a row-parallel shard). Raises ``PlanError`` naming ``where``.
+
+    Example:
+        >>> plan_group_size(QuantSpec(num_bits=4), 576, 288)
+        32
+        >>> plan_group_size(QuantSpec(num_bits=8, q_groups=1), 4096)
+        4096
+    """
+    local_in = in_features if local_in is None else local_in
+    try:
+        if spec.group_size is not None:
+            g = resolve_group_size(in_features, spec.num_bits, group_size=spec.group_size, name=f"{where} in_features")
+        elif spec.q_groups is not None and spec.q_groups > 1:
+            g = resolve_group_size(in_features, spec.num_bits, q_groups=spec.q_groups, name=f"{where} in_features")
+        elif spec.num_bits == 8:
+            g = in_features  # one scale per output channel: valid on any column shard
+        else:
+            g = default_group_size(in_features, 4)
+            if local_in != in_features and local_in % g:
+                g = default_group_size(local_in, 4)
+                if in_features % g:
+                    g = in_features
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
+    if g != in_features and local_in % g:
+        raise PlanError(
+            f"{where}: this rank's {local_in} input features (of {in_features}) are not a multiple of "
+            f"group_size={g}; choose a group size that divides the tensor-parallel shard"
+        )
+    return g
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    if isinstance(module, QuantLinear):
+        return False
+    w = getattr(module, "weight", None)
+    if hasattr(module, "local") and isinstance(getattr(module, "local"), nn.Module):
+        return _is_linear_like(module.local)
+    return isinstance(w, torch.Tensor) and w.dim() == 2 and w.is_floating_point()
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _out_in(module: nn.Module, transposed: bool) -> tuple:
+    if hasattr(module, "local") and isinstance(module.local, nn.Module):
+        return _out_in(module.local, False)
+    w = module.weight
+    return (w.shape[1], w.shape[0]) if (transposed or _is_conv1d(module)) else (w.shape[0], w.shape[1])
+
+
+def quantize_linear(
+    module: nn.Module,
+    num_bits: int = 8,
+    group_size: Optional[int] = None,
+    symmetric: bool = True,
+    backend: str = "auto",
+    *,
+    transposed: bool = False,
+) -> nn.Module:
+    """The quantized replacement of one linear-like module (the per-linear transform of the pass).
+
+    * ``nn.Linear`` (or anything with a 2-D ``weight``): a :class:`QuantLinear`;
+    * GPT-2 ``Conv1D`` (or ``transposed=True``): the same, from the transposed weight;
+    * a tensor-parallel wrapper with an inner ``.local`` linear (``ColumnParallelLinear``,
+      ``RowParallelLinear``): its ``.local`` is quantized in place and the wrapper returned, so its
+      communication is unchanged;
+    * a module with a ``policyinject_quantize(num_bits, group_size, symmetric, backend)`` method: its result;
+    * a ``QuantLinear``: returned as is.
+
+    ``group_size`` None: the default for ``num_bits``; a group size that does not divide this module's (local)
+    in_features raises ``ValueError``.
+
+    Example:
+        >>> quantize_linear(torch.nn.Linear(64, 8), 4, 32, backend="torch").group_size
+        32
+    """
+    if isinstance(module, QuantLinear):
+        return module
+    hook = getattr(module, "policyinject_quantize", None)
+    if callable(hook):
+        return hook(num_bits=num_bits, group_size=group_size, symmetric=symmetric, backend=backend)
+    local = getattr(module, "local", None)
+    if isinstance(local, nn.Module):
+        module.local = quantize_linear(local, num_bits, group_size, symmetric, backend)
+        return module
+    return QuantLinear.from_linear(module, num_bits, group_size, symmetric, backend,
+                                   transposed=transposed or _is_conv1d(module))
+
+
+def _qkv_paths(policy: Any) -> set:
+    a = getattr(policy, "attention", None)
+    if a is None:
+        return set()
+    return {a.path(n) for n in (a.q, a.k, a.v, a.qkv) if n is not None}
+
+
+def _styles(policy: Any, layer: nn.Module) -> dict:
+    styles_for = getattr(policy, "styles_for", None)
+    if callable(styles_for):
+        return dict(styles_for(layer)[0])
+    return dict(policy.linear_styles())
+
+
+def _model_bytes(model: nn.Module, float_size: Optional[int] = None) -> int:
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        size = float_size if (float_size and t.is_floating_point()) else t.element_size()
+        total += t.numel() * size
+    return total
+
+
+class QuantizePass(Pass):
+    """Replace the policy-named linears by :class:`QuantLinear` (see the module docstring)."""
+
+    name = NAME
+
+    def enabled(self, config: Any) -> bool:
+        quant = getattr(config, "quant", None)
+        on = bool(getattr(quant, "enabled", False)) and bool(getattr(getattr(quant, "weight", None), "enabled", True))
+        return on or str(getattr(config, "dtype", "")) in ("int8", "torch.int8")
+
+    # ----------------------------------------------------------------------------------------------- plan
+    def plan(self, ctx: PassContext) -> list:
+        spec = quant_spec_from_config(ctx.config)
+        if spec.num_bits not in (4, 8):
+            raise PlanError(f"quant.weight.num_bits must be 8 or 4, got {spec.num_bits}")
+        tp = int(getattr(getattr(ctx.config, "tensor_parallel", None), "tp_size", 1) or 1)
+        float_dtype = ctx.notes.get("dtype")
+        float_size = torch.empty((), dtype=float_dtype).element_size() if isinstance(float_dtype, torch.dtype) else None
+        on_cuda = ctx.device is not None and torch.device(ctx.device).type == "cuda"
+        actions: list = []
+        problems: list = []
+        seen: set = set()
+        before_total = after_total = 0
+        for layer in ctx.layers:
+            qkv = _qkv_paths(layer.policy)
+            transposed = set(getattr(layer.policy, "transposed", ()) or ())
+            for rel, style in _styles(layer.policy, layer.module).items():
+                try:
+                    mod = layer.module.get_submodule(rel)
+                except AttributeError:
+                    continue
+                full = f"{layer.path}.{rel}" if layer.path else rel
+                if id(mod) in seen:
+                    continue
+                seen.add(id(mod))
+                cls = type(mod).__name__
+                if rel in qkv and not spec.qkv:
+                    actions.append(Action(NAME, full, cls, "keep", {"reason": "quant.qkv.enabled is false"}))
+                    continue
+                if isinstance(mod, QuantLinear):
+                    actions.append(Action(NAME, full, cls, "keep", {"reason": "already quantized"}))
+                    continue
+                if not _is_linear_like(mod):
+                    continue
+                out_f, in_f = _out_in(mod, rel in transposed)
+                local_out, local_in = self._local(out_f, in_f, style, tp)
+                try:
+                    g = plan_group_size(spec, in_f, local_in, full)
+                except PlanError as exc:
+                    problems.extend(exc.problems)
+                    continue
+                supported = g == in_f or g % (16 if spec.num_bits == 8 else 32) == 0
+                if not supported and on_cuda and spec.backend != "torch":
+                    problems.append(
+                        f"{full}: group_size={g} is not supported by the Triton kernels (need a multiple of "
+                        f"{16 if spec.num_bits == 8 else 32} or one group per row); set kernel_backend='torch'"
+                    )
+                    continue
+                w = getattr(mod, "local", mod).weight
+                size = float_size or w.element_size()
+                before = local_out * local_in * size
+                groups = 1 if g == in_f else local_in // g
+                after = local_out * local_in * spec.num_bits // 8 + local_out * groups * 2 * (1 if spec.symmetric else 2)
+                before_total += before
+                after_total += after
+                details = {"bits": spec.num_bits, "group_size": g if g != in_f else "per-channel",
+                           "symmetric": spec.symmetric, "bytes_before": before, "bytes_after": after}
+                if local_in != in_f or local_out != out_f:
+                    details["local"] = [local_out, local_in]
+                payload = {"num_bits": spec.num_bits, "group_size": g, "per_channel": g == in_f,
+                           "symmetric": spec.symmetric, "backend": spec.backend, "transposed": rel in transposed}
+                actions.append(Action(NAME, full, cls, "quantize", details, payload))
+        if problems:
+            raise PlanError(problems)
+        model_before = _model_bytes(ctx.model, float_size) // tp if tp > 1 else _model_bytes(ctx.model, float_size)
+        ctx.notes[NAME] = {
+            "linears": sum(1 for a in actions if a.action == "quantize"),
+            "bits": spec.num_bits,
+            "linear_bytes_before": before_total,
+            "linear_bytes_after": after_total,
+            "model_bytes_before": model_before,
+            "model_bytes_after": model_before - before_total + after_total,
+            "ratio": (model_before - before_total + after_total) / model_before if model_before else 1.0,
+            "planned": True,
+        }
+        return actions
+
+    @staticmethod
+    def _local(out_f: int, in_f: int, style: Any, tp: int) -> tuple:
+        """This rank's (out, in) under tensor parallelism (an even split estimate; apply sees the real shard)."""
+        if tp <= 1:
+            return out_f, in_f
+        value = getattr(style, "value", style)
+        if value in (Style.ROW.value, Style.ROW_SPLIT_INPUT.value):
+            return out_f, in_f // tp if in_f % tp == 0 else in_f
+        if value in (Style.COLUMN.value, Style.PACKED_COLUMN.value, Style.COLUMN_GATHER.value):
+            return (out_f // tp if out_f % tp == 0 else out_f), in_f
+        return out_f, in_f
+
+    # ---------------------------------------------------------------------------------------------- apply
+    def apply(self, ctx: PassContext, actions: list) -> None:
+        before_model = _model_bytes(ctx.model)
+        done = 0
+        for a in actions:
+            if a.action != "quantize":
+                continue
+            p = a.payload
+            mod = ctx.module(a.path)
+            _, local_in = _out_in(mod, p["transposed"])
+            group = local_in if p["per_channel"] else p["group_size"]
+            if local_in % group:
+                raise PlanError(f"{a.path}: {local_in} input features on this rank are not a multiple of "
+                                f"group_size={group}")
+            new = quantize_linear(mod, p["num_bits"], group, p["symmetric"], p["backend"], transposed=p["transposed"])
+            if new is not mod:
+                parent_path, _, child = a.path.rpartition(".")
+                setattr(ctx.module(parent_path), child, new)
+            done += 1
+        after_model = _model_bytes(ctx.model)
+        notes = ctx.notes.setdefault(NAME, {})
+        notes.update({
+            "linears": done,
+            "model_bytes_before": before_model,
+            "model_bytes_after": after_model,
+            "ratio": after_model / before_model if before_model else 1.0,
+            "planned": False,
+        })
