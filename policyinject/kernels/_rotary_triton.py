@@ -3,7 +3,8 @@
 Grid: ``(B * T, groups)``. Program ``(token, g)`` loads the token's cos/sin once and rotates ``BLOCK_H``
 heads: groups ``[0, cdiv(Hq, BLOCK_H))`` cover q, the rest cover k, so q and k go in one launch. Each head
 is two ``[BLOCK_H, BLOCK_HALF]`` tiles: ``x1 = x[..., i1]`` and ``x2 = x[..., i2]`` with ``(i1, i2) = (j, R/2 + j)``
-("half" layout) or ``(2j, 2j + 1)`` ("interleaved")::
+("half" layout: two contiguous loads) or ``(2j, 2j + 1)`` ("interleaved": one contiguous load split into even
+and odd lanes in registers with ``tl.reshape``/``tl.split``, joined back before one contiguous store)::
 
     out[i1] = x1 * cos[i1] - x2 * sin[i1]
     out[i2] = x2 * cos[i2] + x1 * sin[i2]
@@ -59,19 +60,20 @@ def rotary_kernel(
     bi = bi.to(tl.int64)
     ti = ti.to(tl.int64)
 
-    j = tl.arange(0, BLOCK_HALF)
-    jmask = j < HALF
-    if INTERLEAVED:
-        i1 = 2 * j
-        i2 = 2 * j + 1
-    else:
-        i1 = j
-        i2 = j + HALF
     cbase = bi * sc_b + ti * sc_t
-    c1 = tl.load(COS + cbase + i1, mask=jmask, other=0.0).to(tl.float32)
-    c2 = tl.load(COS + cbase + i2, mask=jmask, other=0.0).to(tl.float32)
-    s1 = tl.load(SIN + cbase + i1, mask=jmask, other=0.0).to(tl.float32)
-    s2 = tl.load(SIN + cbase + i2, mask=jmask, other=0.0).to(tl.float32)
+    if INTERLEAVED:
+        # contiguous [2 * BLOCK_HALF] loads, split into (even, odd) in registers: 16-byte accesses
+        e = tl.arange(0, 2 * BLOCK_HALF)
+        emask = e < 2 * HALF
+        c1, c2 = tl.split(tl.reshape(tl.load(COS + cbase + e, mask=emask, other=0.0).to(tl.float32), [BLOCK_HALF, 2]))
+        s1, s2 = tl.split(tl.reshape(tl.load(SIN + cbase + e, mask=emask, other=0.0).to(tl.float32), [BLOCK_HALF, 2]))
+    else:
+        j = tl.arange(0, BLOCK_HALF)
+        jmask = j < HALF
+        c1 = tl.load(COS + cbase + j, mask=jmask, other=0.0).to(tl.float32)
+        c2 = tl.load(COS + cbase + HALF + j, mask=jmask, other=0.0).to(tl.float32)
+        s1 = tl.load(SIN + cbase + j, mask=jmask, other=0.0).to(tl.float32)
+        s2 = tl.load(SIN + cbase + HALF + j, mask=jmask, other=0.0).to(tl.float32)
 
     nq = tl.cdiv(HQ, BLOCK_H)
     if g < nq:
@@ -98,14 +100,22 @@ def rotary_kernel(
     h64 = h.to(tl.int64)
     in_rows = X + in_base + h64 * s_h
     out_rows = XO + out_base + h64 * so_h
-    mask = hmask[:, None] & jmask[None, :]
-
-    x1 = tl.load(in_rows[:, None] + i1[None, :], mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(in_rows[:, None] + i2[None, :], mask=mask, other=0.0).to(tl.float32)
-    o1 = x1 * c1[None, :] - x2 * s1[None, :]
-    o2 = x2 * c2[None, :] + x1 * s2[None, :]
-    tl.store(out_rows[:, None] + i1[None, :], o1.to(XO.dtype.element_ty), mask=mask)
-    tl.store(out_rows[:, None] + i2[None, :], o2.to(XO.dtype.element_ty), mask=mask)
+    if INTERLEAVED:
+        mask = hmask[:, None] & emask[None, :]
+        x = tl.load(in_rows[:, None] + e[None, :], mask=mask, other=0.0).to(tl.float32)
+        x1, x2 = tl.split(tl.reshape(x, [BLOCK_H, BLOCK_HALF, 2]))
+        o1 = x1 * c1[None, :] - x2 * s1[None, :]
+        o2 = x2 * c2[None, :] + x1 * s2[None, :]
+        o = tl.reshape(tl.join(o1, o2), [BLOCK_H, 2 * BLOCK_HALF])
+        tl.store(out_rows[:, None] + e[None, :], o.to(XO.dtype.element_ty), mask=mask)
+    else:
+        mask = hmask[:, None] & jmask[None, :]
+        x1 = tl.load(in_rows[:, None] + j[None, :], mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(in_rows[:, None] + HALF + j[None, :], mask=mask, other=0.0).to(tl.float32)
+        o1 = x1 * c1[None, :] - x2 * s1[None, :]
+        o2 = x2 * c2[None, :] + x1 * s2[None, :]
+        tl.store(out_rows[:, None] + j[None, :], o1.to(XO.dtype.element_ty), mask=mask)
+        tl.store(out_rows[:, None] + HALF + j[None, :], o2.to(XO.dtype.element_ty), mask=mask)
 
     if COPY_PASS:
         p = 2 * HALF + tl.arange(0, BLOCK_PASS)

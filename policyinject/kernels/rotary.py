@@ -55,7 +55,7 @@ def rotary_config(n_tokens: int, hq: int, hkv: int, rotary_dim: int, sms: int = 
 
     The largest power-of-two ``block_h`` (at most 4096 elements per program) whose padding of Hq and Hkv
     to multiples of it stays within 25% (padded lanes cost threads, not bytes), halved while there are fewer
-    than 4 programs per SM (decode).
+    than 4 programs per SM (decode); warps so that each thread moves about 8 elements of each half-tile.
 
     Example:
         >>> rotary_config(4096, 32, 8, 128)
@@ -79,7 +79,9 @@ def rotary_config(n_tokens: int, hq: int, hkv: int, rotary_dim: int, sms: int = 
 
     while best > 1 and programs(best) < 4 * sms:
         best //= 2
-    return RotaryConfig(block_h=best, num_warps=4)
+    # about 8 elements (one 16-byte bf16 access) per thread and half-tile
+    num_warps = max(1, min(4, best * block_half // 256))
+    return RotaryConfig(block_h=best, num_warps=num_warps)
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:

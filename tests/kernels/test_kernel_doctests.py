@@ -1,0 +1,26 @@
+"""Run the docstring examples of the kernel modules and the fused norm modules (CPU, backend="torch")."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = [
+    "policyinject.kernels.reference",
+    "policyinject.kernels._common",
+    "policyinject.kernels.norms",
+    "policyinject.kernels.rotary",
+    "policyinject.kernels.activations",
+    "policyinject.modules.norms",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_doctests(name: str) -> None:
+    if name == "policyinject.modules.norms":
+        pytest.importorskip("transformers")
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0, f"{name} has no examples"
+    assert result.failed == 0
