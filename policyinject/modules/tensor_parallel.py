@@ -250,6 +250,8 @@ class VocabParallelEmbedding(_ParallelBase):
         self.num_embeddings = int(num_embeddings)
         self.embedding_dim = int(weight.shape[1])
         self.padding_idx = padding_idx
+        #: Multiplier applied to the looked-up rows (Gemma's scaled embedding); None for a plain embedding.
+        self.embed_scale: Any = None
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, start: int, size: int, **kwargs: Any) -> "VocabParallelEmbedding":
@@ -258,12 +260,16 @@ class VocabParallelEmbedding(_ParallelBase):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1 and self.vocab_start == 0 and self.vocab_end == self.num_embeddings:
-            return F.embedding(input_ids, self.weight)
-        outside = (input_ids < self.vocab_start) | (input_ids >= self.vocab_end)
-        local_ids = (input_ids - self.vocab_start).masked_fill(outside, 0)
-        out = F.embedding(local_ids, self.weight)
-        out = out.masked_fill(outside.unsqueeze(-1), 0)
-        return all_reduce(out, self.group, self.world_size)
+            out = F.embedding(input_ids, self.weight)
+        else:
+            outside = (input_ids < self.vocab_start) | (input_ids >= self.vocab_end)
+            local_ids = (input_ids - self.vocab_start).masked_fill(outside, 0)
+            out = F.embedding(local_ids, self.weight)
+            out = all_reduce(out.masked_fill(outside.unsqueeze(-1), 0), self.group, self.world_size)
+        if self.embed_scale is not None:
+            scale = self.embed_scale
+            out = out * (scale.to(device=out.device, dtype=out.dtype) if isinstance(scale, torch.Tensor) else scale)
+        return out
 
     def extra_repr(self) -> str:
         return (f"rank={self.rank}/{self.world_size}, vocab=[{self.vocab_start}, {self.vocab_end}) of "
