@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
-from .errors import ConfigWarning, InvalidValue, Problem
+from .errors import ConfigWarning, InvalidValue, Problem, short_repr
 from .keys import SPECS, Status, section_specs
-from .values import jsonable
+from .values import OMIT, jsonable
 
 
 def _join(section: str, name: str) -> str:
@@ -27,11 +27,14 @@ def _join(section: str, name: str) -> str:
 
 
 def _show(value: Any) -> str:
+    """A value as a message shows it: its JSON form where it has one, else a short repr."""
     try:
         dumped = jsonable(value)
-        return repr(dumped) if not isinstance(dumped, (list, dict)) else str(dumped)
     except Exception:  # pragma: no cover - defensive
-        return f"<{type(value).__name__}>"
+        dumped = OMIT
+    if dumped is OMIT:
+        return short_repr(value, typed=False)
+    return repr(dumped)
 
 
 def normalize_fields(obj: Any, section: str) -> list:

@@ -64,12 +64,16 @@ def _join(prefix: str, name: str) -> str:
 
 
 def _unknown(section: str, key: str, spelled: str) -> Problem:
+    elsewhere = [p for p in SPECS if p.rsplit(".", 1)[-1] == key and p != _join(section, key)]
     close = difflib.get_close_matches(key, list(NAMES[section]), n=1, cutoff=0.6)
-    if close:
+    if len(elsewhere) == 1:  # the right name in the wrong section: tp_size at the top level
+        hint = f"; did you mean `{elsewhere[0]}`?"
+    elif close:
         hint = f"; did you mean `{close[0]}`?"
+    elif elsewhere:
+        hint = f"; did you mean one of {', '.join(f'`{p}`' for p in elsewhere)}?"
     else:
-        elsewhere = [p for p in SPECS if p.rsplit(".", 1)[-1] == key and p != _join(section, key)]
-        hint = f"; did you mean `{elsewhere[0]}`?" if elsewhere else ""
+        hint = ""
     return Problem(spelled, f"unknown key `{key}`{hint}")
 
 
