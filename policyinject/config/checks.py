@@ -19,7 +19,6 @@ from typing import Any, Iterable, Mapping
 
 from .errors import ConfigWarning, InvalidValue, Problem, short_repr
 from .keys import SPECS, Status, section_specs
-from .values import OMIT, jsonable
 
 
 def _join(section: str, name: str) -> str:
@@ -27,14 +26,8 @@ def _join(section: str, name: str) -> str:
 
 
 def _show(value: Any) -> str:
-    """A value as a message shows it: its JSON form where it has one, else a short repr."""
-    try:
-        dumped = jsonable(value)
-    except Exception:  # pragma: no cover - defensive
-        dumped = OMIT
-    if dumped is OMIT:
-        return short_repr(value, typed=False)
-    return repr(dumped)
+    """A value as a message shows it (tuples as lists, long reprs cut)."""
+    return short_repr(list(value) if isinstance(value, tuple) else value, typed=False)
 
 
 def normalize_fields(obj: Any, section: str) -> list:
