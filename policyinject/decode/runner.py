@@ -1,0 +1,205 @@
+"""The model-level step of the decode engine, built from the :class:`~policyinject.policy.ModelPolicy`.
+
+``embed (+ position embed) -> for each layer block.run(h, cos, sin, attend) -> final norm -> lm_head``, with
+the head applied to the last position only when asked (decode steps and the end of a prefill). Rotary
+tables are computed once, for every position the cache can hold, by the model's own rotary module
+(``ModelPolicy.rotary_emb``) and indexed per token, so a decode step has static shapes and no trigonometry.
+
+Every layer must be an injected block (a module with ``run(hidden, cos, sin, attend)``); :func:`decode_problems`
+lists what a model lacks, naming the layer class and the policy field, and :class:`DecodeRunner` raises
+:class:`~policyinject.errors.UnsupportedError` with that list.
+
+Example:
+    >>> import torch
+    >>> from policyinject.presets import tiny_model
+    >>> from policyinject_plugins.llama import LLAMA_CAUSAL_LM
+    >>> decode_problems(tiny_model("llama"), LLAMA_CAUSAL_LM)[0]
+    'model.layers.0: LlamaDecoderLayer is not an injected block (no run(hidden, cos, sin, attend)); the decode engine needs replace_with_kernel_inject=True and a layer policy with a block wiring (pre_norm, parallel or post_norm; `opaque` keeps the layer)'
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UnsupportedError
+
+__all__ = ["DecodeRunner", "decode_problems", "layer_windows"]
+
+
+def _get(model: torch.nn.Module, path: Optional[str]) -> Optional[torch.nn.Module]:
+    if path is None:
+        return None
+    try:
+        return model.get_submodule(path) if path else model
+    except AttributeError:
+        return None
+
+
+def layer_windows(model_config: Any, num_layers: int) -> List[Optional[int]]:
+    """Sliding-window size of each layer (None = full attention), from ``layer_types``/``sliding_window``.
+
+    Example:
+        >>> class C: sliding_window = 8; layer_types = ["sliding_attention", "full_attention"]
+        >>> layer_windows(C(), 2)
+        [8, None]
+    """
+    window = getattr(model_config, "sliding_window", None)
+    if not window:
+        return [None] * num_layers
+    types = getattr(model_config, "layer_types", None)
+    if types:
+        return [int(window) if t == "sliding_attention" else None for t in list(types)[:num_layers]]
+    if getattr(model_config, "use_sliding_window", True) is False:
+        return [None] * num_layers
+    return [int(window)] * num_layers
+
+
+def decode_problems(model: torch.nn.Module, model_policy: Any, model_config: Any = None,
+                    require_injected: bool = True) -> List[str]:
+    """What the decode engine needs and this model lacks, one line each (empty: supported).
+
+    With ``require_injected=False`` the layers are not checked for ``run`` (the plan-time check, before
+    kernel injection has replaced them).
+    """
+    if model_policy is None:
+        return [f"no model-level policy covers {type(model).__name__}: the decode engine needs one "
+                "(ModelPolicy with layers, embed, lm_head and, for rotary models, rotary_emb)"]
+    name = model_policy.model_name
+    problems: List[str] = []
+    for field in ("layers", "embed", "lm_head"):
+        path = getattr(model_policy, field)
+        if not path:
+            problems.append(f"ModelPolicy for {name} has no `{field}`; the decode engine needs it")
+        elif _get(model, path) is None:
+            problems.append(f"ModelPolicy for {name}: `{field}` = {path!r} names no submodule of "
+                            f"{type(model).__name__}")
+    for field in ("position_embed", "rotary_emb"):
+        path = getattr(model_policy, field)
+        if path and _get(model, path) is None:
+            problems.append(f"ModelPolicy for {name}: `{field}` = {path!r} names no submodule")
+    if model_policy.final_norm is not None and _get(model, model_policy.final_norm.path) is None:
+        problems.append(f"ModelPolicy for {name}: `final_norm` = {model_policy.final_norm.path!r} names no submodule")
+    cfg = model_config if model_config is not None else getattr(model, "config", None)
+    if getattr(cfg, "alibi", False):
+        problems.append(f"{name} uses ALiBi position biases; the decode engine supports rotary and learned "
+                        "positions only")
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "attn_logit_softcapping", None):
+        problems.append(f"{name} uses logit soft-capping, which the decode engine does not implement")
+    layers = _get(model, model_policy.layers) if model_policy.layers else None
+    if layers is None or problems:
+        return problems
+    for i, layer in enumerate(layers):
+        path = f"{model_policy.layers}.{i}"
+        if require_injected and not callable(getattr(layer, "run", None)):
+            problems.append(f"{path}: {type(layer).__name__} is not an injected block (no run(hidden, cos, sin, "
+                            "attend)); the decode engine needs replace_with_kernel_inject=True and a layer policy "
+                            "with a block wiring (pre_norm, parallel or post_norm; `opaque` keeps the layer)")
+            break
+        attn = getattr(layer, "attn", None)
+        if require_injected and attn is not None and getattr(attn, "causal", True) is False:
+            problems.append(f"{path}: {type(layer).__name__} has bidirectional attention; generation needs a "
+                            "causal decoder")
+            break
+    return problems
+
+
+class DecodeRunner:
+    """The model-level forward over a static KV cache; see the module docstring.
+
+    Example:
+        >>> import torch
+        >>> from policyinject.decode.kv_cache import StaticKVCache, prefill_mask
+        >>> from policyinject.presets import tiny_model
+        >>> from policyinject_plugins.llama import LLAMA_CAUSAL_LM, LLAMA_LAYER
+        >>> from policyinject.modules.block import InjectedBlock
+        >>> model = tiny_model("llama")
+        >>> for i, layer in enumerate(model.model.layers):
+        ...     model.model.layers[i] = InjectedBlock.build(layer, LLAMA_LAYER, num_heads=4, num_kv_heads=2,
+        ...                                                 head_dim=16, backend="torch")
+        >>> runner = DecodeRunner(model, LLAMA_CAUSAL_LM)
+        >>> runner.prepare(max_len=16)
+        >>> cache = StaticKVCache(runner.num_layers, 16); cache.reserve(1)
+        >>> ids = torch.tensor([[5, 6, 7]]); pos = torch.arange(3)[None]
+        >>> mask = prefill_mask(torch.ones(1, 3), torch.float32)
+        >>> logits = runner.forward(ids, pos, [cache.prefill_attend(i, mask) for i in range(2)], last_only=True)
+        >>> torch.allclose(logits[:, -1], model(ids).logits[:, -1], atol=1e-5)
+        True
+    """
+
+    def __init__(self, model: torch.nn.Module, model_policy: Any, model_config: Any = None) -> None:
+        problems = decode_problems(model, model_policy, model_config)
+        if problems:
+            raise UnsupportedError("the decode engine cannot run this model:\n  " + "\n  ".join(problems))
+        self.model = model
+        self.policy = model_policy
+        self.layers: Sequence[torch.nn.Module] = list(model.get_submodule(model_policy.layers))
+        self.embed = model.get_submodule(model_policy.embed)
+        self.position_embed = _get(model, model_policy.position_embed)
+        self.final_norm = _get(model, model_policy.final_norm.path) if model_policy.final_norm else None
+        self.lm_head = model.get_submodule(model_policy.lm_head)
+        self.rotary = _get(model, model_policy.rotary_emb)
+        cfg = model_config if model_config is not None else getattr(model, "config", None)
+        self.windows = layer_windows(cfg, len(self.layers))
+        self.scales: List[Optional[float]] = [getattr(getattr(layer, "attn", None), "scaling", None)
+                                              for layer in self.layers]
+        self.cos: Optional[torch.Tensor] = None
+        self.sin: Optional[torch.Tensor] = None
+        self._tables_for: Optional[Tuple[int, torch.dtype, torch.device]] = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def prepare(self, max_len: int) -> None:
+        """Compute the rotary tables for positions ``[0, max_len)`` (once per length, dtype and device)."""
+        key = (int(max_len), self.dtype, self.device)
+        if self._tables_for == key or self.rotary is None:
+            self._tables_for = key
+            return
+        x = torch.zeros(1, 1, 1, dtype=self.dtype, device=self.device)
+        positions = torch.arange(max_len, device=self.device)[None]
+        cos, sin = self.rotary(x, positions)
+        self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
+        self._tables_for = key
+
+    def rotary_for(self, pos: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``(cos, sin)`` as ``[B, T, R]`` for positions ``pos [B, T]`` (None, None without rotary)."""
+        if self.rotary is None:
+            return None, None
+        if self.cos is None:
+            raise RuntimeError("DecodeRunner.prepare(max_len) must run before the first forward")
+        return self.cos[pos], self.sin[pos]
+
+    def embed_tokens(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Token embeddings plus learned position embeddings (when the policy names them)."""
+        h = self.embed(ids)
+        if self.position_embed is not None:
+            offset = int(getattr(self.position_embed, "offset", 0) or 0)
+            h = h + F.embedding(pos + offset, self.position_embed.weight)
+        return h
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, attends: Sequence[Any],
+                last_only: bool = False) -> torch.Tensor:
+        """Logits ``[B, T, V]`` (``[B, 1, V]`` with ``last_only``) for tokens ``ids [B, T]`` at rotary
+        positions ``pos [B, T]``, one ``attend`` per layer."""
+        h = self.embed_tokens(ids, pos)
+        cos, sin = self.rotary_for(pos)
+        for layer, attend in zip(self.layers, attends):
+            h = layer.run(h, cos, sin, attend)
+        if last_only and h.shape[1] > 1:
+            h = h[:, -1:]
+        if self.final_norm is not None:
+            h = self.final_norm(h)
+        out = self.lm_head(h)
+        return out[0] if isinstance(out, tuple) else out

@@ -1,0 +1,106 @@
+"""Token selection on the device: greedy, and sampling with temperature, top-k and top-p.
+
+The warpers follow Hugging Face's order and semantics (temperature, then top-k, then top-p; filtered logits
+become ``-inf``; top-p keeps the smallest set whose probability exceeds ``top_p`` and at least one token).
+Sampling draws by the exponential race (``argmax(p / E)`` with ``E ~ Exp(1)``), an exact categorical sample
+that needs no host synchronisation (``torch.multinomial`` may), from a ``torch.Generator`` when one is given.
+The random stream differs from Hugging Face's, so sampled tokens are reproducible for a seed but not equal
+to Hugging Face's for the same seed.
+
+Example:
+    >>> import torch
+    >>> logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    >>> greedy(logits).tolist()
+    [1]
+    >>> warp(logits, top_k=2)[0].isinf().tolist()
+    [True, False, False, True]
+    >>> g = torch.Generator().manual_seed(0)
+    >>> sample(warp(logits, top_k=1), g).tolist()
+    [1]
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import attrs
+import torch
+
+__all__ = ["greedy", "warp", "sample", "Sampler"]
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """``argmax`` over the last axis (first index on ties, as Hugging Face)."""
+    return torch.argmax(logits, dim=-1)
+
+
+def warp(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+         top_p: Optional[float] = None) -> torch.Tensor:
+    """Temperature, top-k and top-p filtering of ``logits [B, V]`` (a new tensor; Hugging Face semantics).
+
+    Example:
+        >>> l = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+        >>> warp(l, top_p=0.7)[0].isinf().tolist()
+        [False, False, True]
+    """
+    scores = logits
+    if temperature is not None and float(temperature) != 1.0:
+        scores = scores / float(temperature)
+    if top_k is not None and int(top_k) > 0:
+        k = min(int(top_k), scores.shape[-1])
+        kth = torch.topk(scores, k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and float(top_p) < 1.0:
+        sorted_logits, sorted_idx = torch.sort(scores, descending=False, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cumulative <= (1.0 - float(top_p))
+        remove_sorted[..., -1:] = False
+        remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
+        scores = scores.masked_fill(remove, float("-inf"))
+    return scores
+
+
+def sample(scores: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One token per row from ``softmax(scores)``, by the exponential race; no host synchronisation."""
+    probs = torch.softmax(scores.float(), dim=-1)
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    race.clamp_min_(torch.finfo(race.dtype).tiny)
+    return torch.argmax(probs / race, dim=-1)
+
+
+@attrs.frozen
+class Sampler:
+    """A token-selection rule: greedy when ``do_sample`` is False, else warp then sample.
+
+    Example:
+        >>> s = Sampler(do_sample=True, top_k=1)
+        >>> s(torch.tensor([[0.0, 2.0, 1.0]])).tolist()
+        [1]
+    """
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    generator: Optional[torch.Generator] = attrs.field(default=None, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.do_sample:
+            if self.temperature is None or not float(self.temperature) > 0:
+                raise ValueError(f"`temperature` must be a positive float when sampling, got {self.temperature!r}")
+            if self.top_p is not None and not 0.0 <= float(self.top_p) <= 1.0:
+                raise ValueError(f"`top_p` must be in [0, 1], got {self.top_p!r}")
+            if self.top_k is not None and int(self.top_k) < 0:
+                raise ValueError(f"`top_k` must be a non-negative integer, got {self.top_k!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample
+
+    def __call__(self, logits: torch.Tensor, suppress: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Next tokens ``[B]`` from ``logits [B, V]``; ``suppress [V]`` bool entries are excluded first."""
+        if suppress is not None:
+            logits = logits.masked_fill(suppress, float("-inf"))
+        if not self.do_sample:
+            return greedy(logits)
+        return sample(warp(logits, self.temperature, self.top_k, self.top_p), self.generator)
