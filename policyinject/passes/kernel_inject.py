@@ -260,12 +260,15 @@ class KernelInjectPass(Pass):
         replace: list = []
         kept: list = []
         attn_direct = a.module and all("." not in n for n in (a.q, a.k, a.v, a.qkv, a.o) if n is not None)
-        if attn_direct:
+        if attn_direct and not self._uncovered_under(a.module, uncovered):
             replace.append((a.module, "attention"))
         else:
             kept.append(a.module or "(attention)")
         if m is not None and m.module:
-            replace.append((m.module, "mlp"))
+            if self._uncovered_under(m.module, uncovered):
+                kept.append(m.module)
+            else:
+                replace.append((m.module, "mlp"))
         for i, spec in enumerate(policy.norms):
             replace.append((spec.path, f"norm:{i}"))
         if not replace:
@@ -283,6 +286,11 @@ class KernelInjectPass(Pass):
             details["kept"] = kept
         payload = _LayerPlan("submodules", policy, heads, kv, d, backend, kind, tuple(replace))
         return Action(self.name, path, cls, "replace_submodules", details, payload)
+
+    @staticmethod
+    def _uncovered_under(prefix: str, uncovered: list) -> list:
+        """Parameter-holding submodules under ``prefix`` that no role names (replacing would drop them)."""
+        return [n for n in uncovered if n == prefix or n.startswith(prefix + ".")]
 
     @staticmethod
     def _role_paths(policy: Any) -> set:
