@@ -106,16 +106,10 @@ def check_explicit(settings: Mapping[str, Any]) -> list:
     """Rules that depend on which keys were *given* (``settings``: canonical path -> value as given).
 
     Example:
-        >>> [str(p) for p in check_explicit({"quant.weight.q_groups": 1, "quant.weight.group_size": 64})]
-        ['quant.weight.group_size: cannot be combined with `quant.weight.q_groups` (1); give one']
+        >>> [str(p) for p in check_explicit({"quant.enabled": False, "dtype": "int8"})]
+        ['quant.enabled: is false, but `dtype` int8 turns weight quantization on']
     """
     problems = []
-    if "quant.weight.group_size" in settings and "quant.weight.q_groups" in settings:
-        if settings["quant.weight.group_size"] is not None:
-            problems.append(Problem(
-                "quant.weight.group_size",
-                f"cannot be combined with `quant.weight.q_groups` ({_show(settings['quant.weight.q_groups'])}); give one",
-            ))
     if settings.get("quant.enabled") is False and _is_int8(settings.get("dtype")):
         problems.append(Problem("quant.enabled", "is false, but `dtype` int8 turns weight quantization on"))
     return problems

@@ -286,7 +286,7 @@ KEYS: tuple = (
     *_quant_params("quant.weight", True, Status.WORKS, "Used when quant.enabled is true."),
     KeySpec("quant.weight.group_size", "int >= 1 or null", None,
             "Quantization group size along the input features; an alternative to q_groups "
-            "(q_groups G == group_size in_features / G). Setting both is an error.",
+            "(q_groups G == group_size in_features / G). Setting it with q_groups > 1 is an error.",
             convert=v.optional_positive_int, schema=_OPT_POS_INT, origin="policyinject"),
     KeySpec("quant.weight.quantized_initialization", "mapping", _EMPTY,
             "DeepSpeed ZeRO-Inference: quantize while loading.", status=Status.WARNS,

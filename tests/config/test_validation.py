@@ -167,10 +167,10 @@ def test_quant_bits_and_types():
 
 def test_group_size_and_q_groups():
     assert load_config(quant={"weight": {"group_size": 128}}).quant.weight.group_size == 128
-    assert problems(quant={"weight": {"group_size": 128, "q_groups": 1}}) == [
-        ("quant.weight.group_size", "cannot be combined with `quant.weight.q_groups` (1); give one")]
-    assert [p for p, _ in problems(quant={"weight": {"group_size": 128, "q_groups": 4}})] == [
-        "quant.weight.group_size"]
+    # q_groups 1 (the default, "one group per row") does not conflict: to_dict writes both keys.
+    assert load_config(quant={"weight": {"group_size": 128, "q_groups": 1}}).quant.weight.group_size == 128
+    assert problems(quant={"weight": {"group_size": 128, "q_groups": 4}}) == [
+        ("quant.weight.group_size", "cannot be combined with `quant.weight.q_groups` (4); give one")]
     assert WeightQuantConfig(q_groups=4).group_size_for(4096) == 1024
     assert WeightQuantConfig(group_size=64).group_size_for(4096) == 64
 

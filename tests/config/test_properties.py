@@ -1,0 +1,238 @@
+"""Property-based tests: round trips, alias equivalence, and nothing but ConfigError on garbage."""
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from policyinject.config import ConfigError, InferenceConfig, load_config
+from policyinject.config.dtypes import DTYPE_SPELLINGS
+from policyinject.config.keys import KEYS, NAMES
+from policyinject.config.tp_plan import HF_TP_STYLES
+
+SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+LAYERS = ["torch.nn.TransformerEncoderLayer", "torch.nn.modules.transformer.TransformerDecoderLayer",
+          "torch.nn.modules.linear.Linear", "torch.nn.LayerNorm"]
+
+
+def quiet_load(*args, **kwargs) -> InferenceConfig:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_config(*args, **kwargs)
+
+
+# -- valid configs ------------------------------------------------------------------------------------
+
+json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6),
+                         st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=6))
+json_values = st.recursive(json_scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
+                           max_leaves=6)
+json_objects = st.dictionaries(st.text(max_size=6), json_values, max_size=3)
+names = st.text(alphabet="abcdxyz_.", min_size=1, max_size=10).filter(lambda s: s.strip("."))
+opt_text = st.none() | st.text(max_size=8)
+
+
+def opt(**fields):
+    return st.fixed_dictionaries({}, optional=fields)
+
+
+quant_params = dict(num_bits=st.sampled_from([4, 8]), q_type=st.sampled_from(["symmetric", "asymmetric"]),
+                    q_groups=st.integers(1, 16))
+
+canonical_configs = opt(
+    replace_with_kernel_inject=st.booleans(),
+    dtype=st.sampled_from(sorted(DTYPE_SPELLINGS)),
+    tensor_parallel=opt(
+        enabled=st.booleans(), tp_size=st.integers(1, 8), tp_grain_size=st.integers(1, 256),
+        mpu=st.none(), tp_group=st.none(),
+        tp_plan=st.none() | st.just("auto") | st.dictionaries(names, st.sampled_from(HF_TP_STYLES), max_size=3),
+    ),
+    enable_cuda_graph=st.booleans(),
+    use_triton=st.booleans(),
+    triton_autotune=st.booleans(),
+    zero=json_objects,
+    triangular_masking=st.booleans(),
+    moe=opt(enabled=st.booleans(), ep_size=st.just(1), moe_experts=st.lists(st.integers(1, 64), min_size=1, max_size=3),
+            type=st.just("standard"), ep_group=st.none(), ep_mp_group=st.none()),
+    keep_module_on_host=st.booleans(),
+    quant=opt(
+        enabled=st.booleans(),
+        activation=opt(enabled=st.booleans(), **quant_params),
+        weight=opt(enabled=st.booleans(), group_size=st.none() | st.integers(1, 512),
+                   quantized_initialization=json_objects, post_init_quant=json_objects, **quant_params),
+        qkv=opt(enabled=st.booleans()),
+    ),
+    checkpoint=st.none() | st.text(min_size=1, max_size=8) | json_objects,
+    base_dir=st.text(max_size=8),
+    set_empty_params=st.booleans(),
+    save_mp_checkpoint_path=opt_text,
+    checkpoint_config=opt(checkpoint_dir=opt_text, save_mp_checkpoint_path=opt_text, base_dir=opt_text),
+    return_tuple=st.just(True),
+    training_mp_size=st.integers(1, 8),
+    injection_policy=st.none() | st.dictionaries(st.sampled_from(LAYERS), names | st.lists(names, min_size=1, max_size=3),
+                                                 max_size=3),
+    config=st.none() | json_objects,
+    max_out_tokens=st.integers(1, 10**6),
+    min_out_tokens=st.integers(1, 10**6),
+    transposed_mode=st.booleans(),
+    kernel_backend=st.sampled_from(["auto", "triton", "torch"]),
+    max_batch_size=st.none() | st.integers(1, 512),
+    cuda_graph_cache_size=st.integers(1, 64),
+).map(lambda d: _make_valid(d))
+
+
+def _make_valid(d: dict) -> dict:
+    """Repair the cross-field rules a random draw may break."""
+    d = json.loads(json.dumps(d))  # independent copy
+    tp = d.get("tensor_parallel", {})
+    if tp.get("tp_size", 1) > 1:
+        d.pop("enable_cuda_graph", None)
+        tp["enabled"] = True
+    lo, hi = d.get("min_out_tokens", 1), d.get("max_out_tokens", 1024)
+    if lo > hi:
+        d["min_out_tokens"], d["max_out_tokens"] = hi, lo
+    weight = d.get("quant", {}).get("weight", {})
+    if weight.get("group_size") is not None:
+        weight.pop("q_groups", None)
+    if DTYPE_SPELLINGS[d.get("dtype", "auto")] == "int8":
+        weight["num_bits"] = 8
+        weight.pop("enabled", None)
+        d.get("quant", {}).pop("enabled", None)
+    return d
+
+
+ALIASES = {s.path: s.aliases for s in KEYS if s.aliases and s.field}
+DEPRECATED_HOME = {s.new: s.name for s in KEYS if s.new}
+
+
+@st.composite
+def respelled(draw, canonical: dict):
+    """The same config, spelled with random aliases / deprecated keys / "auto" / a config-kwargs split."""
+    d = json.loads(json.dumps(canonical))
+    out: dict = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and key in ("tensor_parallel", "moe", "quant", "checkpoint_config"):
+            section = {}
+            for sub, sub_value in value.items():
+                path = f"{key}.{sub}"
+                if path in DEPRECATED_HOME and draw(st.booleans()):
+                    out[DEPRECATED_HOME[path]] = sub_value
+                    continue
+                spellings = (sub, *ALIASES.get(path, ()))
+                section[draw(st.sampled_from(spellings))] = sub_value
+            if key == "moe" and set(section) == {"enabled"} and draw(st.booleans()):
+                section = section["enabled"]
+            elif not section and draw(st.booleans()):
+                section = "auto"
+            value = section
+        spellings = (key, *ALIASES.get(key, ()))
+        out[draw(st.sampled_from(spellings))] = value
+    for spec in KEYS:  # "auto" for keys not given means the default
+        if not spec.parent and not spec.auto_value and spec.name not in out and spec.field and draw(st.booleans()):
+            if not any(a in out for a in spec.aliases):
+                out[spec.name] = "auto"
+    config, kwargs = {}, {}
+    for key, value in out.items():
+        where = draw(st.sampled_from(["config", "kwargs", "both"]))
+        if where in ("config", "both"):
+            config[key] = value
+        if where in ("kwargs", "both"):
+            kwargs["args" if key == "config" else key] = value
+    if "config" in config and "args" in kwargs and config["config"] != kwargs["args"]:
+        kwargs.pop("args")
+    return config, kwargs
+
+
+@SETTINGS
+@given(canonical_configs)
+def test_round_trip(d):
+    cfg = quiet_load(d)
+    assert quiet_load(cfg.to_dict()) == cfg
+    assert quiet_load(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert quiet_load(cfg) == cfg
+
+
+@SETTINGS
+@given(st.data())
+def test_aliases_and_splits_are_equivalent(data):
+    canonical = data.draw(canonical_configs)
+    config, kwargs = data.draw(respelled(canonical))
+    assert quiet_load(config, **kwargs) == quiet_load(canonical)
+
+
+# -- garbage ------------------------------------------------------------------------------------------
+
+KNOWN = sorted({name for table in NAMES.values() for name in table})
+garbage_keys = st.one_of(st.sampled_from(KNOWN), st.text(max_size=8).map(lambda s: "zzq" + s), st.just("auto"))
+garbage_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=10), st.just("auto"),
+    st.sampled_from(sorted(DTYPE_SPELLINGS)), st.sampled_from(HF_TP_STYLES), st.sampled_from(LAYERS),
+    st.text(alphabet="abc.", max_size=6).map(lambda s: "zzq" + s),
+)
+garbage = st.recursive(
+    garbage_scalars,
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(garbage_keys, c, max_size=5),
+    max_leaves=25,
+)
+python_objects = st.sampled_from([
+    object(), torch.float16, torch.float64, torch.nn.Linear, int, float("nan"), math.inf, b"bytes", (1, 2),
+    {1, 2}, torch.ones(2), Path("no/such.json"), ["a", 1], {1: 2}, {"a": object()}, 10**30, -1,
+])
+garbage_with_objects = st.recursive(
+    st.one_of(garbage_scalars, python_objects),
+    lambda c: st.lists(c, max_size=3) | st.tuples(c, c) | st.dictionaries(st.one_of(garbage_keys, python_objects.filter(
+        lambda o: o.__hash__ is not None)), c, max_size=4),
+    max_leaves=15,
+)
+
+
+def only_config_errors(*args, **kwargs):
+    try:
+        cfg = quiet_load(*args, **kwargs)
+    except ConfigError as e:
+        assert e.problems and all(isinstance(p.path, str) and p.message for p in e.problems)
+        assert str(e)
+        return
+    assert isinstance(cfg, InferenceConfig)
+    json.dumps(cfg.to_dict(), allow_nan=True, default=lambda o: (_ for _ in ()).throw(AssertionError(o)))
+
+
+@SETTINGS
+@given(st.dictionaries(garbage_keys, garbage, max_size=8))
+def test_garbage_mappings_raise_only_config_error(d):
+    only_config_errors(d)
+
+
+@SETTINGS
+@given(garbage)
+def test_garbage_of_any_shape(value):
+    only_config_errors(value if not isinstance(value, str) else {"dtype": value})
+
+
+@SETTINGS
+@given(st.dictionaries(st.sampled_from([k for k in NAMES[""] if k != "config"]), garbage_with_objects, max_size=6),
+       st.dictionaries(garbage_keys, garbage, max_size=4))
+def test_garbage_kwargs_raise_only_config_error(kwargs, config):
+    only_config_errors(config, **kwargs)
+
+
+@SETTINGS
+@given(canonical_configs, st.data())
+def test_valid_configs_with_one_garbage_leaf(d, data):
+    """A valid config with one known key set to garbage: still only ConfigError (or a valid config)."""
+    key = data.draw(st.sampled_from(KNOWN))
+    section = data.draw(st.sampled_from(sorted(NAMES)))
+    value = data.draw(garbage_with_objects)
+    target = d
+    for part in [p for p in section.split(".") if p]:
+        node = target.get(part)
+        if not isinstance(node, dict):
+            node = target[part] = {}
+        target = node
+    target[key] = value
+    only_config_errors(d)
