@@ -41,8 +41,10 @@ def triton_importable() -> bool:
 def use_triton(backend: str, *tensors: Optional[torch.Tensor]) -> bool:
     """Decide whether a call runs the Triton kernel (True) or the PyTorch reference (False).
 
-    ``"torch"``: never. ``"triton"``: always (errors surface at launch). ``"auto"``: only when the first
-    tensor is on CUDA, every tensor has a kernel dtype, no autograd graph is needed and triton is installed.
+    ``"torch"``: never. ``"triton"``: always (errors surface at launch). ``"auto"``: when the first tensor is
+    on CUDA, every tensor has a kernel dtype and triton is installed. The kernels are inference-only: their
+    outputs carry no autograd graph (``requires_grad`` inputs are not a reason to fall back, since HF
+    parameters require grad by default and forward passes often run without ``no_grad``).
     """
     if backend == "torch":
         return False
@@ -55,8 +57,6 @@ def use_triton(backend: str, *tensors: Optional[torch.Tensor]) -> bool:
         return False
     if any(t.dtype not in KERNEL_DTYPES for t in present):
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
-        return False  # the kernels have no backward
     return triton_importable()
 
 

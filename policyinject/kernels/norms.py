@@ -13,7 +13,7 @@ Outputs are new contiguous tensors: ``normed`` in ``x.dtype``, the new residual 
 ``result_type(x, residual)``. Math is float32. The references are in :mod:`policyinject.kernels.reference`.
 
 The kernel reads each input once and writes each output once (``add_*``: read x, residual; write normed,
-x + residual). Inference only: no autograd (``"auto"`` falls back to the reference when a gradient is needed).
+x + residual). Inference only: the kernel's outputs carry no autograd graph.
 
 Example:
     >>> import torch
