@@ -236,3 +236,20 @@ def test_valid_configs_with_one_garbage_leaf(d, data):
         target = node
     target[key] = value
     only_config_errors(d)
+
+
+@SETTINGS
+@given(st.data())
+def test_schema_accepts_every_valid_spelling(data):
+    """The JSON Schema accepts canonical output and the aliased / deprecated / "auto" spellings alike."""
+    import pytest
+
+    jsonschema = pytest.importorskip("jsonschema")
+    from policyinject.config import json_schema
+
+    validator = jsonschema.Draft202012Validator(json_schema())
+    canonical = data.draw(canonical_configs)
+    config, kwargs = data.draw(respelled(canonical))
+    validator.validate(quiet_load(canonical).to_dict())
+    validator.validate(config)
+    validator.validate(kwargs)
