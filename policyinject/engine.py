@@ -23,7 +23,9 @@ from .plan import Plan
 
 
 def parameter_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every parameter and buffer that holds weights (quantized weights counted as stored).
+    """Bytes of the parameters and persistent buffers (quantized weights and scales counted as stored).
+
+    Non-persistent buffers (rotary tables, masks) are not weights and are left out; tied weights count once.
 
     Example:
         >>> parameter_bytes(torch.nn.Linear(2, 2, bias=False))
@@ -31,8 +33,12 @@ def parameter_bytes(model: torch.nn.Module) -> int:
     """
     seen: set = set()
     total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) in seen or t.device.type == "meta":
+    tensors = list(model.parameters())
+    for module in model.modules():
+        skip = getattr(module, "_non_persistent_buffers_set", set())
+        tensors.extend(b for name, b in module.named_buffers(recurse=False) if name not in skip)
+    for t in tensors:
+        if t is None or id(t) in seen or t.device.type == "meta":
             continue
         seen.add(id(t))
         total += t.numel() * t.element_size()
