@@ -20,7 +20,7 @@ for stage in "$@"; do
             python3 -c "import torch, triton, transformers, attrs, cattrs; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'attrs', attrs.__version__, 'cattrs', cattrs.__version__, 'gpus', torch.cuda.device_count())"
             ;;
         tests)
-            python3 -m pytest -m gpu -q -p no:cacheprovider -x --timeout=600 tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 || status=1
+            python3 -m pytest -m gpu -q -p no:cacheprovider --timeout=300 tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 || status=1
             ;;
         alltests)
             python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/all_tests.log" | tail -25 || status=1
