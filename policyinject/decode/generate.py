@@ -116,8 +116,12 @@ def resolve_params(prompt_len: int, kwargs: Dict[str, Any], model_generation_con
                 merged[key] = value
     user = {k: v for k, v in kwargs.items() if v is not None}
     merged.update(user)
+    default_max_length = merged.get("max_length") == _HF_DEFAULTS["max_length"] and not any(
+        _given(src, "max_length") for src in (model_generation_config, generation_config, user))
     if "max_new_tokens" in user or ("max_length" not in user and merged.get("max_new_tokens") is not None):
         new = int(merged["max_new_tokens"])
+    elif default_max_length:  # Hugging Face: "by default let's always generate 20 new tokens"
+        new = int(merged["max_length"])
     else:
         new = int(merged["max_length"]) - prompt_len
     if new < 1:
@@ -142,6 +146,13 @@ def resolve_params(prompt_len: int, kwargs: Dict[str, Any], model_generation_con
                       generator=generator)
     return GenerateParams(max_new_tokens=new, min_new_tokens=min_new, sampler=sampler, eos_token_id=eos,
                           pad_token_id=int(pad))
+
+
+def _given(source: Any, key: str) -> bool:
+    if source is None:
+        return False
+    value = source.get(key) if isinstance(source, dict) else getattr(source, key, None)
+    return value is not None
 
 
 class Decoder:

@@ -1,0 +1,126 @@
+"""The ``cuda_graph`` pass: generation through the decode engine, with every decode step replayed from a
+CUDA graph.
+
+Asked for by ``enable_cuda_graph=True``. Unlike DeepSpeed (one graph of one forward, captured on the first
+call, bypassed by ``generate``), it installs the engine's decoder (``ctx.notes["decoder_factory"]``): a
+static KV cache sized from ``max_out_tokens`` and ``max_batch_size``, an eager prefill, and decode steps
+captured per signature (batch size, attended cache span, greedy or sampling), at most
+``cuda_graph_cache_size`` graphs, least recently used evicted. See docs/decode.md.
+
+Planning checks, before anything is touched:
+
+- CUDA is available (else :class:`~policyinject.errors.UnsupportedError` naming ``enable_cuda_graph`` and
+  the torch build) and the model goes to a CUDA device;
+- ``tensor_parallel.tp_size`` is 1 (the configuration already rejects the combination);
+- ``replace_with_kernel_inject`` is on and every decoder layer is covered by a policy with a block wiring
+  (the decode path runs ``InjectedBlock.run``);
+- the model-level policy gives what the decode path needs (layers, embed, lm_head, rotary module).
+
+Example:
+    >>> p = CudaGraphPass()
+    >>> p.name, p.enabled(type("C", (), {"enable_cuda_graph": True})())
+    ('cuda_graph', True)
+"""
+
+from __future__ import annotations
+
+from typing import Any, List
+
+import torch
+
+from ..decode.generate import make_decoder_factory
+from ..decode.graphs import require_cuda
+from ..decode.runner import decode_problems
+from ..errors import PlanError, UnsupportedError
+from ..plan import Action
+from ..policy.model import BlockKind
+from .base import Pass, PassContext
+
+__all__ = ["CudaGraphPass", "plan_problems"]
+
+
+def _layer_kind(matched: Any) -> BlockKind:
+    try:
+        from ..modules.block import effective_block_kind
+
+        return effective_block_kind(matched.policy, matched.module)
+    except ImportError:  # pragma: no cover - the block module ships with the package
+        return BlockKind(matched.policy.block)
+
+
+def plan_problems(ctx: PassContext) -> List[str]:
+    """Why the decode engine could not run this model under this config (empty: it can). No CUDA check.
+
+    Example:
+        >>> from policyinject.presets import tiny_model
+        >>> from policyinject.passes.base import PassContext
+        >>> ctx = PassContext(model=tiny_model("llama"), config=type("C", (), {"replace_with_kernel_inject": False})())
+        >>> plan_problems(ctx)[0]
+        '`enable_cuda_graph` needs `replace_with_kernel_inject` = True: the decode graphs run the injected blocks'
+    """
+    cfg = ctx.config
+    problems: List[str] = []
+    tp = getattr(getattr(cfg, "tensor_parallel", None), "tp_size", 1) or 1
+    if int(tp) > 1:
+        problems.append(f"`enable_cuda_graph` cannot be combined with `tensor_parallel.tp_size` = {tp}")
+    if not getattr(cfg, "replace_with_kernel_inject", False):
+        problems.append("`enable_cuda_graph` needs `replace_with_kernel_inject` = True: the decode graphs run the "
+                        "injected blocks")
+        return problems
+    problems.extend(decode_problems(ctx.model, ctx.model_policy, ctx.model_config, require_injected=False))
+    if problems or ctx.model_policy is None:
+        return problems
+    layers = ctx.model.get_submodule(ctx.model_policy.layers)
+    prefix = ctx.model_policy.layers
+    by_path = {m.path: m for m in ctx.layers}
+    for i, layer in enumerate(layers):
+        path = f"{prefix}.{i}" if prefix else str(i)
+        matched = by_path.get(path)
+        if matched is None:
+            problems.append(f"{path}: no policy covers {type(layer).__name__}; the decode engine needs every decoder "
+                            "layer injected")
+            continue
+        kind = _layer_kind(matched)
+        if kind is BlockKind.OPAQUE:
+            problems.append(f"{path}: the policy for {type(layer).__name__} ({matched.policy.source or 'unnamed'}) "
+                            "is `opaque`, so the layer keeps its own forward; the decode engine needs a block "
+                            "wiring (pre_norm, parallel or post_norm)")
+        elif matched.policy.attention is not None and not matched.policy.attention.causal:
+            problems.append(f"{path}: {type(layer).__name__} has bidirectional attention; generation needs a "
+                            "causal decoder")
+    return problems
+
+
+class CudaGraphPass(Pass):
+    """Install the graph-replaying decoder; see the module docstring."""
+
+    name = "cuda_graph"
+
+    def enabled(self, config: Any) -> bool:
+        return bool(getattr(config, "enable_cuda_graph", False))
+
+    def plan(self, ctx: PassContext) -> list:
+        require_cuda("`enable_cuda_graph` = True")
+        if ctx.device is not None and torch.device(ctx.device).type != "cuda":
+            raise UnsupportedError(f"`enable_cuda_graph` = True needs the model on a CUDA device; it goes to "
+                                   f"{ctx.device} (is `keep_module_on_host` set?)")
+        problems = plan_problems(ctx)
+        if problems:
+            raise PlanError(problems)
+        cfg = ctx.config
+        details = {
+            "max_out_tokens": int(getattr(cfg, "max_out_tokens", 1024) or 1024),
+            "max_batch_size": getattr(cfg, "max_batch_size", None) or "first call",
+            "cuda_graph_cache_size": int(getattr(cfg, "cuda_graph_cache_size", 8) or 8),
+            "prefill": "eager",
+            "decode": "graph per (batch, span)",
+        }
+        return [Action(self.name, "", type(ctx.model).__name__, "decode graphs", details)]
+
+    def apply(self, ctx: PassContext, actions: list) -> None:
+        problems = decode_problems(ctx.model, ctx.model_policy, ctx.model_config)
+        if problems:
+            raise UnsupportedError("the decode engine cannot run the transformed model:\n  " + "\n  ".join(problems))
+        ctx.notes["decoder_factory"] = make_decoder_factory(ctx, use_graphs=True)
+        if actions:
+            ctx.notes["cuda_graph"] = dict(actions[0].details)

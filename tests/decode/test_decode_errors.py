@@ -1,0 +1,88 @@
+"""Clear errors: CUDA graphs without CUDA, with tensor parallelism, without kernel injection, opaque layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from policyinject.errors import PlanError, UnsupportedError
+from policyinject.presets import tiny_model
+
+from conftest import _init_inference
+
+needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+
+
+@needs_no_cuda
+def test_cuda_graphs_without_cuda_is_a_clear_unsupported_error():
+    model = tiny_model("llama")
+    before = [p.data_ptr() for p in model.parameters()]
+    with pytest.raises(UnsupportedError, match=r"enable_cuda_graph.*CUDA build of torch.*" + torch.__version__.split("+")[0]):
+        _init_inference()(model, enable_cuda_graph=True, replace_with_kernel_inject=True, dtype="fp32")
+    assert type(model.model.layers[0]).__name__ == "LlamaDecoderLayer"
+    assert before == [p.data_ptr() for p in model.parameters()]
+
+
+@needs_no_cuda
+def test_decoder_with_graphs_without_cuda_raises():
+    from policyinject.decode.generate import Decoder
+
+    reference = tiny_model("llama")
+    engine = _init_inference()(reference, replace_with_kernel_inject=True, dtype="fp32")
+    with pytest.raises(UnsupportedError, match="CUDA"):
+        Decoder.from_engine(engine, use_graphs=True)
+
+
+def test_cuda_graphs_with_tensor_parallel_is_a_config_error():
+    from policyinject.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="enable_cuda_graph"):
+        load_config(enable_cuda_graph=True, tensor_parallel={"tp_size": 2})
+
+
+def _ctx(arch: str, **config):
+    from policyinject.config import load_config
+    from policyinject.pipeline import plan_inference
+
+    cfg = load_config(dtype="fp32", **config)
+    # plan without the cuda_graph pass (it refuses on a CPU machine before anything else)
+    _, ctx, _ = plan_inference(tiny_model(arch), cfg)
+    return ctx
+
+
+def test_plan_problems_without_kernel_injection():
+    from policyinject.passes.cuda_graph import plan_problems
+
+    ctx = _ctx("llama", replace_with_kernel_inject=False)
+    assert plan_problems(ctx) == ["`enable_cuda_graph` needs `replace_with_kernel_inject` = True: the decode graphs "
+                                  "run the injected blocks"]
+
+
+def test_plan_problems_name_opaque_layers():
+    from policyinject.passes.cuda_graph import plan_problems
+
+    ctx = _ctx("mixtral", replace_with_kernel_inject=True)
+    problems = plan_problems(ctx)
+    assert problems and all("MixtralDecoderLayer" in p and "opaque" in p for p in problems)
+    assert plan_problems(_ctx("llama", replace_with_kernel_inject=True)) == []
+
+
+def test_plan_problems_name_the_model_policy_gap():
+    import attrs
+    from policyinject.passes.cuda_graph import plan_problems
+
+    ctx = _ctx("llama", replace_with_kernel_inject=True)
+    ctx.model_policy = attrs.evolve(ctx.model_policy, lm_head=None)
+    assert plan_problems(ctx) == ["ModelPolicy for LlamaForCausalLM has no `lm_head`; the decode engine needs it"]
+    ctx.model_policy = None
+    assert "no model-level policy covers LlamaForCausalLM" in plan_problems(ctx)[0]
+
+
+def test_cuda_graph_pass_plan_raises_plan_error_on_gpu_machines_too(monkeypatch):
+    from policyinject.passes import cuda_graph
+
+    monkeypatch.setattr(cuda_graph, "require_cuda", lambda what="": None)
+    ctx = _ctx("mixtral", replace_with_kernel_inject=True)
+    ctx.device = torch.device("cuda", 0)
+    with pytest.raises(PlanError, match="opaque"):
+        cuda_graph.CudaGraphPass().plan(ctx)
