@@ -30,6 +30,16 @@ def _show(value: Any) -> str:
     return short_repr(list(value) if isinstance(value, tuple) else value, typed=False)
 
 
+def _differs(value: Any, default: Any) -> bool:
+    """``value != default``, safe for user objects whose comparison raises or is not a bool."""
+    if value is default:
+        return False
+    try:
+        return bool(value != default)
+    except Exception:
+        return True
+
+
 def normalize_fields(obj: Any, section: str) -> list:
     """Convert every leaf field of an attrs config in place (``object.__setattr__``); return the problems.
 
@@ -62,7 +72,7 @@ def _unsupported(obj: Any, section: str) -> list:
     for spec in section_specs(section):
         if spec.status is Status.ERROR and spec.field:
             value = getattr(obj, spec.name)
-            if value != spec.default:
+            if _differs(value, spec.default):
                 out.append(Problem(spec.name, f"{_show(value)} is not supported: {spec.note}"))
     return out
 
@@ -133,7 +143,7 @@ def unsupported_warnings(cfg: Any) -> list:
     out = []
     for path, value in _leaves(cfg, ""):
         spec = SPECS[path]
-        if spec.status is Status.WARNS and value != spec.default:
+        if spec.status is Status.WARNS and _differs(value, spec.default):
             out.append(ConfigWarning(UserWarning, path, f"`{path}` = {_show(value)} is ignored here: {spec.note}"))
     return out
 

@@ -27,7 +27,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import attrs
 
@@ -36,7 +36,7 @@ from .converter import structure_config
 from .errors import ConfigError, ConfigWarning, InvalidValue, Problem, short_repr
 from .keys import SPECS, section_specs
 from .model import InferenceConfig
-from .normalize import Normalized, Setting, from_settings, normalize
+from .normalize import Normalized, from_settings, normalize
 
 ConfigSource = Union[None, dict, str, "os.PathLike[str]", InferenceConfig]
 

@@ -246,7 +246,8 @@ def experts(value: Any) -> tuple:
 # -- live objects --------------------------------------------------------------------------------------
 
 def _is_plain_data(value: Any) -> bool:
-    return isinstance(value, (str, bytes, int, float, bool, list, tuple, dict, set)) or _is_mapping(value)
+    plain = (str, bytes, int, float, bool, list, tuple, dict, set, torch.Tensor, torch.dtype, os.PathLike)
+    return isinstance(value, plain) or _is_mapping(value)
 
 
 def process_group(value: Any) -> Any:

@@ -256,6 +256,7 @@ def test_mpu_and_groups():
     assert problems(tp={"mpu": object()})[0][0] == "tp.mpu"
     assert problems(tp={"tp_group": "world"})[0][0] == "tp.tp_group"
     assert problems(tp={"tp_group": {}})[0][0] == "tp.tp_group"
+    assert problems(tp={"tp_group": torch.ones(2)})[0][0] == "tp.tp_group"
 
 
 def test_checkpoint_and_model_config():
