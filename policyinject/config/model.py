@@ -195,6 +195,18 @@ class InferenceConfig:
         if self.dtype == "int8" and not self.quant.enabled:
             object.__setattr__(self, "quant", attrs.evolve(self.quant, enabled=True))
 
+    @property
+    def quantization_requested(self) -> bool:
+        """Whether weight quantization was asked for: ``quant.enabled`` (true for ``dtype="int8"`` too).
+
+        ``quant.enabled`` defaults to false here (DeepSpeed's true is never read there), so it is the switch.
+
+        Example:
+            >>> InferenceConfig().quantization_requested, InferenceConfig(dtype="int8").quantization_requested
+            (False, True)
+        """
+        return bool(self.quant.enabled)
+
     def to_dict(self) -> dict:
         """Canonical names and JSON values; ``load_config(cfg.to_dict()) == cfg`` for JSON-expressible configs.
 
