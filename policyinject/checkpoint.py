@@ -230,6 +230,7 @@ class SafetensorsSource:
                     sel[dim] = slice(start, start + n)
                     pieces.append(sl[tuple(sel)])
                 t = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+            t = t.clone()  # own the memory: no view into the file mapping outlives this read
         self.meter.bytes_read += t.numel() * t.element_size()
         return t
 
@@ -375,8 +376,10 @@ def open_source(ctx: Any, action: Optional[Action]) -> Tuple[Any, PeakMemory]:
     return src, src.meter
 
 
-def materialize_rest(ctx: Any, source: Any) -> None:
+def materialize_rest(ctx: Any, source: Any, built: Iterable[str] = ()) -> None:
     """Load every tensor that tensor parallelism did not shard from the checkpoint (ties preserved).
+
+    ``built`` lists the paths of the parallel modules apply created; their tensors are already loaded.
 
     Meta buffers that the checkpoint lacks (non-persistent, such as rotary ``inv_freq``) are recomputed by
     re-creating their module from its ``config``. Anything still on the meta device is a :class:`PlanError`.
@@ -386,7 +389,10 @@ def materialize_rest(ctx: Any, source: Any) -> None:
     model = ctx.model
     loaded: Dict[int, torch.Tensor] = {}
     missing: List[str] = []
+    skip = tuple(built)
     for mpath, mod in model.named_modules():
+        if any(mpath == b or mpath.startswith(b + ".") for b in skip):
+            continue
         for kind in ("_parameters", "_buffers"):
             table = getattr(mod, kind)
             for name, t in list(table.items()):

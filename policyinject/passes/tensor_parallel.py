@@ -198,7 +198,7 @@ class TensorParallelPass(Pass):
                 if release is not None:
                     release(shard.weight.name, shard.bias.name if shard.bias else None)
                 saved.update(_shard_tensors(shard, new))
-            ckpt.materialize_rest(ctx, source)
+            ckpt.materialize_rest(ctx, source, built)
         notes["shards"] = saved
         if meter.report:
             notes["load"] = meter.report

@@ -242,6 +242,7 @@ def dp_replicas(tp: int) -> Dict[str, Any]:
     return {"rank": info.rank, "dp_rank": info.dp_rank, "group_ranks": ranks}
 
 
+@torch.no_grad()
 def modules_math(tp: int) -> Dict[str, Any]:
     """Parallel modules against their unsharded counterparts (uneven shards, bias once, cat, gather)."""
     import torch.distributed as dist
