@@ -219,7 +219,9 @@ class _Planner:
         self.actions: List[Action] = []
         self.notes = ctx.notes.setdefault(NAME, {})
         self.notes["heads"] = {}
+        self.notes["local_shapes"] = {}
         self.notes["tp_size"] = tp
+        self.notes["rank"] = rank
         self.problems: List[str] = []
 
     def run(self) -> List[Action]:
@@ -330,6 +332,8 @@ class _Planner:
             if r in ("up", "down") and style in (Style.COLUMN, Style.ROW):
                 inter = in_f if r == "down" else out_f
             a = self._linear_action(full, mod, style, r, heads, attn, t, how)
+            if "local" in a.details:  # later passes plan before this one applies: tell them the local shapes
+                self.notes.setdefault("local_shapes", {})[full] = list(a.details["local"])
             if "heads" in str(a.details.get("split", "")):
                 head_parents.append(rel.rpartition(".")[0])
             actions.append(a)

@@ -118,7 +118,7 @@ def _compare(model: torch.nn.Module, engine_fn: Any, ids: torch.Tensor, generate
 
 # ------------------------------------------------------------------------------------------ tasks
 def hf_equal(arch: str, tp: int, overrides: Optional[dict] = None, plugins: str = "default", generate: bool = True,
-             grain: int = 8) -> Dict[str, Any]:
+             grain: int = 8, extra: Optional[dict] = None) -> Dict[str, Any]:
     """A tiny HF model of ``arch``: TP logits and greedy tokens equal the unsharded model's."""
     from policyinject.plugins import PluginManager
     from policyinject.presets import preset_model, tiny_model
@@ -132,8 +132,8 @@ def hf_equal(arch: str, tp: int, overrides: Optional[dict] = None, plugins: str 
     pm = PluginManager.empty() if plugins == "none" else None
 
     def engine_fn(m: torch.nn.Module) -> Any:
-        return init_inference(m, plugins=pm, dtype="fp32",
-                                 tensor_parallel={"tp_size": tp, "tp_grain_size": grain})
+        kwargs = {"dtype": "fp32", **(extra or {})}
+        return init_inference(m, plugins=pm, tensor_parallel={"tp_size": tp, "tp_grain_size": grain}, **kwargs)
 
     return _compare(model, engine_fn, _ids(vocab), generate and arch != "bert")
 

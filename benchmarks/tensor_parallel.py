@@ -1,0 +1,184 @@
+"""Tensor-parallel benchmark: a Llama-8B-shaped random model in bf16 at tp 1, 2, 4 in one torchrun launch.
+
+For every tp size in ``--tp`` it builds the same random model (same seed on every rank) on this rank's GPU,
+records the single-GPU logits first, shards it with ``init_inference(tensor_parallel={"tp_size": t,
+"tp_group": g})`` -- ranks ``[d*t, (d+1)*t)`` form data-parallel replicas ``d`` of the TP group -- and
+measures: logits against the single-GPU model (max abs error, relative error by norm, top-1 agreement),
+memory per GPU (allocated after sharding, peak during decoding), and greedy decode time per token
+(``generate`` of N tokens minus ``generate`` of 1, divided by N-1). It prints the card, dtype, batch size,
+prompt length, the tp=1 baseline measured in the same run, and the memory-bandwidth roofline
+(weight bytes per GPU / HBM bandwidth).
+
+Launch (one node, 4 GPUs)::
+
+    torchrun --standalone --nproc-per-node 4 benchmarks/tensor_parallel.py --tp 1,2,4 --out tp_bench.json
+
+On a CPU (smoke test only, gloo)::
+
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 benchmarks/tensor_parallel.py \\
+        --preset smollm2-135m --layers 2 --dtype fp32 --tp 1,2 --new-tokens 4 --prompt 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+from typing import Any, Dict, List
+
+import torch
+import torch.distributed as dist
+
+#: HBM bandwidth (bytes/s) by card name fragment, for the roofline.
+BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 2.0e12}
+
+
+def bandwidth(name: str) -> float:
+    for key, bw in BANDWIDTH.items():
+        if key in name:
+            return bw
+    return float("nan")
+
+
+def build(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    from policyinject.presets import preset_model
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    overrides = {"num_hidden_layers": args.layers} if args.layers else {}
+    return preset_model(args.preset, dtype=dtype, device=device, seed=0, **overrides).eval()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode_ms_per_token(gen: Any, ids: torch.Tensor, new_tokens: int, device: torch.device, repeats: int) -> float:
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False)
+    gen(ids, max_new_tokens=2, **kw)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        gen(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        sync(device)
+        t1 = time.perf_counter()
+        gen(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        sync(device)
+        t2 = time.perf_counter()
+        best = min(best, ((t2 - t1) - (t1 - t0)) / (new_tokens - 1) * 1e3)
+    return best
+
+
+def groups_for(tp: int, world: int, rank: int) -> Any:
+    """Every rank creates every TP group (same order); returns this rank's."""
+    mine = None
+    for d in range(world // tp):
+        ranks = list(range(d * tp, (d + 1) * tp))
+        g = dist.new_group(ranks)
+        if rank in ranks:
+            mine = g
+    return mine
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="llama-3-8b")
+    p.add_argument("--layers", type=int, default=0, help="override num_hidden_layers (0: the preset's)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--tp", default="1,2,4")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+
+    from policyinject.pipeline import init_inference
+
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sizes = [int(t) for t in args.tp.split(",") if world % int(t) == 0]
+    card = torch.cuda.get_device_name(device) if cuda else "cpu"
+    bw = bandwidth(card)
+
+    g = torch.Generator().manual_seed(1234)
+    model = build(args, device)
+    vocab = model.config.vocab_size
+    ids = torch.randint(3, vocab, (args.batch, args.prompt), generator=g).to(device)
+    param_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
+    with torch.inference_mode():
+        ref = model(ids).logits[:, -16:].float().cpu()
+    del model
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+
+    rows: List[Dict[str, Any]] = []
+    for tp in sizes:
+        group = groups_for(tp, world, rank) if tp > 1 else None
+        model = build(args, device)
+        t0 = time.perf_counter()
+        if tp > 1:
+            engine = init_inference(model, dtype=args.dtype, tensor_parallel={"tp_size": tp, "tp_group": group})
+            gen = engine.generate
+        else:
+            engine, gen = model, model.generate
+        shard_s = time.perf_counter() - t0
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        local_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
+        allocated = torch.cuda.memory_allocated(device) if cuda else local_bytes
+        with torch.inference_mode():
+            got = engine(ids).logits[:, -16:].float().cpu()
+            ms = decode_ms_per_token(gen, ids, args.new_tokens, device, args.repeats)
+        peak = torch.cuda.max_memory_allocated(device) if cuda else float("nan")
+        rel = float((got - ref).norm() / ref.norm())
+        row = {
+            "tp": tp, "replicas": world // tp, "decode_ms_per_token": round(ms, 3),
+            "weights_gb_per_gpu": round(local_bytes / 2**30, 3), "allocated_gb": round(allocated / 2**30, 3),
+            "peak_decode_gb": round(peak / 2**30, 3) if cuda else None,
+            "roofline_ms_per_token": round(local_bytes / bw * 1e3, 3) if bw == bw else None,
+            "logits_max_abs_err": round(float((got - ref).abs().max()), 5), "logits_rel_err": round(rel, 6),
+            "top1_agree": round(float((got.argmax(-1) == ref.argmax(-1)).float().mean()), 4),
+            "shard_seconds": round(shard_s, 2),
+        }
+        rows.append(row)
+        del engine, gen, model
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        dist.barrier()
+
+    if rank == 0:
+        base = next((r["decode_ms_per_token"] for r in rows if r["tp"] == 1), None)
+        head = {"card": card, "gpus": world, "dtype": args.dtype, "preset": args.preset,
+                "layers": args.layers or "preset", "batch": args.batch, "prompt": args.prompt,
+                "new_tokens": args.new_tokens, "params_gb": round(param_bytes / 2**30, 2),
+                "hbm_bandwidth_tb_s": bw / 1e12 if bw == bw else None,
+                "torch": torch.__version__, "transformers": __import__("transformers").__version__}
+        print(json.dumps(head))
+        print(f"{'tp':>3} {'ms/token':>9} {'speedup':>8} {'roofline':>9} {'weights GB':>10} {'alloc GB':>9} "
+              f"{'peak GB':>8} {'max|err|':>9} {'rel err':>9} {'top1':>6}")
+        for r in rows:
+            sp = base / r["decode_ms_per_token"] if base else float("nan")
+            print(f"{r['tp']:>3} {r['decode_ms_per_token']:>9.2f} {sp:>8.2f} {str(r['roofline_ms_per_token']):>9} "
+                  f"{r['weights_gb_per_gpu']:>10.2f} {r['allocated_gb']:>9.2f} {str(r['peak_decode_gb']):>8} "
+                  f"{r['logits_max_abs_err']:>9.4f} {r['logits_rel_err']:>9.5f} {r['top1_agree']:>6.3f}")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"setup": head, "rows": rows}, f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
