@@ -37,6 +37,7 @@ import attrs
 import torch
 
 from ..errors import UnsupportedError
+from ..kernels._common import use_triton
 from .graphs import GraphCache, require_cuda
 from .kv_cache import StaticKVCache, decode_mask, prefill_mask, span_for
 from .runner import DecodeRunner
@@ -165,7 +166,7 @@ class Decoder:
 
     def __init__(self, model: torch.nn.Module, model_policy: Any, *, model_config: Any = None, max_len: int = 1024,
                  batch_capacity: Optional[int] = None, use_graphs: bool = False, graph_cache_size: int = 8,
-                 eos_check_interval: int = 16, min_span: int = 256) -> None:
+                 eos_check_interval: int = 16, min_span: int = 256, backend: str = "auto") -> None:
         self.runner = DecodeRunner(model, model_policy, model_config)
         self.model = model
         self.max_len = int(max_len)
@@ -181,6 +182,8 @@ class Decoder:
         self.graphs = GraphCache(graph_cache_size)
         self.eos_check_interval = max(int(eos_check_interval), 1)
         self.min_span = int(min_span)
+        #: Kernel backend of the decode attention ("auto": the Triton kernel on CUDA, PyTorch elsewhere).
+        self.backend = str(backend or "auto")
         self._states: "OrderedDict[int, DecodeState]" = OrderedDict()
         self._state_generation = self.cache.generation
 
@@ -197,7 +200,8 @@ class Decoder:
         return cls(model, getattr(ctx, "model_policy", None), model_config=getattr(ctx, "model_config", None),
                    max_len=int(getattr(config, "max_out_tokens", 1024) or 1024),
                    batch_capacity=getattr(config, "max_batch_size", None), use_graphs=use_graphs,
-                   graph_cache_size=int(getattr(config, "cuda_graph_cache_size", 8) or 8))
+                   graph_cache_size=int(getattr(config, "cuda_graph_cache_size", 8) or 8),
+                   backend=str(getattr(config, "kernel_backend", "auto") or "auto"))
 
     @property
     def device(self) -> torch.device:
@@ -248,10 +252,14 @@ class Decoder:
         dtype = runner.dtype
         windows, scales = runner.windows, runner.scales
 
+        backend = self.backend
+        kernel = use_triton(backend, cache.k[0])
+
         def step() -> None:
             st.kv_mask.index_fill_(1, st.cache_pos, True)
-            masks = {w: decode_mask(st.kv_mask, st.cache_pos, span, dtype, w, st.slots) for w in set(windows)}
-            attends = [cache.decode_attend(i, b, span, st.cache_pos, masks[w], s)
+            masks = {} if kernel else {w: decode_mask(st.kv_mask, st.cache_pos, span, dtype, w, st.slots)
+                                       for w in set(windows)}
+            attends = [cache.decode_attend(i, b, span, st.cache_pos, st.kv_mask, masks.get(w), s, w, backend)
                        for i, (w, s) in enumerate(zip(windows, scales))]
             logits = runner.forward(st.tokens[:, None], st.pos[:, None], attends, last_only=True)[:, -1].float()
             st.consumed()

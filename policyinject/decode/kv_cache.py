@@ -182,22 +182,25 @@ class StaticKVCache:
 
         return attend
 
-    def decode_attend(self, layer: int, batch: int, span: int, cache_pos: torch.Tensor, mask: torch.Tensor,
-                      scale: Optional[float] = None) -> Attend:
+    def decode_attend(self, layer: int, batch: int, span: int, cache_pos: torch.Tensor, kv_mask: torch.Tensor,
+                      mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                      window: Optional[int] = None, backend: str = "auto") -> Attend:
         """The ``attend`` of layer ``layer`` for one decode step: writes slot ``cache_pos`` of rows
-        ``[0, batch)`` and attends over slots ``[0, span)`` under ``mask`` (from :func:`decode_mask`).
+        ``[0, batch)`` and attends over the valid slots of ``[0, span)``
+        (:func:`~policyinject.decode.attention.decode_attention`; ``mask`` from :func:`decode_mask` is shared
+        between layers on the PyTorch path and unused by the Triton kernel).
 
         Every tensor it touches is fixed when the closure is made, so a CUDA graph can capture it."""
+        from .attention import decode_attention
+
         kc = self.k[layer]
         vc = self.v[layer]
         if kc is None:
             raise RuntimeError(f"layer {layer} has no KV cache yet: run a prefill first")
-        k_rows, v_rows = kc[:batch], vc[:batch]
-        k_view, v_view = k_rows[:, :, :span], v_rows[:, :, :span]
+        rows = kv_mask[:batch]
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            k_rows.index_copy_(2, cache_pos, k)
-            v_rows.index_copy_(2, cache_pos, v)
-            return sdpa(q, k_view, v_view, mask, causal=False, scale=scale)
+            return decode_attention(q, k, v, kc, vc, cache_pos, rows, span, scale=scale, window=window,
+                                    backend=backend, mask=mask)
 
         return attend

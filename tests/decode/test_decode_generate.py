@@ -163,3 +163,16 @@ def test_model_without_injected_blocks_is_refused(decoder_of):
         Decoder(tiny_model("llama"), LLAMA_CAUSAL_LM)
     with pytest.raises(UnsupportedError, match="no model-level policy"):
         Decoder(tiny_model("llama"), None)
+
+
+def test_triton_decode_attention_gives_the_same_tokens(injected, decoder_of):
+    import os
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    _, engine = injected("llama", kernel_backend="torch")
+    ids, mask = left_pad(prompts([5, 3], seed=14), pad=2)
+    reference = decoder_of(engine).generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
+    dec = decoder_of(engine)
+    dec.backend = "triton"
+    assert torch.equal(dec.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[]), reference)

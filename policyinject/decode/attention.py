@@ -1,0 +1,100 @@
+"""One decode step's attention over the static KV cache: write the new k/v at ``cache_pos``, attend.
+
+:func:`decode_attention` is what a decode step's ``attend`` calls. With ``backend="torch"`` (and on the CPU
+under ``"auto"``) it is two ``index_copy_`` and PyTorch SDPA over a fixed-size view of the cache with an
+additive mask (query heads of one KV group packed on the query axis, so K/V are never repeated). With the
+Triton kernel (CUDA under ``"auto"``, or ``"triton"``; ``TRITON_INTERPRET=1`` runs it on CPU tensors) it is
+one launch per layer that does the write, the GQA grouping, the masking and an online softmax, and reads
+only the slots before ``cache_pos`` (the bound is read on the device): this matters because a decode step
+is a long chain of small launches, and under a CUDA graph every launch saved is time saved.
+
+Example:
+    >>> import torch
+    >>> b, hq, hkv, d, L = 1, 4, 2, 16, 8
+    >>> kc, vc = torch.zeros(b, hkv, L, d), torch.zeros(b, hkv, L, d)
+    >>> kv_mask = torch.zeros(b, L, dtype=torch.bool); kv_mask[:, :3] = True
+    >>> q, k, v = torch.randn(b, hq, 1, d), torch.randn(b, hkv, 1, d), torch.randn(b, hkv, 1, d)
+    >>> out = decode_attention(q, k, v, kc, vc, torch.tensor([2]), kv_mask, span=8, backend="torch")
+    >>> out.shape, torch.equal(kc[:, :, 2], k[:, :, 0])
+    (torch.Size([1, 4, 1, 16]), True)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..kernels._common import check_launch, use_triton
+from ..modules.attention import sdpa
+from .kv_cache import decode_mask
+
+__all__ = ["decode_attention", "decode_attention_reference"]
+
+
+def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                               v_cache: torch.Tensor, cache_pos: torch.Tensor, kv_mask: torch.Tensor, span: int,
+                               scale: Optional[float] = None, window: Optional[int] = None,
+                               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """PyTorch reference: ``index_copy_`` into rows ``[0, B)`` of the caches, SDPA over ``[0, span)``.
+
+    ``mask`` (from :func:`~policyinject.decode.kv_cache.decode_mask`) may be given to share it between
+    layers; it is built from ``kv_mask`` otherwise.
+    """
+    b = q.shape[0]
+    k_rows, v_rows = k_cache[:b], v_cache[:b]
+    k_rows.index_copy_(2, cache_pos, k)
+    v_rows.index_copy_(2, cache_pos, v)
+    if mask is None:
+        mask = decode_mask(kv_mask[:b], cache_pos, span, q.dtype, window)
+    return sdpa(q, k_rows[:, :, :span], v_rows[:, :, :span], mask, causal=False, scale=scale)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, cache_pos: torch.Tensor, kv_mask: torch.Tensor, span: int,
+                     scale: Optional[float] = None, window: Optional[int] = None, backend: str = "auto",
+                     mask: Optional[torch.Tensor] = None, block_s: int = 64) -> torch.Tensor:
+    """Attention of one new token per row over the cache; returns ``[B, Hq, 1, D]``.
+
+    ``q [B, Hq, 1, D]``, ``k``/``v [B, Hkv, 1, D]`` (after rotary); caches ``[B_cap, Hkv, L, D]`` (rows
+    ``[0, B)`` used); ``cache_pos`` a one-element long tensor (the slot of the new token, already marked in
+    ``kv_mask [B, L]``); ``span`` the slots the reference attends over (the kernel stops at ``cache_pos``).
+    """
+    if not use_triton(backend, q, k, v, k_cache, v_cache):
+        return decode_attention_reference(q, k, v, k_cache, v_cache, cache_pos, kv_mask, span, scale, window, mask)
+    from . import _attention_triton as kmod
+
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    if t != 1 or k.shape[2] != 1:
+        raise ValueError(f"decode_attention takes one token per row, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads do not group over {hkv} kv heads")
+    if k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
+        raise ValueError("the KV cache buffers must be contiguous in head_dim and share strides")
+    check_launch("decode_attention", kmod.decode_attention_kernel, q, k, v, k_cache, v_cache)
+    g = hq // hkv
+    q3 = q[:, :, 0]
+    k3, v3 = k[:, :, 0], v[:, :, 0]
+    if q3.stride(-1) != 1:
+        q3 = q3.contiguous()
+    if k3.stride(-1) != 1:
+        k3 = k3.contiguous()
+    if v3.stride(-1) != 1:
+        v3 = v3.contiguous()
+    mask_u8 = kv_mask.view(torch.uint8) if kv_mask.dtype == torch.bool else kv_mask
+    out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
+    kmod.decode_attention_kernel[(b * hkv,)](
+        q3, k3, v3, k_cache, v_cache, mask_u8, cache_pos, out,
+        q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), mask_u8.stride(0), out.stride(0), out.stride(1),
+        float(scale if scale is not None else d ** -0.5), int(window or 0), int(span),
+        HKV=hkv, G=g, G_PAD=max(16, _next_pow2(g)), D=d, D_PAD=max(16, _next_pow2(d)),
+        BLOCK_S=int(block_s), HAS_WINDOW=window is not None,
+        DOT_PREC="ieee" if k_cache.dtype == torch.float32 else None,
+    )
+    return out[:, :, None]
