@@ -155,6 +155,20 @@ if triton is not None:
         return v.to(tl.float32, bitcast=True) - OFFSET
 
     @triton.jit
+    def _load_x(xp, kxf, k0, k_end, EVEN_K: tl.constexpr, BITS: tl.constexpr, GPB: tl.constexpr,
+                GKW: tl.constexpr):
+        """One activation row's K step as float32 ``[GPB, GKW]``; for int4 split into (even, odd) elements,
+        loaded contiguously (16-byte loads) and de-interleaved in registers."""
+        if EVEN_K:
+            x = tl.load(xp + kxf).to(tl.float32)
+        else:
+            x = tl.load(xp + kxf, mask=(k0 + kxf) < k_end, other=0.0).to(tl.float32)
+        if BITS == 8:
+            return x, x
+        else:
+            return tl.split(tl.reshape(x, (GPB, GKW, 2)))
+
+    @triton.jit
     def _qgemv_kernel(
         X, QW, S, Z, B, Y,
         M, N, K, K_PER_SPLIT,
@@ -186,8 +200,10 @@ if triton is not None:
         w_ptrs = QW + rows[:, None, None] * stride_wn + tile[None, :, :]
         if BITS == 8:
             kx = tile  # element index inside the step
+            kxf = tile
         else:
-            kx = offs_g[:, None] * GK + 2 * offs_j[None, :]  # even element of each byte
+            kx = offs_g[:, None] * GK + 2 * offs_j[None, :]  # even element of each byte (weight mask)
+            kxf = offs_g[:, None] * GK + tl.arange(0, GK)[None, :]  # every element: contiguous x loads
         acc3 = tl.zeros((BN, GPB, GKW), dtype=tl.float32)
         acc_t = tl.zeros((BN, BM), dtype=tl.float32)
         if BITS == 8:
@@ -228,31 +244,16 @@ if triton is not None:
                 if BITS == 4:
                     w1 = w1 * s
             if BM == 1:
-                if EVEN_K:
-                    x0 = tl.load(X + k0 + kx).to(tl.float32)
-                else:
-                    x0 = tl.load(X + k0 + kx, mask=kmask, other=0.0).to(tl.float32)
+                x0, x1 = _load_x(X + k0, kxf, k0, k_end, EVEN_K, BITS, GPB, GKW)
                 if BITS == 8:
                     acc3 += w0 * x0[None, :, :]
                 else:
-                    if EVEN_K:
-                        x1 = tl.load(X + k0 + kx + 1).to(tl.float32)
-                    else:
-                        x1 = tl.load(X + k0 + kx + 1, mask=kmask, other=0.0).to(tl.float32)
                     acc3 += w0 * x0[None, :, :] + w1 * x1[None, :, :]
             else:
                 for m in tl.static_range(ROWS):
-                    xp = X + m * stride_xm + k0 + kx
-                    if EVEN_K:
-                        x0 = tl.load(xp).to(tl.float32)
-                    else:
-                        x0 = tl.load(xp, mask=kmask, other=0.0).to(tl.float32)
+                    x0, x1 = _load_x(X + m * stride_xm + k0, kxf, k0, k_end, EVEN_K, BITS, GPB, GKW)
                     prod = w0 * x0[None, :, :]
                     if BITS == 4:
-                        if EVEN_K:
-                            x1 = tl.load(xp + 1).to(tl.float32)
-                        else:
-                            x1 = tl.load(xp + 1, mask=kmask, other=0.0).to(tl.float32)
                         prod += w1 * x1[None, :, :]
                     part = tl.sum(tl.sum(prod, axis=2), axis=1)
                     acc_t += tl.where(offs_m[None, :] == m, part[:, None], 0.0)
