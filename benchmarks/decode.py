@@ -14,7 +14,7 @@ folder) and each system:
   start (bytes read + written by a large device-to-device copy), and the fraction of it reached at batch 1.
 
 The output: a compact table on the terminal (printed last), ``--json`` with every number, ``--plot`` a PNG.
-Budget: ``--budget-s`` (default 450 s) -- a system that would start after the budget is skipped and marked
+Budget: ``--budget-s`` (default 400 s) -- a system that would start after the budget is skipped and marked
 so. torch.compile of Hugging Face's static-cache generate recompiles per batch size (a minute or more per
 shape), so it runs at ``--hf-compile-batches`` only (default: batch 1).
 
@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="batches at which HF static cache + torch.compile runs (recompiles per batch)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median)")
-    parser.add_argument("--budget-s", type=float, default=450.0, help="skip systems that would start later")
+    parser.add_argument("--budget-s", type=float, default=400.0, help="skip systems that would start later")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu for a smoke test")
     parser.add_argument("--json", dest="json_path", help="write every number here")
     parser.add_argument("--plot", dest="plot_path", help="write a PNG plot here (needs matplotlib)")

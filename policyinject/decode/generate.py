@@ -261,9 +261,9 @@ class Decoder:
                                        for w in set(windows)}
             attends = [cache.decode_attend(i, b, span, st.cache_pos, st.kv_mask, masks.get(w), s, w, backend)
                        for i, (w, s) in enumerate(zip(windows, scales))]
-            logits = runner.forward(st.tokens[:, None], st.pos[:, None], attends, last_only=True)[:, -1].float()
+            logits = runner.forward(st.tokens[:, None], st.pos[:, None], attends, last_only=True)[:, -1]
             st.consumed()
-            if greedy_select:
+            if greedy_select:  # argmax of the 16-bit logits = argmax of their exact float32 copy
                 if suppress:
                     logits = logits.masked_fill(st.eos_suppressed(), float("-inf"))
                 st.advance(greedy(logits))
@@ -278,11 +278,13 @@ class Decoder:
         suppress = params.min_new_tokens > 0 and bool(params.eos_token_id)
         check_eos = bool(params.eos_token_id)
         steps: Dict[int, Callable[[], None]] = {}
+        kernel = use_triton(self.backend, self.cache.k[0])
         generated = 1
         for i in range(1, params.max_new_tokens):
             if check_eos and i % self.eos_check_interval == 0 and bool(st.finished.all()):
                 break
-            span = span_for(prompt_len + i, self.max_len, self.min_span)
+            # the Triton kernel stops at cache_pos on the device: one span (one graph per batch) suffices
+            span = self.max_len if kernel else span_for(prompt_len + i, self.max_len, self.min_span)
             fn = steps.get(span)
             if fn is None:
                 fn = steps[span] = self._step_fn(st, span, sampler.greedy, suppress)

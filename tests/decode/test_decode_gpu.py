@@ -65,16 +65,18 @@ def test_new_batch_size_captures_a_new_graph_and_old_ones_replay(gpu_engine):
     assert torch.equal(first, again)
 
 
-def test_span_change_mid_generation_switches_graphs(gpu_engine, decoder_of):
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_span_change_mid_generation(backend, gpu_engine, decoder_of):
     _, engine = gpu_engine(max_out_tokens=600)
     dec = engine._get_decoder()
-    dec.min_span = 16
     eager = decoder_of(engine, use_graphs=False)
-    eager.min_span = 16
+    for d in (dec, eager):
+        d.min_span, d.backend = 16, backend
     ids = prompts([10], seed=5)[0][None].cuda()
-    kw = dict(max_new_tokens=40, eos_token_id=[])  # spans 16, 32, 64
+    kw = dict(max_new_tokens=40, eos_token_id=[])  # spans 16, 32, 64 on the PyTorch path
     assert torch.equal(engine.generate(ids, **kw), eager.generate(ids, **kw))
-    assert dec.stats["captures"] == 3
+    # the Triton kernel reads its bound on the device: one graph whatever the position
+    assert dec.stats["captures"] == (3 if backend == "torch" else 1)
 
 
 def test_lru_bound_and_eviction(gpu_engine):
