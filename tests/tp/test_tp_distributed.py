@@ -36,6 +36,8 @@ TASKS = {
         ("toy_equal", dict(tp=2, form="plugin")),
         ("toy_equal", dict(tp=2, form="autotp")),
         ("modules_math", dict(tp=2)),
+        ("hf_equal", dict(arch="llama", tp=2, extra=dict(dtype="int8"))),                    # quantize after TP
+        ("hf_equal", dict(arch="llama", tp=2, extra=dict(replace_with_kernel_inject=True))),  # inject after TP
         ("meta_checkpoint", dict(ckpt="{ckpt}", tp=2, config=CKPT_CONFIG, save_to="{ckpt}/tp2")),
     ],
     3: [
@@ -105,13 +107,24 @@ def _id(task):
         bits.append("autotp")
     if kw.get("overrides"):
         bits.append("shaped")
+    bits += [f"{k}={v}" for k, v in kw.get("extra", {}).items()]
     return f"{name}-" + "-".join(b for b in bits if b)
 
 
-CASES = [(w, i) for w in sorted(TASKS) for i in range(len(TASKS[w]))]
+def _case(w, i):
+    name, kw = TASKS[w][i]
+    marks = []
+    if kw.get("extra", {}).get("replace_with_kernel_inject"):
+        marks.append(pytest.mark.xfail(reason="kernel_inject's plan checks projection shapes before tensor "
+                                              "parallelism applies; it should read notes['tensor_parallel']"
+                                              "['local_shapes']", strict=False))
+    return pytest.param(w, i, marks=marks, id=f"w{w}-{_id(TASKS[w][i])}")
 
 
-@pytest.mark.parametrize("world,index", CASES, ids=[f"w{w}-{_id(TASKS[w][i])}" for w, i in CASES])
+CASES = [_case(w, i) for w in sorted(TASKS) for i in range(len(TASKS[w]))]
+
+
+@pytest.mark.parametrize("world,index", CASES)
 def test_tensor_parallel(world, index, checkpoint_dir):
     name, kwargs = _format([TASKS[world][index]], checkpoint_dir)[0]
     per_rank = [r[index] for r in results_for(world, checkpoint_dir)]
@@ -121,9 +134,10 @@ def test_tensor_parallel(world, index, checkpoint_dir):
 
 
 def _check_equal(kwargs, per_rank):
+    tol = 0.05 if kwargs.get("extra", {}).get("dtype") == "int8" else ATOL  # int8 weights: quantization error
     for rank, res in enumerate(per_rank):
         assert res["shape_ok"]
-        assert res["max_err"] <= ATOL * max(1.0, res["ref_scale"]), (rank, res["max_err"])
+        assert res["max_err"] <= tol * max(1.0, res["ref_scale"]), (rank, res["max_err"])
         if "gen_equal" in res:
             assert res["gen_equal"], f"rank {rank}: greedy tokens differ"
     heads = [r["heads"] for r in per_rank]
