@@ -122,6 +122,17 @@ class QuantLinear(nn.Module):
             bias = bias.to(x.dtype)
         return quant_matmul(x, self.quantized_weight(), bias, backend=self.backend)
 
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # model.to(dtype) / .half() cast floating buffers; the scales and zero points keep their own dtype
+        # (fp16 by default: bf16 scales would cost accuracy), only their device follows.
+        dtypes = (self.scales.dtype, None if self.zeros is None else self.zeros.dtype)
+        super()._apply(fn, recurse)
+        if self.scales.dtype != dtypes[0]:
+            self.scales = self.scales.to(dtypes[0])
+        if self.zeros is not None and self.zeros.dtype != dtypes[1]:
+            self.zeros = self.zeros.to(dtypes[1])
+        return self
+
     def weight_bytes(self) -> int:
         """Bytes of the quantized weight, its scales and zero points (the bias is not counted)."""
         return self.quantized_weight().nbytes()

@@ -67,6 +67,14 @@ def test_transposed_conv1d_weight() -> None:
     assert rel_err(q(x), lin(x).detach()) < 0.01
 
 
+def test_module_dtype_cast_keeps_scale_dtype() -> None:
+    q = QuantLinear.from_linear(_linear(64, 8), 4, 32, symmetric=False)
+    q.to(torch.bfloat16)
+    assert q.scales.dtype == torch.float16 and q.zeros.dtype == torch.float16
+    assert q.bias.dtype == torch.bfloat16 and q.qweight.dtype == torch.uint8
+    assert q(torch.randn(1, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
 def test_bf16_activation_with_fp32_bias() -> None:
     q = QuantLinear.from_linear(_linear(64, 8), 8, backend="torch")
     y = q(torch.randn(2, 64, dtype=torch.bfloat16))
