@@ -29,8 +29,8 @@ Example (planning only; no process group is needed to plan):
     ...                       tp_plan=None), checkpoint=None, save_mp_checkpoint_path=None)
     >>> ctx = PassContext(model=model, config=cfg,
     ...                   layers=[MatchedLayer("0", model[0], Policy(Block, styles={"fc2": "row"}, default_style="column"))])
-    >>> [(a.path, a.action, a.details["local"]) for a in TensorParallelPass().plan(ctx)]
-    [('0.fc1', 'column', [16, 8]), ('0.fc2', 'row', [8, 16])]
+    >>> [(a.path, a.action, a.details.get("local")) for a in TensorParallelPass().plan(ctx)]
+    [('0.fc1', 'column', [16, 8]), ('0.fc2', 'row', [8, 16]), ('', 'lint', None)]
 """
 
 from __future__ import annotations
@@ -318,7 +318,8 @@ class _Planner:
         actions: List[Action] = []
         transposed = set(policy.transposed)
         head_parents: List[str] = []
-        for rel, style in styles.items():
+        order = {name: i for i, (name, _) in enumerate(layer.named_modules())}
+        for rel, style in sorted(styles.items(), key=lambda kv: order.get(kv[0], 0)):  # in module order
             mod = layer.get_submodule(rel)
             full = f"{path}.{rel}" if path else rel
             if not is_linear_like(mod):
@@ -745,9 +746,15 @@ def heuristic_policy(layer: nn.Module, path: str = "") -> Policy:
         ...     def __init__(self):
         ...         super().__init__()
         ...         self.q = torch.nn.Linear(8, 8); self.out_proj = torch.nn.Linear(8, 8)
-        ...         self.norm = torch.nn.LayerNorm(8); self.up = torch.nn.Linear(8, 16); self.down = torch.nn.Linear(16, 8)
+        ...         self.norm = torch.nn.LayerNorm(8); self.up = torch.nn.Linear(8, 16)
+        ...         self.down_proj = torch.nn.Linear(16, 8)
         >>> sorted((k, v.value) for k, v in heuristic_policy(Blk()).styles.items())
-        [('down', 'row'), ('out_proj', 'row'), ('q', 'column'), ('up', 'column')]
+        [('down_proj', 'row'), ('out_proj', 'row'), ('q', 'column'), ('up', 'column')]
+        >>> b = Blk(); b.down_proj, b.w_out = None, torch.nn.Linear(16, 8)  # a name the heuristics do not know
+        >>> heuristic_policy(b)
+        Traceback (most recent call last):
+        ...
+        policyinject.errors.PlanError: AutoTP: cannot decide a safe split for Blk: column-parallel up, w_out come after the last row-parallel linear, so their sharded output would leave the layer; give injection_policy={Blk: (...)}
     """
     where = f"{path} ({type(layer).__name__})" if path else type(layer).__name__
     order: List[Tuple[str, str]] = []  # (kind, name)
