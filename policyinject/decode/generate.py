@@ -289,7 +289,7 @@ class Decoder:
             if fn is None:
                 fn = steps[span] = self._step_fn(st, span, sampler.greedy, suppress)
             if self.use_graphs:
-                key = (st.batch, span, sampler.greedy, suppress, self.cache.generation)
+                key = (st.batch, span, sampler.greedy, suppress, kernel, self.cache.generation)
                 self.graphs.run(key, fn, st.snapshot)
             else:
                 fn()
@@ -298,7 +298,7 @@ class Decoder:
             generated += 1
         return generated
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+    def generate(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
                  generation_config: Any = None, **kwargs: Any) -> torch.Tensor:
         """Generate tokens; Hugging Face ``generate`` keyword names.
 
@@ -307,6 +307,8 @@ class Decoder:
         (left padding), ``generation_config``, and ``generator`` (a ``torch.Generator`` on the model's
         device) or ``seed``. Returns a new ``[B, T + n]`` tensor (see the module docstring).
         """
+        if input_ids is None:  # Hugging Face names the first argument ``inputs``
+            input_ids = kwargs.pop("inputs", None)
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError("input_ids must be a [batch, tokens] tensor of token ids")
         device = self.device

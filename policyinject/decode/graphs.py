@@ -3,8 +3,8 @@
 A *step function* takes no arguments: it reads and writes fixed device buffers (a
 :class:`~policyinject.decode.state.DecodeState` and the KV cache), so replaying its graph is the same as
 calling it. The *signature* (the key) is whatever changes the shapes or the code path of the step -- the
-decode engine uses ``(batch, span, greedy, suppress_eos, cache generation)``. For a key seen for the first
-time, :meth:`GraphCache.run`
+decode engine uses ``(batch, span, greedy, suppress_eos, triton attention, cache generation)``. For a key
+seen for the first time, :meth:`GraphCache.run`
 
 1. warms the function up on a side stream (``warmup`` calls; Triton compilation, cuBLAS workspaces),
    restoring the state buffers after each call so that warm-up leaves no trace,
