@@ -40,7 +40,7 @@ from ..errors import UnsupportedError
 from ..kernels._common import use_triton
 from .graphs import GraphCache, require_cuda
 from .kv_cache import StaticKVCache, decode_mask, prefill_mask, span_for
-from .runner import DecodeRunner
+from .runner import DecodeRunner, decode_problems
 from .sampling import Sampler, greedy
 from .state import DecodeState
 
@@ -360,17 +360,32 @@ def _finished_length(st: DecodeState, n: int) -> int:
     return int(first.max()) + 1 if all_done else n
 
 
-def make_decoder_factory(ctx: Any, use_graphs: bool) -> Callable[[Any], Decoder]:
+def make_decoder_factory(ctx: Any, use_graphs: bool, when_unsupported: str = "raise"
+                         ) -> Callable[[Any], Optional[Decoder]]:
     """The ``ctx.notes["decoder_factory"]`` a pass installs: ``factory(engine) -> Decoder``.
 
+    ``when_unsupported="none"`` makes the factory return None for a model the decode engine cannot run
+    (layers not injected, no model policy, ALiBi, ...), so that ``engine.generate`` falls back to the model's
+    own ``generate``: the right choice for the ``kernel_inject`` pass, which injects models the decoder may
+    not support. The ``cuda_graph`` pass keeps ``"raise"`` (it checked support when planning).
+
     Example:
-        >>> factory = make_decoder_factory(ctx=None, use_graphs=False)
-        >>> callable(factory)
+        >>> import torch
+        >>> from policyinject.passes.base import PassContext
+        >>> from policyinject.presets import tiny_model
+        >>> ctx = PassContext(model=tiny_model("llama"), config=None)   # no model policy, nothing injected
+        >>> engine = type("E", (), {"module": ctx.model, "_context": ctx})()
+        >>> make_decoder_factory(ctx, use_graphs=False, when_unsupported="none")(engine) is None
         True
     """
+    if when_unsupported not in ("raise", "none"):
+        raise ValueError(f"when_unsupported must be 'raise' or 'none', got {when_unsupported!r}")
 
-    def factory(engine: Any) -> Decoder:
+    def factory(engine: Any) -> Optional[Decoder]:
         context = ctx if ctx is not None else engine._context
+        if when_unsupported == "none" and decode_problems(engine.module, getattr(context, "model_policy", None),
+                                                          getattr(context, "model_config", None)):
+            return None
         return Decoder.from_context(engine.module, context, use_graphs)
 
     return factory

@@ -86,3 +86,22 @@ def test_cuda_graph_pass_plan_raises_plan_error_on_gpu_machines_too(monkeypatch)
     ctx.device = torch.device("cuda", 0)
     with pytest.raises(PlanError, match="opaque"):
         cuda_graph.CudaGraphPass().plan(ctx)
+
+
+def test_eager_factory_falls_back_for_unsupported_models_and_serves_supported_ones():
+    from policyinject.decode.generate import Decoder, make_decoder_factory
+
+    init = _init_inference()
+    unsupported = init(tiny_model("mixtral"), replace_with_kernel_inject=True, dtype="fp32")
+    factory = make_decoder_factory(unsupported._context, use_graphs=False, when_unsupported="none")
+    assert factory(unsupported) is None
+    with pytest.raises(UnsupportedError, match="MixtralDecoderLayer"):
+        make_decoder_factory(unsupported._context, use_graphs=False)(unsupported)
+
+    reference = tiny_model("llama")
+    expected = reference.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
+    engine = init(reference, replace_with_kernel_inject=True, dtype="fp32")
+    engine._context.notes["decoder_factory"] = make_decoder_factory(engine._context, False, "none")
+    engine._decoder = None
+    assert isinstance(engine._get_decoder(), Decoder)
+    assert torch.equal(engine.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4), expected)
