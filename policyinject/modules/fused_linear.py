@@ -88,7 +88,7 @@ def as_linear(module: torch.nn.Module) -> torch.nn.Module:
     if is_conv1d(module):
         bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
         return _new_linear(module.weight.detach().t().contiguous(), bias)
-    if type(module) is torch.nn.Linear:
+    if type(module) is torch.nn.Linear or not _plain(module):
         return module
     if isinstance(module, torch.nn.Linear):
         bias = module.bias.detach() if module.bias is not None else None
@@ -97,7 +97,14 @@ def as_linear(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def _plain(module: torch.nn.Module) -> bool:
-    return isinstance(module, torch.nn.Linear) or is_conv1d(module)
+    """``Conv1D``, ``nn.Linear``, or an ``nn.Linear`` subclass that only changes ``forward`` (``FalconLinear``):
+    floating weight and bias, nothing else stored, no ``cat`` of its own."""
+    if is_conv1d(module) or type(module) is torch.nn.Linear:
+        return True
+    if not isinstance(module, torch.nn.Linear) or callable(getattr(type(module), "cat", None)):
+        return False
+    names = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
+    return names <= {"weight", "bias"} and module.weight.is_floating_point()
 
 
 def fuse_linears(modules: Sequence[torch.nn.Module]) -> torch.nn.Module:

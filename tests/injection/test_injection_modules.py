@@ -143,3 +143,17 @@ def test_policies_name_real_classes_and_submodules(arch):
                  mp.final_norm.path if mp.final_norm else None):
         if path is not None:
             model.get_submodule(path)
+
+
+def test_linear_subclasses_with_extra_state_are_not_flattened():
+    """An nn.Linear subclass that stores more than weight/bias (e.g. a scale) is not treated as a plain linear."""
+
+    class Scaled(torch.nn.Linear):
+        def __init__(self, i, o):
+            super().__init__(i, o)
+            self.register_buffer("scale", torch.ones(o))
+
+    s = Scaled(4, 4)
+    assert as_linear(s) is s
+    with pytest.raises(PolicyError, match="no `cat"):
+        fuse_linears([Scaled(4, 2), Scaled(4, 2)])

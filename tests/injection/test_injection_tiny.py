@@ -126,3 +126,15 @@ def test_block_run_matches_forward():
     assert seen["shapes"] == ((2, 4, 5, 16), (2, 2, 5, 16), (2, 2, 5, 16))
     assert rel_err(got, want) < TOL_REF
     assert ctx.notes["kernel_inject"]["blocks"]["model.layers.0"]["kv_heads"] == 2
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "falcon"])
+def test_static_cache_generate_same_tokens(arch, inject):
+    """The HF ``StaticCache`` path: masks sized to the cache, ``cache.update`` writing in place."""
+    model = tiny_model(arch)
+    original, _ = inject(model, kernel_backend="torch")
+    ids = _ids(1, 6, seed=6)
+    with torch.no_grad():
+        want = original.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static")
+        got = model.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static")
+    assert torch.equal(got, want)
