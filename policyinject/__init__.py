@@ -8,13 +8,17 @@ Example:
 """
 
 from .config import (
+    ActivationQuantConfig,
     CheckpointConfig,
     ConfigError,
     InferenceConfig,
     MoEConfig,
+    QKVQuantConfig,
     QuantizationConfig,
     TensorParallelConfig,
+    WeightQuantConfig,
     load_config,
+    parse_config,
 )
 from .engine import InferenceEngine
 from .errors import PlanError, PluginError, PolicyError, UnsupportedError
@@ -38,9 +42,9 @@ from .policy import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Action", "Activation", "AttentionSpec", "BlockKind", "CheckpointConfig", "ConfigError", "InferenceConfig",
+    "Action", "ActivationQuantConfig", "Activation", "AttentionSpec", "BlockKind", "CheckpointConfig", "ConfigError", "InferenceConfig",
     "InferenceEngine", "MLPSpec", "ModelPolicy", "MoEConfig", "NormKind", "NormSpec", "Plan", "PlanError",
-    "PluginError", "PluginManager", "Policy", "PolicyError", "QKVLayout", "QuantizationConfig", "Style",
+    "PluginError", "PluginManager", "Policy", "PolicyError", "QKVLayout", "QKVQuantConfig", "QuantizationConfig", "Style",
     "TensorParallelConfig", "UnsupportedError", "hookimpl", "hookspec", "init_inference", "load_config",
-    "plan_inference",
+    "parse_config", "plan_inference", "WeightQuantConfig",
 ]

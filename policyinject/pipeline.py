@@ -46,7 +46,7 @@ def _wanted(name: str, config: InferenceConfig) -> bool:
     if name == "tensor_parallel":
         return config.tensor_parallel.tp_size > 1 or bool(getattr(config, "checkpoint", None))
     if name == "quantize":
-        return bool(config.quant.enabled) and _quant_requested(config)
+        return _quant_requested(config)
     if name == "kernel_inject":
         return bool(config.replace_with_kernel_inject)
     if name == "cuda_graph":
@@ -55,11 +55,8 @@ def _wanted(name: str, config: InferenceConfig) -> bool:
 
 
 def _quant_requested(config: InferenceConfig) -> bool:
-    """Quantization runs when the user asked for it: ``dtype=int8`` or a ``quant`` section that was set."""
-    marker = getattr(config, "quantization_requested", None)
-    if marker is not None:
-        return bool(marker() if callable(marker) else marker)
-    return str(getattr(config, "dtype", "")) in ("int8", "torch.int8")
+    """Quantization is opt-in: ``quant.enabled`` (set by a ``quant`` section or by ``dtype=int8``)."""
+    return bool(config.quant.enabled)
 
 
 def build_passes(config: InferenceConfig) -> list:
