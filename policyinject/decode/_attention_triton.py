@@ -4,7 +4,8 @@ One program per (batch row, KV head): it writes the new k/v into cache slot ``ca
 online softmax over the valid slots ``[0, cache_pos)`` (read from the cache, ``BLOCK_S`` slots at a time,
 the loop bound read from ``cache_pos`` on the device, so a CUDA graph replays it at any position) plus the
 new token (from registers), for the ``G`` query heads that share the KV head at once (padded to 16 rows for
-``tl.dot``; float32 caches use IEEE float32 products, not TF32). K/V are never repeated.
+``tl.dot``; float32 caches use IEEE float32 products, not TF32). K/V are never repeated. With ``R > 0`` it
+also applies the rotary embedding to q and the new k first (the block then skips its own rotary launch).
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import triton.language as tl
 
 @triton.jit
 def decode_attention_kernel(
-    Q, KN, VN, KC, VC, MASK, POS, OUT,
+    Q, KN, VN, KC, VC, MASK, POS, OUT, COS, SIN,
     s_qb, s_qh, s_knb, s_knh, s_vnb, s_vnh,
-    s_cb, s_ch, s_cs, s_mb, s_ob, s_oh,
+    s_cb, s_ch, s_cs, s_mb, s_ob, s_oh, s_rb,
     scale, window, span,
     HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_S: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+    R: tl.constexpr, INTERLEAVED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // HKV
@@ -34,6 +36,24 @@ def decode_attention_kernel(
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)
     k_new = tl.load(KN + b * s_knb + h * s_knh + offs_d, mask=d_ok, other=0.0)
     v_new = tl.load(VN + b * s_vnb + h * s_vnh + offs_d, mask=d_ok, other=0.0)
+    if R > 0:
+        # rotary of q and the new k, fused: out[d] = x[d] cos[d] + sign(d) x[partner(d)] sin[d] for d < R
+        r_ok = offs_d < R
+        if INTERLEAVED:
+            partner = offs_d ^ 1
+            sign = tl.where((offs_d % 2) == 0, -1.0, 1.0)
+        else:
+            partner = tl.where(offs_d < R // 2, offs_d + R // 2, offs_d - R // 2)
+            sign = tl.where(offs_d < R // 2, -1.0, 1.0)
+        c = tl.load(COS + b * s_rb + offs_d, mask=r_ok, other=1.0).to(tl.float32)
+        sn = tl.load(SIN + b * s_rb + offs_d, mask=r_ok, other=0.0).to(tl.float32) * sign
+        q_p = tl.load(Q + b * s_qb + (h * G + offs_g)[:, None] * s_qh + partner[None, :],
+                      mask=g_ok[:, None] & r_ok[None, :], other=0.0)
+        q_rot = q.to(tl.float32) * c[None, :] + q_p.to(tl.float32) * sn[None, :]
+        q = tl.where(r_ok[None, :], q_rot.to(q.dtype), q)
+        k_p = tl.load(KN + b * s_knb + h * s_knh + partner, mask=r_ok, other=0.0)
+        k_rot = k_new.to(tl.float32) * c + k_p.to(tl.float32) * sn
+        k_new = tl.where(r_ok, k_rot.to(k_new.dtype), k_new)
     cache_row = b * s_cb + h * s_ch
     tl.store(KC + cache_row + pos * s_cs + offs_d, k_new, mask=d_ok)
     tl.store(VC + cache_row + pos * s_cs + offs_d, v_new, mask=d_ok)

@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from ..kernels import reference as _reference
 from ..kernels._common import check_launch, use_triton
 from ..modules.attention import sdpa
 from .kv_cache import decode_mask
@@ -35,12 +36,16 @@ __all__ = ["decode_attention", "decode_attention_reference"]
 def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                                v_cache: torch.Tensor, cache_pos: torch.Tensor, kv_mask: torch.Tensor, span: int,
                                scale: Optional[float] = None, window: Optional[int] = None,
-                               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """PyTorch reference: ``index_copy_`` into rows ``[0, B)`` of the caches, SDPA over ``[0, span)``.
+                               mask: Optional[torch.Tensor] = None, cos: Optional[torch.Tensor] = None,
+                               sin: Optional[torch.Tensor] = None, rotary: Optional[str] = None) -> torch.Tensor:
+    """PyTorch reference: (rotary,) ``index_copy_`` into rows ``[0, B)`` of the caches, SDPA over
+    ``[0, span)``.
 
     ``mask`` (from :func:`~policyinject.decode.kv_cache.decode_mask`) may be given to share it between
     layers; it is built from ``kv_mask`` otherwise.
     """
+    if rotary is not None:
+        q, k = _reference.rotary(q, k, cos, sin, layout=rotary)
     b = q.shape[0]
     k_rows, v_rows = k_cache[:b], v_cache[:b]
     k_rows.index_copy_(2, cache_pos, k)
@@ -57,15 +62,23 @@ def _next_pow2(n: int) -> int:
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, cache_pos: torch.Tensor, kv_mask: torch.Tensor, span: int,
                      scale: Optional[float] = None, window: Optional[int] = None, backend: str = "auto",
-                     mask: Optional[torch.Tensor] = None, block_s: int = 64) -> torch.Tensor:
+                     mask: Optional[torch.Tensor] = None, block_s: int = 64, cos: Optional[torch.Tensor] = None,
+                     sin: Optional[torch.Tensor] = None, rotary: Optional[str] = None) -> torch.Tensor:
     """Attention of one new token per row over the cache; returns ``[B, Hq, 1, D]``.
 
-    ``q [B, Hq, 1, D]``, ``k``/``v [B, Hkv, 1, D]`` (after rotary); caches ``[B_cap, Hkv, L, D]`` (rows
-    ``[0, B)`` used); ``cache_pos`` a one-element long tensor (the slot of the new token, already marked in
-    ``kv_mask [B, L]``); ``span`` the slots the reference attends over (the kernel stops at ``cache_pos``).
+    ``q [B, Hq, 1, D]``, ``k``/``v [B, Hkv, 1, D]``; caches ``[B_cap, Hkv, L, D]`` (rows ``[0, B)`` used);
+    ``cache_pos`` a one-element long tensor (the slot of the new token, already marked in ``kv_mask [B, L]``);
+    ``span`` the slots the reference attends over (the kernel stops at ``cache_pos``). q and k are taken
+    after rotary, unless ``rotary`` (``"half"`` or ``"interleaved"``) asks this function to apply it with
+    ``cos``/``sin [B, 1, R]`` (the first ``R`` dims of each head rotated).
     """
+    if rotary not in (None, "half", "interleaved"):
+        raise ValueError(f"rotary must be None, 'half' or 'interleaved', got {rotary!r}")
+    if rotary is not None and (cos is None or sin is None):
+        raise ValueError("rotary needs cos and sin")
     if not use_triton(backend, q, k, v, k_cache, v_cache):
-        return decode_attention_reference(q, k, v, k_cache, v_cache, cache_pos, kv_mask, span, scale, window, mask)
+        return decode_attention_reference(q, k, v, k_cache, v_cache, cache_pos, kv_mask, span, scale, window, mask,
+                                          cos, sin, rotary)
     from . import _attention_triton as kmod
 
     b, hq, t, d = q.shape
@@ -87,14 +100,25 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     if v3.stride(-1) != 1:
         v3 = v3.contiguous()
     mask_u8 = kv_mask.view(torch.uint8) if kv_mask.dtype == torch.bool else kv_mask
+    r = 0
+    cos2 = sin2 = q3  # unused placeholders when no rotary is fused
+    if rotary is not None:
+        cos2, sin2 = cos.reshape(b, -1), sin.reshape(b, -1)
+        r = cos2.shape[-1]
+        if r % 2 or r > d or sin2.shape != cos2.shape:
+            raise ValueError(f"rotary tables of {r} dims do not fit head_dim {d}")
+        if cos2.stride(-1) != 1 or sin2.stride() != cos2.stride():
+            cos2, sin2 = cos2.contiguous(), sin2.contiguous()
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     kmod.decode_attention_kernel[(b * hkv,)](
-        q3, k3, v3, k_cache, v_cache, mask_u8, cache_pos, out,
+        q3, k3, v3, k_cache, v_cache, mask_u8, cache_pos, out, cos2, sin2,
         q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), mask_u8.stride(0), out.stride(0), out.stride(1),
+        cos2.stride(0),
         float(scale if scale is not None else d ** -0.5), int(window or 0), int(span),
         HKV=hkv, G=g, G_PAD=max(16, _next_pow2(g)), D=d, D_PAD=max(16, _next_pow2(d)),
         BLOCK_S=int(block_s), HAS_WINDOW=window is not None,
         DOT_PREC="ieee" if k_cache.dtype == torch.float32 else None,
+        R=r, INTERLEAVED=rotary == "interleaved",
     )
     return out[:, :, None]

@@ -184,6 +184,8 @@ class Decoder:
         self.min_span = int(min_span)
         #: Kernel backend of the decode attention ("auto": the Triton kernel on CUDA, PyTorch elsewhere).
         self.backend = str(backend or "auto")
+        #: Apply rotary inside the Triton decode attention (instead of the block's own rotary launch).
+        self.fuse_rotary = True
         self._states: "OrderedDict[int, DecodeState]" = OrderedDict()
         self._state_generation = self.cache.generation
 
@@ -254,14 +256,20 @@ class Decoder:
 
         backend = self.backend
         kernel = use_triton(backend, cache.k[0])
+        # on the Triton path the attention kernel also applies rotary: one launch less per layer
+        fused = runner.rotary_in_attend() if (kernel and self.fuse_rotary) else [None] * runner.num_layers
 
         def step() -> None:
             st.kv_mask.index_fill_(1, st.cache_pos, True)
             masks = {} if kernel else {w: decode_mask(st.kv_mask, st.cache_pos, span, dtype, w, st.slots)
                                        for w in set(windows)}
-            attends = [cache.decode_attend(i, b, span, st.cache_pos, st.kv_mask, masks.get(w), s, w, backend)
+            pos = st.pos[:, None]
+            cos, sin = runner.rotary_for(pos)
+            attends = [cache.decode_attend(i, b, span, st.cache_pos, st.kv_mask, masks.get(w), s, w, backend,
+                                           fused[i], cos, sin)
                        for i, (w, s) in enumerate(zip(windows, scales))]
-            logits = runner.forward(st.tokens[:, None], st.pos[:, None], attends, last_only=True)[:, -1]
+            logits = runner.forward(st.tokens[:, None], pos, attends, last_only=True, rotary_in_attend=fused,
+                                    tables=(cos, sin))[:, -1]
             st.consumed()
             if greedy_select:  # argmax of the 16-bit logits = argmax of their exact float32 copy
                 if suppress:

@@ -184,11 +184,13 @@ class StaticKVCache:
 
     def decode_attend(self, layer: int, batch: int, span: int, cache_pos: torch.Tensor, kv_mask: torch.Tensor,
                       mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-                      window: Optional[int] = None, backend: str = "auto") -> Attend:
+                      window: Optional[int] = None, backend: str = "auto", rotary: Optional[str] = None,
+                      cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None) -> Attend:
         """The ``attend`` of layer ``layer`` for one decode step: writes slot ``cache_pos`` of rows
         ``[0, batch)`` and attends over the valid slots of ``[0, span)``
         (:func:`~policyinject.decode.attention.decode_attention`; ``mask`` from :func:`decode_mask` is shared
-        between layers on the PyTorch path and unused by the Triton kernel).
+        between layers on the PyTorch path and unused by the Triton kernel). With ``rotary`` the q/k it
+        receives are not rotated yet and it applies the rotary embedding (``cos``/``sin [B, 1, R]``) itself.
 
         Every tensor it touches is fixed when the closure is made, so a CUDA graph can capture it."""
         from .attention import decode_attention
@@ -201,6 +203,6 @@ class StaticKVCache:
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return decode_attention(q, k, v, kc, vc, cache_pos, rows, span, scale=scale, window=window,
-                                    backend=backend, mask=mask)
+                                    backend=backend, mask=mask, cos=cos, sin=sin, rotary=rotary)
 
         return attend

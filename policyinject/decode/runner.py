@@ -189,14 +189,41 @@ class DecodeRunner:
             h = h + F.embedding(pos + offset, self.position_embed.weight)
         return h
 
+    def rotary_in_attend(self) -> List[Optional[str]]:
+        """Per layer, the rotary layout (``"half"``/``"interleaved"``) when the layer's attention can leave
+        rotary to its ``attend`` (an injected attention told so by the ``NO_ROTARY`` marker), else None."""
+        try:
+            from ..modules.attention import NO_ROTARY, InjectedAttention  # noqa: F401
+        except ImportError:  # pragma: no cover - ships with the package
+            return [None] * self.num_layers
+        out: List[Optional[str]] = []
+        for layer in self.layers:
+            attn = getattr(layer, "attn", None)
+            ok = (self.rotary is not None and isinstance(attn, InjectedAttention)
+                  and getattr(attn, "rotary", None) in ("half", "interleaved"))
+            out.append(attn.rotary if ok else None)
+        return out
+
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, attends: Sequence[Any],
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, rotary_in_attend: Optional[Sequence[Optional[str]]] = None,
+                tables: Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = None) -> torch.Tensor:
         """Logits ``[B, T, V]`` (``[B, 1, V]`` with ``last_only``) for tokens ``ids [B, T]`` at rotary
-        positions ``pos [B, T]``, one ``attend`` per layer."""
+        positions ``pos [B, T]``, one ``attend`` per layer.
+
+        ``rotary_in_attend`` marks layers whose ``attend`` applies rotary itself (the block gets the
+        ``NO_ROTARY`` marker instead of the tables); ``tables`` passes precomputed ``(cos, sin)`` rows."""
         h = self.embed_tokens(ids, pos)
-        cos, sin = self.rotary_for(pos)
-        for layer, attend in zip(self.layers, attends):
-            h = layer.run(h, cos, sin, attend)
+        cos, sin = tables if tables is not None else self.rotary_for(pos)
+        skip = None
+        if rotary_in_attend is not None and any(rotary_in_attend):
+            from ..modules.attention import NO_ROTARY
+
+            skip = NO_ROTARY
+        for i, (layer, attend) in enumerate(zip(self.layers, attends)):
+            if skip is not None and rotary_in_attend[i]:
+                h = layer.run(h, skip, None, attend)
+            else:
+                h = layer.run(h, cos, sin, attend)
         if last_only and h.shape[1] > 1:
             h = h[:, -1:]
         if self.final_norm is not None:

@@ -165,12 +165,15 @@ def test_model_without_injected_blocks_is_refused(decoder_of):
         Decoder(tiny_model("llama"), None)
 
 
-def test_triton_decode_attention_gives_the_same_tokens(injected, decoder_of):
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "phi", "gpt_neox", "gpt2"])
+def test_triton_decode_attention_gives_the_same_tokens(arch, injected, decoder_of):
+    """The Triton decode attention (rotary fused in: half, partial; q/k norms before it) under the
+    interpreter gives the PyTorch path's tokens."""
     import os
 
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
-    _, engine = injected("llama", kernel_backend="torch")
+    _, engine = injected(arch, kernel_backend="torch")
     ids, mask = left_pad(prompts([5, 3], seed=14), pad=2)
     reference = decoder_of(engine).generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
     dec = decoder_of(engine)

@@ -86,6 +86,36 @@ def test_decode_attention_kernel_matches_reference(shape):
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
 
 
+@pytest.mark.parametrize("layout,r", [("half", 16), ("half", 8), ("interleaved", 16), ("interleaved", 6)])
+def test_decode_attention_kernel_fuses_rotary(layout, r):
+    from policyinject.decode.attention import decode_attention
+    from policyinject.kernels.reference import rotary
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    b, hq, hkv, d, max_len, pos = 2, 4, 2, 16, 24, 9
+    g = torch.Generator().manual_seed(r)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    kc, vc = rnd(b, hkv, max_len, d), rnd(b, hkv, max_len, d)
+    kv = torch.zeros(b, max_len, dtype=torch.bool, device=device)
+    kv[:, :pos + 1] = True
+    q, k, v = rnd(b, hq, 1, d), rnd(b, hkv, 1, d), rnd(b, hkv, 1, d)
+    angle = rnd(b, 1, r)
+    cos, sin = angle.cos(), angle.sin()
+    cp = torch.tensor([pos], device=device)
+    kc2, vc2, kc3, vc3 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    qr, kr = rotary(q, k, cos, sin, layout=layout)
+    ref = decode_attention(qr, kr, v, kc, vc, cp, kv, span=max_len, backend="torch")
+    torch_fused = decode_attention(q, k, v, kc2, vc2, cp, kv, span=max_len, backend="torch", cos=cos, sin=sin,
+                                   rotary=layout)
+    kernel = decode_attention(q, k, v, kc3, vc3, cp, kv, span=max_len, backend="triton", cos=cos, sin=sin,
+                              rotary=layout, block_s=16)
+    assert torch.equal(torch_fused, ref)
+    assert ((kernel - ref).norm() / ref.norm()).item() < 1e-5
+    assert torch.allclose(kc3, kc, atol=1e-6) and torch.equal(vc3, vc)
+
+
 def test_sliding_window_masks():
     m = prefill_mask(torch.ones(1, 5, dtype=torch.long), torch.float32, window=2)[0, 0] == 0
     assert m.int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 1, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 1, 1]]
