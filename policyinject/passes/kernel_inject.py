@@ -179,14 +179,25 @@ class KernelInjectPass(Pass):
 
         attn_root = need("", a.module, "attention module") if a.module else layer
         heads, kv, d = self._heads(ctx, path, policy, where)
+        # Tensor parallelism plans before us and applies before us: check this rank's local shapes.
+        local_shapes = ctx.notes.get("tensor_parallel", {}).get("local_shapes", {})
+
+        def out_f(rel: str, mod: torch.nn.Module) -> int:
+            shape = local_shapes.get(_join(path, rel))
+            return int(shape[0]) if shape else out_features(mod)
+
+        def in_f(rel: str, mod: torch.nn.Module) -> int:
+            shape = local_shapes.get(_join(path, rel))
+            return int(shape[1]) if shape else in_features(mod)
+
         if heads % kv:
             problems.append(f"{where}: {heads} query heads do not group evenly over {kv} kv heads")
         fused_names: list = []
         if attn_root is not None:
             if a.qkv is not None:
                 qkv = need(a.module, a.qkv, "fused qkv projection")
-                if qkv is not None and out_features(qkv) != (heads + 2 * kv) * d:
-                    problems.append(f"{where}: {a.path(a.qkv)} has {out_features(qkv)} output features, expected "
+                if qkv is not None and out_f(a.path(a.qkv), qkv) != (heads + 2 * kv) * d:
+                    problems.append(f"{where}: {a.path(a.qkv)} has {out_f(a.path(a.qkv), qkv)} output features, expected "
                                     f"(heads {heads} + 2 x kv heads {kv}) x head_dim {d} = {(heads + 2 * kv) * d}")
                 if QKVLayout(a.qkv_layout) is QKVLayout.PER_HEAD and heads != kv:
                     problems.append(f"{where}: the per_head qkv layout needs as many kv heads as heads ({heads} vs {kv})")
@@ -194,8 +205,8 @@ class KernelInjectPass(Pass):
             else:
                 for name, want in ((a.q, heads * d), (a.k, kv * d), (a.v, kv * d)):
                     mod = need(a.module, name, "projection")
-                    if mod is not None and out_features(mod) != want:
-                        problems.append(f"{where}: {a.path(name)} has {out_features(mod)} output features, expected "
+                    if mod is not None and out_f(a.path(name), mod) != want:
+                        problems.append(f"{where}: {a.path(name)} has {out_f(a.path(name), mod)} output features, expected "
                                         f"{want} ({heads} heads, {kv} kv heads, head_dim {d})")
                 fused_names = [a.q, a.k, a.v]
                 mods = [_sub(layer, a.path(n)) for n in fused_names]
@@ -203,8 +214,8 @@ class KernelInjectPass(Pass):
             o = need(a.module, a.o, "output projection")
             if a.o is None:
                 problems.append(f"{where}: the attention role names no output projection (o)")
-            elif o is not None and in_features(o) != heads * d:
-                problems.append(f"{where}: {a.path(a.o)} takes {in_features(o)} input features, expected {heads * d}")
+            elif o is not None and in_f(a.path(a.o), o) != heads * d:
+                problems.append(f"{where}: {a.path(a.o)} takes {in_f(a.path(a.o), o)} input features, expected {heads * d}")
             need(a.module, a.q_norm, "q norm")
             need(a.module, a.k_norm, "k norm")
         mlp_names: list = []

@@ -38,6 +38,9 @@ TASKS = {
         ("modules_math", dict(tp=2)),
         ("hf_equal", dict(arch="llama", tp=2, extra=dict(dtype="int8"))),                    # quantize after TP
         ("hf_equal", dict(arch="llama", tp=2, extra=dict(replace_with_kernel_inject=True))),  # inject after TP
+        ("hf_equal", dict(arch="gpt_neox", tp=2, extra=dict(replace_with_kernel_inject=True))),  # fused per-head QKV
+        ("hf_equal", dict(arch="preset:smollm2-135m", tp=2, overrides=SMOL, grain=64,
+                          extra=dict(replace_with_kernel_inject=True))),  # uneven heads, injected
         ("meta_checkpoint", dict(ckpt="{ckpt}", tp=2, config=CKPT_CONFIG, save_to="{ckpt}/tp2")),
     ],
     3: [
@@ -48,6 +51,7 @@ TASKS = {
         ("hf_equal", dict(arch="gpt2", tp=3, overrides=dict(n_embd=96, n_head=6))),
         ("hf_equal", dict(arch="gpt_neox", tp=3, overrides=HEADS6)),
         ("hf_equal", dict(arch="falcon", tp=3, overrides=HEADS6)),
+        ("hf_equal", dict(arch="phi3", tp=3, overrides=GQA6, extra=dict(replace_with_kernel_inject=True))),
         ("hf_equal", dict(arch="opt", tp=3, overrides=dict(HEADS6, word_embed_proj_dim=96))),
         ("hf_equal", dict(arch="bert", tp=3, overrides=HEADS6)),
         ("hf_equal", dict(arch="mixtral", tp=3, overrides=GQA6)),
@@ -112,13 +116,7 @@ def _id(task):
 
 
 def _case(w, i):
-    name, kw = TASKS[w][i]
-    marks = []
-    if kw.get("extra", {}).get("replace_with_kernel_inject"):
-        marks.append(pytest.mark.xfail(reason="kernel_inject's plan checks projection shapes before tensor "
-                                              "parallelism applies; it should read notes['tensor_parallel']"
-                                              "['local_shapes']", strict=False))
-    return pytest.param(w, i, marks=marks, id=f"w{w}-{_id(TASKS[w][i])}")
+    return pytest.param(w, i, id=f"w{w}-{_id(TASKS[w][i])}")
 
 
 CASES = [_case(w, i) for w in sorted(TASKS) for i in range(len(TASKS[w]))]
