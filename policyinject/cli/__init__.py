@@ -17,7 +17,7 @@ import sys
 from typing import Optional, Sequence
 
 #: Sub-command modules, in the order ``--help`` lists them.
-COMMAND_MODULES = ("demo_cmd", "inspect_cmd", "config_cmd", "plugins_cmd")
+COMMAND_MODULES = ("demo_cmd", "inspect_cmd", "bench_cmd", "config_cmd", "plugins_cmd")
 
 
 def build_parser() -> argparse.ArgumentParser:

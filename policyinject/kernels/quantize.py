@@ -249,6 +249,10 @@ def quantize_weight(
         raise ValueError(f"weight values too large for {scale_dtype} scales; pass scale_dtype=torch.float32")
     scale = torch.where(scale > 0, scale, torch.ones_like(scale)).clamp(min=tiny)
     scale_q = scale.to(scale_dtype)
+    # Round the stored scale up, never down: a scale rounded down (fp16 subnormals for tiny weights lose
+    # up to a few percent) would push the group's extreme values past the integer range and clamp them.
+    rounded_down = scale_q.to(torch.float32) < scale
+    scale_q = torch.where(rounded_down, torch.nextafter(scale_q, torch.full_like(scale_q, float("inf"))), scale_q)
     s = scale_q.to(torch.float32)
     if symmetric:
         q = torch.round(w / s[..., None]).clamp(qmin, qmax)

@@ -391,6 +391,22 @@ class KernelInjectPass(Pass):
                     new = norm_from_spec(layer, policy.norms[int(what[5:])], plan.backend)
                 _set(layer, sub, new)
             notes["submodules"][action.path] = [sub for sub, _ in plan.replace]
+        self._install_decoder(ctx)
+
+    @staticmethod
+    def _install_decoder(ctx: PassContext) -> None:
+        """Let ``engine.generate`` use the decode engine (static KV cache, eager steps) on injected models.
+
+        Models the decode engine cannot run fall back to the model's own ``generate``; the ``cuda_graph``
+        pass replaces this factory with the graphed one. Under tensor parallelism the model's own
+        ``generate`` stays in charge.
+        """
+        tp = getattr(getattr(ctx.config, "tensor_parallel", None), "tp_size", 1)
+        if tp != 1:
+            return
+        from ..decode.generate import make_decoder_factory
+
+        ctx.notes.setdefault("decoder_factory", make_decoder_factory(ctx, use_graphs=False, when_unsupported="none"))
 
 
 def _set(root: torch.nn.Module, path: str, new: torch.nn.Module) -> None:
