@@ -38,9 +38,12 @@ def parameter_bytes(model: torch.nn.Module) -> int:
         skip = getattr(module, "_non_persistent_buffers_set", set())
         tensors.extend(b for name, b in module.named_buffers(recurse=False) if name not in skip)
     for t in tensors:
-        if t is None or id(t) in seen or t.device.type == "meta":
+        if t is None or t.device.type == "meta":
             continue
-        seen.add(id(t))
+        key = (t.data_ptr(), t.numel(), t.dtype) if t.numel() else id(t)  # tied weights share storage
+        if key in seen:
+            continue
+        seen.add(key)
         total += t.numel() * t.element_size()
     return total
 

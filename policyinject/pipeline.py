@@ -194,9 +194,28 @@ def init_inference(model: torch.nn.Module, config: Any = None, *,
         p.apply(ctx, actions)
         timings[p.name] = round(time.perf_counter() - t0, 4)
     _place(ctx)
+    _release_originals(plan, ctx)
     plan.summary["plan seconds"] = round(planned - started, 4)
     plan.summary["apply seconds"] = timings
     return InferenceEngine(model, cfg, plan, ctx)
+
+
+def _release_originals(plan: Plan, ctx: PassContext) -> None:
+    """Drop every reference to modules the passes replaced, so their weights are freed.
+
+    Action payloads and the matched-layer list point at the original layers; kept alive by the engine,
+    they would hold a second copy of every weight that kernel injection fused or TP sharded.
+    """
+    import attrs
+
+    plan.actions[:] = [attrs.evolve(a, payload=None) if a.payload is not None else a for a in plan.actions]
+    current = []
+    for m in ctx.layers:
+        try:
+            current.append(attrs.evolve(m, module=ctx.module(m.path)))
+        except AttributeError:
+            continue
+    ctx.layers = current
 
 
 def _place(ctx: PassContext) -> None:

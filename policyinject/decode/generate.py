@@ -226,8 +226,8 @@ class Decoder:
             self._states[batch] = st
             self.graphs.drop(lambda key: key[0] == batch)
             while len(self._states) > self.graphs.capacity:
-                old, _ = self._states.popitem(last=False)
-                self.graphs.drop(lambda key, old=old: key[0] == old)
+                old, _ = self._states.popitem(last=False)  # least recently used batch size goes, graphs too
+                self.graphs.stats["evictions"] += self.graphs.drop(lambda key, old=old: key[0] == old)
         else:
             self._states.move_to_end(batch)
         return st

@@ -132,9 +132,26 @@ class KernelInjectPass(Pass):
         final = self._plan_final_norm(ctx, backend)
         if final is not None:
             actions.append(final)
+        gemv = self._plan_decode_gemv(ctx, backend)
+        if gemv is not None:
+            actions.append(gemv)
         if problems:
             raise PlanError(problems)
         return actions
+
+    def _plan_decode_gemv(self, ctx: PassContext, backend: str) -> Optional[Action]:
+        """On CUDA, 16-bit linears of the injected layers and the output head get the decode GEMV.
+
+        ``DecodeLinear`` runs the GEMV kernel for one row (a batch-1 decode step) and cuBLAS otherwise: on
+        the H100 the GEMV reads the weights 6-25% faster than cuBLAS at batch 1 and loses at batch 4 and
+        more (benchmarks/NOTES.md), hence ``max_m=1``. Small weights (under 2**20 elements) stay on cuBLAS.
+        """
+        if ctx.device is None or ctx.device.type != "cuda" or backend == "torch" or not ctx.layers:
+            return None
+        head = ctx.model_policy.lm_head if ctx.model_policy is not None else None
+        return Action(self.name, "", type(ctx.model).__name__, "decode gemv",
+                      {"max_rows": DECODE_GEMV_MAX_ROWS, "min_elements": DECODE_GEMV_MIN_ELEMENTS,
+                       "lm_head": head or "-"}, ("decode_gemv", backend, head))
 
     def _heads(self, ctx: PassContext, path: str, policy: Any, where: str) -> tuple:
         a = policy.attention
@@ -367,6 +384,9 @@ class KernelInjectPass(Pass):
             plan = action.payload
             if plan is None:
                 continue
+            if isinstance(plan, tuple) and plan[0] == "decode_gemv":
+                _use_decode_gemv(ctx, [a.path for a in actions if isinstance(a.payload, _LayerPlan)], *plan[1:])
+                continue
             if isinstance(plan, tuple) and plan[0] == "final_norm":
                 _set(ctx.model, action.path, norm_from_spec(ctx.model, ctx.model_policy.final_norm, plan[1]))
                 continue
@@ -407,6 +427,34 @@ class KernelInjectPass(Pass):
         from ..decode.generate import make_decoder_factory
 
         ctx.notes.setdefault("decoder_factory", make_decoder_factory(ctx, use_graphs=False, when_unsupported="none"))
+
+
+#: Rows up to which ``DecodeLinear`` runs the GEMV kernel (batch-1 decode), and the smallest weight it takes.
+DECODE_GEMV_MAX_ROWS = 1
+DECODE_GEMV_MIN_ELEMENTS = 1 << 20
+
+
+def _use_decode_gemv(ctx: PassContext, layer_paths: list, backend: str, head: Optional[str]) -> None:
+    """Swap plain 16-bit ``nn.Linear``s of the injected layers (and the head) for ``DecodeLinear``."""
+    from ..modules.fast_linear import DecodeLinear
+
+    def eligible(mod: torch.nn.Module) -> bool:
+        return (type(mod) is torch.nn.Linear and mod.weight.dtype in (torch.float16, torch.bfloat16)
+                and mod.weight.numel() >= DECODE_GEMV_MIN_ELEMENTS)
+
+    paths = []
+    for layer_path in layer_paths:
+        layer = ctx.module(layer_path)
+        paths += [_join(layer_path, n) for n, m in layer.named_modules() if n and eligible(m)]
+    if head and isinstance(_sub(ctx.model, head), torch.nn.Linear) and eligible(_sub(ctx.model, head)):
+        paths.append(head)
+    for path in paths:
+        old = ctx.module(path)
+        new = DecodeLinear.from_linear(old, backend=backend, max_m=DECODE_GEMV_MAX_ROWS)
+        if old.weight.is_contiguous():
+            new.weight = old.weight  # the same Parameter: tied embeddings stay tied through .to(device)
+        _set(ctx.model, path, new)
+    ctx.notes.setdefault("kernel_inject", {})["decode_gemv_linears"] = len(paths)
 
 
 def _set(root: torch.nn.Module, path: str, new: torch.nn.Module) -> None:

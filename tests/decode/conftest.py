@@ -8,15 +8,9 @@ from typing import Any, Callable, Tuple
 import pytest
 import torch
 
+from pi_testing import _init_inference
+
 from policyinject.presets import tiny_model
-
-
-def _init_inference() -> Callable:
-    try:
-        from policyinject import init_inference
-    except ImportError:  # the package root may not re-export it yet
-        from policyinject.pipeline import init_inference
-    return init_inference
 
 
 @pytest.fixture
@@ -43,19 +37,3 @@ def decoder_of() -> Callable[..., Any]:
         return Decoder.from_engine(engine, use_graphs=use_graphs)
 
     return get
-
-
-def prompts(lengths, seed: int = 0, low: int = 3, high: int = 256) -> list:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(low, high, (n,), generator=g) for n in lengths]
-
-
-def left_pad(seqs: list, pad: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad 1-D token tensors into ``(input_ids, attention_mask)``."""
-    t = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), t), pad, dtype=torch.long)
-    mask = torch.zeros(len(seqs), t, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, t - len(s):] = s
-        mask[i, t - len(s):] = 1
-    return ids, mask

@@ -8,7 +8,7 @@ import torch
 from policyinject.errors import PlanError, UnsupportedError
 from policyinject.presets import tiny_model
 
-from conftest import _init_inference
+from pi_testing import _init_inference
 
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
 

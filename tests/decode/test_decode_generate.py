@@ -8,7 +8,7 @@ import torch
 from policyinject.errors import UnsupportedError
 from policyinject.presets import available
 
-from conftest import left_pad, prompts
+from pi_testing import left_pad, prompts
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi", "phi3", "gpt2", "gpt_neox", "opt", "falcon"]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import left_pad, prompts
+from pi_testing import left_pad, prompts
 
 pytestmark = pytest.mark.gpu
 

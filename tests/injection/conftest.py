@@ -7,30 +7,7 @@ from typing import Any, Callable
 
 import pytest
 import torch
-
-
-def _init_inference() -> Callable:
-    try:
-        from policyinject import init_inference
-    except ImportError:  # the package root may not re-export it yet
-        from policyinject.pipeline import init_inference
-    return init_inference
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Relative error by norm; NaN or inf never passes (it returns inf)."""
-    a, b = a.float(), b.float()
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        return float("inf")
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
-
-
-def output_tensor(out: Any) -> torch.Tensor:
-    if hasattr(out, "logits"):
-        return out.logits
-    if hasattr(out, "last_hidden_state"):
-        return out.last_hidden_state
-    return out[0] if isinstance(out, tuple) else out
+from pi_testing import _init_inference, rel_err
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import torch
 
 from policyinject.presets import TINY_ARCHS, available, preset_model, tiny_model
 
-from conftest import _init_inference, output_tensor, rel_err
+from pi_testing import _init_inference, output_tensor, rel_err
 
 pytestmark = pytest.mark.gpu
 

@@ -11,7 +11,7 @@ from policyinject.modules.attention import sdpa
 from policyinject.modules.fused_linear import as_linear, fuse_linears
 from policyinject.presets import TINY_ARCHS, tiny_model
 
-from conftest import rel_err
+from pi_testing import rel_err
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi", "phi3", "gpt2", "gpt_neox", "opt", "falcon",
             "bert", "mixtral")

@@ -11,7 +11,7 @@ from policyinject.passes.base import MatchedLayer, PassContext
 from policyinject.passes.kernel_inject import KernelInjectPass
 from policyinject.presets import tiny_model
 
-from conftest import output_tensor, rel_err
+from pi_testing import output_tensor, rel_err
 
 
 def _ids(batch: int = 2, tokens: int = 6) -> torch.Tensor:
@@ -43,7 +43,8 @@ def test_falcon_variants(overrides, layout, kind, norms, inject):
     action = _actions(engine)["transformer.h.0"]
     assert action.details["kind"] == kind
     assert layout in action.details["qkv"]
-    assert action.payload.policy.input_norm == norms
+    policies = {m.path: m.policy for m in engine._context.layers}  # payloads are released after apply
+    assert policies["transformer.h.0"].input_norm == norms
     _check(model, original)
 
 

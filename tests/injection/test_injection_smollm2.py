@@ -36,7 +36,7 @@ def smollm2():
 
 @pytest.fixture(scope="module")
 def injected(smollm2):
-    from conftest import _init_inference
+    from pi_testing import _init_inference
 
     model, tok = smollm2
     clone = copy.deepcopy(model)

@@ -13,7 +13,7 @@ import torch
 
 from policyinject.presets import TINY_ARCHS, available, tiny_model
 
-from conftest import output_tensor, rel_err
+from pi_testing import output_tensor, rel_err
 
 ARCHS = [a for a in TINY_ARCHS if available(a)]
 DECODERS = [a for a in ARCHS if a != "bert"]

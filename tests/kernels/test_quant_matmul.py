@@ -184,6 +184,8 @@ GPU_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (8192, 2
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
 def test_gpu_real_shapes(bits: int, group, shape: tuple) -> None:
     n, k = shape
+    if group is not None and k % group:
+        group = 64 if k % 64 == 0 else 32  # e.g. SmolLM2's 576: group 128 does not divide it
     qw = quantize_weight(randn(n, k, device="cuda", scale=0.02), bits, group)
     for m in (1, 3, 16, 100):
         x = randn(m, k, dtype=torch.bfloat16, device="cuda")
