@@ -36,7 +36,7 @@ for stage in "$@"; do
             ;;
         tp)
             n=$(python3 -c "import torch; print(torch.cuda.device_count())")
-            torchrun --standalone --nproc-per-node "$n" benchmarks/tensor_parallel.py --json "$OUT/tp.json" 2>&1 | tee "$OUT/tp.log" | tail -40 || status=1
+            torchrun --standalone --nproc-per-node "$n" benchmarks/tensor_parallel.py --tp "$(python3 -c "n=$n; print(','.join(str(t) for t in (1,2,4,8) if t<=n))")" --out "$OUT/tp.json" 2>&1 | tee "$OUT/tp.log" | tail -40 || status=1
             ;;
         *)
             echo "unknown stage $stage"; status=1 ;;

@@ -80,8 +80,12 @@ def _build(entry: tuple, overrides: dict, seed: int, dtype: torch.dtype, device:
     config_cls, model_cls, kwargs = entry
     config = getattr(transformers, config_cls)(**{**kwargs, **overrides})
     torch.manual_seed(seed)
+    cls = getattr(transformers, model_cls)
     with torch.device(device):
-        model = getattr(transformers, model_cls)(config)
+        try:  # build straight in the target dtype: an 8B model never exists in fp32
+            model = cls._from_config(config, dtype=dtype)
+        except TypeError:  # older transformers spell it torch_dtype
+            model = cls._from_config(config, torch_dtype=dtype)
     return model.to(dtype).eval()
 
 
