@@ -35,6 +35,22 @@ import torch.distributed as dist
 BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 2.0e12}
 
 
+def measured_copy_bandwidth(device: torch.device) -> float:
+    """Bytes read + written per second by a 1 GiB device-to-device copy (median of 10)."""
+    src = torch.empty(2**30, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * 2**30 / sorted(times[2:])[len(times[2:]) // 2]
+
+
 def bandwidth(name: str) -> float:
     for key, bw in BANDWIDTH.items():
         if key in name:
@@ -107,7 +123,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     sizes = [int(t) for t in args.tp.split(",") if world % int(t) == 0]
     card = torch.cuda.get_device_name(device) if cuda else "cpu"
-    bw = bandwidth(card)
+    bw = measured_copy_bandwidth(device) if cuda else bandwidth(card)
 
     g = torch.Generator().manual_seed(1234)
     model = build(args, device)
@@ -116,6 +132,9 @@ def main() -> None:
     param_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
     with torch.inference_mode():
         ref = model(ids).logits[:, -16:].float().cpu()
+        # The same weights in fp32: the bf16 noise floor that a TP error is judged against.
+        ref32 = model.float()(ids).logits[:, -16:].float().cpu()
+    floor = float((ref - ref32).norm() / ref32.norm())
     del model
     gc.collect()
     if cuda:
@@ -150,6 +169,8 @@ def main() -> None:
             "roofline_ms_per_token": round(local_bytes / bw * 1e3, 3) if bw == bw else None,
             "logits_max_abs_err": round(float((got - ref).abs().max()), 5), "logits_rel_err": round(rel, 6),
             "top1_agree": round(float((got.argmax(-1) == ref.argmax(-1)).float().mean()), 4),
+            "rel_err_vs_fp32": round(float((got - ref32).norm() / ref32.norm()), 6),
+            "top1_agree_vs_fp32": round(float((got.argmax(-1) == ref32.argmax(-1)).float().mean()), 4),
             "shard_seconds": round(shard_s, 2),
         }
         rows.append(row)
@@ -164,16 +185,20 @@ def main() -> None:
         head = {"card": card, "gpus": world, "dtype": args.dtype, "preset": args.preset,
                 "layers": args.layers or "preset", "batch": args.batch, "prompt": args.prompt,
                 "new_tokens": args.new_tokens, "params_gb": round(param_bytes / 2**30, 2),
-                "hbm_bandwidth_tb_s": bw / 1e12 if bw == bw else None,
+                "copy_bandwidth_tb_s": round(bw / 1e12, 3) if bw == bw else None,
+                "noise_floor_rel_err_tp1_vs_fp32": round(floor, 6),
                 "torch": torch.__version__, "transformers": __import__("transformers").__version__}
         print(json.dumps(head))
         print(f"{'tp':>3} {'ms/token':>9} {'speedup':>8} {'roofline':>9} {'weights GB':>10} {'alloc GB':>9} "
-              f"{'peak GB':>8} {'max|err|':>9} {'rel err':>9} {'top1':>6}")
+              f"{'peak GB':>8} {'max|err|':>9} {'rel err':>9} {'top1':>6} {'vs fp32':>9} {'top1 fp32':>9}")
         for r in rows:
             sp = base / r["decode_ms_per_token"] if base else float("nan")
             print(f"{r['tp']:>3} {r['decode_ms_per_token']:>9.2f} {sp:>8.2f} {str(r['roofline_ms_per_token']):>9} "
                   f"{r['weights_gb_per_gpu']:>10.2f} {r['allocated_gb']:>9.2f} {str(r['peak_decode_gb']):>8} "
-                  f"{r['logits_max_abs_err']:>9.4f} {r['logits_rel_err']:>9.5f} {r['top1_agree']:>6.3f}")
+                  f"{r['logits_max_abs_err']:>9.4f} {r['logits_rel_err']:>9.5f} {r['top1_agree']:>6.3f} "
+                  f"{r['rel_err_vs_fp32']:>9.5f} {r['top1_agree_vs_fp32']:>9.3f}")
+        print("rel err / top1: against the tp=1 model in the same dtype; vs fp32: against the same weights "
+              "computed in fp32 (the tp=1 row is the dtype's own noise floor)")
         if args.out:
             with open(args.out, "w") as f:
                 json.dump({"setup": head, "rows": rows}, f, indent=1)
