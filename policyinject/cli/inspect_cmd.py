@@ -1,6 +1,7 @@
 """``policyinject inspect``: print the plan for a model without applying it.
 
-The model is a preset name (``llama-3-8b``, ``tiny:gpt2``...) or a local Hugging Face checkpoint folder;
+The model is a preset name (``llama-3-8b``, ``tiny:gpt2``...), a local Hugging Face checkpoint folder, or
+``module:callable`` (any importable function returning a model, e.g. a custom architecture);
 it is built on the meta device, so inspecting an 8B model allocates nothing. Config options come from
 ``--config FILE`` and ``--set key=value`` (dotted keys, JSON values).
 
@@ -22,8 +23,8 @@ import torch
 
 def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     parser = subparsers.add_parser("inspect", help="show the plan for a model without applying it")
-    parser.add_argument("model", help="a preset (llama-3-8b, llama-3.2-1b, smollm2-135m, tiny:ARCH) "
-                                      "or a local Hugging Face checkpoint folder")
+    parser.add_argument("model", help="a preset (llama-3-8b, llama-3.2-1b, smollm2-135m, tiny:ARCH), "
+                                      "a local Hugging Face checkpoint folder, or MODULE:CALLABLE returning a model")
     parser.add_argument("--config", help="a JSON/YAML config file")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config option, dotted key, JSON value (repeatable)")
@@ -76,6 +77,16 @@ def build_model(spec: str) -> torch.nn.Module:
         return presets.tiny_model(spec[5:], device="meta")
     if spec in presets.SHAPES:
         return presets.preset_model(spec, device="meta")
+    if ":" in spec and not os.path.exists(spec):
+        import importlib
+
+        module_name, _, attr = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise SystemExit(f"cannot load model factory {spec!r}: {exc}") from None
+        with torch.device("meta"):
+            return factory()
     if os.path.isdir(spec):
         import transformers
 

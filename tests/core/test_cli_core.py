@@ -39,3 +39,17 @@ def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "policyinject.cli", "plugins", "--json"],
                          capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)
+
+
+def test_inspect_a_custom_model_through_its_plugin_and_the_deepspeed_tuple(capsys):
+    spec = "policyinject_example_plugin.modeling:build_toy"
+    assert main(["inspect", spec, "--set", "tensor_parallel.tp_size=2"]) == 0
+    out = capsys.readouterr().out
+    assert "model policy: ToyForCausalLM (plugin toy)" in out
+    assert "blocks.0.attn.out_proj" in out and " row " in out and " column " in out
+    ds = '{"policyinject_example_plugin.modeling.ToyBlock": ["attn.out_proj", "mlp.fc2"]}'
+    assert main(["inspect", spec, "--set", "tensor_parallel.tp_size=2", "--set", f"injection_policy={ds}",
+                 "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    styles = {a["module"]: a["action"] for a in data["actions"] if a["pass"] == "tensor_parallel"}
+    assert styles["blocks.0.mlp.fc2"] == "row" and styles["blocks.0.mlp.fc1"] == "column"

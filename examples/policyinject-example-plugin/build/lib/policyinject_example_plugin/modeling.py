@@ -97,3 +97,8 @@ class ToyForCausalLM(nn.Module):
             nxt = self(input_ids)[:, -1].argmax(-1, keepdim=True)
             input_ids = torch.cat([input_ids, nxt], dim=1)
         return input_ids
+
+
+def build_toy() -> ToyForCausalLM:
+    """The default toy model (``policyinject inspect policyinject_example_plugin.modeling:build_toy``)."""
+    return ToyForCausalLM(ToyConfig())
