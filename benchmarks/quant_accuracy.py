@@ -1,0 +1,105 @@
+"""Perplexity of real models under weight quantization: unquantized vs int8 vs int4 at each group size.
+
+Text: Debian's GPL-3 (``/usr/share/common-licenses/GPL-3``), the first 2048 tokens in 512-token windows.
+Models: SmolLM2-135M-Instruct and Qwen2.5-Coder-0.5B-Instruct from their PyPI packages (see docs/models in
+``shared/reference/models.md``); a model whose packages are missing is skipped with the pip command. Runs on
+the CPU in fp32 with the reference (PyTorch) kernels, so it measures the *format*, not the kernels.
+
+    python benchmarks/quant_accuracy.py [--models smollm2 qwen] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+GPL3 = "/usr/share/common-licenses/GPL-3"
+
+#: (label, quant config or None). Group sizes that do not divide a model's hidden sizes are skipped.
+CONFIGS = [
+    ("unquantized", None),
+    ("int8 sym per-channel (default)", {"weight": {"num_bits": 8}}),
+    ("int8 asym per-channel", {"weight": {"num_bits": 8, "q_type": "asymmetric"}}),
+    ("int4 sym, default group", {"weight": {"num_bits": 4}}),
+    ("int4 asym, default group", {"weight": {"num_bits": 4, "q_type": "asymmetric"}}),
+    ("int4 asym, group 128", {"weight": {"num_bits": 4, "q_type": "asymmetric", "group_size": 128}}),
+    ("int4 asym, group 64", {"weight": {"num_bits": 4, "q_type": "asymmetric", "group_size": 64}}),
+    ("int4 asym, group 32", {"weight": {"num_bits": 4, "q_type": "asymmetric", "group_size": 32}}),
+    ("int4 sym, group 32", {"weight": {"num_bits": 4, "group_size": 32}}),
+]
+
+
+def perplexity(model: torch.nn.Module, ids: torch.Tensor, window: int = 512) -> float:
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, ids.shape[1] - 1, window):
+            chunk = ids[:, start:start + window]
+            if chunk.shape[1] < 2:
+                break
+            logits = model(chunk).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1], chunk[0, 1:], reduction="sum")
+            nll += loss.item()
+            count += chunk.shape[1] - 1
+    return math.exp(nll / count)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["smollm2", "qwen"], choices=["smollm2", "qwen"])
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--json", default="")
+    args = parser.parse_args()
+
+    import policyinject as pi
+    from policyinject import models
+
+    torch.manual_seed(0)
+    with open(GPL3, encoding="utf-8") as f:
+        text = f.read()
+    results = {"text": GPL3, "tokens": args.tokens, "window": 512, "torch": torch.__version__, "models": {}}
+    for name in args.models:
+        loader = models.load_smollm2 if name == "smollm2" else models.load_qwen25_coder
+        try:
+            t0 = time.perf_counter()
+            base, tok = loader()
+        except models.ModelNotInstalled as exc:
+            print(f"{name}: skipped: {exc}")
+            continue
+        print(f"{name}: loaded in {time.perf_counter() - t0:.0f} s", flush=True)
+        ids = tok(text, return_tensors="pt").input_ids[:, :args.tokens]
+        rows = []
+        ref = None
+        for label, quant in CONFIGS:
+            model = copy.deepcopy(base)
+            try:
+                if quant is not None:
+                    pi.init_inference(model, dtype="fp32", kernel_backend="torch", quant={"enabled": True, **quant})
+            except (pi.PlanError, pi.ConfigError) as exc:
+                print(f"  {label:34s} skipped: {str(exc).splitlines()[0]}")
+                continue
+            t0 = time.perf_counter()
+            ppl = perplexity(model, ids)
+            ref = ppl if ref is None else ref
+            delta = (ppl / ref - 1) * 100
+            rows.append({"config": label, "quant": quant, "perplexity": round(ppl, 4), "delta_pct": round(delta, 3)})
+            print(f"  {label:34s} ppl {ppl:9.4f}  {delta:+7.2f}%  ({time.perf_counter() - t0:.0f} s)", flush=True)
+            del model
+        results["models"][name] = rows
+        del base
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
