@@ -9,26 +9,10 @@ Example:
 """
 
 from policyinject import hookimpl
-from policyinject.policy import AttentionSpec, MLPSpec, ModelPolicy, NormSpec, Policy
 
-_M = "transformers.models.mistral.modeling_mistral."
+from ._llama_like import llama_like_policies
 
-MISTRAL_LAYER = Policy(
-    layer=_M + "MistralDecoderLayer",
-    attention=AttentionSpec(module="self_attn", q="q_proj", k="k_proj", v="v_proj", o="o_proj", rotary="half",
-                            tp_attributes={"num_key_value_groups": "kv_groups"}),
-    mlp=MLPSpec(module="mlp", gate="gate_proj", up="up_proj", down="down_proj", activation="silu"),
-    norms=(NormSpec("input_layernorm", "rms"), NormSpec("post_attention_layernorm", "rms")),
-    block="pre_norm",
-    input_norm="input_layernorm",
-    post_attention_norm="post_attention_layernorm",
-)
-
-MISTRAL_CAUSAL_LM = ModelPolicy(model=_M + "MistralForCausalLM", layers="model.layers", embed="model.embed_tokens",
-                              final_norm=NormSpec("model.norm", "rms"), lm_head="lm_head",
-                              rotary_emb="model.rotary_emb")
-MISTRAL_MODEL = ModelPolicy(model=_M + "MistralModel", layers="layers", embed="embed_tokens",
-                          final_norm=NormSpec("norm", "rms"), rotary_emb="rotary_emb")
+MISTRAL_LAYER, MISTRAL_CAUSAL_LM, MISTRAL_MODEL = llama_like_policies("transformers.models.mistral.modeling_mistral.", "Mistral")
 
 
 @hookimpl

@@ -9,27 +9,10 @@ Example:
 """
 
 from policyinject import hookimpl
-from policyinject.policy import AttentionSpec, MLPSpec, ModelPolicy, NormSpec, Policy
 
-_M = "transformers.models.qwen3.modeling_qwen3."
+from ._llama_like import llama_like_policies
 
-QWEN3_LAYER = Policy(
-    layer=_M + "Qwen3DecoderLayer",
-    attention=AttentionSpec(module="self_attn", q="q_proj", k="k_proj", v="v_proj", o="o_proj", rotary="half",
-                            q_norm="q_norm", k_norm="k_norm",
-                            tp_attributes={"num_key_value_groups": "kv_groups"}),
-    mlp=MLPSpec(module="mlp", gate="gate_proj", up="up_proj", down="down_proj", activation="silu"),
-    norms=(NormSpec("input_layernorm", "rms"), NormSpec("post_attention_layernorm", "rms")),
-    block="pre_norm",
-    input_norm="input_layernorm",
-    post_attention_norm="post_attention_layernorm",
-)
-
-QWEN3_CAUSAL_LM = ModelPolicy(model=_M + "Qwen3ForCausalLM", layers="model.layers", embed="model.embed_tokens",
-                              final_norm=NormSpec("model.norm", "rms"), lm_head="lm_head",
-                              rotary_emb="model.rotary_emb")
-QWEN3_MODEL = ModelPolicy(model=_M + "Qwen3Model", layers="layers", embed="embed_tokens",
-                          final_norm=NormSpec("norm", "rms"), rotary_emb="rotary_emb")
+QWEN3_LAYER, QWEN3_CAUSAL_LM, QWEN3_MODEL = llama_like_policies("transformers.models.qwen3.modeling_qwen3.", "Qwen3", q_norm="q_norm", k_norm="k_norm")
 
 
 @hookimpl
