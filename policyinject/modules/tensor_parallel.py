@@ -110,7 +110,23 @@ class _ParallelBase(nn.Module):
         self.world_size = int(world_size) if world_size is not None else _world(group)
 
 
-class ColumnParallelLinear(_ParallelBase):
+class _LocalLinear(_ParallelBase):
+    """A parallel linear that wraps this rank's ``local`` linear-like module and adds only communication."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.local.weight
+
+    @property
+    def in_features(self) -> int:
+        return int(self.local.in_features)
+
+    @property
+    def out_features(self) -> int:
+        return int(self.local.out_features)
+
+
+class ColumnParallelLinear(_LocalLinear):
     """Output features split over ranks; no communication unless ``gather_output`` (then an all-gather).
 
     ``out_sizes`` lists every rank's output-feature count (needed only to gather uneven shards).
@@ -127,20 +143,8 @@ class ColumnParallelLinear(_ParallelBase):
         self.global_out_features = int(global_out_features or sum(self.out_sizes))
 
     @property
-    def weight(self) -> torch.Tensor:
-        return self.local.weight
-
-    @property
     def bias(self) -> Optional[torch.Tensor]:
         return getattr(self.local, "bias", None)
-
-    @property
-    def in_features(self) -> int:
-        return int(self.local.in_features)
-
-    @property
-    def out_features(self) -> int:
-        return int(self.local.out_features)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, rows: Any, *, transposed: bool = False, **kwargs: Any) -> "ColumnParallelLinear":
@@ -178,7 +182,7 @@ class ColumnParallelLinear(_ParallelBase):
                 f"{', gather_output' if self.gather_output else ''}")
 
 
-class RowParallelLinear(_ParallelBase):
+class RowParallelLinear(_LocalLinear):
     """Input features split over ranks; all-reduce after the matmul; the bias is added once, after the reduce.
 
     With ``split_input`` the input arrives replicated and this rank slices its ``in_start:in_start+in``
@@ -198,18 +202,6 @@ class RowParallelLinear(_ParallelBase):
         self.split_input = bool(split_input)
         self.in_start = int(in_start)
         self.global_in_features = int(global_in_features or local.in_features)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.local.weight
-
-    @property
-    def in_features(self) -> int:
-        return int(self.local.in_features)
-
-    @property
-    def out_features(self) -> int:
-        return int(self.local.out_features)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, cols: Any, *, transposed: bool = False, **kwargs: Any) -> "RowParallelLinear":
