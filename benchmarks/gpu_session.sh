@@ -34,6 +34,10 @@ for stage in "$@"; do
         decode)
             python3 benchmarks/decode.py --json "$OUT/decode.json" --plot "$OUT/decode.png" 2>&1 | tee "$OUT/decode.log" | tail -40 || status=1
             ;;
+        breakdown)
+            python3 benchmarks/decode_breakdown.py --preset llama-3.2-1b --json "$OUT/breakdown_1b.json" 2>&1 | tee "$OUT/breakdown.log" | tail -45 || status=1
+            python3 benchmarks/decode_breakdown.py --preset llama-3-8b --json "$OUT/breakdown_8b.json" 2>&1 | tee -a "$OUT/breakdown.log" | tail -45 || status=1
+            ;;
         tp)
             n=$(python3 -c "import torch; print(torch.cuda.device_count())")
             torchrun --standalone --nproc-per-node "$n" benchmarks/tensor_parallel.py --tp "$(python3 -c "n=$n; print(','.join(str(t) for t in (1,2,4,8) if t<=n))")" --out "$OUT/tp.json" 2>&1 | tee "$OUT/tp.log" | tail -40 || status=1
