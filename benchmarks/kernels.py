@@ -393,11 +393,16 @@ def sweeps(dev: str, copy_tbps: float, rep_ms: int, sms: int) -> List[Dict[str, 
     m, n = SWEEP_NORM
     w = randn(n)
     sets = [(randn(m, n), randn(m, n)) for _ in range(4)]
-    norm_cfgs = [NormConfig(bm, nw) for bm in (1, 2, 4) for nw in (4, 8, 16)]
-    norm_cfgs += [NormConfig(bm, 8, sms * k, st) for bm in (1, 2) for k in (4, 8) for st in (1, 3)]
+    norm_cfgs = [NormConfig(bm, nw, stream=st) for bm in (1, 2, 4) for nw in (2, 4, 8, 16) for st in (False, True)
+                 if bm * n // (nw * 32) >= 8]
+    norm_cfgs += [NormConfig(bm, nw, sms * k, 1, st) for bm in (1, 2) for nw in (4, 8) for k in (4, 8, 16)
+                  for st in (False, True)]
+    bias = randn(n)
     sweep(f"rms_norm {m}x{n}", norm_cfgs, norm_config(m, n, sms),
           lambda x, r, cfg: launch_norm(x, None, w, None, 1e-6, 0.0, True, cfg), sets, 2 * m * n * 2)
-    sweep(f"add_rms_norm {m}x{n}", norm_cfgs, norm_config(m, n, sms),
+    sweep(f"layer_norm {m}x{n}", norm_cfgs, norm_config(m, n, sms),
+          lambda x, r, cfg: launch_norm(x, None, w, bias, 1e-5, 0.0, False, cfg), sets, 2 * m * n * 2)
+    sweep(f"add_rms_norm {m}x{n}", norm_cfgs[::2], norm_config(m, n, sms),
           lambda x, r, cfg: launch_norm(x, r, w, None, 1e-6, 0.0, True, cfg), sets, 4 * m * n * 2)
     del sets
 

@@ -65,6 +65,9 @@ def parse_args(argv=None):
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph decode-step measurement")
     ap.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny shapes (logic check)")
     ap.add_argument("--budget", type=float, default=170.0, help="seconds after which optional parts are skipped")
+    ap.add_argument("--tune", action="store_true",
+                    help="only the tuning sweeps: int4 word-kernel configs (8B and 1B shapes, batch 1 and 4) and "
+                         "bf16 GEMV configs (1B shapes, batch 1), each against the current heuristic")
     return ap.parse_args(argv)
 
 
@@ -171,6 +174,15 @@ def main(argv=None) -> int:
         if method in ("cublas", "gemv"):
             return s["w"].numel() * s["w"].element_size()
         return s[method].nbytes()
+
+    if args.tune:
+        tune(args, report, make_sets, run, weight_bytes, bench_calls, rel_err, copy_tbs, device, dtype,
+             quant_matmul_reference)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1, default=str)
+        return 0
 
     model_sets = [("8B", SHAPES_SMOKE if args.smoke else SHAPES_8B)]
     if not args.quick and not args.smoke:
@@ -341,6 +353,112 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1, default=str)
     return 1 if failures else 0
+
+
+def tune(args, report, make_sets, run, weight_bytes, bench_calls, rel_err, copy_tbs, device, dtype, qref) -> None:
+    """Config sweeps for the decode kernels (``--tune``): every config checked on fresh inputs, then timed
+    per call inside a CUDA graph over rotating weight sets; the heuristic's pick is the first row."""
+    import torch
+
+    from policyinject.kernels.gemv import gemv_config, pick_split_k
+    from policyinject.kernels.quant_matmul import _byte_gemv_config, quant_matmul_config
+
+    sm = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 132
+    l2_bytes = 50 * 2**20
+    report["tune"] = []
+    summary = []
+
+    def sweep(label, method, n, k, m, cfgs, sets, count):
+        xs = [torch.randn(m, k, device=device).to(dtype) for _ in range(count)]
+        rows = []
+        for name, cfg in cfgs:
+            try:
+                x0 = torch.randn(m, k, device=device).to(dtype)
+                out = run(method, x0, sets[0], cfg)
+                ref = (x0.float() @ sets[0]["w"].float().t()) if method == "gemv" else qref(x0, sets[0][method])
+                err = rel_err(out.float(), ref.float())
+                ms = bench_calls([lambda i=i, cfg=cfg: run(method, xs[i], sets[i], cfg) for i in range(count)])
+            except Exception as exc:  # a config the compiler rejects: report and go on
+                report["tune"].append({"label": label, "M": m, "name": name, "config": cfg, "error": repr(exc)[:300]})
+                print(f"  {label} M={m} {name}: ERROR {repr(exc)[:200]}")
+                continue
+            tbs = weight_bytes(method, sets[0]) / (ms * 1e-3) / 1e12
+            rec = {"label": label, "M": m, "name": name, "config": cfg, "us": ms * 1e3, "TBps": tbs,
+                   "frac_copy": tbs / copy_tbs, "rel_err": err, "ok": err < 1e-2}
+            report["tune"].append(rec)
+            rows.append(rec)
+        rows.sort(key=lambda r: r["us"] if r["ok"] else float("inf"))
+        heur = next((r for r in rows if r["name"] == "heuristic"), None)
+        for r in rows[:4]:
+            print(f"  {label:14s} M={m} {r['us']:8.1f}us {r['frac_copy'] * 100:5.1f}% err {r['rel_err']:.1e} "
+                  f"{r['name']:10s} {json.dumps(r['config'])}")
+        if heur is not None:
+            print(f"  {label:14s} M={m} heuristic {heur['us']:.1f}us ({heur['frac_copy'] * 100:.1f}%)")
+        if rows:
+            summary.append((label, m, heur["us"] if heur else float("nan"), rows[0]["us"], rows[0]["frac_copy"],
+                            rows[0]["name"], rows[0]["config"]))
+
+    shapes = [("8B " + r, SHAPES_8B[r]) for r in ("qkv", "o", "gate_up", "down")]
+    shapes += [("1B " + r, SHAPES_1B[r]) for r in ("qkv", "o", "gate_up", "down")]
+    if args.smoke:
+        shapes = [("smoke " + r, SHAPES_SMOKE[r]) for r in ("qkv", "down")]
+    print("\nint4 (group 128) decode GEMV sweep:")
+    for label, (n, k) in shapes:
+        count = 1 if args.smoke else max(2, min(16, math.ceil(4 * l2_bytes / (n * k))))
+        sets = make_sets(n, k, count)
+        g = sets[0]["int4"].group_size
+        for m in ((1,) if args.smoke else (1, 4)):
+            cfgs = [("heuristic", quant_matmul_config(m, n, k, 4, g, sm, args.smoke)),
+                    ("byte", _byte_gemv_config(m, n, k, g, sm, args.smoke))]
+            gk = 32 if args.smoke else 128
+            grid = ([(4, 2, False, 4), (2, 2, True, 4)] if args.smoke else
+                    [(bn, gpb, False, w) for bn, gpb, w in [(16, 8, 4), (8, 8, 4), (32, 4, 4), (16, 4, 4),
+                                                           (32, 8, 8), (64, 2, 4), (16, 8, 8)]]
+                    + [(bn, gpb, True, w) for bn, gpb, w in [(4, 8, 4), (8, 8, 4), (8, 16, 4), (16, 8, 4),
+                                                            (4, 16, 4), (8, 8, 8)]])
+            if m > 1:
+                grid = grid[:3] + [c for c in grid if c[2]][:2]
+            for bn, gpb, wl, w in grid:
+                if k % (gpb * gk):
+                    continue
+                steps = k // (gpb * gk)
+                for sk in sorted({1, pick_split_k(-(-n // bn), steps, sm)}):
+                    cfgs.append((f"word{int(wl)}", {"kernel": "q4gemv", "BM": 1 << (m - 1).bit_length(), "BN": bn,
+                                                     "GPB": gpb, "GK": gk, "split_k": sk, "num_warps": w,
+                                                     "word_loads": wl}))
+            sweep(label, "int4", n, k, m, cfgs, sets, count)
+        del sets
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    print("\nbf16 GEMV sweep (1B shapes, batch 1):")
+    gshapes = [("1B " + r, SHAPES_1B[r]) for r in SHAPES_1B] if not args.smoke else [("smoke o", SHAPES_SMOKE["o"])]
+    for label, (n, k) in gshapes:
+        count = 1 if args.smoke else max(2, min(16, math.ceil(4 * l2_bytes / (n * k * 2))))
+        sets = make_sets(n, k, count)
+        cfgs = [("heuristic", gemv_config(1, n, k, 2, sm))]
+        combos = [(1, 1024), (2, 1024), (4, 512), (8, 512), (4, 1024), (16, 256), (2, 2048), (8, 256)]
+        if args.smoke:
+            combos = [(2, 64)]
+        for bn, bk in combos:
+            if bk > k:
+                continue
+            for sk in (1, 2, 4):
+                if (k // bk) % sk or k // bk // sk < 1:
+                    continue
+                for w in (4, 8):
+                    if w == 8 and bn * bk < 4096:
+                        continue
+                    cfgs.append(("cfg", {"BM": 1, "BN": bn, "BK": bk, "split_k": sk, "num_warps": w}))
+        sweep(label, "gemv", n, k, 1, cfgs, sets, count)
+        del sets
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    print("\n" + "=" * 100)
+    print(f"tuning summary (copy {copy_tbs:.2f} TB/s; per call inside CUDA graphs, rotating weights)")
+    for label, m, hus, bus, frac, name, cfg in summary:
+        print(f"{label:14s} M={m}  heuristic {hus:8.1f}us  best {bus:8.1f}us {frac * 100:5.1f}%  {name} {json.dumps(cfg)}")
 
 
 def measure_graph(torch, quantize_weight, gemv, quant_matmul, dtype, bench, head_gemv: bool) -> dict:

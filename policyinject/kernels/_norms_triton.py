@@ -13,6 +13,11 @@ import triton.language as tl
 
 
 @triton.jit
+def _add_pair(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
 def norm_fwd_kernel(
     X,  # [M, N] input (row stride stride_xm, unit column stride)
     R,  # [M, N] residual (unused unless HAS_RESIDUAL)
@@ -34,6 +39,7 @@ def norm_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    STREAM: tl.constexpr = False,  # evict-first loads and streaming stores (data touched once)
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -48,9 +54,17 @@ def norm_fwd_kernel(
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         rows64 = rows.to(tl.int64)
         mask = (rows < M)[:, None] & col_mask[None, :]
-        x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if STREAM:
+            x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0,
+                        eviction_policy="evict_first").to(tl.float32)
+        else:
+            x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
-            r = tl.load(R + rows64[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if STREAM:
+                r = tl.load(R + rows64[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0,
+                            eviction_policy="evict_first").to(tl.float32)
+            else:
+                r = tl.load(R + rows64[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             s = (x + r).to(S.dtype.element_ty)
             tl.store(S + rows64[:, None] * stride_sm + cols[None, :], s, mask=mask)
             x = s.to(tl.float32)  # normalise the rounded sum, as HF does
@@ -58,12 +72,22 @@ def norm_fwd_kernel(
             var = tl.sum(x * x, axis=1) / N
             y = x * tl.rsqrt(var + eps)[:, None]
         else:
-            mean = tl.sum(x, axis=1) / N
-            xc = tl.where(mask, x - mean[:, None], 0.0)
-            var = tl.sum(xc * xc, axis=1) / N
-            y = xc * tl.rsqrt(var + eps)[:, None]
+            # one reduction pass over (d, d^2) with d = x - x[row, 0] (the shift keeps E[d^2] - E[d]^2 free of
+            # cancellation when |mean| >> std), instead of a mean pass followed by a variance pass
+            x0 = tl.load(X + rows64 * stride_xm, mask=rows < M, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:  # any shift near the mean will do: x[row, 0] + r[row, 0] need not be rounded
+                x0 += tl.load(R + rows64 * stride_rm, mask=rows < M, other=0.0).to(tl.float32)
+            d = tl.where(mask, x - x0[:, None], 0.0)
+            s1, s2 = tl.reduce((d, d * d), 1, _add_pair)
+            dmean = s1 / N
+            var = tl.maximum(s2 / N - dmean * dmean, 0.0)
+            y = (d - dmean[:, None]) * tl.rsqrt(var + eps)[:, None]
         if HAS_WEIGHT:
             y = y * w[None, :]
         if HAS_BIAS:
             y = y + b[None, :]
-        tl.store(Y + rows64[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+        if STREAM:
+            tl.store(Y + rows64[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=mask,
+                     cache_modifier=".cs")
+        else:
+            tl.store(Y + rows64[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)

@@ -61,6 +61,7 @@ class NormConfig:
     num_warps: int
     num_programs: Optional[int] = None
     num_stages: int = 1
+    stream: bool = False
 
 
 def norm_config(m: int, n: int, sms: int = 132) -> NormConfig:
@@ -72,7 +73,7 @@ def norm_config(m: int, n: int, sms: int = 132) -> NormConfig:
 
     Example:
         >>> norm_config(4096, 4096)
-        NormConfig(block_m=2, num_warps=8, num_programs=None, num_stages=1)
+        NormConfig(block_m=2, num_warps=8, num_programs=None, num_stages=1, stream=False)
         >>> norm_config(1, 4096).block_m
         1
     """
@@ -153,6 +154,7 @@ def launch_norm(
             HAS_BIAS=b is not None,
             BLOCK_M=cfg.block_m,
             BLOCK_N=next_pow2(n),
+            STREAM=cfg.stream,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )

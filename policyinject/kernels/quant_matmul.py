@@ -98,6 +98,21 @@ def quant_matmul_config(
         'gemm'
     """
     per_channel = group_size == k
+    if m <= QGEMV_MAX_M and num_bits == 4 and k % 32 == 0:
+        cfg = _q4gemv_config(m, n, k, group_size, sm_count, interpret)
+        if cfg is not None:
+            return cfg
+    return _quant_matmul_config(m, n, k, num_bits, group_size, sm_count, interpret)
+
+
+def _byte_gemv_config(m: int, n: int, k: int, group_size: int, sm_count: int, interpret: bool) -> dict:
+    """The int4 byte-kernel GEMV config (the word kernel's fallback)."""
+    return _quant_matmul_config(m, n, k, 4, group_size, sm_count, interpret)
+
+
+def _quant_matmul_config(m: int, n: int, k: int, num_bits: int, group_size: int, sm_count: int,
+                         interpret: bool) -> dict:
+    per_channel = group_size == k
     if m <= QGEMV_MAX_M:
         bm = _next_pow2(m)
         bytes_per_value = num_bits / 8
@@ -141,6 +156,36 @@ def quant_matmul_config(
     split_k = 1 if (interpret or m > 64) else pick_split_k(programs, triton_cdiv(k, bk), sm_count)
     return {"kernel": "gemm", "BM": bm, "BN": bn, "BK": bk, "split_k": split_k, "num_warps": warps,
             "num_stages": stages}
+
+
+def _q4gemv_config(m: int, n: int, k: int, group_size: int, sm_count: int, interpret: bool) -> Optional[dict]:
+    """Launch config of the int32-word int4 GEMV, or None when it does not take the shape.
+
+    Sub-blocks of ``GK`` = 128 features (64 bytes of a row: four 16-byte loads by four threads) or the largest
+    power of two dividing the group; ``GPB`` sub-blocks per K step; ``BN`` rows per program; K split while
+    the grid covers the SMs less than twice.
+    """
+    g = k if group_size == k else group_size
+    gk = _pow2_divisor(g, 32 if interpret else 128)
+    if gk < 32 and not interpret:
+        return None
+    if gk < 8 or k % gk:
+        return None
+    steps_total = k // gk
+    if interpret:
+        gpb, bn = _pow2_divisor(steps_total, 2), 4
+    elif m == 1:
+        # measured on an H100 (benchmarks/quant.py --tune, NOTES run 5): 8 rows x 8 sub-blocks (4 KB per step)
+        # is best or within 3% on every 8B/1B shape; very tall weights (8B gate_up) prefer 64 rows x 2
+        gpb, bn = (2, 64) if n >= 16 * sm_count * 8 else (8, 8)
+    else:
+        gpb, bn = 8, 16 if n >= 4096 else 4
+    gpb = _pow2_divisor(steps_total, gpb)
+    while bn > 1 and triton_cdiv(n, bn) < sm_count:
+        bn //= 2
+    split_k = 1 if interpret else pick_split_k(triton_cdiv(n, bn) * 2, steps_total // gpb, sm_count)
+    return {"kernel": "q4gemv", "BM": _next_pow2(m), "BN": bn, "GPB": gpb, "GK": gk, "split_k": split_k,
+            "num_warps": 4, "word_loads": False}
 
 
 if triton is not None:
@@ -274,6 +319,182 @@ if triton is not None:
             tl.store(y_ptrs, acc_t.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _split8(x, GPB: tl.constexpr, WG: tl.constexpr):
+        """``x`` of shape ``[GPB, WG * 8]`` as the 8 tensors ``x[:, 8 * w + i]`` (``i = 0..7``), each
+        ``[GPB, WG]``: the activation values met by nibble ``i`` of each packed int32 word."""
+        x5 = tl.reshape(x, (GPB, WG, 2, 2, 2))  # last three dims: bits 2, 1, 0 of i
+        e, o = tl.split(x5)  # i even / odd
+        e0, e1 = tl.split(e)
+        o0, o1 = tl.split(o)
+        x0, x4 = tl.split(e0)
+        x2, x6 = tl.split(e1)
+        x1, x5_ = tl.split(o0)
+        x3, x7 = tl.split(o1)
+        return x0, x1, x2, x3, x4, x5_, x6, x7
+
+    @triton.jit
+    def _nib(t, MASK: tl.constexpr, ASM: tl.constexpr):
+        """Bits ``MASK`` (four bits at 12..15 or 16..19) of ``t`` as the float ``1 + u * 2^(p - 23)``: one
+        AND-OR (``lop3``, written out: ptxas emits two LOP3 for ``(t & m) | c`` with two immediates) and no
+        conversion instruction. ``ASM=False`` (the interpreter) computes the same with plain integer ops."""
+        if ASM:
+            if MASK == 0x000F0000:
+                v = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F0000, 0x3F800000, 0xEA;", "=r,r", [t],
+                                              dtype=tl.int32, is_pure=True, pack=1)
+            else:
+                v = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x0000F000, 0x3F800000, 0xEA;", "=r,r", [t],
+                                              dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            v = (t & MASK) | 0x3F800000
+        return v.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _q4_row_part(w, x0, x1, x2, x3, x4, x5, x6, x7, corr, ASM: tl.constexpr):
+        """``sum_i (u_i - 8) * x_i`` per packed word for one activation row (``corr`` holds the offsets).
+
+        Nibble ``i`` of word ``w`` is feature ``8w + i``. It is moved (one shift for two nibbles) to bits 16..19
+        (value ``1 + u/128``) or 12..15 (``1 + u/2048``); the activations come pre-multiplied by 128 or 2048,
+        so ``v_i * x'_i = x'_i + u_i * x_i`` and ``corr = sum_i x'_i + 8 * x_i`` removes the constant part."""
+        HI: tl.constexpr = 0x000F0000
+        LO: tl.constexpr = 0x0000F000
+        a = w << 16  # nibble 0 -> 16..19
+        b = w << 8  # nibble 1 -> 12..15, nibble 2 -> 16..19
+        c = w >> 8  # nibble 5 -> 12..15, nibble 6 -> 16..19
+        d = w >> 12  # nibble 7 -> 16..19
+        part = -corr
+        part += _nib(a, HI, ASM) * x0
+        part += _nib(b, LO, ASM) * x1
+        part += _nib(b, HI, ASM) * x2
+        part += _nib(w, LO, ASM) * x3
+        part += _nib(w, HI, ASM) * x4
+        part += _nib(c, LO, ASM) * x5
+        part += _nib(c, HI, ASM) * x6
+        part += _nib(d, HI, ASM) * x7
+        return part
+
+    @triton.jit
+    def _q4_load_x(xp, xt, kx0, K, EVEN_K: tl.constexpr, GPB: tl.constexpr, WG: tl.constexpr):
+        """One activation row's K step: the 8 per-nibble tensors, pre-multiplied by 128 (nibbles moved to
+        bits 16..19) or 2048 (bits 12..15), and the correction ``sum_i x'_i + 8 x_i`` per word, plus the plain
+        sum (for zero points)."""
+        if EVEN_K:
+            x = tl.load(xp + xt).to(tl.float32)
+        else:
+            x = tl.load(xp + xt, mask=(kx0 + xt) < K, other=0.0).to(tl.float32)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x, GPB, WG)
+        xsum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+        hi = (x0 + x2) + (x4 + (x6 + x7))
+        lo = x1 + x3 + x5
+        corr = hi * 136.0 + lo * 2056.0
+        return (x0 * 128.0, x1 * 2048.0, x2 * 128.0, x3 * 2048.0, x4 * 128.0, x5 * 2048.0, x6 * 128.0,
+                x7 * 128.0, corr, xsum)
+
+    @triton.jit(do_not_specialize=["ONE"])
+    def _q4gemv_kernel(
+        X, QW, S, Z, B, Y,
+        M, N, K, K_PER_SPLIT,
+        stride_xm, stride_wn, stride_sn, stride_ym, ONE,
+        SYMMETRIC: tl.constexpr,
+        PER_CHANNEL: tl.constexpr,
+        G: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BM: tl.constexpr,
+        ROWS: tl.constexpr,
+        BN: tl.constexpr,
+        GPB: tl.constexpr,
+        WG: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        ASM: tl.constexpr,
+        WORD_LOADS: tl.constexpr,
+    ):
+        """int4 decode GEMV on packed int32 words (``QW`` is the uint8 weight viewed as int32, ``stride_wn``
+        in words): 16-byte loads of 32 nibbles, unpacked with shifts and AND-ORs into floats (no conversion
+        instructions), one FMA per weight, the group scale applied once per word and row (one FMA), not per
+        weight. A K step is ``GPB`` sub-blocks of ``WG`` words (``8 * WG`` features, dividing the group)."""
+        GK: tl.constexpr = WG * 8
+        BK: tl.constexpr = GPB * GK
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_m = tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        rows = offs_n % N
+        offs_g = tl.arange(0, GPB)
+        wt = offs_g[:, None] * WG + tl.arange(0, WG)[None, :]  # word index inside the step [GPB, WG]
+        if WORD_LOADS:
+            # one 4-byte word per thread and row: the words' layout then matches the activations' 16-byte
+            # loads (8 values per word) and needs no shared-memory exchange (ONE == 1 at run time, unknown
+            # to the compiler, so the word offsets are not seen as contiguous)
+            w_ptrs = QW + rows[:, None, None] * stride_wn + (wt * ONE)[None, :, :]
+        else:
+            w_ptrs = QW + rows[:, None, None] * stride_wn + wt[None, :, :]
+        xt = offs_g[:, None] * GK + tl.arange(0, GK)[None, :]  # feature index inside the step [GPB, GK]
+        acc0 = tl.zeros((BN, GPB, WG), dtype=tl.float32)
+        acc1 = tl.zeros((BN, GPB, WG), dtype=tl.float32)
+        acc2 = tl.zeros((BN, GPB, WG), dtype=tl.float32)
+        acc3 = tl.zeros((BN, GPB, WG), dtype=tl.float32)
+        k_start = tl.multiple_of(pid_k * K_PER_SPLIT, BK)
+        k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+        for k0 in range(k_start, k_end, BK):
+            if EVEN_K:
+                w = tl.load(w_ptrs + k0 // 8, eviction_policy="evict_first")
+            else:
+                wmask = (k0 + wt * 8) < k_end
+                w = tl.load(w_ptrs + k0 // 8, mask=wmask[None, :, :], other=0, eviction_policy="evict_first")
+            if PER_CHANNEL:
+                s = tl.full((BN, GPB, 1), 1.0, tl.float32)
+            else:
+                gidx = (k0 + offs_g * GK) // G
+                sp = rows[:, None] * stride_sn + gidx[None, :]
+                s2 = tl.load(S + sp).to(tl.float32)
+                s = s2[:, :, None]
+                if not SYMMETRIC:
+                    zs = (tl.load(Z + sp).to(tl.float32) * s2)[:, :, None]
+            for m in tl.static_range(ROWS):
+                x0, x1, x2, x3, x4, x5, x6, x7, corr, xsum = _q4_load_x(
+                    X + m * stride_xm + k0, xt, k0, k_end, EVEN_K, GPB, WG)
+                part = _q4_row_part(w, x0, x1, x2, x3, x4, x5, x6, x7, corr[None, :, :], ASM)
+                if PER_CHANNEL:
+                    contrib = part
+                else:
+                    contrib = part * s
+                if not SYMMETRIC:
+                    if PER_CHANNEL:
+                        zc = tl.load(Z + rows * stride_sn).to(tl.float32)[:, None, None]
+                        contrib -= zc * xsum[None, :, :]
+                    else:
+                        contrib -= zs * xsum[None, :, :]
+                if m == 0:
+                    acc0 += contrib
+                elif m == 1:
+                    acc1 += contrib
+                elif m == 2:
+                    acc2 += contrib
+                else:
+                    acc3 += contrib
+        y0 = tl.sum(tl.sum(acc0, axis=2), axis=1)
+        acc_t = tl.where(offs_m[None, :] == 0, y0[:, None], 0.0)
+        if ROWS > 1:
+            acc_t += tl.where(offs_m[None, :] == 1, tl.sum(tl.sum(acc1, axis=2), axis=1)[:, None], 0.0)
+        if ROWS > 2:
+            acc_t += tl.where(offs_m[None, :] == 2, tl.sum(tl.sum(acc2, axis=2), axis=1)[:, None], 0.0)
+        if ROWS > 3:
+            acc_t += tl.where(offs_m[None, :] == 3, tl.sum(tl.sum(acc3, axis=2), axis=1)[:, None], 0.0)
+        if PER_CHANNEL:
+            acc_t = acc_t * tl.load(S + rows * stride_sn).to(tl.float32)[:, None]
+        if HAS_BIAS:
+            bias = tl.load(B + rows).to(tl.float32)
+            if SPLIT_K > 1:
+                bias = tl.where(pid_k == 0, bias, 0.0)
+            acc_t += bias[:, None]
+        y_ptrs = Y + offs_m[None, :] * stride_ym + offs_n[:, None]
+        mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
+        if SPLIT_K > 1:
+            tl.atomic_add(y_ptrs, acc_t, mask=mask)
+        else:
+            tl.store(y_ptrs, acc_t.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _qgemm_kernel(
         X, QW, S, Z, B, Y,
         M, N, K, K_PER_SPLIT,
@@ -378,8 +599,68 @@ if triton is not None:
             tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask)
 
 
+def _int4_words(qw: QuantizedWeight) -> Optional[torch.Tensor]:
+    """The packed int4 weight viewed as int32 words ``[N, K // 8]`` (8 nibbles each, feature ``8w + i`` in bits
+    ``4i..4i+3``), or None when its layout does not allow it (K not a multiple of 8, unaligned rows)."""
+    q = qw.qweight
+    if qw.num_bits != 4 or qw.in_features % 8 or q.stride(-1) != 1 or q.stride(0) % 4 or q.data_ptr() % 16:
+        return None
+    try:
+        return q.view(torch.int32)
+    except RuntimeError:
+        return None
+
+
+def q4gemv_supported(qw: QuantizedWeight, gk: int) -> bool:
+    """Whether the int32-word int4 GEMV takes this weight with sub-blocks of ``gk`` features."""
+    if qw.num_bits != 4 or qw.in_features % 8 or gk % 8:
+        return False
+    if qw.per_channel:
+        return qw.in_features % gk == 0
+    return qw.group_size % gk == 0
+
+
+def _launch_q4gemv(x2, qw, words, bias, cfg) -> torch.Tensor:
+    m, k = x2.shape
+    n = qw.out_features
+    gpb, gk = int(cfg["GPB"]), int(cfg["GK"])
+    bk = gpb * gk
+    if not qw.per_channel and qw.group_size % gk != 0:
+        raise ValueError(f"config GK={gk} must divide group_size={qw.group_size}")
+    bm = int(cfg.get("BM", _next_pow2(m)))
+    if bm < m or m > 4:
+        raise ValueError(f"q4gemv takes 1..4 rows within BM={bm}, got M={m}")
+    split_k = int(cfg.get("split_k", 1))
+    k_per_split = triton_cdiv(triton_cdiv(k, split_k), bk) * bk
+    split_k = triton_cdiv(k, k_per_split)
+    even_k = k % k_per_split == 0
+    if split_k > 1:
+        y = torch.zeros((m, n), device=x2.device, dtype=torch.float32)
+    else:
+        y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    zeros = qw.zeros if qw.zeros is not None else qw.scales
+    grid = (triton_cdiv(n, int(cfg["BN"])), split_k)
+    _q4gemv_kernel[grid](
+        x2, words, qw.scales, zeros, bias if bias is not None else qw.scales, y,
+        m, n, k, k_per_split,
+        x2.stride(0), words.stride(0), qw.scales.stride(0), y.stride(0), 1,
+        SYMMETRIC=qw.zeros is None, PER_CHANNEL=qw.per_channel, G=qw.group_size, HAS_BIAS=bias is not None,
+        BM=bm, ROWS=m, BN=int(cfg["BN"]), GPB=gpb, WG=gk // 8, EVEN_K=even_k, SPLIT_K=split_k,
+        ASM=x2.is_cuda, WORD_LOADS=bool(cfg.get("word_loads", False)),
+        num_warps=int(cfg.get("num_warps", 4)),
+    )
+    return y.to(x2.dtype) if split_k > 1 else y
+
+
 def _launch(x2: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor], cfg: Mapping) -> torch.Tensor:
     kernel_name = cfg.get("kernel", "gemv")
+    if kernel_name == "q4gemv":
+        triton_launchable(_q4gemv_kernel, x2, qw.qweight)
+        words = _int4_words(qw)
+        if words is not None and q4gemv_supported(qw, int(cfg["GK"])) and x2.shape[0] <= 4:
+            return _launch_q4gemv(x2, qw, words, bias, cfg)
+        cfg = dict(cfg, kernel="gemv")  # layout the word kernel cannot read: the byte kernel takes it
+        kernel_name = "gemv"
     kernel = _qgemv_kernel if kernel_name == "gemv" else _qgemm_kernel
     triton_launchable(kernel, x2, qw.qweight)
     m, k = x2.shape
@@ -466,6 +747,11 @@ def quant_matmul(
         x2.shape[0], qw.out_features, qw.in_features, qw.num_bits, qw.group_size,
         _sm_count(x.device), interpret=not x.is_cuda,
     )
+    if config is None and cfg.get("kernel") == "q4gemv" and x2.dtype == torch.float32:
+        # the word kernel's unpacking trades ~8 of float32's 24 bits (relative error ~1e-5): fine for 16-bit
+        # activations, not for float32 ones, which take the byte kernel
+        cfg = _byte_gemv_config(x2.shape[0], qw.out_features, qw.in_features, qw.group_size,
+                                _sm_count(x.device), not x.is_cuda)
     y = _launch(x2, qw, bias, cfg)
     return y.reshape(*lead, qw.out_features)
 

@@ -43,7 +43,7 @@ def norm_variants(dt: str) -> Iterator[Tuple[str, Any, Dict, Dict, List[str], in
                                     ("add_rms_norm_16384", 1, 1, 0, 16384), ("rms_norm_5120", 1, 0, 0, 5120)]:
         cfg = norm_config(4096, n)
         const = dict(IS_RMS=bool(rms), HAS_RESIDUAL=bool(res), HAS_WEIGHT=True, HAS_BIAS=bool(bias),
-                     BLOCK_M=cfg.block_m, BLOCK_N=triton.next_power_of_2(n))
+                     BLOCK_M=cfg.block_m, BLOCK_N=triton.next_power_of_2(n), STREAM=cfg.stream)
         yield name, _norms_triton.norm_fwd_kernel, sig, const, div16, cfg.num_warps
 
 

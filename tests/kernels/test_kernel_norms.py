@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_checks import DTYPES, assert_close, poisoned_alloc, randn
+from kernel_checks import DTYPES, assert_close, poisoned_alloc, randn, rel_err
 from policyinject.errors import UnsupportedError
 from policyinject.kernels import norms, reference
 from policyinject.kernels.norms import NormConfig, launch_norm, norm_config
@@ -137,3 +137,40 @@ def test_poison_is_effective() -> None:
         u = torch.empty_like(t)
     assert torch.isnan(t).all() and torch.isnan(u).all()
     assert not torch.isnan(torch.zeros(1)).any()
+
+
+@pytest.mark.parametrize("variant", ["layer", "add_layer"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_layer_norm_single_pass_with_large_mean(variant: str, dtype: torch.dtype) -> None:
+    """LayerNorm reduces (x - x[row, 0]) and its square in one pass: rows whose mean is far larger than their
+    spread (and a first element far from the mean) must still match the two-pass reference."""
+    if dtype == torch.bfloat16 and variant == "add_layer":
+        pytest.skip("x + r near 200 in bf16: the interpreter truncates the rounded sum (1 ulp = 1.0), torch rounds")
+    x = (randn(6, 200) * 0.5 + 300.0).to(dtype)
+    x[:, 0] += 4.0  # the shift is not the mean
+    r = (randn(6, 200) - 100.0).to(dtype)
+    w, b = randn(200).to(dtype), randn(200).to(dtype)
+    with poisoned_alloc():
+        outs = _run(variant, x, r, w, b, 1e-5, 0.0, "triton")
+    if dtype == torch.float32:
+        # against float64: the float32 two-pass reference itself is off by ~3e-5 here (an ulp of 300 in float32
+        # is 3e-5 of the rows' spread of 0.5); the bound stays under that input resolution
+        refs = _run(variant, x.double(), r.double(), w.double(), b.double(), 1e-5, 0.0, "torch")
+        for o, ref in zip(outs, refs):
+            assert not torch.isnan(o).any()
+            assert rel_err(o, ref.to(dtype)) < 5e-5
+    else:
+        for o, ref in zip(outs, _run(variant, x, r, w, b, 1e-5, 0.0, "torch")):
+            assert_close(o, ref)
+
+
+@pytest.mark.parametrize("variant", ["rms", "add_rms", "layer", "add_layer"])
+def test_norm_streaming_config(variant: str) -> None:
+    x, r, w, b = randn(5, 64), randn(5, 64), randn(64), randn(64)
+    cfg = norms.NormConfig(block_m=2, num_warps=2, num_programs=2, stream=True)
+    with poisoned_alloc():
+        outs = norms.launch_norm(x, r if variant.startswith("add") else None, w, b if "layer" in variant else None,
+                                 1e-5, 0.0, variant.endswith("rms"), cfg)
+    refs = _run(variant, x, r, w, b if "layer" in variant else None, 1e-5, 0.0, "torch")
+    for o, ref in zip([o for o in outs if o is not None], refs):
+        assert_close(o, ref)

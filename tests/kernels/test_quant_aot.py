@@ -22,7 +22,7 @@ import json, re, sys
 import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-from policyinject.kernels.quant_matmul import _qgemv_kernel, _qgemm_kernel
+from policyinject.kernels.quant_matmul import _qgemv_kernel, _qgemm_kernel, _q4gemv_kernel
 from policyinject.kernels.gemv import _gemv_kernel
 
 PTR = {"X": "*bf16", "W": "*bf16", "QW": None, "S": "*fp16", "Z": "*fp16", "B": "*bf16", "Y": "*bf16"}
@@ -79,6 +79,16 @@ qgemm_cases = {
 for name, (bits, c, warps) in qgemm_cases.items():
     c = dict(dict(SYMMETRIC=True, HAS_BIAS=True, EVEN_K=True, SPLIT_K=1, DOT_F32=False, GROUP_M=8), **c, BITS=bits)
     out[name] = compile_one(_qgemm_kernel, c, "*i8" if bits == 8 else "*u8", num_warps=warps)
+q4_cases = {
+    "q4w_g128_m1": dict(SYMMETRIC=True, PER_CHANNEL=False, G=128, BM=1, ROWS=1, BN=16, GPB=8, WG=16, WORD_LOADS=False),
+    "q4w_g128_m1_words": dict(SYMMETRIC=True, PER_CHANNEL=False, G=128, BM=1, ROWS=1, BN=8, GPB=8, WG=16, WORD_LOADS=True),
+    "q4w_g64_asym_m4": dict(SYMMETRIC=False, PER_CHANNEL=False, G=64, BM=4, ROWS=3, BN=8, GPB=4, WG=8, WORD_LOADS=False),
+    "q4w_pc_m2": dict(SYMMETRIC=False, PER_CHANNEL=True, G=4096, BM=2, ROWS=2, BN=8, GPB=8, WG=16, WORD_LOADS=True),
+}
+for name, c in q4_cases.items():
+    c = dict(c, HAS_BIAS=True, EVEN_K=True, SPLIT_K=2 if "m4" in name else 1, ASM=True)
+    r = compile_one(_q4gemv_kernel, c, "*i32", num_stages=1)
+    out[name] = r
 print(json.dumps(out))
 '''
 
@@ -94,7 +104,7 @@ def compiled() -> dict:
 
 
 def test_every_kernel_compiles_for_sm90(compiled: dict) -> None:
-    assert len(compiled) == 13
+    assert len(compiled) == 17
     for name, info in compiled.items():
         assert info["cubin"], name
         assert info["shared"] <= 228 * 1024, (name, info["shared"])
@@ -102,7 +112,7 @@ def test_every_kernel_compiles_for_sm90(compiled: dict) -> None:
 
 
 def test_decode_kernels_use_16_byte_weight_loads(compiled: dict) -> None:
-    for name in ("gemv_m1", "gemv_m4_split", "q8_pc_m1", "q8_g128_m1", "q4_g128_m1"):
+    for name in ("gemv_m1", "gemv_m4_split", "q8_pc_m1", "q8_g128_m1", "q4_g128_m1", "q4w_g128_m1"):
         assert compiled[name]["v4"], name
 
 

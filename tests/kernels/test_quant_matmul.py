@@ -91,6 +91,35 @@ def test_explicit_configs_and_split_k(bits: int, config: dict) -> None:
     _check(randn(m, 384, device=DEVICE), qw, randn(20, device=DEVICE), config)
 
 
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize(
+    "group, config",
+    [
+        (64, {"kernel": "q4gemv", "BN": 4, "GPB": 2, "GK": 32, "split_k": 1}),
+        (64, {"kernel": "q4gemv", "BN": 2, "GPB": 1, "GK": 64, "split_k": 3, "word_loads": True}),
+        (128, {"kernel": "q4gemv", "BN": 8, "GPB": 2, "GK": 64, "split_k": 2}),
+        (None, {"kernel": "q4gemv", "BN": 4, "GPB": 2, "GK": 32, "split_k": 2, "word_loads": True}),
+    ],
+    ids=lambda c: c if not isinstance(c, dict) else "-".join(f"{k}{v}" for k, v in c.items() if k != "kernel"),
+)
+def test_int4_word_gemv(m: int, symmetric: bool, group, config: dict) -> None:
+    """The int32-word int4 GEMV (nibbles unpacked into float bits, group scale per word) on fresh inputs:
+    grouped and per-channel, symmetric and not, 1..4 rows, split K, both weight-load layouts, bias."""
+    k = 384
+    qw = quantize_weight(randn(20, k) + (0 if symmetric else 0.2), 4, group, symmetric).to(DEVICE)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = randn(m, k, dtype=dtype, device=DEVICE)
+        _check(x, qw, randn(20, dtype=dtype, device=DEVICE) if m % 2 else None, dict(config, BM=1 << (m - 1).bit_length()))
+
+
+def test_int4_word_gemv_is_the_decode_default() -> None:
+    cfg = qm.quant_matmul_config(1, 4096, 4096, 4, 128, 132, False)
+    assert cfg["kernel"] == "q4gemv" and cfg["GK"] == 128
+    assert qm.quant_matmul_config(8, 4096, 4096, 4, 128, 132, False)["kernel"] == "gemm"
+    assert qm.quant_matmul_config(1, 4096, 4096, 8, 4096, 132, False)["kernel"] == "gemv"
+
+
 def test_per_channel_split_k_with_masked_tail() -> None:
     qw = quantize_weight(randn(8, 200), 8, None).to(DEVICE)
     _check(randn(1, 200, device=DEVICE), qw, None, {"kernel": "gemv", "BN": 4, "GPB": 1, "GK": 64, "split_k": 2})
@@ -166,9 +195,11 @@ def test_heuristic_configs_are_valid(m, n, k, g, bits) -> None:
     g = g or k
     for interpret in (True, False):
         cfg = qm.quant_matmul_config(m, n, k, bits, g, 132, interpret)
-        step = cfg["GPB"] * cfg["GK"] if cfg["kernel"] == "gemv" else cfg["BK"]
+        step = cfg["GPB"] * cfg["GK"] if cfg["kernel"] in ("gemv", "q4gemv") else cfg["BK"]
         assert g == k or g % step == 0 or step % g == 0
-        if cfg["kernel"] == "gemv":
+        if cfg["kernel"] == "q4gemv":
+            assert bits == 4 and g % cfg["GK"] == 0 and cfg["GK"] % 8 == 0
+        if cfg["kernel"] in ("gemv", "q4gemv"):
             assert cfg["BM"] >= m
             assert g == k or k % step == 0  # grouped weights never need a K mask
 
