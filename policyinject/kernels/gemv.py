@@ -24,6 +24,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from ..errors import UnsupportedError
+from ._gemv_epilogue import store_tile
 from .quant_reference import gemv_reference
 
 try:  # triton is a Linux-only dependency; the torch backend works without it.
@@ -209,17 +210,7 @@ if triton is not None:
                     acc_t += tl.where(offs_m[None, :] == m, part[:, None], 0.0)
         if BM == 1:
             acc_t = tl.sum(acc2, axis=1)[:, None]
-        if HAS_BIAS:
-            bias = tl.load(B + rows).to(tl.float32)
-            if SPLIT_K > 1:
-                bias = tl.where(pid_k == 0, bias, 0.0)
-            acc_t += bias[:, None]
-        y_ptrs = Y + offs_m[None, :] * stride_ym + offs_n[:, None]
-        mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
-        if SPLIT_K > 1:
-            tl.atomic_add(y_ptrs, acc_t, mask=mask)
-        else:
-            tl.store(y_ptrs, acc_t.to(Y.dtype.element_ty), mask=mask)
+        store_tile(Y, acc_t, B, rows, offs_m, offs_n, M, N, stride_ym, pid_k, HAS_BIAS, SPLIT_K)
 
 
 def _gemv_triton(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], config: Mapping) -> torch.Tensor:

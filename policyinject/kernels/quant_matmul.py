@@ -35,6 +35,8 @@ from .gemv import _next_pow2, _sm_count, pick_split_k, resolve_backend, triton_c
 from .quant_reference import quant_matmul_reference
 from .quantize import QuantizedWeight
 
+from ._gemv_epilogue import store_tile
+
 try:
     import triton
     import triton.language as tl
@@ -306,17 +308,7 @@ if triton is not None:
             acc_t = tl.sum(tl.sum(acc3, axis=2), axis=1)[:, None]
         if PER_CHANNEL:
             acc_t = acc_t * s_row[:, None]
-        if HAS_BIAS:
-            bias = tl.load(B + rows).to(tl.float32)
-            if SPLIT_K > 1:
-                bias = tl.where(pid_k == 0, bias, 0.0)
-            acc_t += bias[:, None]
-        y_ptrs = Y + offs_m[None, :] * stride_ym + offs_n[:, None]
-        mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
-        if SPLIT_K > 1:
-            tl.atomic_add(y_ptrs, acc_t, mask=mask)
-        else:
-            tl.store(y_ptrs, acc_t.to(Y.dtype.element_ty), mask=mask)
+        store_tile(Y, acc_t, B, rows, offs_m, offs_n, M, N, stride_ym, pid_k, HAS_BIAS, SPLIT_K)
 
     @triton.jit
     def _split8(x, GPB: tl.constexpr, WG: tl.constexpr):
@@ -482,17 +474,7 @@ if triton is not None:
             acc_t += tl.where(offs_m[None, :] == 3, tl.sum(tl.sum(acc3, axis=2), axis=1)[:, None], 0.0)
         if PER_CHANNEL:
             acc_t = acc_t * tl.load(S + rows * stride_sn).to(tl.float32)[:, None]
-        if HAS_BIAS:
-            bias = tl.load(B + rows).to(tl.float32)
-            if SPLIT_K > 1:
-                bias = tl.where(pid_k == 0, bias, 0.0)
-            acc_t += bias[:, None]
-        y_ptrs = Y + offs_m[None, :] * stride_ym + offs_n[:, None]
-        mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
-        if SPLIT_K > 1:
-            tl.atomic_add(y_ptrs, acc_t, mask=mask)
-        else:
-            tl.store(y_ptrs, acc_t.to(Y.dtype.element_ty), mask=mask)
+        store_tile(Y, acc_t, B, rows, offs_m, offs_n, M, N, stride_ym, pid_k, HAS_BIAS, SPLIT_K)
 
     @triton.jit
     def _qgemm_kernel(
