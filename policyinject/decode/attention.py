@@ -4,9 +4,12 @@
 under ``"auto"``) it is two ``index_copy_`` and PyTorch SDPA over a fixed-size view of the cache with an
 additive mask (query heads of one KV group packed on the query axis, so K/V are never repeated). With the
 Triton kernel (CUDA under ``"auto"``, or ``"triton"``; ``TRITON_INTERPRET=1`` runs it on CPU tensors) it is
-one launch per layer that does the write, the GQA grouping, the masking and an online softmax, and reads
-only the slots before ``cache_pos`` (the bound is read on the device): this matters because a decode step
-is a long chain of small launches, and under a CUDA graph every launch saved is time saved.
+a split-KV ("flash-decoding") launch that does the write, the rotary, the GQA grouping, the masking and an
+online softmax over its share of the slots before ``cache_pos`` (bound and shares are computed on the
+device, so one CUDA graph replays it at every position), then, with more than one split, a small launch
+that combines the float32 partials. At batch 1 one program per (row, KV head) looped over the whole cache
+alone (8 programs on a 132-SM GPU: latency-bound); splitting the slots over up to :data:`MAX_SPLITS`
+programs each puts the whole GPU on it (:func:`split_plan`).
 
 Example:
     >>> import torch
@@ -30,7 +33,7 @@ from ..kernels._common import check_launch, use_triton
 from ..modules.attention import sdpa
 from .kv_cache import decode_mask
 
-__all__ = ["decode_attention", "decode_attention_reference"]
+__all__ = ["decode_attention", "decode_attention_reference", "split_plan"]
 
 
 def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -59,11 +62,39 @@ def _next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
+#: most splits of one (row, KV head); the combine reads them all
+MAX_SPLITS = 32
+#: streaming multiprocessors assumed for CPU tensors (the Triton interpreter): few splits, fast tests
+_INTERPRETER_SMS = 16
+
+
+def split_plan(batch: int, kv_heads: int, span: int, device: torch.device) -> "tuple[int, int]":
+    """``(num_splits, block_s)`` of the split-KV decode attention for a static ``span``.
+
+    Splits fill the GPU's SMs once (``batch * kv_heads * num_splits <= SMs``, at most :data:`MAX_SPLITS`,
+    never more than ``span / 16`` blocks); a batch that fills them alone gets 1 split (no combine launch).
+    ``block_s`` is the power of two nearest a split's share of the full span, clamped to [16, 64].
+
+    Example:
+        >>> split_plan(1, 8, 256, torch.device("cpu")), split_plan(64, 8, 256, torch.device("cpu"))
+        ((2, 64), (1, 64))
+    """
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = _INTERPRETER_SMS
+    n = min(MAX_SPLITS, sms // max(batch * kv_heads, 1), -(-int(span) // 16))
+    n = n if n >= 2 else 1
+    share = -(-int(span) // n)
+    return n, min(64, max(16, _next_pow2(share)))
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, cache_pos: torch.Tensor, kv_mask: torch.Tensor, span: int,
                      scale: Optional[float] = None, window: Optional[int] = None, backend: str = "auto",
-                     mask: Optional[torch.Tensor] = None, block_s: int = 64, cos: Optional[torch.Tensor] = None,
-                     sin: Optional[torch.Tensor] = None, rotary: Optional[str] = None) -> torch.Tensor:
+                     mask: Optional[torch.Tensor] = None, block_s: Optional[int] = None,
+                     cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None,
+                     rotary: Optional[str] = None, num_splits: Optional[int] = None) -> torch.Tensor:
     """Attention of one new token per row over the cache; returns ``[B, Hq, 1, D]``.
 
     ``q [B, Hq, 1, D]``, ``k``/``v [B, Hkv, 1, D]``; caches ``[B_cap, Hkv, L, D]`` (rows ``[0, B)`` used);
@@ -71,6 +102,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     ``span`` the slots the reference attends over (the kernel stops at ``cache_pos``). q and k are taken
     after rotary, unless ``rotary`` (``"half"`` or ``"interleaved"``) asks this function to apply it with
     ``cos``/``sin [B, 1, R]`` (the first ``R`` dims of each head rotated).
+
+    Kernel path: split-KV over ``num_splits`` splits per (row, KV head) and blocks of ``block_s`` slots;
+    both default to :func:`split_plan` (static for a given span and batch, so a CUDA graph stays valid at
+    every position). With more than one split a second, small launch combines the float32 partials.
     """
     if rotary not in (None, "half", "interleaved"):
         raise ValueError(f"rotary must be None, 'half' or 'interleaved', got {rotary!r}")
@@ -90,6 +125,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     if k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
         raise ValueError("the KV cache buffers must be contiguous in head_dim and share strides")
     check_launch("decode_attention", kmod.decode_attention_kernel, q, k, v, k_cache, v_cache)
+    plan_splits, plan_block = split_plan(b, hkv, span, q.device)
+    nsplit = int(num_splits) if num_splits is not None else plan_splits
+    block = int(block_s) if block_s is not None else plan_block
+    if nsplit < 1 or block < 16 or block & (block - 1):
+        raise ValueError(f"num_splits must be >= 1 and block_s a power of two >= 16, got {nsplit}, {block}")
     g = hq // hkv
     q3 = q[:, :, 0]
     k3, v3 = k[:, :, 0], v[:, :, 0]
@@ -110,15 +150,28 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         if cos2.stride(-1) != 1 or sin2.stride() != cos2.stride():
             cos2, sin2 = cos2.contiguous(), sin2.contiguous()
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
-    kmod.decode_attention_kernel[(b * hkv,)](
-        q3, k3, v3, k_cache, v_cache, mask_u8, cache_pos, out, cos2, sin2,
+    d_pad = max(16, _next_pow2(d))
+    if nsplit > 1:
+        # float32 partials of every (query head, split): acc [B*Hq, S, D], then m and l [B*Hq, S]
+        parts = b * hq * nsplit
+        scratch = torch.empty(parts * (d + 2), dtype=torch.float32, device=q.device)
+        pacc, pm, pl = scratch[:parts * d], scratch[parts * d:parts * (d + 1)], scratch[parts * (d + 1):]
+    else:
+        pacc = pm = pl = out  # unused
+    kmod.decode_attention_kernel[(b * hkv, nsplit)](
+        q3, k3, v3, k_cache, v_cache, mask_u8, cache_pos, out, cos2, sin2, pm, pl, pacc,
         q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), mask_u8.stride(0), out.stride(0), out.stride(1),
         cos2.stride(0),
         float(scale if scale is not None else d ** -0.5), int(window or 0), int(span),
-        HKV=hkv, G=g, G_PAD=max(16, _next_pow2(g)), D=d, D_PAD=max(16, _next_pow2(d)),
-        BLOCK_S=int(block_s), HAS_WINDOW=window is not None,
+        HKV=hkv, G=g, G_PAD=max(16, _next_pow2(g)), D=d, D_PAD=d_pad,
+        BLOCK_S=block, HAS_WINDOW=window is not None,
         DOT_PREC="ieee" if k_cache.dtype == torch.float32 else None,
-        R=r, INTERLEAVED=rotary == "interleaved",
+        R=r, INTERLEAVED=rotary == "interleaved", NSPLIT=nsplit,
     )
+    if nsplit > 1:
+        kmod.decode_attention_combine_kernel[(b * hq,)](
+            pm, pl, pacc, out, out.stride(0), out.stride(1),
+            HQ=hq, D=d, D_PAD=d_pad, NSPLIT=nsplit, NS_PAD=max(2, _next_pow2(nsplit)),
+        )
     return out[:, :, None]
