@@ -185,6 +185,8 @@ def test_one_graph_replays_at_every_position():
     inputs, _, _ = _case(7, b, hq, hkv, d, max_len, 100, torch.bfloat16, holes=False)
     kv = torch.ones(b, max_len, dtype=torch.bool, device="cuda")
     inputs["kv_mask"] = kv
+    for name in ("k_cache", "v_cache"):  # every slot attended later must be finite
+        inputs[name].copy_(torch.randn_like(inputs[name]))
     cp = inputs["cache_pos"]
     fn = lambda: decode_attention(**inputs)  # noqa: E731
     side = torch.cuda.Stream()
