@@ -30,8 +30,39 @@ __all__ = ["greedy", "warp", "sample", "Sampler"]
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
-    """``argmax`` over the last axis (first index on ties, as Hugging Face)."""
-    return torch.argmax(logits, dim=-1)
+    """``argmax`` over the last axis (first index on ties, as Hugging Face).
+
+    A large vocabulary is reduced in two stages (max within equal chunks, then the first chunk holding the
+    maximum): a one-row ``torch.argmax`` over 128k logits runs on very few thread blocks (28.6 us per step on
+    an H100, 2% of a Llama-3.2-1B decode step); the chunked form spreads the first stage over the chip.
+
+    Example:
+        >>> x = torch.tensor([[0.0, 3.0, 1.0, 3.0] * 4096])
+        >>> int(greedy(x)), int(torch.argmax(x))
+        (1, 1)
+    """
+    vocab = logits.shape[-1]
+    chunk = _chunk_size(vocab)
+    if chunk is None or logits.dim() != 2:
+        return torch.argmax(logits, dim=-1)
+    values, within = logits.view(logits.shape[0], vocab // chunk, chunk).max(dim=-1)
+    best = values.argmax(dim=-1, keepdim=True)  # first chunk holding the maximum
+    return (best * chunk + within.gather(-1, best))[:, 0]
+
+
+def _chunk_size(vocab: int, low: int = 256, high: int = 2048) -> Optional[int]:
+    """A divisor of ``vocab`` in ``[low, high]`` (largest first), or None for small or awkward vocabularies.
+
+    Example:
+        >>> _chunk_size(128256), _chunk_size(49152), _chunk_size(256), _chunk_size(50257)
+        (2004, 2048, None, 1733)
+    """
+    if vocab < 4 * high:
+        return None
+    for c in range(high, low - 1, -1):
+        if vocab % c == 0:
+            return c
+    return None
 
 
 def warp(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,

@@ -197,3 +197,16 @@ def test_sampler_validates_parameters():
     with pytest.raises(ValueError, match="top_p"):
         Sampler(do_sample=True, top_p=1.5)
     assert Sampler(do_sample=False, temperature=0.0).greedy  # greedy ignores warpers, as Hugging Face
+
+
+def test_chunked_greedy_equals_argmax_with_ties_across_chunks():
+    from policyinject.decode.sampling import greedy
+
+    g = torch.Generator().manual_seed(11)
+    for vocab in (128256, 49152, 151936, 50257, 32000, 256):
+        for _ in range(20):
+            x = torch.randn(3, vocab, generator=g).to(torch.bfloat16)
+            hot = torch.randint(0, vocab, (3,), generator=g)
+            x[0, hot] = 10.0  # ties, possibly in different chunks: the first index must win
+            x[1, -1] = 10.0
+            assert torch.equal(greedy(x), torch.argmax(x, dim=-1)), vocab
