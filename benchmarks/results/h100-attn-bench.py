@@ -123,16 +123,32 @@ def bench(label, b, hq, hkv, d, span, positions, plan, layers=16):
     if True:
         variants = [("old", old_attention)]
 
-        def mk(s, bs):
-            return lambda q, k, v, kc, vc, cp, kv, span, cos, sin: decode_attention(
-                q, k, v, kc, vc, cp, kv, span, cos=cos, sin=sin, rotary="half", num_splits=s, block_s=bs, backend="triton")
-        combos = [plan] + ([(4, 16), (8, 16), (16, 32), (32, 16)] if b == 1 else [(1, 64), (2, 64), (4, 32)])
+        def mk(s, bs, fused=True, stages=None, masked=False):
+            def call(q, k, v, kc, vc, cp, kv, span, cos, sin):
+                att.FUSE_COMBINE, att.SPLIT_NUM_STAGES, att.MASKED_LOADS = fused, stages, masked
+                try:
+                    return decode_attention(q, k, v, kc, vc, cp, kv, span, cos=cos, sin=sin, rotary="half",
+                                            num_splits=s, block_s=bs, backend="triton")
+                finally:
+                    att.FUSE_COMBINE, att.SPLIT_NUM_STAGES, att.MASKED_LOADS = True, None, False
+            return call
+        ps, pb = plan
+        if b == 1:
+            combos = [(ps, pb, True, None, False), (ps, pb, False, None, False), (ps, pb, True, 1, False),
+                      (ps, pb, True, None, True), (8, 16, True, None, False), (16, 32, True, None, False)]
+        else:
+            combos = [(ps, pb, True, None, False), (ps, pb, True, 1, False), (ps, pb, True, None, True),
+                      (1, 64, True, None, False), (1, 64, True, None, True), (1, 64, True, 1, False),
+                      (4, 32, True, None, False), (2, 64, True, None, False)]
         seen = set()
-        for s, bs in combos:
-            if (s, bs) in seen:
+        for combo in combos:
+            if combo in seen:
                 continue
-            seen.add((s, bs))
-            variants.append((f"split S={s} B={bs}" + (" (plan)" if (s, bs) == plan else ""), mk(s, bs)))
+            seen.add(combo)
+            sp, bs, fused, stages, masked = combo
+            tag = (f"S={sp} B={bs}" + (" unfused" if not fused and sp > 1 else "") + (f" st{stages}" if stages else "")
+                   + (" mloads" if masked else "") + (" (plan)" if combo == (ps, pb, True, None, False) else ""))
+            variants.append((tag, mk(*combo)))
         print(f"\n== {label}: b {b}, hq {hq}, hkv {hkv}, d {d}, span {span}, plan {plan}")
         print(f"{'variant':26s} {'pos':>4} {'cold us':>8} {'hot us':>8} {'max rel err':>11}")
         for name, pos, cold, hot, err in run(b, hq, hkv, d, span, positions, variants, layers):

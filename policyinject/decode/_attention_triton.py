@@ -13,12 +13,17 @@ the launch at every position; splits whose chunk starts at or past ``end`` write
 
 Within a block of ``BLOCK_S`` slots the K, V and mask loads are independent of each other (masked slots are
 zeroed after the load, not by a load predicate that waits for the mask), so one memory round trip serves a
-block.
+block; ``MASKED_LOADS`` predicates the K/V loads on the mask instead (skips the bytes of masked slots).
 
 With ``NSPLIT == 1`` the program normalises and writes the output itself. Otherwise it writes its partial
-``(m, l, acc)`` in float32 (``PM``/``PL [B*HQ, NSPLIT]``, ``PACC [B*HQ, NSPLIT, D]``) and
-:func:`decode_attention_combine_kernel` (one program per query head) combines them:
-``m = max m_j; l = sum l_j e^(m_j - m); out = sum acc_j e^(m_j - m) / l``.
+``(m, l, acc)`` in float32 (``PM``/``PL [B*HQ, NSPLIT]``, ``PACC [B*HQ, NSPLIT, D]``) and the partials are
+combined, ``m = max m_j; l = sum l_j e^(m_j - m); out = sum acc_j e^(m_j - m) / l``, either
+
+- ``FUSED``: by the last split of each (row, KV head) to finish, found with an atomic counter ``SEM[B*HKV]``
+  that must be zero before the launch and is zero again after it (the last split resets it), or
+- by :func:`decode_attention_combine_kernel`, a second launch (one program per query head).
+
+Both add the partials in split order, so either is deterministic.
 """
 
 from __future__ import annotations
@@ -32,13 +37,14 @@ _EMPTY_MAX = tl.constexpr(-1.0e30)
 
 @triton.jit
 def decode_attention_kernel(
-    Q, KN, VN, KC, VC, MASK, POS, OUT, COS, SIN, PM, PL, PACC,
+    Q, KN, VN, KC, VC, MASK, POS, OUT, COS, SIN, PM, PL, PACC, SEM,
     s_qb, s_qh, s_knb, s_knh, s_vnb, s_vnh,
     s_cb, s_ch, s_cs, s_mb, s_ob, s_oh, s_rb,
     scale, window, span,
     HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_S: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
-    R: tl.constexpr, INTERLEAVED: tl.constexpr, NSPLIT: tl.constexpr,
+    R: tl.constexpr, INTERLEAVED: tl.constexpr, NSPLIT: tl.constexpr, FUSED: tl.constexpr,
+    NS_PAD: tl.constexpr, MASKED_LOADS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     sid = tl.program_id(1)
@@ -98,9 +104,11 @@ def decode_attention_kernel(
     for start in range(s_lo, s_hi, BLOCK_S):
         offs_s = start + tl.arange(0, BLOCK_S)
         in_range = offs_s < s_hi
-        ld = in_range[:, None] & d_ok[None, :]
-        # K, V and the mask load at once; masked slots are dropped after the load
         valid = (tl.load(MASK + b * s_mb + offs_s, mask=in_range, other=0) != 0) & in_range
+        if MASKED_LOADS:  # K/V loads wait for the mask (as the one-program kernel did)
+            ld = valid[:, None] & d_ok[None, :]
+        else:  # K, V and the mask load at once; masked slots are dropped after the load
+            ld = in_range[:, None] & d_ok[None, :]
         k = tl.load(KC + cache_row + offs_s[:, None] * s_cs + offs_d[None, :], mask=ld, other=0.0)
         v = tl.load(VC + cache_row + offs_s[:, None] * s_cs + offs_d[None, :], mask=ld, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
@@ -123,6 +131,37 @@ def decode_attention_kernel(
         tl.store(PM + part, m_i, mask=g_ok)
         tl.store(PL + part, l_i, mask=g_ok)
         tl.store(PACC + part[:, None] * D + offs_d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
+        if FUSED:
+            # the last split of this (row, KV head) to finish combines: every thread's partial stores come
+            # before one gpu-scope acq_rel atomic; the last one reads the others' partials from L2 (.cg)
+            # and resets the counter for the next launch
+            tl.debug_barrier()
+            done = tl.atomic_add(SEM + pid, 1, sem="acq_rel", scope="gpu")
+            if done == NSPLIT - 1:
+                tl.atomic_xchg(SEM + pid, 0, sem="relaxed", scope="gpu")
+                for g in tl.static_range(G):
+                    _combine_head(PM, PL, PACC, OUT, (b * HKV + h) * G + g, b, h * G + g, s_ob, s_oh,
+                                  D, D_PAD, NSPLIT, NS_PAD, ".cg")
+
+
+@triton.jit
+def _combine_head(PM, PL, PACC, OUT, head, b, hq, s_ob, s_oh, D: tl.constexpr, D_PAD: tl.constexpr,
+                  NSPLIT: tl.constexpr, NS_PAD: tl.constexpr, CACHE: tl.constexpr):
+    """Combine the ``NSPLIT`` partials of query head ``head`` (over ``[B * HQ]``) into ``OUT[b, hq]``."""
+    offs_j = tl.arange(0, NS_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    j_ok = offs_j < NSPLIT
+    d_ok = offs_d < D
+    part = head * NSPLIT + offs_j
+    m_j = tl.load(PM + part, mask=j_ok, other=float("-inf"), cache_modifier=CACHE)
+    l_j = tl.load(PL + part, mask=j_ok, other=0.0, cache_modifier=CACHE)
+    acc_j = tl.load(PACC + part[:, None] * D + offs_d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0,
+                    cache_modifier=CACHE)
+    m = tl.max(m_j, axis=0)
+    w = tl.exp(m_j - m)  # 0 for empty splits and padding
+    l = tl.sum(l_j * w, axis=0)
+    out = tl.sum(acc_j * w[:, None], axis=0) / l
+    tl.store(OUT + b * s_ob + hq * s_oh + offs_d, out.to(OUT.dtype.element_ty), mask=d_ok)
 
 
 @triton.jit
@@ -132,18 +171,4 @@ def decode_attention_combine_kernel(
 ):
     """One program per query head: combine the ``NSPLIT`` partials of :func:`decode_attention_kernel`."""
     pid = tl.program_id(0)
-    b = pid // HQ
-    hq = pid % HQ
-    offs_j = tl.arange(0, NS_PAD)
-    offs_d = tl.arange(0, D_PAD)
-    j_ok = offs_j < NSPLIT
-    d_ok = offs_d < D
-    part = pid * NSPLIT + offs_j
-    m_j = tl.load(PM + part, mask=j_ok, other=float("-inf"))
-    l_j = tl.load(PL + part, mask=j_ok, other=0.0)
-    acc_j = tl.load(PACC + part[:, None] * D + offs_d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
-    m = tl.max(m_j, axis=0)
-    w = tl.exp(m_j - m)  # 0 for empty splits and padding
-    l = tl.sum(l_j * w, axis=0)
-    out = tl.sum(acc_j * w[:, None], axis=0) / l
-    tl.store(OUT + b * s_ob + hq * s_oh + offs_d, out.to(OUT.dtype.element_ty), mask=d_ok)
+    _combine_head(PM, PL, PACC, OUT, pid, pid // HQ, pid % HQ, s_ob, s_oh, D, D_PAD, NSPLIT, NS_PAD, "")
