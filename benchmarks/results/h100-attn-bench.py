@@ -4,6 +4,10 @@
 as the step's weight stream evicts the KV cache between layers); per launch = (graph - flush-only graph) / 16,
 median of 30 replays. Each variant is first checked against a float64 reference (relative error by norm,
 NaN-poisoned output). Run from the repository root: python benchmarks/results/h100-attn-bench.py
+
+Runs 1 and 2 (logs h100-attn-1/2-attn_bench.log) used earlier versions of this script with switches that no
+longer exist (fused combine, masked loads, num_stages); S=1 then meant one split of the split kernel, now it is
+the one-program kernel (the "old" one).
 """
 import importlib.util
 import statistics
@@ -12,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from policyinject.decode import attention as att
 from policyinject.decode.attention import decode_attention, decode_attention_reference, split_plan
 
 spec = importlib.util.spec_from_file_location("oldk", Path(__file__).with_name("h100-attn-old_kernel.py"))
@@ -123,32 +126,17 @@ def bench(label, b, hq, hkv, d, span, positions, plan, layers=16):
     if True:
         variants = [("old", old_attention)]
 
-        def mk(s, bs, fused=True, stages=None, masked=False):
-            def call(q, k, v, kc, vc, cp, kv, span, cos, sin):
-                att.FUSE_COMBINE, att.SPLIT_NUM_STAGES, att.MASKED_LOADS = fused, stages, masked
-                try:
-                    return decode_attention(q, k, v, kc, vc, cp, kv, span, cos=cos, sin=sin, rotary="half",
-                                            num_splits=s, block_s=bs, backend="triton")
-                finally:
-                    att.FUSE_COMBINE, att.SPLIT_NUM_STAGES, att.MASKED_LOADS = True, None, False
-            return call
-        ps, pb = plan
-        if b == 1:
-            combos = [(ps, pb, True, None, False), (ps, pb, False, None, False), (ps, pb, True, 1, False),
-                      (ps, pb, True, None, True), (8, 16, True, None, False), (16, 32, True, None, False)]
-        else:
-            combos = [(ps, pb, True, None, False), (ps, pb, True, 1, False), (ps, pb, True, None, True),
-                      (1, 64, True, None, False), (1, 64, True, None, True), (1, 64, True, 1, False),
-                      (4, 32, True, None, False), (2, 64, True, None, False)]
+        def mk(s, bs):
+            return lambda q, k, v, kc, vc, cp, kv, span, cos, sin: decode_attention(
+                q, k, v, kc, vc, cp, kv, span, cos=cos, sin=sin, rotary="half", num_splits=s, block_s=bs,
+                backend="triton")
+        combos = [plan] + ([(8, 16), (16, 32), (32, 16)] if b == 1 else [(1, 64), (2, 64), (4, 32)])
         seen = set()
         for combo in combos:
             if combo in seen:
                 continue
             seen.add(combo)
-            sp, bs, fused, stages, masked = combo
-            tag = (f"S={sp} B={bs}" + (" unfused" if not fused and sp > 1 else "") + (f" st{stages}" if stages else "")
-                   + (" mloads" if masked else "") + (" (plan)" if combo == (ps, pb, True, None, False) else ""))
-            variants.append((tag, mk(*combo)))
+            variants.append((f"S={combo[0]} B={combo[1]}" + (" (plan)" if combo == plan else ""), mk(*combo)))
         print(f"\n== {label}: b {b}, hq {hq}, hkv {hkv}, d {d}, span {span}, plan {plan}")
         print(f"{'variant':26s} {'pos':>4} {'cold us':>8} {'hot us':>8} {'max rel err':>11}")
         for name, pos, cold, hot, err in run(b, hq, hkv, d, span, positions, variants, layers):

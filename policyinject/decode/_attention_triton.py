@@ -13,17 +13,15 @@ the launch at every position; splits whose chunk starts at or past ``end`` write
 
 Within a block of ``BLOCK_S`` slots the K, V and mask loads are independent of each other (masked slots are
 zeroed after the load, not by a load predicate that waits for the mask), so one memory round trip serves a
-block; ``MASKED_LOADS`` predicates the K/V loads on the mask instead (skips the bytes of masked slots).
+block. Each split writes its partial ``(m, l, acc)`` in float32 (``PM``/``PL [B*HQ, NSPLIT]``,
+``PACC [B*HQ, NSPLIT, D]``) and :func:`decode_attention_combine_kernel` (a second launch, one program per
+query head) combines them in split order (deterministic): ``m = max m_j; l = sum l_j e^(m_j - m);
+out = sum acc_j e^(m_j - m) / l``.
 
-With ``NSPLIT == 1`` the program normalises and writes the output itself. Otherwise it writes its partial
-``(m, l, acc)`` in float32 (``PM``/``PL [B*HQ, NSPLIT]``, ``PACC [B*HQ, NSPLIT, D]``) and the partials are
-combined, ``m = max m_j; l = sum l_j e^(m_j - m); out = sum acc_j e^(m_j - m) / l``, either
-
-- ``FUSED``: by the last split of each (row, KV head) to finish, found with an atomic counter ``SEM[B*HKV]``
-  that must be zero before the launch and is zero again after it (the last split resets it), or
-- by :func:`decode_attention_combine_kernel`, a second launch (one program per query head).
-
-Both add the partials in split order, so either is deterministic.
+:func:`decode_attention_single_kernel` is the kernel before the split, one program per (row, KV head) that
+loops over all its slots and writes the output itself: the launcher uses it when ``B * HKV`` programs already
+fill the GPU (batch >= 4-8 with 8 KV heads), where one split of the split kernel measured slower
+(``benchmarks/NOTES.md``, attention runs).
 """
 
 from __future__ import annotations
@@ -37,14 +35,13 @@ _EMPTY_MAX = tl.constexpr(-1.0e30)
 
 @triton.jit
 def decode_attention_kernel(
-    Q, KN, VN, KC, VC, MASK, POS, OUT, COS, SIN, PM, PL, PACC, SEM,
+    Q, KN, VN, KC, VC, MASK, POS, COS, SIN, PM, PL, PACC,
     s_qb, s_qh, s_knb, s_knh, s_vnb, s_vnh,
-    s_cb, s_ch, s_cs, s_mb, s_ob, s_oh, s_rb,
+    s_cb, s_ch, s_cs, s_mb, s_rb,
     scale, window, span,
     HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_S: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
-    R: tl.constexpr, INTERLEAVED: tl.constexpr, NSPLIT: tl.constexpr, FUSED: tl.constexpr,
-    NS_PAD: tl.constexpr, MASKED_LOADS: tl.constexpr,
+    R: tl.constexpr, INTERLEAVED: tl.constexpr, NSPLIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     sid = tl.program_id(1)
@@ -104,11 +101,9 @@ def decode_attention_kernel(
     for start in range(s_lo, s_hi, BLOCK_S):
         offs_s = start + tl.arange(0, BLOCK_S)
         in_range = offs_s < s_hi
+        # K, V and the mask load at once; masked slots are dropped after the load
+        ld = in_range[:, None] & d_ok[None, :]
         valid = (tl.load(MASK + b * s_mb + offs_s, mask=in_range, other=0) != 0) & in_range
-        if MASKED_LOADS:  # K/V loads wait for the mask (as the one-program kernel did)
-            ld = valid[:, None] & d_ok[None, :]
-        else:  # K, V and the mask load at once; masked slots are dropped after the load
-            ld = in_range[:, None] & d_ok[None, :]
         k = tl.load(KC + cache_row + offs_s[:, None] * s_cs + offs_d[None, :], mask=ld, other=0.0)
         v = tl.load(VC + cache_row + offs_s[:, None] * s_cs + offs_d[None, :], mask=ld, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
@@ -121,47 +116,11 @@ def decode_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
 
-    if NSPLIT == 1:
-        out = acc / l_i[:, None]
-        tl.store(OUT + b * s_ob + (h * G + offs_g)[:, None] * s_oh + offs_d[None, :],
-                 out.to(OUT.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
-    else:
-        head = (b * HKV + h) * G + offs_g  # query head over [B * HQ]
-        part = head * NSPLIT + sid
-        tl.store(PM + part, m_i, mask=g_ok)
-        tl.store(PL + part, l_i, mask=g_ok)
-        tl.store(PACC + part[:, None] * D + offs_d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
-        if FUSED:
-            # the last split of this (row, KV head) to finish combines: every thread's partial stores come
-            # before one gpu-scope acq_rel atomic; the last one reads the others' partials from L2 (.cg)
-            # and resets the counter for the next launch
-            tl.debug_barrier()
-            done = tl.atomic_add(SEM + pid, 1, sem="acq_rel", scope="gpu")
-            if done == NSPLIT - 1:
-                tl.atomic_xchg(SEM + pid, 0, sem="relaxed", scope="gpu")
-                for g in tl.static_range(G):
-                    _combine_head(PM, PL, PACC, OUT, (b * HKV + h) * G + g, b, h * G + g, s_ob, s_oh,
-                                  D, D_PAD, NSPLIT, NS_PAD, ".cg")
-
-
-@triton.jit
-def _combine_head(PM, PL, PACC, OUT, head, b, hq, s_ob, s_oh, D: tl.constexpr, D_PAD: tl.constexpr,
-                  NSPLIT: tl.constexpr, NS_PAD: tl.constexpr, CACHE: tl.constexpr):
-    """Combine the ``NSPLIT`` partials of query head ``head`` (over ``[B * HQ]``) into ``OUT[b, hq]``."""
-    offs_j = tl.arange(0, NS_PAD)
-    offs_d = tl.arange(0, D_PAD)
-    j_ok = offs_j < NSPLIT
-    d_ok = offs_d < D
-    part = head * NSPLIT + offs_j
-    m_j = tl.load(PM + part, mask=j_ok, other=float("-inf"), cache_modifier=CACHE)
-    l_j = tl.load(PL + part, mask=j_ok, other=0.0, cache_modifier=CACHE)
-    acc_j = tl.load(PACC + part[:, None] * D + offs_d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0,
-                    cache_modifier=CACHE)
-    m = tl.max(m_j, axis=0)
-    w = tl.exp(m_j - m)  # 0 for empty splits and padding
-    l = tl.sum(l_j * w, axis=0)
-    out = tl.sum(acc_j * w[:, None], axis=0) / l
-    tl.store(OUT + b * s_ob + hq * s_oh + offs_d, out.to(OUT.dtype.element_ty), mask=d_ok)
+    head = (b * HKV + h) * G + offs_g  # query head over [B * HQ]
+    part = head * NSPLIT + sid
+    tl.store(PM + part, m_i, mask=g_ok)
+    tl.store(PL + part, l_i, mask=g_ok)
+    tl.store(PACC + part[:, None] * D + offs_d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -171,4 +130,95 @@ def decode_attention_combine_kernel(
 ):
     """One program per query head: combine the ``NSPLIT`` partials of :func:`decode_attention_kernel`."""
     pid = tl.program_id(0)
-    _combine_head(PM, PL, PACC, OUT, pid, pid // HQ, pid % HQ, s_ob, s_oh, D, D_PAD, NSPLIT, NS_PAD, "")
+    b = pid // HQ
+    hq = pid % HQ
+    offs_j = tl.arange(0, NS_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    j_ok = offs_j < NSPLIT
+    d_ok = offs_d < D
+    part = pid * NSPLIT + offs_j
+    m_j = tl.load(PM + part, mask=j_ok, other=float("-inf"))
+    l_j = tl.load(PL + part, mask=j_ok, other=0.0)
+    acc_j = tl.load(PACC + part[:, None] * D + offs_d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+    m = tl.max(m_j, axis=0)
+    w = tl.exp(m_j - m)  # 0 for empty splits and padding
+    l = tl.sum(l_j * w, axis=0)
+    out = tl.sum(acc_j * w[:, None], axis=0) / l
+    tl.store(OUT + b * s_ob + hq * s_oh + offs_d, out.to(OUT.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
+def decode_attention_single_kernel(
+    Q, KN, VN, KC, VC, MASK, POS, OUT, COS, SIN,
+    s_qb, s_qh, s_knb, s_knh, s_vnb, s_vnh,
+    s_cb, s_ch, s_cs, s_mb, s_ob, s_oh, s_rb,
+    scale, window, span,
+    HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_S: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+    R: tl.constexpr, INTERLEAVED: tl.constexpr,
+):
+    """One program per (row, KV head) over all its slots (the kernel before the split; see the module
+    docstring): used when ``B * HKV`` programs fill the GPU alone, where it is faster than one split."""
+    pid = tl.program_id(0)
+    b = pid // HKV
+    h = pid % HKV
+    pos = tl.load(POS)
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < D
+    g_ok = offs_g < G
+    q = tl.load(Q + b * s_qb + (h * G + offs_g)[:, None] * s_qh + offs_d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    k_new = tl.load(KN + b * s_knb + h * s_knh + offs_d, mask=d_ok, other=0.0)
+    v_new = tl.load(VN + b * s_vnb + h * s_vnh + offs_d, mask=d_ok, other=0.0)
+    if R > 0:
+        # rotary of q and the new k, fused: out[d] = x[d] cos[d] + sign(d) x[partner(d)] sin[d] for d < R
+        r_ok = offs_d < R
+        if INTERLEAVED:
+            partner = offs_d ^ 1
+            sign = tl.where((offs_d % 2) == 0, -1.0, 1.0)
+        else:
+            partner = tl.where(offs_d < R // 2, offs_d + R // 2, offs_d - R // 2)
+            sign = tl.where(offs_d < R // 2, -1.0, 1.0)
+        c = tl.load(COS + b * s_rb + offs_d, mask=r_ok, other=1.0).to(tl.float32)
+        sn = tl.load(SIN + b * s_rb + offs_d, mask=r_ok, other=0.0).to(tl.float32) * sign
+        q_p = tl.load(Q + b * s_qb + (h * G + offs_g)[:, None] * s_qh + partner[None, :],
+                      mask=g_ok[:, None] & r_ok[None, :], other=0.0)
+        q_rot = q.to(tl.float32) * c[None, :] + q_p.to(tl.float32) * sn[None, :]
+        q = tl.where(r_ok[None, :], q_rot.to(q.dtype), q)
+        k_p = tl.load(KN + b * s_knb + h * s_knh + partner, mask=r_ok, other=0.0)
+        k_rot = k_new.to(tl.float32) * c + k_p.to(tl.float32) * sn
+        k_new = tl.where(r_ok, k_rot.to(k_new.dtype), k_new)
+    cache_row = b * s_cb + h * s_ch
+    tl.store(KC + cache_row + pos * s_cs + offs_d, k_new, mask=d_ok)
+    tl.store(VC + cache_row + pos * s_cs + offs_d, v_new, mask=d_ok)
+
+    # the new token: its score starts the running max, its value the accumulator
+    s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale
+    m_i = s_new
+    l_i = tl.full([G_PAD], 1.0, tl.float32)
+    acc = tl.zeros([G_PAD, D_PAD], tl.float32) + v_new.to(tl.float32)[None, :]
+
+    end = tl.minimum(pos, span)
+    for start in range(0, end, BLOCK_S):
+        offs_s = start + tl.arange(0, BLOCK_S)
+        in_range = offs_s < end
+        valid = (tl.load(MASK + b * s_mb + offs_s, mask=in_range, other=0) != 0) & in_range
+        if HAS_WINDOW:
+            valid = valid & (offs_s > pos - window)
+        k = tl.load(KC + cache_row + offs_s[:, None] * s_cs + offs_d[None, :],
+                    mask=valid[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(VC + cache_row + offs_s[:, None] * s_cs + offs_d[None, :],
+                    mask=valid[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    tl.store(OUT + b * s_ob + (h * G + offs_g)[:, None] * s_oh + offs_d[None, :], out.to(OUT.dtype.element_ty),
+             mask=g_ok[:, None] & d_ok[None, :])

@@ -6,10 +6,11 @@ additive mask (query heads of one KV group packed on the query axis, so K/V are 
 Triton kernel (CUDA under ``"auto"``, or ``"triton"``; ``TRITON_INTERPRET=1`` runs it on CPU tensors) it is
 a split-KV ("flash-decoding") launch that does the write, the rotary, the GQA grouping, the masking and an
 online softmax over its share of the slots before ``cache_pos`` (bound and shares are computed on the
-device, so one CUDA graph replays it at every position), then, with more than one split, a small launch
-that combines the float32 partials. At batch 1 one program per (row, KV head) looped over the whole cache
-alone (8 programs on a 132-SM GPU: latency-bound); splitting the slots over up to :data:`MAX_SPLITS`
-programs each puts the whole GPU on it (:func:`split_plan`).
+device, so one CUDA graph replays it at every position), then a small launch that combines the float32
+partials. At batch 1 one program per (row, KV head) looped over the whole cache alone (8 programs on a
+132-SM GPU: latency-bound); splitting the slots over up to :data:`MAX_SPLITS` programs each puts the whole
+GPU on it. Once ``B * Hkv`` programs fill the GPU by themselves, that one-program kernel is used
+(:func:`split_plan`).
 
 Example:
     >>> import torch
@@ -64,55 +65,35 @@ def _next_pow2(n: int) -> int:
 
 #: most splits of one (row, KV head); the combine reads them all
 MAX_SPLITS = 32
-#: combine the splits in the split kernel (last split to finish, atomic counter kept on the KV cache tensor)
-#: rather than in a second launch; the second launch remains for a capture that finds no counter yet
-FUSE_COMBINE = True
-#: ``num_stages`` of the split kernel (None: Triton's default)
-SPLIT_NUM_STAGES: Optional[int] = None
-#: predicate the K/V loads on the mask (one dependent round trip more per block) instead of loading them
-#: together with the mask; with one split the loop is long enough for the pipeliner to hide it
-MASKED_LOADS = False
 #: streaming multiprocessors assumed for CPU tensors (the Triton interpreter): few splits, fast tests
 _INTERPRETER_SMS = 16
 
 
 def split_plan(batch: int, kv_heads: int, span: int, device: torch.device) -> "tuple[int, int]":
-    """``(num_splits, block_s)`` of the split-KV decode attention for a static ``span``.
+    """``(num_splits, block_s)`` of the decode attention for a static ``span``.
 
-    Splits fill the GPU's SMs up to twice (``batch * kv_heads * num_splits <= 2 * SMs``, at most
-    :data:`MAX_SPLITS`, never more than ``span / 16`` blocks); a batch that fills them alone gets 1 split.
-    ``block_s`` is the power of two nearest a split's share of the full span, clamped to [16, 64].
+    While ``batch * kv_heads`` programs occupy at most a quarter of the GPU's SMs, the slots are split so that
+    ``batch * kv_heads * num_splits`` about fills them once (at most :data:`MAX_SPLITS`, never more than
+    ``span / 16`` blocks), with ``block_s`` the power of two nearest a split's share of the full span, clamped
+    to [16, 64]. Beyond that, 1 split (the one-program kernel, blocks of 64 slots): measured faster there.
 
     Example:
-        >>> split_plan(1, 8, 256, torch.device("cpu")), split_plan(64, 8, 256, torch.device("cpu"))
-        ((4, 64), (1, 64))
+        >>> cpu = torch.device("cpu")  # the interpreter assumes 16 SMs; an H100 has 132
+        >>> split_plan(1, 2, 256, cpu), split_plan(4, 2, 256, cpu)
+        ((8, 32), (1, 64))
     """
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
     else:
         sms = _INTERPRETER_SMS
-    n = min(MAX_SPLITS, 2 * sms // max(batch * kv_heads, 1), -(-int(span) // 16))
-    n = n if n >= 2 else 1
+    programs = max(batch * kv_heads, 1)
+    if programs > sms // 4:
+        return 1, 64
+    n = min(MAX_SPLITS, sms // programs, -(-int(span) // 16))
+    if n < 2:
+        return 1, 64
     share = -(-int(span) // n)
     return n, min(64, max(16, _next_pow2(share)))
-
-
-def _split_counter(k_cache: torch.Tensor, hkv: int) -> Optional[torch.Tensor]:
-    """The zeroed int32 counters ``[B_cap * Hkv]`` of the fused combine, kept on the cache buffer itself (the
-    caller's state: it lives as long as the cache, and every launch leaves it zeroed). Made outside CUDA-graph
-    capture only (a capture's allocation would come from the graph's pool); None when it cannot be made."""
-    need = k_cache.shape[0] * hkv
-    sem = getattr(k_cache, "_pi_split_counter", None)
-    if sem is not None and sem.numel() >= need and sem.device == k_cache.device:
-        return sem
-    if k_cache.is_cuda and torch.cuda.is_current_stream_capturing():
-        return None
-    sem = torch.zeros(need, dtype=torch.int32, device=k_cache.device)
-    try:
-        k_cache._pi_split_counter = sem
-    except (AttributeError, RuntimeError):  # pragma: no cover - a tensor subclass without attributes
-        return None
-    return sem
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -131,8 +112,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
 
     Kernel path: split-KV over ``num_splits`` splits per (row, KV head) and blocks of ``block_s`` slots;
     both default to :func:`split_plan` (static for a given span and batch, so a CUDA graph stays valid at
-    every position). With more than one split the float32 partials are combined by the last split to finish
-    (:data:`FUSE_COMBINE`; its counters live on ``k_cache``), or by a second, small launch.
+    every position). With more than one split a second, small launch combines the float32 partials; with one,
+    a single program per (row, KV head) loops over all the slots.
     """
     if rotary not in (None, "half", "interleaved"):
         raise ValueError(f"rotary must be None, 'half' or 'interleaved', got {rotary!r}")
@@ -178,32 +159,30 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
             cos2, sin2 = cos2.contiguous(), sin2.contiguous()
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     d_pad = max(16, _next_pow2(d))
-    if nsplit > 1:
-        # float32 partials of every (query head, split): acc [B*Hq, S, D], then m and l [B*Hq, S]
-        parts = b * hq * nsplit
-        scratch = torch.empty(parts * (d + 2), dtype=torch.float32, device=q.device)
-        pacc, pm, pl = scratch[:parts * d], scratch[parts * d:parts * (d + 1)], scratch[parts * (d + 1):]
-    else:
-        pacc = pm = pl = out  # unused
-    sem = _split_counter(k_cache, hkv) if nsplit > 1 and FUSE_COMBINE else None
-    ns_pad = max(2, _next_pow2(nsplit))
-    extra = {} if SPLIT_NUM_STAGES is None else {"num_stages": int(SPLIT_NUM_STAGES)}
-    kmod.decode_attention_kernel[(b * hkv, nsplit)](
-        q3, k3, v3, k_cache, v_cache, mask_u8, cache_pos, out, cos2, sin2, pm, pl, pacc,
-        sem if sem is not None else pm,
-        q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), mask_u8.stride(0), out.stride(0), out.stride(1),
-        cos2.stride(0),
-        float(scale if scale is not None else d ** -0.5), int(window or 0), int(span),
-        HKV=hkv, G=g, G_PAD=max(16, _next_pow2(g)), D=d, D_PAD=d_pad,
-        BLOCK_S=block, HAS_WINDOW=window is not None,
-        DOT_PREC="ieee" if k_cache.dtype == torch.float32 else None,
-        R=r, INTERLEAVED=rotary == "interleaved", NSPLIT=nsplit, FUSED=sem is not None, NS_PAD=ns_pad,
-        MASKED_LOADS=bool(MASKED_LOADS), **extra,
-    )
-    if nsplit > 1 and sem is None:
-        kmod.decode_attention_combine_kernel[(b * hq,)](
-            pm, pl, pacc, out, out.stride(0), out.stride(1),
-            HQ=hq, D=d, D_PAD=d_pad, NSPLIT=nsplit, NS_PAD=ns_pad,
+    common = dict(HKV=hkv, G=g, G_PAD=max(16, _next_pow2(g)), D=d, D_PAD=d_pad, BLOCK_S=block,
+                  HAS_WINDOW=window is not None, DOT_PREC="ieee" if k_cache.dtype == torch.float32 else None,
+                  R=r, INTERLEAVED=rotary == "interleaved")
+    scale_f = float(scale if scale is not None else d ** -0.5)
+    if nsplit == 1:
+        kmod.decode_attention_single_kernel[(b * hkv,)](
+            q3, k3, v3, k_cache, v_cache, mask_u8, cache_pos, out, cos2, sin2,
+            q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), mask_u8.stride(0), out.stride(0),
+            out.stride(1), cos2.stride(0), scale_f, int(window or 0), int(span), **common,
         )
+        return out[:, :, None]
+    # float32 partials of every (query head, split): acc [B*Hq, S, D], then m and l [B*Hq, S]
+    parts = b * hq * nsplit
+    scratch = torch.empty(parts * (d + 2), dtype=torch.float32, device=q.device)
+    pacc, pm, pl = scratch[:parts * d], scratch[parts * d:parts * (d + 1)], scratch[parts * (d + 1):]
+    kmod.decode_attention_kernel[(b * hkv, nsplit)](
+        q3, k3, v3, k_cache, v_cache, mask_u8, cache_pos, cos2, sin2, pm, pl, pacc,
+        q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), mask_u8.stride(0), cos2.stride(0),
+        scale_f, int(window or 0), int(span), NSPLIT=nsplit, **common,
+    )
+    kmod.decode_attention_combine_kernel[(b * hq,)](
+        pm, pl, pacc, out, out.stride(0), out.stride(1),
+        HQ=hq, D=d, D_PAD=d_pad, NSPLIT=nsplit, NS_PAD=max(2, _next_pow2(nsplit)),
+    )
     return out[:, :, None]
