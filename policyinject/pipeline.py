@@ -153,6 +153,12 @@ def plan_inference(model: torch.nn.Module, config: InferenceConfig,
     if problems:
         raise PlanError(problems)
     plan.summary["layers matched"] = len(matched.layers)
+    quant = ctx.notes.get("quantize")
+    if quant:
+        plan.summary["weight bytes (planned)"] = (
+            f"{quant['model_bytes_before'] / 2**30:.3f} GiB -> {quant['model_bytes_after'] / 2**30:.3f} GiB "
+            f"({quant['ratio']:.2f}x; the {quant['linears']} quantized linears "
+            f"{quant['linear_bytes_after'] / max(quant['linear_bytes_before'], 1):.2f}x at {quant['bits']} bits)")
     if matched.model_policy is not None:
         plan.summary["model policy"] = f"{matched.model_policy.model_name} ({matched.model_policy.source})"
     plan.summary["device"] = str(ctx.device)

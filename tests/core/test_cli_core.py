@@ -53,3 +53,12 @@ def test_inspect_a_custom_model_through_its_plugin_and_the_deepspeed_tuple(capsy
     data = json.loads(capsys.readouterr().out)
     styles = {a["module"]: a["action"] for a in data["actions"] if a["pass"] == "tensor_parallel"}
     assert styles["blocks.0.mlp.fc2"] == "row" and styles["blocks.0.mlp.fc1"] == "column"
+
+
+def test_inspect_shows_the_quantized_weight_bytes(capsys):
+    assert main(["inspect", "llama-3-8b", "--set", "dtype=\"int8\"", "--max-rows", "1"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("weight bytes (planned)"))
+    ratio = float(line.split("GiB (")[1].split("x;")[0])
+    assert 0.5 < ratio < 0.6, line  # whole model: embeddings and the head stay 16-bit
+    assert "linears 0.50x at 8 bits" in line, line
