@@ -34,6 +34,37 @@ _EMPTY_MAX = tl.constexpr(-1.0e30)
 
 
 @triton.jit
+def _rotary_coeffs(COS, SIN, row, offs_d, R: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Per-dimension rotary terms for one position: ``out[d] = x[d] c[d] + x[partner[d]] sn[d]`` for d < R."""
+    r_ok = offs_d < R
+    if INTERLEAVED:
+        partner = offs_d ^ 1
+        sign = tl.where((offs_d % 2) == 0, -1.0, 1.0)
+    else:
+        partner = tl.where(offs_d < R // 2, offs_d + R // 2, offs_d - R // 2)
+        sign = tl.where(offs_d < R // 2, -1.0, 1.0)
+    c = tl.load(COS + row + offs_d, mask=r_ok, other=1.0).to(tl.float32)
+    sn = tl.load(SIN + row + offs_d, mask=r_ok, other=0.0).to(tl.float32) * sign
+    return r_ok, partner, c, sn
+
+
+@triton.jit
+def _rotate_rows(X, x, row_offs, row_ok, partner, r_ok, c, sn):
+    """Rotate the ``[rows, D_PAD]`` tile ``x`` loaded from ``X + row_offs[:, None] + d`` (d < R only)."""
+    x_p = tl.load(X + row_offs[:, None] + partner[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+    x_rot = x.to(tl.float32) * c[None, :] + x_p.to(tl.float32) * sn[None, :]
+    return tl.where(r_ok[None, :], x_rot.to(x.dtype), x)
+
+
+@triton.jit
+def _rotate_vec(X, x, partner, r_ok, c, sn):
+    """Rotate the vector ``x`` loaded from ``X + d`` (d < R only)."""
+    x_p = tl.load(X + partner, mask=r_ok, other=0.0)
+    x_rot = x.to(tl.float32) * c + x_p.to(tl.float32) * sn
+    return tl.where(r_ok, x_rot.to(x.dtype), x)
+
+
+@triton.jit
 def decode_attention_kernel(
     Q, KN, VN, KC, VC, MASK, POS, COS, SIN, PM, PL, PACC,
     s_qb, s_qh, s_knb, s_knh, s_vnb, s_vnh,
@@ -56,19 +87,8 @@ def decode_attention_kernel(
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)
     if R > 0:
         # rotary of q (and below of the new k), fused: out[d] = x[d] cos[d] + sign(d) x[partner(d)] sin[d], d < R
-        r_ok = offs_d < R
-        if INTERLEAVED:
-            partner = offs_d ^ 1
-            sign = tl.where((offs_d % 2) == 0, -1.0, 1.0)
-        else:
-            partner = tl.where(offs_d < R // 2, offs_d + R // 2, offs_d - R // 2)
-            sign = tl.where(offs_d < R // 2, -1.0, 1.0)
-        c = tl.load(COS + b * s_rb + offs_d, mask=r_ok, other=1.0).to(tl.float32)
-        sn = tl.load(SIN + b * s_rb + offs_d, mask=r_ok, other=0.0).to(tl.float32) * sign
-        q_p = tl.load(Q + b * s_qb + (h * G + offs_g)[:, None] * s_qh + partner[None, :],
-                      mask=g_ok[:, None] & r_ok[None, :], other=0.0)
-        q_rot = q.to(tl.float32) * c[None, :] + q_p.to(tl.float32) * sn[None, :]
-        q = tl.where(r_ok[None, :], q_rot.to(q.dtype), q)
+        r_ok, partner, c, sn = _rotary_coeffs(COS, SIN, b * s_rb, offs_d, R, INTERLEAVED)
+        q = _rotate_rows(Q + b * s_qb, q, (h * G + offs_g) * s_qh, g_ok, partner, r_ok, c, sn)
     cache_row = b * s_cb + h * s_ch
 
     m_i = tl.full([G_PAD], _EMPTY_MAX, tl.float32)
@@ -80,9 +100,7 @@ def decode_attention_kernel(
         k_new = tl.load(KN + b * s_knb + h * s_knh + offs_d, mask=d_ok, other=0.0)
         v_new = tl.load(VN + b * s_vnb + h * s_vnh + offs_d, mask=d_ok, other=0.0)
         if R > 0:
-            k_p = tl.load(KN + b * s_knb + h * s_knh + partner, mask=r_ok, other=0.0)
-            k_rot = k_new.to(tl.float32) * c + k_p.to(tl.float32) * sn
-            k_new = tl.where(r_ok, k_rot.to(k_new.dtype), k_new)
+            k_new = _rotate_vec(KN + b * s_knb + h * s_knh, k_new, partner, r_ok, c, sn)
         tl.store(KC + cache_row + pos * s_cs + offs_d, k_new, mask=d_ok)
         tl.store(VC + cache_row + pos * s_cs + offs_d, v_new, mask=d_ok)
         m_i = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale
@@ -173,22 +191,9 @@ def decode_attention_single_kernel(
     v_new = tl.load(VN + b * s_vnb + h * s_vnh + offs_d, mask=d_ok, other=0.0)
     if R > 0:
         # rotary of q and the new k, fused: out[d] = x[d] cos[d] + sign(d) x[partner(d)] sin[d] for d < R
-        r_ok = offs_d < R
-        if INTERLEAVED:
-            partner = offs_d ^ 1
-            sign = tl.where((offs_d % 2) == 0, -1.0, 1.0)
-        else:
-            partner = tl.where(offs_d < R // 2, offs_d + R // 2, offs_d - R // 2)
-            sign = tl.where(offs_d < R // 2, -1.0, 1.0)
-        c = tl.load(COS + b * s_rb + offs_d, mask=r_ok, other=1.0).to(tl.float32)
-        sn = tl.load(SIN + b * s_rb + offs_d, mask=r_ok, other=0.0).to(tl.float32) * sign
-        q_p = tl.load(Q + b * s_qb + (h * G + offs_g)[:, None] * s_qh + partner[None, :],
-                      mask=g_ok[:, None] & r_ok[None, :], other=0.0)
-        q_rot = q.to(tl.float32) * c[None, :] + q_p.to(tl.float32) * sn[None, :]
-        q = tl.where(r_ok[None, :], q_rot.to(q.dtype), q)
-        k_p = tl.load(KN + b * s_knb + h * s_knh + partner, mask=r_ok, other=0.0)
-        k_rot = k_new.to(tl.float32) * c + k_p.to(tl.float32) * sn
-        k_new = tl.where(r_ok, k_rot.to(k_new.dtype), k_new)
+        r_ok, partner, c, sn = _rotary_coeffs(COS, SIN, b * s_rb, offs_d, R, INTERLEAVED)
+        q = _rotate_rows(Q + b * s_qb, q, (h * G + offs_g) * s_qh, g_ok, partner, r_ok, c, sn)
+        k_new = _rotate_vec(KN + b * s_knb + h * s_knh, k_new, partner, r_ok, c, sn)
     cache_row = b * s_cb + h * s_ch
     tl.store(KC + cache_row + pos * s_cs + offs_d, k_new, mask=d_ok)
     tl.store(VC + cache_row + pos * s_cs + offs_d, v_new, mask=d_ok)
