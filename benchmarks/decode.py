@@ -37,6 +37,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from policyinject.roofline import copy_bandwidth
+
 ALL_CONFIGS = ("hf-eager", "hf-compile", "kernels", "graphs", "int8", "int4")
 #: policyinject config of each system (merged over dtype, max_out_tokens).
 PI_CONFIGS: Dict[str, dict] = {
@@ -83,24 +85,6 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def measure_copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
-    """Bytes read + written per second by a large device-to-device copy (median of ``repeats``)."""
-    if device.type != "cuda":
-        nbytes, repeats = 1 << 26, 3
-    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).normal_()
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    del src, dst
-    return 2 * nbytes / statistics.median(times)
 
 
 def build_model(spec: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
@@ -461,7 +445,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Dict[st
         triton_version = triton.__version__
     except ImportError:  # pragma: no cover
         triton_version = None
-    bandwidth = measure_copy_bandwidth(device)
+    bandwidth = copy_bandwidth(device)
     result: Dict[str, Any] = {
         "card": card, "dtype": args.dtype, "prompt": args.prompt, "new": args.new, "batch": list(args.batch),
         "copy_tb_s": round(bandwidth / 1e12, 3), "torch": torch.__version__,

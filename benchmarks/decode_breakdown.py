@@ -19,6 +19,8 @@ from collections import defaultdict
 
 import torch
 
+from policyinject.roofline import copy_bandwidth
+
 CATEGORIES = (
     ("decode GEMV", re.compile(r"gemv", re.I)),
     ("int GEMV/GEMM", re.compile(r"w[48]|quant|qgemv", re.I)),
@@ -36,20 +38,6 @@ def category(name: str) -> str:
         if pattern.search(name):
             return label
     return "other"
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    src = torch.empty(2**30, dtype=torch.uint8, device=device).random_()
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(10):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return 2 * 2**30 / sorted(times)[len(times) // 2]
 
 
 def main() -> int:

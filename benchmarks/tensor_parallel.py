@@ -31,24 +31,10 @@ from typing import Any, Dict, List
 import torch
 import torch.distributed as dist
 
+from policyinject.roofline import copy_bandwidth
+
 #: HBM bandwidth (bytes/s) by card name fragment, for the roofline.
 BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 2.0e12}
-
-
-def measured_copy_bandwidth(device: torch.device) -> float:
-    """Bytes read + written per second by a 1 GiB device-to-device copy (median of 10)."""
-    src = torch.empty(2**30, dtype=torch.uint8, device=device).random_()
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(12):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del src, dst
-    return 2 * 2**30 / sorted(times[2:])[len(times[2:]) // 2]
 
 
 def bandwidth(name: str) -> float:
@@ -123,7 +109,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     sizes = [int(t) for t in args.tp.split(",") if world % int(t) == 0]
     card = torch.cuda.get_device_name(device) if cuda else "cpu"
-    bw = measured_copy_bandwidth(device) if cuda else bandwidth(card)
+    bw = copy_bandwidth(device) if cuda else bandwidth(card)
 
     g = torch.Generator().manual_seed(1234)
     model = build(args, device)
