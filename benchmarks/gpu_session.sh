@@ -31,6 +31,9 @@ for stage in "$@"; do
         quant)
             python3 benchmarks/quant.py --json "$OUT/quant.json" 2>&1 | tee "$OUT/quant.log" | tail -40 || status=1
             ;;
+        sweep)
+            python3 benchmarks/gemv_sweep.py --json "$OUT/gemv_sweep.json" 2>&1 | tee "$OUT/gemv_sweep.log" | tail -60 || status=1
+            ;;
         decode)
             python3 benchmarks/decode.py --json "$OUT/decode.json" --plot "$OUT/decode.png" 2>&1 | tee "$OUT/decode.log" | tail -40 || status=1
             ;;

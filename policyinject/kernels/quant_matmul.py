@@ -83,6 +83,16 @@ def _pow2_divisor(n: int, cap: int) -> int:
     return d
 
 
+#: Batch-1 configs measured best on an H100 (benchmarks/gemv_sweep.py, NOTES "session 2 GEMV sweep"), keyed by
+#: ``(bits, N, K)`` for per-output-channel weights; every other shape takes the heuristic. The layout-matched
+#: int8 kernel wins on the 4096-row Llama-8B shapes (o: 10.4 -> 9.4 us, down: 30.3 -> 26.6 us) and loses
+#: 4-9% on the others, where ``_qgemv_kernel`` stays.
+_MEASURED_M1 = {
+    (8, 4096, 4096): {"kernel": "q8gemv", "BM": 1, "BN": 4, "BK": 1024, "VEC": 8, "split_k": 1, "num_warps": 4},
+    (8, 4096, 14336): {"kernel": "q8gemv", "BM": 1, "BN": 4, "BK": 1024, "VEC": 8, "split_k": 1, "num_warps": 4},
+}
+
+
 def quant_matmul_config(
     m: int, n: int, k: int, num_bits: int, group_size: int, sm_count: int = 132, interpret: bool = False
 ) -> dict:
@@ -100,6 +110,9 @@ def quant_matmul_config(
         'gemm'
     """
     per_channel = group_size == k
+    tuned = _MEASURED_M1.get((num_bits, n, k)) if (m == 1 and per_channel and not interpret) else None
+    if tuned is not None:
+        return dict(tuned)
     if m <= QGEMV_MAX_M and num_bits == 4 and k % 32 == 0:
         cfg = _q4gemv_config(m, n, k, group_size, sm_count, interpret)
         if cfg is not None:
@@ -308,6 +321,69 @@ if triton is not None:
             acc_t = tl.sum(tl.sum(acc3, axis=2), axis=1)[:, None]
         if PER_CHANNEL:
             acc_t = acc_t * s_row[:, None]
+        store_tile(Y, acc_t, B, rows, offs_m, offs_n, M, N, stride_ym, pid_k, HAS_BIAS, SPLIT_K)
+
+    @triton.jit
+    def _q8gemv_kernel(
+        X, QW, S, Z, B, Y,
+        M, N, K, K_PER_SPLIT,
+        stride_xm, stride_wn, stride_sn, stride_ym,
+        SYMMETRIC: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BM: tl.constexpr,
+        ROWS: tl.constexpr,
+        BN: tl.constexpr,
+        BK: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        VEC: tl.constexpr,
+    ):
+        """int8 per-output-channel decode GEMV on a ``[BN, BK // VEC, VEC]`` tile of each step: ``VEC = 8``
+        bytes per thread and load give the weight tile the activation load's own layout (8 x 16-bit = one
+        16-byte load), so nothing is exchanged through shared memory in the loop (``_qgemv_kernel``'s
+        16-byte weight loads make it reshuffle the activations every step). The zero point folds into the
+        exponent-trick offset (``2^23 + 128 + z`` is exact in float32), so asymmetric weights cost nothing
+        extra; the scale multiplies the row sums once."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_m = tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        offs_k = tl.arange(0, BK // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+        rows = offs_n % N  # clamped: out-of-range rows compute garbage that is never stored
+        w_ptrs = QW + rows[:, None, None] * stride_wn + offs_k[None, :, :]
+        if SYMMETRIC:
+            off = tl.full((BN, 1, 1), 8388736.0, tl.float32)  # 2^23 + 128: the stored byte is q ^ 0x80 = q + 128
+        else:
+            off = 8388736.0 + tl.load(Z + rows * stride_sn).to(tl.float32)[:, None, None]
+        acc3 = tl.zeros((BN, BK // VEC, VEC), dtype=tl.float32)
+        acc_t = tl.zeros((BN, BM), dtype=tl.float32)
+        k_start = tl.multiple_of(pid_k * K_PER_SPLIT, BK)
+        k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+        for k0 in range(k_start, k_end, BK):
+            kk = k0 + offs_k
+            if EVEN_K:
+                raw = tl.load(w_ptrs + k0, eviction_policy="evict_first")
+            else:
+                raw = tl.load(w_ptrs + k0, mask=(kk < k_end)[None, :, :], other=0, eviction_policy="evict_first")
+            v = (raw.to(tl.uint8, bitcast=True).to(tl.uint32) ^ 0x80) | 0x4B000000
+            w = v.to(tl.float32, bitcast=True) - off
+            if BM == 1:
+                if EVEN_K:
+                    x = tl.load(X + kk).to(tl.float32)
+                else:
+                    x = tl.load(X + kk, mask=kk < k_end, other=0.0).to(tl.float32)
+                acc3 += w * x[None, :, :]
+            else:
+                for m in tl.static_range(ROWS):
+                    if EVEN_K:
+                        xm = tl.load(X + m * stride_xm + kk).to(tl.float32)
+                    else:
+                        xm = tl.load(X + m * stride_xm + kk, mask=kk < k_end, other=0.0).to(tl.float32)
+                    part = tl.sum(tl.sum(w * xm[None, :, :], axis=2), axis=1)
+                    acc_t += tl.where(offs_m[None, :] == m, part[:, None], 0.0)
+        if BM == 1:
+            acc_t = tl.sum(tl.sum(acc3, axis=2), axis=1)[:, None]
+        acc_t = acc_t * tl.load(S + rows * stride_sn).to(tl.float32)[:, None]
         store_tile(Y, acc_t, B, rows, offs_m, offs_n, M, N, stride_ym, pid_k, HAS_BIAS, SPLIT_K)
 
     @triton.jit
@@ -634,8 +710,43 @@ def _launch_q4gemv(x2, qw, words, bias, cfg) -> torch.Tensor:
     return y.to(x2.dtype) if split_k > 1 else y
 
 
+def _split_k_output(x2: torch.Tensor, n: int, k: int, split_k: int, step: int):
+    """``(y, k_per_split, split_k)``: a float32 zeroed output for atomics when K is split, else ``x``'s dtype."""
+    k_per_split = triton_cdiv(triton_cdiv(k, split_k), step) * step
+    split_k = triton_cdiv(k, k_per_split)
+    m = x2.shape[0]
+    if split_k > 1:
+        return torch.zeros((m, n), device=x2.device, dtype=torch.float32), k_per_split, split_k
+    return torch.empty((m, n), device=x2.device, dtype=x2.dtype), k_per_split, split_k
+
+
+def _launch_q8gemv(x2, qw, bias, cfg) -> torch.Tensor:
+    """int8 per-output-channel weights, 1..16 rows: the 16-bit-GEMV-shaped kernel."""
+    triton_launchable(_q8gemv_kernel, x2, qw.qweight)
+    m, k = x2.shape
+    n = qw.out_features
+    bm, bn, bk = int(cfg.get("BM", _next_pow2(m))), int(cfg["BN"]), int(cfg["BK"])
+    vec = int(cfg.get("VEC", 8))
+    if bm < m or bk % vec:
+        raise ValueError(f"q8gemv config {dict(cfg)} does not fit M={m} (BM >= M, VEC divides BK)")
+    y, k_per_split, split_k = _split_k_output(x2, n, k, int(cfg.get("split_k", 1)), bk)
+    zeros = qw.zeros if qw.zeros is not None else qw.scales
+    _q8gemv_kernel[(triton_cdiv(n, bn), split_k)](
+        x2, qw.qweight, qw.scales, zeros, bias if bias is not None else qw.scales, y,
+        m, n, k, k_per_split, x2.stride(0), qw.qweight.stride(0), qw.scales.stride(0), y.stride(0),
+        SYMMETRIC=qw.zeros is None, HAS_BIAS=bias is not None, BM=bm, ROWS=m, BN=bn, BK=bk,
+        EVEN_K=k % k_per_split == 0, SPLIT_K=split_k, VEC=vec,
+        num_warps=int(cfg.get("num_warps", 4)),
+    )
+    return y.to(x2.dtype) if split_k > 1 else y
+
+
 def _launch(x2: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor], cfg: Mapping) -> torch.Tensor:
     kernel_name = cfg.get("kernel", "gemv")
+    if kernel_name == "q8gemv":
+        if qw.num_bits != 8 or not qw.per_channel:
+            raise ValueError("the q8gemv kernel takes int8 weights with one scale per output channel")
+        return _launch_q8gemv(x2, qw, bias, cfg)
     if kernel_name == "q4gemv":
         triton_launchable(_q4gemv_kernel, x2, qw.qweight)
         words = _int4_words(qw)

@@ -22,7 +22,7 @@ import json, re, sys
 import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-from policyinject.kernels.quant_matmul import _qgemv_kernel, _qgemm_kernel, _q4gemv_kernel
+from policyinject.kernels.quant_matmul import _qgemv_kernel, _qgemm_kernel, _q4gemv_kernel, _q8gemv_kernel
 from policyinject.kernels.gemv import _gemv_kernel
 
 PTR = {"X": "*bf16", "W": "*bf16", "QW": None, "S": "*fp16", "Z": "*fp16", "B": "*bf16", "Y": "*bf16"}
@@ -49,7 +49,21 @@ def compile_one(fn, constexprs, qtype="*i8", num_warps=4, num_stages=3):
         "v4": bool(re.search(r"ld\.global[^\n]*\.v4\.b32", ptx)),
         "local": "ld.local" in ptx or "st.local" in ptx,
         "mma": bool(re.search(r"(wgmma\.mma_async|mma\.sync)", ptx)),
+        "loop_shared": loop_shared(ptx),
     }
+
+def loop_shared(ptx):
+    """Shared-memory instructions inside the first loop (between its header label and the branch back)."""
+    lines = ptx.splitlines()
+    heads = [i for i, l in enumerate(lines) if "Loop Header" in l]
+    if not heads:
+        return None
+    h = heads[0]
+    head = lines[h - 1] if lines[h].strip().startswith("//") else lines[h]  # "$L__BB0_2:" (then a comment)
+    label = head.split(":")[0].strip()
+    ends = [i for i, l in enumerate(lines) if i > h and "bra" in l and label in l]
+    body = lines[h:ends[-1]] if ends else lines[h:]
+    return sum(".shared" in l for l in body)
 
 out = {}
 gemv_cases = {
@@ -89,6 +103,12 @@ for name, c in q4_cases.items():
     c = dict(c, HAS_BIAS=True, EVEN_K=True, SPLIT_K=2 if "m4" in name else 1, ASM=True)
     r = compile_one(_q4gemv_kernel, c, "*i32", num_stages=1)
     out[name] = r
+q8_cases = {
+    "q8l_pc_m1": dict(SYMMETRIC=True, BM=1, ROWS=1, BN=4, BK=1024, EVEN_K=True, SPLIT_K=1),
+    "q8l_asym_m3_masked": dict(SYMMETRIC=False, BM=4, ROWS=3, BN=2, BK=512, EVEN_K=False, SPLIT_K=2),
+}
+for name, c in q8_cases.items():
+    out[name] = compile_one(_q8gemv_kernel, dict(c, HAS_BIAS=True, VEC=8))
 print(json.dumps(out))
 '''
 
@@ -104,7 +124,7 @@ def compiled() -> dict:
 
 
 def test_every_kernel_compiles_for_sm90(compiled: dict) -> None:
-    assert len(compiled) == 17
+    assert len(compiled) == 19
     for name, info in compiled.items():
         assert info["cubin"], name
         assert info["shared"] <= 228 * 1024, (name, info["shared"])
@@ -114,6 +134,12 @@ def test_every_kernel_compiles_for_sm90(compiled: dict) -> None:
 def test_decode_kernels_use_16_byte_weight_loads(compiled: dict) -> None:
     for name in ("gemv_m1", "gemv_m4_split", "q8_pc_m1", "q8_g128_m1", "q4_g128_m1", "q4w_g128_m1"):
         assert compiled[name]["v4"], name
+
+
+def test_layout_matched_int8_gemv_exchanges_nothing_in_its_loop(compiled: dict) -> None:
+    """q8gemv's weight tile has the activation load's layout: no shared-memory round trip per K step."""
+    assert compiled["q8l_pc_m1"]["loop_shared"] == 0
+    assert compiled["q8_pc_m1"]["loop_shared"] > 0  # the 16-byte-load kernel does reshuffle (why q8gemv exists)
 
 
 def test_gemm_kernels_use_tensor_cores(compiled: dict) -> None:

@@ -113,11 +113,32 @@ def test_int4_word_gemv(m: int, symmetric: bool, group, config: dict) -> None:
         _check(x, qw, randn(20, dtype=dtype, device=DEVICE) if m % 2 else None, dict(config, BM=1 << (m - 1).bit_length()))
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("m, k, split_k", [(1, 384, 1), (1, 416, 2), (3, 384, 2), (2, 416, 1)])
+def test_layout_matched_int8_gemv(symmetric: bool, m: int, k: int, split_k: int) -> None:
+    """The q8gemv kernel (int8 per output channel, zero point folded into the offset) on fresh inputs:
+    symmetric and asymmetric, 1..3 rows, a masked K tail, split K, bias, 16-bit activations."""
+    qw = quantize_weight(randn(20, k) + (0 if symmetric else 0.3), 8, None, symmetric).to(DEVICE)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = randn(m, k, dtype=dtype, device=DEVICE)
+        cfg = {"kernel": "q8gemv", "BM": 1 << (m - 1).bit_length(), "BN": 4, "BK": 64, "VEC": 8, "split_k": split_k}
+        _check(x, qw, randn(20, dtype=dtype, device=DEVICE), cfg)
+
+
+def test_measured_configs_pick_the_layout_matched_int8_kernel() -> None:
+    assert qm.quant_matmul_config(1, 4096, 14336, 8, 14336, 132, False)["kernel"] == "q8gemv"
+    assert qm.quant_matmul_config(1, 6144, 4096, 8, 4096, 132, False)["kernel"] == "gemv"
+    assert qm.quant_matmul_config(1, 4096, 4096, 8, 4096, 132, True)["kernel"] == "gemv"  # interpreter: heuristic
+    with pytest.raises(ValueError, match="q8gemv"):
+        qm.quant_matmul(randn(1, 64, device=DEVICE), quantize_weight(randn(8, 64), 8, 32).to(DEVICE),
+                        backend="triton", config={"kernel": "q8gemv", "BN": 4, "BK": 64})
+
+
 def test_int4_word_gemv_is_the_decode_default() -> None:
     cfg = qm.quant_matmul_config(1, 4096, 4096, 4, 128, 132, False)
     assert cfg["kernel"] == "q4gemv" and cfg["GK"] == 128
     assert qm.quant_matmul_config(8, 4096, 4096, 4, 128, 132, False)["kernel"] == "gemm"
-    assert qm.quant_matmul_config(1, 4096, 4096, 8, 4096, 132, False)["kernel"] == "gemv"
+    assert qm.quant_matmul_config(1, 3072, 2048, 8, 2048, 132, False)["kernel"] == "gemv"
 
 
 def test_per_channel_split_k_with_masked_tail() -> None:

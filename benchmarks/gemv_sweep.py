@@ -1,0 +1,188 @@
+"""Batch-1 decode GEMV sweep: bf16, int8 and int4 kernels and their launch configs on the Llama shapes.
+
+Every config is checked against the reference on fresh inputs, then timed per call inside one CUDA graph over
+rotating weight sets (more bytes than L2), as in a graph-captured decode step. Prints, per shape, the best
+configs of each kernel and the fraction of the measured copy bandwidth (weight bytes), then the per-token sum
+(32 layers + bf16 head for the 8B) for the heuristic and for the best config of each method.
+
+    python benchmarks/gemv_sweep.py [--models 8B 1B] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+SHAPES = {
+    "8B": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+           "lm_head": (128256, 4096)},
+    "1B": {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192),
+           "lm_head": (128256, 2048)},
+}
+LAYERS = {"8B": 32, "1B": 16}
+
+
+def candidates(method: str, n: int, k: int, sm: int):
+    """(name, config) pairs for one method; the heuristic first."""
+    from policyinject.kernels.gemv import gemv_config
+    from policyinject.kernels.quant_matmul import quant_matmul_config
+
+    out = []
+    if method == "bf16":
+        out.append(("heuristic", gemv_config(1, n, k, 2, sm)))
+        for bn, bk, w in [(1, 2048, 8), (2, 2048, 8), (4, 1024, 4), (4, 2048, 8), (8, 1024, 8), (2, 1024, 4)]:
+            if bk <= k:
+                out.append(("cfg", {"BM": 1, "BN": bn, "BK": bk, "split_k": 1, "num_warps": w}))
+    elif method == "int8":
+        out.append(("heuristic", quant_matmul_config(1, n, k, 8, k, sm)))
+        for bn, gk, w in [(4, 1024, 4), (2, 2048, 8), (8, 512, 4)]:
+            if k % gk == 0:
+                out.append(("byte", {"kernel": "gemv", "BM": 1, "BN": bn, "GPB": 1, "GK": gk, "split_k": 1,
+                                     "num_warps": w}))
+        for bn, bk, w in [(4, 1024, 4), (2, 2048, 4), (2, 4096, 8), (4, 2048, 8), (8, 1024, 8), (1, 4096, 8)]:
+            if k % bk == 0:
+                out.append(("q8gemv", {"kernel": "q8gemv", "BM": 1, "BN": bn, "BK": bk, "VEC": 8, "split_k": 1,
+                                       "num_warps": w}))
+    else:  # int4, group 128
+        out.append(("heuristic", quant_matmul_config(1, n, k, 4, 128, sm)))
+        for bn, gpb, w in [(8, 8, 4), (16, 4, 4), (64, 2, 4), (32, 4, 8)]:
+            if k % (gpb * 128) == 0:
+                out.append(("q4gemv", {"kernel": "q4gemv", "BM": 1, "BN": bn, "GPB": gpb, "GK": 128, "split_k": 1,
+                                       "num_warps": w, "word_loads": False}))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=["8B", "1B"], choices=list(SHAPES))
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--rep", type=int, default=30, help="do_bench milliseconds per measurement")
+    args = ap.parse_args(argv)
+
+    import torch
+    import triton
+
+    from policyinject.kernels.gemv import gemv
+    from policyinject.kernels.quant_matmul import quant_matmul
+    from policyinject.kernels.quant_reference import quant_matmul_reference
+    from policyinject.kernels.quantize import quantize_weight
+    from policyinject.roofline import copy_bandwidth
+
+    if not torch.cuda.is_available():
+        print("benchmarks/gemv_sweep.py needs a CUDA GPU")
+        return 2
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(0)
+    sm = props.multi_processor_count
+    copy_tbs = copy_bandwidth(dev) / 1e12
+    print(f"card: {props.name}, {sm} SMs; torch {torch.__version__}, triton {triton.__version__}; bf16 activations")
+    print(f"copy bandwidth (1 GiB, read + write): {copy_tbs:.3f} TB/s", flush=True)
+    report = {"card": props.name, "copy_TBps": copy_tbs, "torch": torch.__version__, "triton": triton.__version__,
+              "rows": []}
+    l2 = 50 * 2**20
+
+    def graph_us(calls) -> float:
+        seq = list(calls) * 2
+        for c in seq:
+            c()
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for c in seq:
+                c()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for c in seq:
+                c()
+        ms = triton.testing.do_bench(g.replay, warmup=5, rep=args.rep, return_mode="median")
+        del g
+        return ms * 1e3 / len(seq)
+
+    def rel_err(a, b) -> float:
+        a, b = a.double(), b.double()
+        return float((a - b).norm() / b.norm()) if torch.isfinite(a).all() else float("inf")
+
+    best = {}
+    t0 = time.time()
+    for model in args.models:
+        for role, (n, k) in SHAPES[model].items():
+            count = max(2, min(16, math.ceil(4 * l2 / (n * k))))
+            ws = [(torch.randn(n, k, device=dev) * 0.02).to(torch.bfloat16) for _ in range(count)]
+            qs = {"int8": [quantize_weight(w, 8, None) for w in ws], "int4": [quantize_weight(w, 4, 128) for w in ws]}
+            xs = [torch.randn(1, k, device=dev).to(torch.bfloat16) for _ in range(count)]
+            cub = graph_us([lambda i=i: torch.nn.functional.linear(xs[i], ws[i]) for i in range(count)])
+            bytes_bf16 = n * k * 2
+            print(f"\n{model} {role} {n}x{k}: cuBLAS {cub:.1f} us ({bytes_bf16 / cub / 1e6 / copy_tbs:.0%} of copy)",
+                  flush=True)
+            report["rows"].append({"model": model, "role": role, "method": "cublas", "us": cub})
+            for method in ("bf16", "int8", "int4"):
+                rows = []
+                for name, cfg in candidates(method, n, k, sm):
+                    try:
+                        x0 = torch.randn(1, k, device=dev).to(torch.bfloat16)
+                        if method == "bf16":
+                            out = gemv(x0, ws[0], backend="triton", config=cfg)
+                            ref = x0.float() @ ws[0].float().t()
+                            fn = lambda i, cfg=cfg: gemv(xs[i], ws[i], backend="triton", config=cfg)
+                            nbytes = bytes_bf16
+                        else:
+                            out = quant_matmul(x0, qs[method][0], backend="triton", config=cfg)
+                            ref = quant_matmul_reference(x0.float(), qs[method][0])
+                            fn = lambda i, cfg=cfg, m=method: quant_matmul(xs[i], qs[m][i], backend="triton", config=cfg)
+                            nbytes = qs[method][0].nbytes()
+                        err = rel_err(out.float(), ref.float())
+                        us = graph_us([lambda i=i, fn=fn: fn(i) for i in range(count)])
+                    except Exception as exc:  # a config the compiler rejects: report it and go on
+                        print(f"  {method:5s} {name:12s} ERROR {repr(exc)[:160]} {json.dumps(cfg)}")
+                        report["rows"].append({"model": model, "role": role, "method": method, "name": name,
+                                               "config": cfg, "error": repr(exc)[:300]})
+                        continue
+                    frac = nbytes / us / 1e6 / copy_tbs
+                    ok = err < 1e-2
+                    rec = {"model": model, "role": role, "method": method, "name": name, "config": cfg, "us": us,
+                           "frac_copy": frac, "rel_err": err, "ok": ok}
+                    report["rows"].append(rec)
+                    rows.append(rec)
+                rows.sort(key=lambda r: r["us"] if r["ok"] else float("inf"))
+                heur = next((r for r in rows if r["name"] == "heuristic"), None)
+                for r in rows[:5]:
+                    print(f"  {method:5s} {r['us']:7.1f} us {r['frac_copy']:6.1%} err {r['rel_err']:.1e} "
+                          f"{r['name']:12s} {json.dumps(r['config'])}")
+                bad = [r for r in rows if not r["ok"]]
+                for r in bad:
+                    print(f"  {method:5s} WRONG err {r['rel_err']:.1e} {r['name']} {json.dumps(r['config'])}")
+                if heur:
+                    print(f"  {method:5s} heuristic {heur['us']:.1f} us ({heur['frac_copy']:.1%})", flush=True)
+                best[(model, role, method)] = (heur["us"] if heur else float("nan"), rows[0]["us"] if rows else float("nan"),
+                                               rows[0]["config"] if rows else None)
+                best[(model, role, "cublas")] = (cub, cub, None)
+            del ws, qs, xs
+            torch.cuda.empty_cache()
+        print(f"\n{model} per token (x{LAYERS[model]} layers + bf16 head, GEMV-best head):")
+        roles = [r for r in SHAPES[model] if r != "lm_head"]
+        head_h, head_b, _ = best[(model, "lm_head", "bf16")]
+        tot = {}
+        for method in ("cublas", "bf16", "int8", "int4"):
+            h = sum(best[(model, r, method)][0] for r in roles) * LAYERS[model] + head_h
+            b = sum(best[(model, r, method)][1] for r in roles) * LAYERS[model] + head_b
+            tot[method] = (h, b)
+        for method, (h, b) in tot.items():
+            print(f"  {method:6s} heuristic {h / 1e3:.3f} ms  best {b / 1e3:.3f} ms  "
+                  f"(best vs bf16 best {tot['bf16'][1] / b:.2f}x)")
+        report[f"per_token_{model}"] = {m: {"heuristic_us": h, "best_us": b} for m, (h, b) in tot.items()}
+    report["best"] = [{"model": k[0], "role": k[1], "method": k[2], "heuristic_us": v[0], "best_us": v[1],
+                       "config": v[2]} for k, v in best.items()]
+    print(f"\nsweep time {time.time() - t0:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
