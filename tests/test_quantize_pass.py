@@ -183,3 +183,34 @@ def test_end_to_end_tiny_llama_int8() -> None:
     with torch.no_grad():
         out = model(ids).logits
     assert ((out - ref).norm() / ref.norm()) < 0.02
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_lm_head_quantized_on_request(tied: bool, bits: int) -> None:
+    """quant.lm_head.enabled quantizes the head (kept 16-bit by default); a tied head gets its own copy and the
+    embedding keeps its tensor; logits stay close to the original's."""
+    transformers = pytest.importorskip("transformers")
+    from policyinject.pipeline import init_inference
+
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=160, max_position_embeddings=64,
+                                   tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 160, (1, 12))
+    with torch.no_grad():
+        ref = model(ids).logits
+    default = init_inference(copy.deepcopy(model), quant={"enabled": True, "weight": {"num_bits": bits}})
+    assert not any(a.path == "lm_head" for a in default.plan.for_pass("quantize"))
+    embed_weight = model.model.embed_tokens.weight
+    engine = init_inference(model, quant={"enabled": True, "weight": {"num_bits": bits}, "lm_head": {"enabled": True}})
+    head = [a for a in engine.plan.for_pass("quantize") if a.path == "lm_head"]
+    assert len(head) == 1 and head[0].action == "quantize" and head[0].details["tied_to_embedding"] is tied
+    assert head[0].details["bytes_freed"] == (0 if tied else 160 * 64 * 4)
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.num_bits == bits
+    assert model.model.embed_tokens.weight is embed_weight and embed_weight.dtype == torch.float32
+    with torch.no_grad():
+        out = model(ids).logits
+    assert torch.isfinite(out).all()
+    assert ((out - ref).norm() / ref.norm()) < (0.03 if bits == 8 else 0.3)

@@ -298,6 +298,12 @@ KEYS: tuple = (
             cls="QKVQuantConfig"),
     KeySpec("quant.qkv.enabled", "bool", True, "Quantize q/k/v (and fused qkv) projections too.",
             convert=v.boolean, schema=_BOOL),
+    KeySpec("quant.lm_head", "mapping", _EMPTY, "Quantization of the output head.", status=Status.SECTION,
+            cls="HeadQuantConfig", origin="policyinject"),
+    KeySpec("quant.lm_head.enabled", "bool", False,
+            "Quantize the output head (lm_head) with quant.weight's bits, group size and type; embeddings stay "
+            "16-bit (a tied head gets its own quantized copy).", convert=v.boolean, schema=_BOOL,
+            origin="policyinject"),
     # ---- checkpoint_config -----------------------------------------------------------------------------
     KeySpec("checkpoint_config.checkpoint_dir", "str or null", None, "DeepSpeed: unused (TODO there).",
             status=Status.WARNS, note="use the top-level `checkpoint`", convert=v.optional_text,
@@ -356,7 +362,7 @@ def section_specs(section: str) -> tuple:
 
     Example:
         >>> [s.name for s in section_specs("quant")]
-        ['enabled', 'activation', 'weight', 'qkv']
+        ['enabled', 'activation', 'weight', 'qkv', 'lm_head']
     """
     return tuple(s for s in KEYS if s.parent == section)
 

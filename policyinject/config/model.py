@@ -128,6 +128,16 @@ class QKVQuantConfig:
 
 
 @attrs.frozen
+class HeadQuantConfig:
+    """``quant.lm_head``: whether the output head is quantized too (off by default)."""
+
+    enabled: bool = _field("quant.lm_head.enabled")
+
+    def __attrs_post_init__(self) -> None:
+        _validate(self, "quant.lm_head")
+
+
+@attrs.frozen
 class QuantizationConfig:
     """``quant``: weight quantization (off unless ``enabled`` or ``dtype="int8"``)."""
 
@@ -135,6 +145,7 @@ class QuantizationConfig:
     activation: ActivationQuantConfig = attrs.field(factory=ActivationQuantConfig)
     weight: WeightQuantConfig = attrs.field(factory=WeightQuantConfig)
     qkv: QKVQuantConfig = attrs.field(factory=QKVQuantConfig)
+    lm_head: HeadQuantConfig = attrs.field(factory=HeadQuantConfig)
 
     def __attrs_post_init__(self) -> None:
         _validate(self, "quant")
@@ -237,5 +248,5 @@ class InferenceConfig:
 SECTION_CLASSES = MappingProxyType({
     "": InferenceConfig, "tensor_parallel": TensorParallelConfig, "moe": MoEConfig,
     "quant": QuantizationConfig, "quant.activation": ActivationQuantConfig, "quant.weight": WeightQuantConfig,
-    "quant.qkv": QKVQuantConfig, "checkpoint_config": CheckpointConfig,
+    "quant.qkv": QKVQuantConfig, "quant.lm_head": HeadQuantConfig, "checkpoint_config": CheckpointConfig,
 })

@@ -67,6 +67,7 @@ class QuantSpec:
     group_size: Optional[int] = None
     qkv: bool = True
     backend: str = "auto"
+    lm_head: bool = False
 
 
 def quant_spec_from_config(config: Any) -> QuantSpec:
@@ -75,7 +76,7 @@ def quant_spec_from_config(config: Any) -> QuantSpec:
     Example:
         >>> from policyinject.config import load_config
         >>> quant_spec_from_config(load_config(None, dtype="int8"))
-        QuantSpec(num_bits=8, symmetric=True, q_groups=1, group_size=None, qkv=True, backend='auto')
+        QuantSpec(num_bits=8, symmetric=True, q_groups=1, group_size=None, qkv=True, backend='auto', lm_head=False)
     """
     quant = getattr(config, "quant", None)
     weight = getattr(quant, "weight", None)
@@ -93,8 +94,9 @@ def quant_spec_from_config(config: Any) -> QuantSpec:
     group_size = getattr(weight, "group_size", None)
     qkv = bool(getattr(getattr(quant, "qkv", None), "enabled", True))
     backend = str(getattr(config, "kernel_backend", "auto") or "auto")
+    lm_head = bool(getattr(getattr(quant, "lm_head", None), "enabled", False))
     return QuantSpec(num_bits, symmetric, None if q_groups is None else int(q_groups),
-                     None if group_size is None else int(group_size), qkv, backend)
+                     None if group_size is None else int(group_size), qkv, backend, lm_head)
 
 
 def plan_group_size(spec: QuantSpec, in_features: int, local_in: Optional[int] = None, where: str = "") -> int:
@@ -286,6 +288,12 @@ class QuantizePass(Pass):
                 payload = {"num_bits": spec.num_bits, "group_size": g, "per_channel": g == in_f,
                            "symmetric": spec.symmetric, "backend": spec.backend, "transposed": rel in transposed}
                 actions.append(Action(NAME, full, cls, "quantize", details, payload))
+        head = self._plan_head(ctx, spec, float_size, on_cuda, problems)
+        if head is not None:
+            actions.append(head)
+            if head.action == "quantize":
+                before_total += head.details["bytes_freed"]
+                after_total += head.details["bytes_after"]
         if problems:
             raise PlanError(problems)
         model_before = _model_bytes(ctx.model, float_size) // tp if tp > 1 else _model_bytes(ctx.model, float_size)
@@ -300,6 +308,45 @@ class QuantizePass(Pass):
             "planned": True,
         }
         return actions
+
+    @staticmethod
+    def _plan_head(ctx: PassContext, spec: QuantSpec, float_size: Optional[int], on_cuda: bool,
+                   problems: list) -> Optional[Action]:
+        """``quant.lm_head.enabled``: the output head (the model policy's ``lm_head``) as one more quantized
+        linear. A head tied to the input embedding gets its own quantized copy (the embedding keeps the 16-bit
+        tensor, so no bytes are freed); a head split over ranks (vocab-parallel) is kept, with the reason."""
+        path = ctx.model_policy.lm_head if (spec.lm_head and ctx.model_policy is not None) else None
+        if not path:
+            return None
+        try:
+            mod = ctx.model.get_submodule(path)
+        except AttributeError:
+            problems.append(f"quant.lm_head.enabled: the model policy's lm_head {path!r} is not a submodule of "
+                            f"{type(ctx.model).__name__}")
+            return None
+        cls = type(mod).__name__
+        if type(mod) is not nn.Linear:
+            return Action(NAME, path, cls, "keep", {"reason": f"quant.lm_head takes a plain nn.Linear head, not {cls}"})
+        out_f, in_f = mod.out_features, mod.in_features
+        try:
+            g = plan_group_size(spec, in_f, in_f, path)
+        except PlanError as exc:
+            problems.extend(exc.problems)
+            return None
+        if not (g == in_f or g % (16 if spec.num_bits == 8 else 32) == 0) and on_cuda and spec.backend != "torch":
+            problems.append(f"{path}: group_size={g} is not supported by the Triton kernels; set kernel_backend='torch'")
+            return None
+        size = float_size or mod.weight.element_size()
+        embed = ctx.model.get_input_embeddings() if hasattr(ctx.model, "get_input_embeddings") else None
+        tied = embed is not None and getattr(embed, "weight", None) is mod.weight
+        groups = 1 if g == in_f else in_f // g
+        after = out_f * in_f * spec.num_bits // 8 + out_f * groups * 2 * (1 if spec.symmetric else 2)
+        details = {"bits": spec.num_bits, "group_size": g if g != in_f else "per-channel", "symmetric": spec.symmetric,
+                   "bytes_before": out_f * in_f * size, "bytes_after": after,
+                   "bytes_freed": 0 if tied else out_f * in_f * size, "tied_to_embedding": tied}
+        payload = {"num_bits": spec.num_bits, "group_size": g, "per_channel": g == in_f, "symmetric": spec.symmetric,
+                   "backend": spec.backend, "transposed": False}
+        return Action(NAME, path, cls, "quantize", details, payload)
 
     @staticmethod
     def _local(out_f: int, in_f: int, style: Any, tp: int) -> tuple:
