@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -87,6 +88,13 @@ def norm_config(m: int, n: int, sms: int = 132) -> NormConfig:
     return NormConfig(block_m=block_m, num_warps=num_warps)
 
 
+@functools.lru_cache(maxsize=1024)
+def _default_config(m: int, n: int, device: torch.device) -> NormConfig:
+    """:func:`norm_config` for ``device``'s SM count, memoised (host time: decode calls the norms with the same
+    shapes every step, and the heuristic plus the SM-count query are a few microseconds per call)."""
+    return norm_config(m, n, sm_count(device))
+
+
 def _check_vec(name: str, t: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
     if t is None:
         return None
@@ -129,7 +137,7 @@ def launch_norm(
         return y, s
     y2 = y.view(-1, n)
     s2 = s.view(-1, n) if s is not None else None
-    cfg = config or norm_config(m, n, sm_count(x.device))
+    cfg = config or _default_config(m, n, x.device)
     tiles = -(-m // cfg.block_m)
     grid = (min(tiles, cfg.num_programs) if cfg.num_programs else tiles,)
     with device_guard(x.device):

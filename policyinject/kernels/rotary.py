@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -84,6 +85,14 @@ def rotary_config(n_tokens: int, hq: int, hkv: int, rotary_dim: int, sms: int = 
     return RotaryConfig(block_h=best, num_warps=num_warps)
 
 
+@functools.lru_cache(maxsize=512)
+def _default_config(n_tokens: int, hq: int, hkv: int, rotary_dim: int, device: torch.device) -> RotaryConfig:
+    """:func:`rotary_config` for ``device``'s SM count, memoised: a decode step calls rotary once per layer
+    with the same shapes, and the heuristic's search plus the SM-count query cost a few microseconds of host
+    time per call (the kernel itself takes about as long at decode sizes)."""
+    return rotary_config(n_tokens, hq, hkv, rotary_dim, sm_count(device))
+
+
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -118,24 +127,26 @@ def launch_rotary(
         c, s = c.contiguous(), s.contiguous()
     b, hq, t, d = q.shape
     hkv = k.shape[1]
+    cst = c.stride()
     if c.dim() == 2:
-        sc_b, sc_t = 0, c.stride(0)
+        sc_b, sc_t = 0, cst[0]
     else:
-        sc_b = c.stride(0) if c.shape[0] > 1 else 0
-        sc_t = c.stride(1)
+        sc_b = cst[0] if c.shape[0] > 1 else 0
+        sc_t = cst[1]
     if b * t == 0 or hq + hkv == 0:
         return qo, ko
-    cfg = config or rotary_config(b * t, hq, hkv, r, sm_count(q.device))
+    cfg = config or _default_config(b * t, hq, hkv, r, q.device)
     groups = -(-hq // cfg.block_h) + -(-hkv // cfg.block_h)
     copy_pass = (not inplace) and r < d
+    sq, sk, sqo, sko = qi.stride(), ki.stride(), qo.stride(), ko.stride()
     with device_guard(q.device):
         mod.rotary_kernel[(b * t, groups)](
             qi, ki, qo, ko, c, s,
             t, hq, hkv, r // 2, d,
-            qi.stride(0), qi.stride(1), qi.stride(2),
-            ki.stride(0), ki.stride(1), ki.stride(2),
-            qo.stride(0), qo.stride(1), qo.stride(2),
-            ko.stride(0), ko.stride(1), ko.stride(2),
+            sq[0], sq[1], sq[2],
+            sk[0], sk[1], sk[2],
+            sqo[0], sqo[1], sqo[2],
+            sko[0], sko[1], sko[2],
             sc_b, sc_t,
             INTERLEAVED=layout == "interleaved",
             COPY_PASS=copy_pass,

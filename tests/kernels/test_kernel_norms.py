@@ -174,3 +174,13 @@ def test_norm_streaming_config(variant: str) -> None:
     refs = _run(variant, x, r, w, b if "layer" in variant else None, 1e-5, 0.0, "torch")
     for o, ref in zip([o for o in outs if o is not None], refs):
         assert_close(o, ref)
+
+
+def test_norm_default_config_is_memoised_heuristic() -> None:
+    from policyinject.kernels import norms as norms_mod
+    from policyinject.kernels._common import DEFAULT_SM_COUNT
+
+    cpu = torch.device("cpu")
+    for m, n in [(4096, 4096), (32, 4096), (1, 4096), (100000, 128), (8, 16384)]:
+        assert norms_mod._default_config(m, n, cpu) == norm_config(m, n, DEFAULT_SM_COUNT)
+    assert norms_mod._default_config(1, 4096, cpu) is norms_mod._default_config(1, 4096, cpu)

@@ -144,3 +144,13 @@ def test_rotary_config_heuristics() -> None:
     cfg = rotary_config(4096, 14, 2, 64)  # Qwen-style head counts
     padded = -(-14 // cfg.block_h) * cfg.block_h + -(-2 // cfg.block_h) * cfg.block_h
     assert padded <= 1.25 * 16
+
+
+def test_rotary_default_config_is_memoised_heuristic() -> None:
+    from policyinject.kernels import rotary as rotary_mod
+    from policyinject.kernels._common import DEFAULT_SM_COUNT
+
+    cpu = torch.device("cpu")
+    for shape in [(4096, 32, 8, 128), (1, 32, 8, 128), (64, 32, 8, 128), (7, 14, 2, 64)]:
+        assert rotary_mod._default_config(*shape, cpu) == rotary_config(*shape, DEFAULT_SM_COUNT)
+    assert rotary_mod._default_config(1, 32, 8, 128, cpu) is rotary_mod._default_config(1, 32, 8, 128, cpu)
