@@ -32,26 +32,27 @@ def candidates(method: str, n: int, k: int, sm: int):
 
     out = []
     if method == "bf16":
-        out.append(("heuristic", gemv_config(1, n, k, 2, sm)))
-        for bn, bk, w in [(1, 2048, 8), (2, 2048, 8), (4, 1024, 4), (4, 2048, 8), (8, 1024, 8), (2, 1024, 4)]:
+        h = gemv_config(1, n, k, 2, sm)
+        out.append(("heuristic", h))
+        out.append(("heur+pdl", dict(h, pdl=True)))
+        for bn, bk, w in [(1, 2048, 8), (4, 1024, 4)]:
             if bk <= k:
                 out.append(("cfg", {"BM": 1, "BN": bn, "BK": bk, "split_k": 1, "num_warps": w}))
+                out.append(("cfg+pdl", {"BM": 1, "BN": bn, "BK": bk, "split_k": 1, "num_warps": w, "pdl": True}))
     elif method == "int8":
         out.append(("heuristic", quant_matmul_config(1, n, k, 8, k, sm)))
-        for bn, gk, w in [(4, 1024, 4), (2, 2048, 8), (8, 512, 4)]:
-            if k % gk == 0:
-                out.append(("byte", {"kernel": "gemv", "BM": 1, "BN": bn, "GPB": 1, "GK": gk, "split_k": 1,
-                                     "num_warps": w}))
-        for bn, bk, w in [(4, 1024, 4), (2, 2048, 4), (2, 4096, 8), (4, 2048, 8), (8, 1024, 8), (1, 4096, 8)]:
+        out.append(("byte", {"kernel": "gemv", "BM": 1, "BN": 4, "GPB": 1, "GK": 1024, "split_k": 1, "num_warps": 4}))
+        for bn, bk, w, red in [(4, 1024, 4, False), (4, 1024, 4, True), (8, 1024, 4, True), (8, 2048, 8, True),
+                               (4, 2048, 8, True), (16, 1024, 8, True), (2, 4096, 4, True), (4, 4096, 8, True),
+                               (16, 2048, 8, True), (8, 4096, 8, True)]:
             if k % bk == 0:
-                out.append(("q8gemv", {"kernel": "q8gemv", "BM": 1, "BN": bn, "BK": bk, "VEC": 8, "split_k": 1,
-                                       "num_warps": w}))
+                cfg = {"kernel": "q8gemv", "BM": 1, "BN": bn, "BK": bk, "VEC": 8, "split_k": 1, "num_warps": w,
+                       "reduce": red}
+                out.append(("q8" + ("R" if red else ""), cfg))
+                if (bn, bk) in ((4, 1024), (8, 2048), (16, 1024)):
+                    out.append(("q8" + ("R" if red else "") + "+pdl", dict(cfg, pdl=True)))
     else:  # int4, group 128
         out.append(("heuristic", quant_matmul_config(1, n, k, 4, 128, sm)))
-        for bn, gpb, w in [(8, 8, 4), (16, 4, 4), (64, 2, 4), (32, 4, 8)]:
-            if k % (gpb * 128) == 0:
-                out.append(("q4gemv", {"kernel": "q4gemv", "BM": 1, "BN": bn, "GPB": gpb, "GK": 128, "split_k": 1,
-                                       "num_warps": w, "word_loads": False}))
     return out
 
 

@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
 
-__all__ = ["gemv", "gemv_config", "GEMV_MAX_M", "triton_launchable", "resolve_backend"]
+__all__ = ["gemv", "gemv_config", "GEMV_MAX_M", "triton_launchable", "resolve_backend", "pdl_supported"]
 
 #: Largest batch the GEMV kernel takes (the activation rows live in registers).
 GEMV_MAX_M = 16
@@ -78,6 +78,23 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     if backend == "auto":
         return "triton" if (x.is_cuda and triton is not None) else "torch"
     return backend
+
+
+def pdl_supported(x: torch.Tensor) -> bool:
+    """Whether a kernel on ``x`` may use programmatic dependent launch: a CUDA device of compute capability
+    9.0+ and a Triton that knows the ``launch_pdl`` option (never under the interpreter).
+
+    Example:
+        >>> pdl_supported(torch.zeros(1))
+        False
+    """
+    if triton is None or not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] < 9:
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:  # pragma: no cover - a Triton without the NVIDIA backend
+        return False
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
 def _next_pow2(n: int) -> int:
@@ -172,6 +189,7 @@ if triton is not None:
         BK: tl.constexpr,
         EVEN_K: tl.constexpr,
         SPLIT_K: tl.constexpr,
+        PDL: tl.constexpr = False,  # programmatic dependent launch: first weights before waiting (sm_90+)
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -187,9 +205,16 @@ if triton is not None:
         acc_t = tl.zeros((BN, BM), dtype=tl.float32)
         k_start = tl.multiple_of(pid_k * K_PER_SPLIT, BK)  # K_PER_SPLIT is a multiple of BK
         k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+        if PDL:
+            first = tl.load(w_ptrs + k_start, mask=(k_start + offs_k < k_end)[None, :], other=0.0,
+                            eviction_policy="evict_first")
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         for k0 in range(k_start, k_end, BK):
             kk = k0 + offs_k
-            if EVEN_K:
+            if PDL and k0 == k_start:
+                w = first.to(tl.float32)
+            elif EVEN_K:
                 w = tl.load(w_ptrs + k0, eviction_policy="evict_first").to(tl.float32)
             else:
                 w = tl.load(w_ptrs + k0, mask=(kk < k_end)[None, :], other=0.0, eviction_policy="evict_first")
@@ -229,12 +254,13 @@ def _gemv_triton(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     else:
         y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     grid = (triton_cdiv(n, bn), split_k)
+    pdl = bool(config.get("pdl", False)) and pdl_supported(x2)
     _gemv_kernel[grid](
         x2, weight, bias if bias is not None else weight, y,
         m, n, k, k_per_split,
         x2.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BM=bm, ROWS=m, BN=bn, BK=bk, EVEN_K=even_k, SPLIT_K=split_k,
-        num_warps=int(config.get("num_warps", 4)),
+        PDL=pdl, num_warps=int(config.get("num_warps", 4)), **({"launch_pdl": True} if pdl else {}),
     )
     return y.to(x2.dtype) if split_k > 1 else y
 
