@@ -10,8 +10,9 @@ Run on a CUDA machine from the repository root::
 What it does, in one process:
 
 1. prints the card, torch, triton and transformers versions;
-2. measures the copy ceiling: a 1 GiB device-to-device ``copy_`` (bytes read + written), timed by the same
-   steady-state method as the kernels (below), plus the old single-copy number for reference;
+2. measures the copy ceiling: a 1 GiB device-to-device ``copy_`` (bytes read + written), timed three ways
+   (steady state as the kernels below, a single event-timed copy, do_bench with an L2 flush); the ceiling is
+   the fastest of the three (on the H100 the rotated 1 GiB pairs read slower: 2.43 vs 2.96 TB/s);
 3. for each kernel and shape: checks ours against the reference on fresh random inputs (outputs poisoned
    with NaN, relative error by norm), then times ours, the PyTorch reference (eager), the Hugging Face
    module where there is one (eager), ``torch.compile`` of the reference (headline shapes), and a plain
@@ -593,8 +594,9 @@ def print_table(results: List[Result], copy_tbps: float, copy_old_tbps: float) -
               f"{fmt(r.hf_eager_us, '9.1f')} {fmt(r.ref_eager_us, '9.1f')} {fmt(r.compiled_us, '8.1f')} "
               f"{fmt(r.speedup_vs_eager, '6.2f')}x {r.max_rel_err:8.1e} {'OK' if r.ok else 'FAIL ' + r.error[:60]}")
     print(f"(ours / HF eager / ref eager / compiled / copySS: steady state, {GRAPH_CALLS}+ calls rotating over "
-          f"{MIN_SETS}-{MAX_SETS} input/output sets in one CUDA graph, per call; %copy1G: of the 1 GiB copy at "
-          f"{copy_tbps:.3f} TB/s timed the same way (single-copy event timing: {fmt(copy_old_tbps, '.3f')} TB/s); "
+          f"{MIN_SETS}-{MAX_SETS} input/output sets in one CUDA graph, per call; %copy1G: of the 1 GiB copy ceiling "
+          f"{copy_tbps:.3f} TB/s, the fastest of its steady-state, single-copy ({fmt(copy_old_tbps, '.3f')} TB/s) "
+          f"and flushed timings; "
           f"%copySS: a copy_ moving the same bytes / ours; flushed: do_bench median with L2 flush (old method); "
           f"eager: eager back-to-back loop per call, host: its CPU time per call; speedup = HF eager (else "
           f"reference eager) / ours)")
@@ -694,6 +696,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"copy ceiling, {big / 2**30:.3g} GiB copy_ (read + write): {copy_tbps:.3f} TB/s steady state "
           f"({copy_sets} buffer pairs rotated, CUDA graph); {copy_old_tbps:.3f} TB/s single copy "
           f"(policyinject.roofline default); {fmt(copy_flushed_tbps, '.3f')} TB/s do_bench with L2 flush", flush=True)
+    # The ceiling is the fastest of the three copy measurements: the rotated 1 GiB pairs span 8 GiB and read
+    # slower on the H100 (2.43 vs 2.96 TB/s, session-2 run 2, likely TLB reach), so judging by them would be
+    # lenient; the kernels' own rotating sets span at most ~1 GiB.
+    steady_copy_tbps = copy_tbps
+    copy_tbps = max(x for x in (steady_copy_tbps, copy_old_tbps, copy_flushed_tbps) if x == x)
+    print(f"ceiling used for %copy1G and the 85% verdicts: {copy_tbps:.3f} TB/s (the fastest of the three)", flush=True)
 
     cases = build_cases(args.quick, dev, smoke=args.smoke)
     copies = CopyRef(dev, timer)
@@ -736,7 +744,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "device": card, "sms": sms, "torch": torch.__version__, "triton": triton.__version__,
-            "transformers": tf_version, "copy_tbps": copy_tbps, "copy_single_tbps": copy_old_tbps,
+            "transformers": tf_version, "copy_tbps": copy_tbps, "copy_steady_tbps": steady_copy_tbps,
+            "copy_single_tbps": copy_old_tbps,
             "copy_flushed_tbps": copy_flushed_tbps, "copy_bytes": big,
             "timing": {"method": "cuda-graph steady state" if cuda else "host clock (smoke)",
                        "calls": calls, "repeats": repeats, "min_sets": MIN_SETS, "max_sets": MAX_SETS,
