@@ -42,15 +42,10 @@ def candidates(method: str, n: int, k: int, sm: int):
     elif method == "int8":
         out.append(("heuristic", quant_matmul_config(1, n, k, 8, k, sm)))
         out.append(("byte", {"kernel": "gemv", "BM": 1, "BN": 4, "GPB": 1, "GK": 1024, "split_k": 1, "num_warps": 4}))
-        for bn, bk, w, red in [(4, 1024, 4, False), (4, 1024, 4, True), (8, 1024, 4, True), (8, 2048, 8, True),
-                               (4, 2048, 8, True), (16, 1024, 8, True), (2, 4096, 4, True), (4, 4096, 8, True),
-                               (16, 2048, 8, True), (8, 4096, 8, True)]:
+        for bn, bk, w in [(4, 1024, 4), (8, 1024, 4), (2, 2048, 4), (4, 2048, 8)]:
             if k % bk == 0:
-                cfg = {"kernel": "q8gemv", "BM": 1, "BN": bn, "BK": bk, "VEC": 8, "split_k": 1, "num_warps": w,
-                       "reduce": red}
-                out.append(("q8" + ("R" if red else ""), cfg))
-                if (bn, bk) in ((4, 1024), (8, 2048), (16, 1024)):
-                    out.append(("q8" + ("R" if red else "") + "+pdl", dict(cfg, pdl=True)))
+                out.append(("q8", {"kernel": "q8gemv", "BM": 1, "BN": bn, "BK": bk, "VEC": 8, "split_k": 1,
+                                   "num_warps": w}))
     else:  # int4, group 128
         out.append(("heuristic", quant_matmul_config(1, n, k, 4, 128, sm)))
     return out

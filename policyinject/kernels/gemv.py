@@ -25,6 +25,7 @@ import torch
 
 from ..errors import UnsupportedError
 from ._gemv_epilogue import store_tile
+from .pdl import pdl_supported
 from .quant_reference import gemv_reference
 
 try:  # triton is a Linux-only dependency; the torch backend works without it.
@@ -34,7 +35,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
 
-__all__ = ["gemv", "gemv_config", "GEMV_MAX_M", "triton_launchable", "resolve_backend", "pdl_supported"]
+__all__ = ["gemv", "gemv_config", "GEMV_MAX_M", "triton_launchable", "resolve_backend"]
 
 #: Largest batch the GEMV kernel takes (the activation rows live in registers).
 GEMV_MAX_M = 16
@@ -78,23 +79,6 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     if backend == "auto":
         return "triton" if (x.is_cuda and triton is not None) else "torch"
     return backend
-
-
-def pdl_supported(x: torch.Tensor) -> bool:
-    """Whether a kernel on ``x`` may use programmatic dependent launch: a CUDA device of compute capability
-    9.0+ and a Triton that knows the ``launch_pdl`` option (never under the interpreter).
-
-    Example:
-        >>> pdl_supported(torch.zeros(1))
-        False
-    """
-    if triton is None or not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] < 9:
-        return False
-    try:
-        from triton.backends.nvidia.compiler import CUDAOptions
-    except ImportError:  # pragma: no cover - a Triton without the NVIDIA backend
-        return False
-    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
 def _next_pow2(n: int) -> int:
@@ -254,7 +238,7 @@ def _gemv_triton(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     else:
         y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     grid = (triton_cdiv(n, bn), split_k)
-    pdl = bool(config.get("pdl", False)) and pdl_supported(x2)
+    pdl = bool(config.get("pdl", False)) and pdl_supported(x2.device)
     _gemv_kernel[grid](
         x2, weight, bias if bias is not None else weight, y,
         m, n, k, k_per_split,
@@ -272,12 +256,15 @@ def gemv(
     *,
     backend: str = "auto",
     config: Optional[Mapping] = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """``x @ weight.T + bias`` for ``x`` of shape ``[..., K]`` with at most :data:`GEMV_MAX_M` rows.
 
     ``weight`` is ``[N, K]`` (16-bit or float32, same dtype as ``x``), ``bias`` ``[N]`` or None. The result has
     ``x``'s dtype. ``backend``: ``"auto"`` (Triton on CUDA, reference elsewhere), ``"triton"`` or ``"torch"``.
     ``config`` overrides :func:`gemv_config` (keys ``BM``, ``BN``, ``BK``, ``split_k``, ``num_warps``).
+    ``pdl=True`` launches with programmatic dependent launch where the device supports it
+    (:mod:`policyinject.kernels.pdl`): the first weight tile is read while the previous kernel finishes.
 
     Example:
         >>> x, w, b = torch.randn(2, 3, 48), torch.randn(10, 48), torch.randn(10)
@@ -307,5 +294,7 @@ def gemv(
         m, weight.shape[0], weight.shape[1], weight.element_size(), _sm_count(x.device)
     )
     cfg.setdefault("BM", _next_pow2(m))
+    if pdl:
+        cfg.setdefault("pdl", True)
     y = _gemv_triton(x2, weight, bias, cfg)
     return y.reshape(*lead, weight.shape[0])

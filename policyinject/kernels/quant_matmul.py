@@ -31,7 +31,7 @@ from typing import Mapping, Optional
 import torch
 
 from ..errors import UnsupportedError
-from .gemv import _next_pow2, _sm_count, pdl_supported, pick_split_k, resolve_backend, triton_cdiv, triton_launchable
+from .gemv import _next_pow2, _sm_count, pick_split_k, resolve_backend, triton_cdiv, triton_launchable
 from .quant_reference import quant_matmul_reference
 from .quantize import QuantizedWeight
 
@@ -337,20 +337,13 @@ if triton is not None:
         EVEN_K: tl.constexpr,
         SPLIT_K: tl.constexpr,
         VEC: tl.constexpr,
-        REDUCE: tl.constexpr = False,
-        PDL: tl.constexpr = False,
     ):
         """int8 per-output-channel decode GEMV on a ``[BN, BK // VEC, VEC]`` tile of each step: ``VEC = 8``
         bytes per thread and load give the weight tile the activation load's own layout (8 x 16-bit = one
         16-byte load), so nothing is exchanged through shared memory in the loop (``_qgemv_kernel``'s
         16-byte weight loads make it reshuffle the activations every step). The zero point folds into the
         exponent-trick offset (``2^23 + 128 + z`` is exact in float32), so asymmetric weights cost nothing
-        extra; the scale multiplies the row sums once.
-
-        ``REDUCE``: sum each thread's ``VEC`` products at once (a ``[BN, BK // VEC]`` accumulator, VEC times
-        fewer registers than an elementwise one). ``PDL`` (programmatic dependent launch, sm_90+): the first
-        step's weights are loaded before waiting for the previous kernel (weights never depend on it), and the
-        next kernel may launch as soon as every program has started."""
+        extra; the scale multiplies the row sums once."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_m = tl.arange(0, BM)
@@ -358,30 +351,17 @@ if triton is not None:
         offs_k = tl.arange(0, BK // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
         rows = offs_n % N  # clamped: out-of-range rows compute garbage that is never stored
         w_ptrs = QW + rows[:, None, None] * stride_wn + offs_k[None, :, :]
-        k_start = tl.multiple_of(pid_k * K_PER_SPLIT, BK)
-        k_end = tl.minimum(k_start + K_PER_SPLIT, K)
-        if PDL:
-            if EVEN_K:
-                first = tl.load(w_ptrs + k_start, eviction_policy="evict_first")
-            else:
-                first = tl.load(w_ptrs + k_start, mask=(k_start + offs_k < k_end)[None, :, :], other=0,
-                                eviction_policy="evict_first")
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
         if SYMMETRIC:
             off = tl.full((BN, 1, 1), 8388736.0, tl.float32)  # 2^23 + 128: the stored byte is q ^ 0x80 = q + 128
         else:
             off = 8388736.0 + tl.load(Z + rows * stride_sn).to(tl.float32)[:, None, None]
-        if REDUCE:
-            acc3 = tl.zeros((BN, BK // VEC, 1), dtype=tl.float32)
-        else:
-            acc3 = tl.zeros((BN, BK // VEC, VEC), dtype=tl.float32)
+        acc3 = tl.zeros((BN, BK // VEC, VEC), dtype=tl.float32)
         acc_t = tl.zeros((BN, BM), dtype=tl.float32)
+        k_start = tl.multiple_of(pid_k * K_PER_SPLIT, BK)
+        k_end = tl.minimum(k_start + K_PER_SPLIT, K)
         for k0 in range(k_start, k_end, BK):
             kk = k0 + offs_k
-            if PDL and k0 == k_start:
-                raw = first
-            elif EVEN_K:
+            if EVEN_K:
                 raw = tl.load(w_ptrs + k0, eviction_policy="evict_first")
             else:
                 raw = tl.load(w_ptrs + k0, mask=(kk < k_end)[None, :, :], other=0, eviction_policy="evict_first")
@@ -392,10 +372,7 @@ if triton is not None:
                     x = tl.load(X + kk).to(tl.float32)
                 else:
                     x = tl.load(X + kk, mask=kk < k_end, other=0.0).to(tl.float32)
-                if REDUCE:
-                    acc3 += tl.sum(w * x[None, :, :], axis=2, keep_dims=True)
-                else:
-                    acc3 += w * x[None, :, :]
+                acc3 += w * x[None, :, :]
             else:
                 for m in tl.static_range(ROWS):
                     if EVEN_K:
@@ -754,13 +731,11 @@ def _launch_q8gemv(x2, qw, bias, cfg) -> torch.Tensor:
         raise ValueError(f"q8gemv config {dict(cfg)} does not fit M={m} (BM >= M, VEC divides BK)")
     y, k_per_split, split_k = _split_k_output(x2, n, k, int(cfg.get("split_k", 1)), bk)
     zeros = qw.zeros if qw.zeros is not None else qw.scales
-    pdl = bool(cfg.get("pdl", False)) and pdl_supported(x2)
     _q8gemv_kernel[(triton_cdiv(n, bn), split_k)](
         x2, qw.qweight, qw.scales, zeros, bias if bias is not None else qw.scales, y,
         m, n, k, k_per_split, x2.stride(0), qw.qweight.stride(0), qw.scales.stride(0), y.stride(0),
         SYMMETRIC=qw.zeros is None, HAS_BIAS=bias is not None, BM=bm, ROWS=m, BN=bn, BK=bk,
-        EVEN_K=k % k_per_split == 0, SPLIT_K=split_k, VEC=vec, REDUCE=bool(cfg.get("reduce", False)),
-        PDL=pdl, num_warps=int(cfg.get("num_warps", 4)), **({"launch_pdl": True} if pdl else {}),
+        EVEN_K=k % k_per_split == 0, SPLIT_K=split_k, VEC=vec, num_warps=int(cfg.get("num_warps", 4)),
     )
     return y.to(x2.dtype) if split_k > 1 else y
 

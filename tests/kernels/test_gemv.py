@@ -92,3 +92,41 @@ def test_gemv_gpu_real_shapes(shape: tuple) -> None:
         with poisoned_alloc():
             out = gemv(x, w, backend="triton")
         assert rel_err(out, gemv_reference(x, w)) < 1e-2, (m, shape)
+
+
+@pytest.mark.gpu
+def test_pdl_chain_equals_plain_launches_in_a_graph() -> None:
+    """norm (triggers early) -> GEMV (PDL) -> norm -> GEMV ... captured in a CUDA graph and replayed gives
+    bit-identical results to the same chain without PDL: the GEMV waits for the norm's writes before reading
+    its input, and its early weight loads never race with anything."""
+    from policyinject.kernels.norms import add_rms_norm
+    from policyinject.kernels.pdl import pdl_supported
+
+    dev = torch.device("cuda")
+    if not pdl_supported(dev):
+        pytest.skip("no programmatic dependent launch on this card / Triton")
+    torch.manual_seed(0)
+    ws = [torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(6)]
+    nw = torch.ones(4096, device=dev, dtype=torch.bfloat16)
+
+    def chain(pdl: bool, h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        for w in ws:
+            x, r = add_rms_norm(h, r, nw, 1e-5)
+            h = gemv(x, w, pdl=pdl)
+        return h
+
+    h0 = torch.randn(1, 4096, device=dev, dtype=torch.bfloat16)
+    r0 = torch.randn(1, 4096, device=dev, dtype=torch.bfloat16)
+    outs = {}
+    for pdl in (False, True):
+        chain(pdl, h0, r0)  # compile and warm up outside the capture
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = chain(pdl, h0, r0)
+        for _ in range(20):
+            g.replay()
+        torch.cuda.synchronize()
+        outs[pdl] = out.clone()
+    assert torch.isfinite(outs[True]).all()
+    assert torch.equal(outs[True], outs[False])
