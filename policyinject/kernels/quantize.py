@@ -55,6 +55,10 @@ __all__ = [
     "pack_int4",
     "unpack_int4",
     "qrange",
+    "check_finite",
+    "group_scale_zero",
+    "quantize_groups",
+    "pack_quantized",
 ]
 
 _SUPPORTED_BITS = (4, 8)
@@ -235,15 +239,48 @@ def quantize_weight(
         raise TypeError(f"quantize_weight takes a floating-point weight, got {weight.dtype}")
     n, k = weight.shape
     g = resolve_group_size(k, num_bits, q_groups=q_groups, group_size=group_size)
+    w = weight.detach().to(torch.float32).reshape(n, k // g, g)
+    check_finite(w)
+    scale_q, zero = group_scale_zero(w, num_bits, symmetric, scale_dtype)
+    q = quantize_groups(w, scale_q.to(torch.float32), zero, num_bits, symmetric)
+    return pack_quantized(q.reshape(n, k), scale_q, zero, num_bits, scale_dtype)
+
+
+def check_finite(weight: torch.Tensor) -> None:
+    """Raise ``ValueError`` if ``weight`` holds a NaN or an infinity (they would quantize to garbage silently).
+
+    Example:
+        >>> check_finite(torch.tensor([1.0, float("nan")]))
+        Traceback (most recent call last):
+        ...
+        ValueError: cannot quantize a weight holding NaN or infinite values
+    """
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError("cannot quantize a weight holding NaN or infinite values")
+
+
+def group_scale_zero(
+    w: torch.Tensor, num_bits: int, symmetric: bool, scale_dtype: torch.dtype = torch.float16
+) -> tuple:
+    """Round-to-nearest scale and zero point of each group of ``w`` (``[..., group_size]``, float32).
+
+    Returns ``(scale, zero)``: ``scale`` in ``scale_dtype`` (rounded up, never down, never 0), shape
+    ``w.shape[:-1]``; ``zero`` float32 holding exactly the stored value (None when symmetric). Symmetric:
+    absmax / qmax. Asymmetric 8 bits: integer zero point, range stretched to contain 0. Asymmetric 4 bits:
+    the group's own min-max grid with a fractional zero point, scale floored at ``max|w| / 128``.
+
+    Example:
+        >>> s, z = group_scale_zero(torch.tensor([[-1.0, 0.0, 2.0]]), 4, False)
+        >>> round(float(s[0]), 4), float(z[0])
+        (0.2, -3.0)
+    """
     qmin, qmax = qrange(num_bits, symmetric)
     finfo = torch.finfo(scale_dtype)
     # Smallest positive value representable in scale_dtype (subnormal for fp16): a scale never rounds to 0.
     tiny = finfo.smallest_normal * finfo.eps if scale_dtype == torch.float16 else finfo.tiny
-    w = weight.detach().to(torch.float32).reshape(n, k // g, g)
+    zero = None
     if symmetric:
-        absmax = w.abs().amax(dim=-1)
-        scale = absmax / qmax
-        zero = None
+        scale = w.abs().amax(dim=-1) / qmax
     elif num_bits == 8:
         wmin = w.amin(dim=-1).clamp(max=0.0)
         wmax = w.amax(dim=-1).clamp(min=0.0)
@@ -261,23 +298,51 @@ def quantize_weight(
     rounded_down = scale_q.to(torch.float32) < scale
     scale_q = torch.where(rounded_down, torch.nextafter(scale_q, torch.full_like(scale_q, float("inf"))), scale_q)
     s = scale_q.to(torch.float32)
-    if symmetric:
-        q = torch.round(w / s[..., None]).clamp(qmin, qmax)
-    elif num_bits == 8:
+    if not symmetric and num_bits == 8:
         zero = torch.round(qmin - wmin / s).clamp(qmin, qmax)
-        q = (torch.round(w / s[..., None]) + zero[..., None]).clamp(qmin, qmax)
-    else:
+    elif not symmetric:
         zero = (qmin - wmin / s).to(scale_dtype).to(torch.float32)  # as stored, so q matches dequantization
-        q = torch.round(w / s[..., None] + zero[..., None]).clamp(qmin, qmax)
-    q = q.reshape(n, k).to(torch.int8)
+    return scale_q, zero
+
+
+def quantize_groups(
+    w: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], num_bits: int, symmetric: bool
+) -> torch.Tensor:
+    """The integers (float32, in range) of ``w`` (``[..., g]``) on the grid of ``scale``/``zero`` (``[...]``).
+
+    Example:
+        >>> quantize_groups(torch.tensor([[0.5, -1.0]]), torch.tensor([0.25]), None, 4, True).tolist()
+        [[2.0, -4.0]]
+    """
+    qmin, qmax = qrange(num_bits, symmetric)
+    if symmetric:
+        return torch.round(w / scale[..., None]).clamp(qmin, qmax)
+    if num_bits == 8:
+        return (torch.round(w / scale[..., None]) + zero[..., None]).clamp(qmin, qmax)
+    return torch.round(w / scale[..., None] + zero[..., None]).clamp(qmin, qmax)
+
+
+def pack_quantized(
+    q: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], num_bits: int,
+    scale_dtype: torch.dtype = torch.float16,
+) -> QuantizedWeight:
+    """A :class:`QuantizedWeight` from integers ``q`` ``[N, K]`` and ``scale``/``zero`` ``[N, K // g]``.
+
+    Example:
+        >>> qw = pack_quantized(torch.zeros(2, 8), torch.ones(2, 2), None, 4)
+        >>> qw.qweight.shape, qw.scales.dtype, qw.group_size
+        (torch.Size([2, 4]), torch.float16, 4)
+    """
+    n, k = q.shape
+    q = q.to(torch.int8)
     qweight = q if num_bits == 8 else pack_int4(q)
     zeros = None if zero is None else zero.to(scale_dtype).contiguous()
     return QuantizedWeight(
         qweight=qweight.contiguous(),
-        scales=scale_q.contiguous(),
+        scales=scale.to(scale_dtype).contiguous(),
         zeros=zeros,
         num_bits=num_bits,
-        group_size=g,
+        group_size=k // scale.shape[-1],
         in_features=k,
         out_features=n,
     )
