@@ -288,6 +288,11 @@ KEYS: tuple = (
             "Quantization group size along the input features; an alternative to q_groups "
             "(q_groups G == group_size in_features / G). Setting it with q_groups > 1 is an error.",
             convert=v.optional_positive_int, schema=_OPT_POS_INT, origin="policyinject"),
+    KeySpec("quant.weight.method", '"auto" | "rtn" | "hqq"', "auto",
+            "How each group's scale (and zero point) is chosen: rtn (round to nearest from absmax / min-max), "
+            "hqq (half-quadratic search of the zero point, or the scale when symmetric; no calibration data), "
+            "auto (hqq at 4 bits, rtn at 8). The stored format is the same.",
+            convert=v.choice("auto", "rtn", "hqq"), schema={"enum": ["auto", "rtn", "hqq"]}, origin="policyinject"),
     KeySpec("quant.weight.quantized_initialization", "mapping", _EMPTY,
             "DeepSpeed ZeRO-Inference: quantize while loading.", status=Status.WARNS,
             note="weights are quantized by the quantize pass", convert=v.mapping, schema=_OBJECT),

@@ -97,6 +97,7 @@ class WeightQuantConfig:
     q_type: str = _field("quant.weight.q_type")
     q_groups: int = _field("quant.weight.q_groups")
     group_size: Optional[int] = _field("quant.weight.group_size")
+    method: str = _field("quant.weight.method")
     quantized_initialization: Mapping[str, Any] = _field("quant.weight.quantized_initialization")
     post_init_quant: Mapping[str, Any] = _field("quant.weight.post_init_quant")
 

@@ -9,7 +9,8 @@ Config read (``InferenceConfig``): ``quant.enabled``, ``quant.weight.enabled``, 
 (8 or 4), ``quant.weight.q_type`` (``symmetric``/``asymmetric``), ``quant.weight.group_size`` (wins), else
 ``quant.weight.q_groups`` (groups per row: ``group_size = in_features / q_groups``; 1, the default, means one
 scale per output channel at 8 bits and the default group -- 128, else 64, else 32 -- at 4 bits),
-``quant.qkv.enabled``, ``kernel_backend``, ``tensor_parallel.tp_size``.
+``quant.weight.method`` (``auto``: HQQ at 4 bits, round-to-nearest at 8; ``rtn``; ``hqq``: see
+:mod:`policyinject.kernels.quant_search`), ``quant.qkv.enabled``, ``kernel_backend``, ``tensor_parallel.tp_size``.
 
 Each linear becomes one :class:`Action` (``quantize``, with bits, group size, symmetry and bytes before/after
 for this rank) or ``keep`` (with the reason). ``ctx.notes["quantize"]`` holds the summary.
@@ -24,14 +25,15 @@ Example:
     ...         self.fc1, self.fc2 = torch.nn.Linear(192, 256), torch.nn.Linear(256, 192)
     >>> block = Block()
     >>> policy = Policy(Block, mlp=MLPSpec(fc1="fc1", fc2="fc2"))
-    >>> w = types.SimpleNamespace(enabled=True, num_bits=4, q_groups=1, q_type="symmetric", group_size=None)
+    >>> w = types.SimpleNamespace(enabled=True, num_bits=4, q_groups=1, q_type="symmetric", group_size=None,
+    ...                           method="auto")
     >>> cfg = types.SimpleNamespace(quant=types.SimpleNamespace(enabled=True, weight=w,
     ...                             qkv=types.SimpleNamespace(enabled=True)), kernel_backend="torch")
     >>> ctx = PassContext(model=block, config=cfg, layers=[MatchedLayer("", block, policy)])
     >>> p = QuantizePass()
     >>> actions = p.plan(ctx)
-    >>> [(a.path, a.details["bits"], a.details["group_size"]) for a in actions]
-    [('fc1', 4, 64), ('fc2', 4, 128)]
+    >>> [(a.path, a.details["bits"], a.details["group_size"], a.details["method"]) for a in actions]
+    [('fc1', 4, 64, 'hqq'), ('fc2', 4, 128, 'hqq')]
     >>> p.apply(ctx, actions)
     >>> type(block.fc1).__name__, round(ctx.notes["quantize"]["ratio"], 2)
     ('QuantLinear', 0.13)
@@ -46,15 +48,36 @@ import torch
 from torch import nn
 
 from ..errors import PlanError
+from ..kernels.quant_search import hqq_quantize_weight
 from ..kernels.quantize import default_group_size, resolve_group_size
 from ..modules.quant_linear import QuantLinear
 from ..plan import Action
 from ..policy import Style
 from .base import Pass, PassContext
 
-__all__ = ["QuantizePass", "QuantSpec", "quantize_linear", "quant_spec_from_config"]
+__all__ = ["QuantizePass", "QuantSpec", "quantize_linear", "quant_spec_from_config", "resolve_method", "METHODS"]
 
 NAME = "quantize"
+
+#: ``quant.weight.method`` values: ``auto`` resolves per bit width (:func:`resolve_method`).
+METHODS = ("auto", "rtn", "hqq")
+
+
+def resolve_method(method: str, num_bits: int) -> str:
+    """The quantization method actually used: ``auto`` is ``hqq`` at 4 bits and ``rtn`` at 8 bits.
+
+    Round-to-nearest int8 is already within 1% perplexity (docs/quantization.md); at 4 bits HQQ's search of
+    each group's zero point (or scale, symmetric) cuts the loss on both measured models with no calibration data.
+
+    Example:
+        >>> resolve_method("auto", 4), resolve_method("auto", 8), resolve_method("rtn", 4)
+        ('hqq', 'rtn', 'rtn')
+    """
+    if method not in METHODS:
+        raise PlanError(f"quant.weight.method must be one of {', '.join(METHODS)}; got {method!r}")
+    if method == "auto":
+        return "hqq" if num_bits == 4 else "rtn"
+    return method
 
 
 @attrs.frozen
@@ -68,6 +91,7 @@ class QuantSpec:
     qkv: bool = True
     backend: str = "auto"
     lm_head: bool = False
+    method: str = "auto"
 
 
 def quant_spec_from_config(config: Any) -> QuantSpec:
@@ -75,8 +99,9 @@ def quant_spec_from_config(config: Any) -> QuantSpec:
 
     Example:
         >>> from policyinject.config import load_config
-        >>> quant_spec_from_config(load_config(None, dtype="int8"))
-        QuantSpec(num_bits=8, symmetric=True, q_groups=1, group_size=None, qkv=True, backend='auto', lm_head=False)
+        >>> spec = quant_spec_from_config(load_config(None, dtype="int8"))
+        >>> spec.num_bits, spec.symmetric, spec.q_groups, spec.lm_head, spec.method
+        (8, True, 1, False, 'auto')
     """
     quant = getattr(config, "quant", None)
     weight = getattr(quant, "weight", None)
@@ -95,8 +120,11 @@ def quant_spec_from_config(config: Any) -> QuantSpec:
     qkv = bool(getattr(getattr(quant, "qkv", None), "enabled", True))
     backend = str(getattr(config, "kernel_backend", "auto") or "auto")
     lm_head = bool(getattr(getattr(quant, "lm_head", None), "enabled", False))
+    method = str(getattr(weight, "method", "auto") or "auto").lower()
+    if method not in METHODS:
+        raise PlanError(f"quant.weight.method must be one of {', '.join(METHODS)}; got {method!r}")
     return QuantSpec(num_bits, symmetric, None if q_groups is None else int(q_groups),
-                     None if group_size is None else int(group_size), qkv, backend, lm_head)
+                     None if group_size is None else int(group_size), qkv, backend, lm_head, method)
 
 
 def plan_group_size(spec: QuantSpec, in_features: int, local_in: Optional[int] = None, where: str = "") -> int:
@@ -163,6 +191,7 @@ def quantize_linear(
     backend: str = "auto",
     *,
     transposed: bool = False,
+    method: str = "rtn",
 ) -> nn.Module:
     """The quantized replacement of one linear-like module (the per-linear transform of the pass).
 
@@ -174,12 +203,18 @@ def quantize_linear(
     * a module with a ``policyinject_quantize(num_bits, group_size, symmetric, backend)`` method: its result;
     * a ``QuantLinear``: returned as is.
 
+    ``method``: ``rtn`` (round to nearest, :func:`~policyinject.kernels.quantize.quantize_weight`), ``hqq``
+    (:func:`~policyinject.kernels.quant_search.hqq_quantize_weight`: the same format with searched zero points,
+    or scales when symmetric) or ``auto`` (:func:`resolve_method`).
+
     ``group_size`` None: the default for ``num_bits``; a group size that does not divide this module's (local)
     in_features raises ``ValueError``.
 
     Example:
         >>> quantize_linear(torch.nn.Linear(64, 8), 4, 32, backend="torch").group_size
         32
+        >>> quantize_linear(torch.nn.Linear(64, 8), 4, 32, False, "torch", method="hqq").zeros.dtype
+        torch.float16
     """
     if isinstance(module, QuantLinear):
         return module
@@ -188,10 +223,15 @@ def quantize_linear(
         return hook(num_bits=num_bits, group_size=group_size, symmetric=symmetric, backend=backend)
     local = getattr(module, "local", None)
     if isinstance(local, nn.Module):
-        module.local = quantize_linear(local, num_bits, group_size, symmetric, backend)
+        module.local = quantize_linear(local, num_bits, group_size, symmetric, backend, method=method)
         return module
-    return QuantLinear.from_linear(module, num_bits, group_size, symmetric, backend,
-                                   transposed=transposed or _is_conv1d(module))
+    transposed = transposed or _is_conv1d(module)
+    if resolve_method(method, num_bits) == "rtn":
+        return QuantLinear.from_linear(module, num_bits, group_size, symmetric, backend, transposed=transposed)
+    weight = module.weight.detach()
+    qw = hqq_quantize_weight(weight.t() if transposed else weight, num_bits, group_size, symmetric=symmetric)
+    bias = getattr(module, "bias", None)
+    return QuantLinear.from_quantized(qw, None if bias is None else bias.detach().clone(), backend)
 
 
 def _qkv_paths(policy: Any) -> set:
@@ -282,11 +322,13 @@ class QuantizePass(Pass):
                 before_total += before
                 after_total += after
                 details = {"bits": spec.num_bits, "group_size": g if g != in_f else "per-channel",
-                           "symmetric": spec.symmetric, "bytes_before": before, "bytes_after": after}
+                           "symmetric": spec.symmetric, "method": resolve_method(spec.method, spec.num_bits),
+                           "bytes_before": before, "bytes_after": after}
                 if local_in != in_f or local_out != out_f:
                     details["local"] = [local_out, local_in]
                 payload = {"num_bits": spec.num_bits, "group_size": g, "per_channel": g == in_f,
-                           "symmetric": spec.symmetric, "backend": spec.backend, "transposed": rel in transposed}
+                           "symmetric": spec.symmetric, "backend": spec.backend, "transposed": rel in transposed,
+                           "method": spec.method}
                 actions.append(Action(NAME, full, cls, "quantize", details, payload))
         head = self._plan_head(ctx, spec, float_size, on_cuda, problems)
         if head is not None:
@@ -342,10 +384,10 @@ class QuantizePass(Pass):
         groups = 1 if g == in_f else in_f // g
         after = out_f * in_f * spec.num_bits // 8 + out_f * groups * 2 * (1 if spec.symmetric else 2)
         details = {"bits": spec.num_bits, "group_size": g if g != in_f else "per-channel", "symmetric": spec.symmetric,
-                   "bytes_before": out_f * in_f * size, "bytes_after": after,
+                   "method": resolve_method(spec.method, spec.num_bits), "bytes_before": out_f * in_f * size, "bytes_after": after,
                    "bytes_freed": 0 if tied else out_f * in_f * size, "tied_to_embedding": tied}
         payload = {"num_bits": spec.num_bits, "group_size": g, "per_channel": g == in_f, "symmetric": spec.symmetric,
-                   "backend": spec.backend, "transposed": False}
+                   "backend": spec.backend, "transposed": False, "method": spec.method}
         return Action(NAME, path, cls, "quantize", details, payload)
 
     @staticmethod
@@ -374,7 +416,8 @@ class QuantizePass(Pass):
             if local_in % group:
                 raise PlanError(f"{a.path}: {local_in} input features on this rank are not a multiple of "
                                 f"group_size={group}")
-            new = quantize_linear(mod, p["num_bits"], group, p["symmetric"], p["backend"], transposed=p["transposed"])
+            new = quantize_linear(mod, p["num_bits"], group, p["symmetric"], p["backend"], transposed=p["transposed"],
+                                  method=p.get("method", "rtn"))
             if new is not mod:
                 parent_path, _, child = a.path.rpartition(".")
                 setattr(ctx.module(parent_path), child, new)
