@@ -34,11 +34,9 @@ def candidates(method: str, n: int, k: int, sm: int):
     if method == "bf16":
         h = gemv_config(1, n, k, 2, sm)
         out.append(("heuristic", h))
-        out.append(("heur+pdl", dict(h, pdl=True)))
         for bn, bk, w in [(1, 2048, 8), (4, 1024, 4)]:
             if bk <= k:
                 out.append(("cfg", {"BM": 1, "BN": bn, "BK": bk, "split_k": 1, "num_warps": w}))
-                out.append(("cfg+pdl", {"BM": 1, "BN": bn, "BK": bk, "split_k": 1, "num_warps": w, "pdl": True}))
     elif method == "int8":
         out.append(("heuristic", quant_matmul_config(1, n, k, 8, k, sm)))
         out.append(("byte", {"kernel": "gemv", "BM": 1, "BN": 4, "GPB": 1, "GK": 1024, "split_k": 1, "num_warps": 4}))

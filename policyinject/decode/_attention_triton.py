@@ -145,12 +145,8 @@ def decode_attention_kernel(
 def decode_attention_combine_kernel(
     PM, PL, PACC, OUT, s_ob, s_oh,
     HQ: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, NSPLIT: tl.constexpr, NS_PAD: tl.constexpr,
-    TRIGGER: tl.constexpr = False,
 ):
-    """One program per query head: combine the ``NSPLIT`` partials of :func:`decode_attention_kernel`.
-    ``TRIGGER``: let a PDL-launched next kernel (the o-projection GEMV) start now."""
-    if TRIGGER:
-        tl.extra.cuda.gdc_launch_dependents()
+    """One program per query head: combine the ``NSPLIT`` partials of :func:`decode_attention_kernel`."""
     pid = tl.program_id(0)
     b = pid // HQ
     hq = pid % HQ

@@ -29,8 +29,6 @@ from typing import Optional
 
 import torch
 
-from ..kernels.pdl import pdl_supported
-
 from ..kernels import reference as _reference
 from ..kernels._common import check_launch, use_triton
 from ..modules.attention import sdpa
@@ -185,6 +183,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     )
     kmod.decode_attention_combine_kernel[(b * hq,)](
         pm, pl, pacc, out, out.stride(0), out.stride(1),
-        HQ=hq, D=d, D_PAD=d_pad, NSPLIT=nsplit, NS_PAD=max(2, _next_pow2(nsplit)), TRIGGER=pdl_supported(q.device),
+        HQ=hq, D=d, D_PAD=d_pad, NSPLIT=nsplit, NS_PAD=max(2, _next_pow2(nsplit)),
     )
     return out[:, :, None]

@@ -25,10 +25,7 @@ def gated_act_kernel(
     ACT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    TRIGGER: tl.constexpr = False,  # let a PDL-launched next kernel start now (policyinject.kernels.pdl)
 ):
-    if TRIGGER:
-        tl.extra.cuda.gdc_launch_dependents()
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)

@@ -40,10 +40,7 @@ def norm_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     STREAM: tl.constexpr = False,  # evict-first loads and streaming stores (data touched once)
-    TRIGGER: tl.constexpr = False,  # let a PDL-launched next kernel start now (policyinject.kernels.pdl)
 ):
-    if TRIGGER:
-        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)

@@ -30,8 +30,6 @@ from typing import Optional
 
 import torch
 
-from .pdl import pdl_supported
-
 from policyinject.kernels import reference
 from policyinject.kernels._common import (
     as_rows,
@@ -96,8 +94,7 @@ def launch_gated_act(
     with device_guard(gate.device):
         mod.gated_act_kernel[grid](
             g2, u2, o2, m, n, g2.stride(0), u2.stride(0), o2.stride(0),
-            ACT=_ACT_CODE[act], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TRIGGER=pdl_supported(gate.device),
-            num_warps=cfg.num_warps,
+            ACT=_ACT_CODE[act], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
         )  # fmt: skip
     return out
 

@@ -25,7 +25,6 @@ import torch
 
 from ..errors import UnsupportedError
 from ._gemv_epilogue import store_tile
-from .pdl import pdl_supported
 from .quant_reference import gemv_reference
 
 try:  # triton is a Linux-only dependency; the torch backend works without it.
@@ -173,7 +172,6 @@ if triton is not None:
         BK: tl.constexpr,
         EVEN_K: tl.constexpr,
         SPLIT_K: tl.constexpr,
-        PDL: tl.constexpr = False,  # programmatic dependent launch: first weights before waiting (sm_90+)
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -189,16 +187,9 @@ if triton is not None:
         acc_t = tl.zeros((BN, BM), dtype=tl.float32)
         k_start = tl.multiple_of(pid_k * K_PER_SPLIT, BK)  # K_PER_SPLIT is a multiple of BK
         k_end = tl.minimum(k_start + K_PER_SPLIT, K)
-        if PDL:
-            first = tl.load(w_ptrs + k_start, mask=(k_start + offs_k < k_end)[None, :], other=0.0,
-                            eviction_policy="evict_first")
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
         for k0 in range(k_start, k_end, BK):
             kk = k0 + offs_k
-            if PDL and k0 == k_start:
-                w = first.to(tl.float32)
-            elif EVEN_K:
+            if EVEN_K:
                 w = tl.load(w_ptrs + k0, eviction_policy="evict_first").to(tl.float32)
             else:
                 w = tl.load(w_ptrs + k0, mask=(kk < k_end)[None, :], other=0.0, eviction_policy="evict_first")
@@ -238,13 +229,12 @@ def _gemv_triton(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     else:
         y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     grid = (triton_cdiv(n, bn), split_k)
-    pdl = bool(config.get("pdl", False)) and pdl_supported(x2.device)
     _gemv_kernel[grid](
         x2, weight, bias if bias is not None else weight, y,
         m, n, k, k_per_split,
         x2.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BM=bm, ROWS=m, BN=bn, BK=bk, EVEN_K=even_k, SPLIT_K=split_k,
-        PDL=pdl, num_warps=int(config.get("num_warps", 4)), **({"launch_pdl": True} if pdl else {}),
+        num_warps=int(config.get("num_warps", 4)),
     )
     return y.to(x2.dtype) if split_k > 1 else y
 
@@ -256,15 +246,12 @@ def gemv(
     *,
     backend: str = "auto",
     config: Optional[Mapping] = None,
-    pdl: bool = False,
 ) -> torch.Tensor:
     """``x @ weight.T + bias`` for ``x`` of shape ``[..., K]`` with at most :data:`GEMV_MAX_M` rows.
 
     ``weight`` is ``[N, K]`` (16-bit or float32, same dtype as ``x``), ``bias`` ``[N]`` or None. The result has
     ``x``'s dtype. ``backend``: ``"auto"`` (Triton on CUDA, reference elsewhere), ``"triton"`` or ``"torch"``.
     ``config`` overrides :func:`gemv_config` (keys ``BM``, ``BN``, ``BK``, ``split_k``, ``num_warps``).
-    ``pdl=True`` launches with programmatic dependent launch where the device supports it
-    (:mod:`policyinject.kernels.pdl`): the first weight tile is read while the previous kernel finishes.
 
     Example:
         >>> x, w, b = torch.randn(2, 3, 48), torch.randn(10, 48), torch.randn(10)
@@ -294,7 +281,5 @@ def gemv(
         m, weight.shape[0], weight.shape[1], weight.element_size(), _sm_count(x.device)
     )
     cfg.setdefault("BM", _next_pow2(m))
-    if pdl:
-        cfg.setdefault("pdl", True)
     y = _gemv_triton(x2, weight, bias, cfg)
     return y.reshape(*lead, weight.shape[0])

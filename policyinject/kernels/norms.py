@@ -32,8 +32,6 @@ from typing import Optional, Tuple
 
 import torch
 
-from .pdl import pdl_supported
-
 from policyinject.errors import UnsupportedError
 from policyinject.kernels import reference
 from policyinject.kernels._common import (
@@ -165,7 +163,6 @@ def launch_norm(
             BLOCK_M=cfg.block_m,
             BLOCK_N=next_pow2(n),
             STREAM=cfg.stream,
-            TRIGGER=pdl_supported(x.device),
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )

@@ -3,8 +3,6 @@
 At batch 1..``max_m`` rows (decode) ``forward`` calls :func:`policyinject.kernels.gemv.gemv` on CUDA tensors;
 for more rows (prefill), on the CPU, or with ``backend="torch"`` it calls ``F.linear``. Use it only where the
 benchmark (``benchmarks/quant.py``) shows the GEMV beating cuBLAS on the card; ``max_m=0`` turns the GEMV off.
-The GEMV is launched with programmatic dependent launch where the card allows (:mod:`policyinject.kernels.pdl`):
-its first weight tile is read while the previous kernel (a norm, the attention combine, the activation) ends.
 
 Example:
     >>> import torch
@@ -71,7 +69,7 @@ class DecodeLinear(nn.Module):
             and resolve_backend(self.backend, x) == "triton"
             and x.dtype == self.weight.dtype
         ):
-            return gemv(x, self.weight, self.bias, backend="triton", pdl=True)
+            return gemv(x, self.weight, self.bias, backend="triton")
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:

@@ -254,8 +254,7 @@ for dt in ("bf16", "fp16", "fp32"):
         print(json.dumps(row), flush=True)
     for d, nsplit in [(64, 16), (128, 16), (128, 3)]:
         csig = {"PM": "*fp32", "PL": "*fp32", "PACC": "*fp32", "OUT": p, "s_ob": "i32", "s_oh": "i32"}
-        const = dict(HQ=32, D=d, D_PAD=d, NSPLIT=nsplit, NS_PAD=triton.next_power_of_2(max(nsplit, 2)),
-                     TRIGGER=nsplit == 16)
+        const = dict(HQ=32, D=d, D_PAD=d, NSPLIT=nsplit, NS_PAD=triton.next_power_of_2(max(nsplit, 2)))
         row = {"name": f"combine_{d}_{nsplit}", "dtype": dt}
         try:
             row.update(compile_one(km.decode_attention_combine_kernel, csig, const, ["PACC", "OUT", "s_ob", "s_oh"]),

@@ -43,8 +43,7 @@ def norm_variants(dt: str) -> Iterator[Tuple[str, Any, Dict, Dict, List[str], in
                                     ("add_rms_norm_16384", 1, 1, 0, 16384), ("rms_norm_5120", 1, 0, 0, 5120)]:
         cfg = norm_config(4096, n)
         const = dict(IS_RMS=bool(rms), HAS_RESIDUAL=bool(res), HAS_WEIGHT=True, HAS_BIAS=bool(bias),
-                     BLOCK_M=cfg.block_m, BLOCK_N=triton.next_power_of_2(n), STREAM=cfg.stream,
-                     TRIGGER=name == "add_rms_norm")  # the decode-step form lets a PDL launch go early
+                     BLOCK_M=cfg.block_m, BLOCK_N=triton.next_power_of_2(n), STREAM=cfg.stream)
         yield name, _norms_triton.norm_fwd_kernel, sig, const, div16, cfg.num_warps
 
 
@@ -68,7 +67,7 @@ def act_variants(dt: str) -> Iterator[Tuple[str, Any, Dict, Dict, List[str], int
     div16 = ["G", "U", "O", "N", "stride_gm", "stride_um", "stride_om"]
     cfg = act_config(4096, 14336)
     for name, act in [("swiglu", 0), ("geglu_tanh", 1), ("geglu_exact", 2)]:
-        const = dict(ACT=act, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TRIGGER=act == 0)
+        const = dict(ACT=act, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
         yield name, _activations_triton.gated_act_kernel, sig, const, div16, cfg.num_warps
 
 

@@ -50,7 +50,6 @@ def compile_one(fn, constexprs, qtype="*i8", num_warps=4, num_stages=3):
         "local": "ld.local" in ptx or "st.local" in ptx,
         "mma": bool(re.search(r"(wgmma\.mma_async|mma\.sync)", ptx)),
         "loop_shared": loop_shared(ptx),
-        "gdc": ptx.count("griddepcontrol."),
     }
 
 def loop_shared(ptx):
@@ -72,9 +71,8 @@ gemv_cases = {
     "gemv_m4_split": dict(HAS_BIAS=True, BM=4, ROWS=3, BN=4, BK=256, EVEN_K=True, SPLIT_K=2),
     "gemv_m16_masked": dict(HAS_BIAS=True, BM=16, ROWS=16, BN=1, BK=512, EVEN_K=False, SPLIT_K=1),
 }
-gemv_cases["gemv_m1_pdl"] = dict(gemv_cases["gemv_m1"], PDL=True)
 for name, c in gemv_cases.items():
-    out[name] = compile_one(_gemv_kernel, dict(dict(PDL=False), **c))
+    out[name] = compile_one(_gemv_kernel, c)
 qgemv_cases = {
     "q8_pc_m1": (8, dict(SYMMETRIC=True, PER_CHANNEL=True, G=4096, BM=1, ROWS=1, BN=4, GPB=1, GK=1024, EVEN_K=True)),
     "q8_g128_m1": (8, dict(SYMMETRIC=True, PER_CHANNEL=False, G=128, BM=1, ROWS=1, BN=4, GPB=8, GK=128, EVEN_K=True)),
@@ -126,7 +124,7 @@ def compiled() -> dict:
 
 
 def test_every_kernel_compiles_for_sm90(compiled: dict) -> None:
-    assert len(compiled) == 20
+    assert len(compiled) == 19
     for name, info in compiled.items():
         assert info["cubin"], name
         assert info["shared"] <= 228 * 1024, (name, info["shared"])
@@ -142,11 +140,6 @@ def test_layout_matched_int8_gemv_exchanges_nothing_in_its_loop(compiled: dict) 
     """q8gemv's weight tile has the activation load's layout: no shared-memory round trip per K step."""
     assert compiled["q8l_pc_m1"]["loop_shared"] == 0
     assert compiled["q8_pc_m1"]["loop_shared"] > 0  # the 16-byte-load kernel does reshuffle (why q8gemv exists)
-
-
-def test_pdl_variants_wait_for_the_previous_kernel(compiled: dict) -> None:
-    assert compiled["gemv_m1_pdl"]["gdc"] == 2  # one griddepcontrol.wait, one launch_dependents
-    assert compiled["gemv_m1"]["gdc"] == 0
 
 
 def test_gemm_kernels_use_tensor_cores(compiled: dict) -> None:
