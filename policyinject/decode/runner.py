@@ -1,6 +1,7 @@
 """The model-level step of the decode engine, built from the :class:`~policyinject.policy.ModelPolicy`.
 
-``embed (+ position embed) -> for each layer block.run(h, cos, sin, attend) -> final norm -> lm_head``, with
+``embed (+ position embed) -> for each layer block.run(h, cos, sin, attend) -> final norm -> lm_head``
+(pre-norm blocks through ``run_deferred``: each block's last residual add is fused into the next norm), with
 the head applied to the last position only when asked (decode steps and the end of a prefill). Rotary
 tables are computed once, for every position the cache can hold, by the model's own rotary module
 (``ModelPolicy.rotary_emb``) and indexed per token, so a decode step has static shapes and no trigonometry.
@@ -219,14 +220,26 @@ class DecodeRunner:
             from ..modules.attention import NO_ROTARY
 
             skip = NO_ROTARY
+        # Pre-norm blocks leave their last residual add to the next block's first norm (one fused kernel):
+        # the hidden state is h + pending while pending is not None.
+        pending: Optional[torch.Tensor] = None
         for i, (layer, attend) in enumerate(zip(self.layers, attends)):
-            if skip is not None and rotary_in_attend[i]:
-                h = layer.run(h, skip, None, attend)
-            else:
-                h = layer.run(h, cos, sin, attend)
+            c, s_ = (skip, None) if (skip is not None and rotary_in_attend[i]) else (cos, sin)
+            if getattr(layer, "defers_residual", False):
+                pending, h = layer.run_deferred(h, pending, c, s_, attend)
+                continue
+            if pending is not None:
+                h, pending = h + pending, None
+            h = layer.run(h, c, s_, attend)
         if last_only and h.shape[1] > 1:
             h = h[:, -1:]
-        if self.final_norm is not None:
-            h = self.final_norm(h)
+            pending = pending[:, -1:] if pending is not None else None
+        if pending is not None and hasattr(self.final_norm, "forward_add"):
+            h, _ = self.final_norm.forward_add(pending, h)
+        else:
+            if pending is not None:
+                h = h + pending
+            if self.final_norm is not None:
+                h = self.final_norm(h)
         out = self.lm_head(h)
         return out[0] if isinstance(out, tuple) else out

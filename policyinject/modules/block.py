@@ -34,7 +34,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 
@@ -162,6 +162,44 @@ class InjectedBlock(torch.nn.Module):
         h, _ = self.norm1.forward_add(a, x)
         out, _ = self.norm2.forward_add(self._mlp(h), h)
         return out
+
+    @property
+    def defers_residual(self) -> bool:
+        """Whether :meth:`run_deferred` applies: a pre-norm block whose norms fuse the residual add."""
+        return (self.kind is BlockKind.PRE_NORM and self.norm2 is not None
+                and hasattr(self.norm1, "forward_add") and hasattr(self.norm2, "forward_add"))
+
+    def run_deferred(self, hidden: torch.Tensor, pending: Optional[torch.Tensor], cos: Optional[torch.Tensor],
+                     sin: Optional[torch.Tensor], attend: Attend) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A pre-norm block on the hidden state ``hidden + pending`` that leaves its own last residual add
+        undone: returns ``(mlp_out, h)`` with the output being ``h + mlp_out``. The next block (or the final
+        norm) folds that add into its first norm's kernel, so a stack of blocks runs no separate add kernel:
+        ``run`` ends with ``h + mlp(norm2(h))`` as one elementwise launch per layer, ``run_deferred`` none.
+
+        Example:
+            >>> import torch
+            >>> from policyinject.presets import tiny_model
+            >>> from policyinject.modules.attention import sdpa
+            >>> from policyinject_plugins.llama import LLAMA_LAYER
+            >>> model = tiny_model("llama")
+            >>> block = InjectedBlock.build(model.model.layers[0], LLAMA_LAYER, num_heads=4, num_kv_heads=2,
+            ...                             head_dim=16, backend="torch")
+            >>> x, r = torch.randn(1, 5, 64), torch.randn(1, 5, 64)
+            >>> pe = model.model.rotary_emb(x, torch.arange(5)[None])
+            >>> attend = lambda q, k, v: sdpa(q, k, v, None)
+            >>> mlp_out, h = block.run_deferred(x, r, *pe, attend)
+            >>> torch.allclose(mlp_out + h, block.run(x + r, *pe, attend), atol=1e-5)
+            True
+        """
+        if not self.defers_residual:
+            raise PolicyError(f"run_deferred needs a pre-norm block with fused add+norms, not kind={self.kind.value}")
+        if pending is None:
+            n1, x = self.norm1(hidden), hidden
+        else:
+            n1, x = self.norm1.forward_add(pending, hidden)
+        a = self.attn.run(n1, cos, sin, attend)
+        n2, h = self.norm2.forward_add(a, x)
+        return self._mlp(n2), h
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Hugging Face layer call: same arguments and result shape as the replaced layer."""
