@@ -25,16 +25,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 GPL3 = "/usr/share/common-licenses/GPL-3"
 
 #: (label, quant config or None). Group sizes that do not divide a model's hidden sizes are skipped.
+#: ``method``: ``rtn`` round to nearest, ``hqq`` half-quadratic zero-point search (asymmetric only; what
+#: ``auto``, the default, picks for asymmetric int4); see docs/quantization.md.
 CONFIGS = [
     ("unquantized", None),
     ("int8 sym per-channel (default)", {"weight": {"num_bits": 8}}),
     ("int8 asym per-channel", {"weight": {"num_bits": 8, "q_type": "asymmetric"}}),
-    ("int4 sym, default group", {"weight": {"num_bits": 4}}),
-    ("int4 asym, default group", {"weight": {"num_bits": 4, "q_type": "asymmetric"}}),
-    ("int4 asym, group 128", {"weight": {"num_bits": 4, "q_type": "asymmetric", "group_size": 128}}),
-    ("int4 asym, group 64", {"weight": {"num_bits": 4, "q_type": "asymmetric", "group_size": 64}}),
-    ("int4 asym, group 32", {"weight": {"num_bits": 4, "q_type": "asymmetric", "group_size": 32}}),
-    ("int4 sym, group 32", {"weight": {"num_bits": 4, "group_size": 32}}),
+    ("int4 sym, default group (default)", {"weight": {"num_bits": 4}}),
+    ("int4 asym, default group (hqq: auto)", {"weight": {"num_bits": 4, "q_type": "asymmetric"}}),
+    ("int4 asym, default group, rtn", {"weight": {"num_bits": 4, "q_type": "asymmetric", "method": "rtn"}}),
+    ("int4 asym, group 128, rtn", {"weight": {"num_bits": 4, "q_type": "asymmetric", "group_size": 128,
+                                              "method": "rtn"}}),
+    ("int4 asym, group 64, rtn", {"weight": {"num_bits": 4, "q_type": "asymmetric", "group_size": 64,
+                                             "method": "rtn"}}),
+    ("int4 asym, group 32, rtn", {"weight": {"num_bits": 4, "q_type": "asymmetric", "group_size": 32,
+                                             "method": "rtn"}}),
+    ("int4 asym, group 32, hqq", {"weight": {"num_bits": 4, "q_type": "asymmetric", "group_size": 32,
+                                             "method": "hqq"}}),
+    ("int4 sym, group 32, rtn", {"weight": {"num_bits": 4, "group_size": 32, "method": "rtn"}}),
 ]
 
 
@@ -80,18 +88,22 @@ def main() -> int:
         ref = None
         for label, quant in CONFIGS:
             model = copy.deepcopy(base)
+            t0 = time.perf_counter()
             try:
                 if quant is not None:
                     pi.init_inference(model, dtype="fp32", kernel_backend="torch", quant={"enabled": True, **quant})
             except (pi.PlanError, pi.ConfigError) as exc:
-                print(f"  {label:34s} skipped: {str(exc).splitlines()[0]}")
+                print(f"  {label:40s} skipped: {str(exc).splitlines()[0]}")
                 continue
+            t_quant = time.perf_counter() - t0
             t0 = time.perf_counter()
             ppl = perplexity(model, ids)
             ref = ppl if ref is None else ref
             delta = (ppl / ref - 1) * 100
-            rows.append({"config": label, "quant": quant, "perplexity": round(ppl, 4), "delta_pct": round(delta, 3)})
-            print(f"  {label:34s} ppl {ppl:9.4f}  {delta:+7.2f}%  ({time.perf_counter() - t0:.0f} s)", flush=True)
+            rows.append({"config": label, "quant": quant, "perplexity": round(ppl, 4), "delta_pct": round(delta, 3),
+                         "init_s": round(t_quant, 1)})
+            print(f"  {label:40s} ppl {ppl:9.4f}  {delta:+7.2f}%  (init {t_quant:.0f} s, eval "
+                  f"{time.perf_counter() - t0:.0f} s)", flush=True)
             del model
         results["models"][name] = rows
         del base

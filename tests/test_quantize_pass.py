@@ -92,7 +92,7 @@ def test_plan_does_not_mutate_and_apply_quantizes() -> None:
     quant = [a for a in actions if a.action == "quantize"]
     assert len(quant) == 14
     a = next(a for a in quant if a.path == "layers.0.mlp.down_proj")
-    assert a.details == {"bits": 8, "group_size": "per-channel", "symmetric": True,
+    assert a.details == {"bits": 8, "group_size": "per-channel", "symmetric": True, "method": "rtn",
                          "bytes_before": 576 * 1536 * 4, "bytes_after": 576 * 1536 + 576 * 2}
     p.apply(ctx, actions)
     assert isinstance(model.layers[1].self_attn.q_proj, QuantLinear)

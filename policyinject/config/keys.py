@@ -290,8 +290,8 @@ KEYS: tuple = (
             convert=v.optional_positive_int, schema=_OPT_POS_INT, origin="policyinject"),
     KeySpec("quant.weight.method", '"auto" | "rtn" | "hqq"', "auto",
             "How each group's scale (and zero point) is chosen: rtn (round to nearest from absmax / min-max), "
-            "hqq (half-quadratic search of the zero point, or the scale when symmetric; no calibration data), "
-            "auto (hqq at 4 bits, rtn at 8). The stored format is the same.",
+            "hqq (half-quadratic search of each group's zero point, no calibration data; asymmetric only), "
+            "auto (hqq for asymmetric 4 bits, else rtn). The stored format is the same.",
             convert=v.choice("auto", "rtn", "hqq"), schema={"enum": ["auto", "rtn", "hqq"]}, origin="policyinject"),
     KeySpec("quant.weight.quantized_initialization", "mapping", _EMPTY,
             "DeepSpeed ZeRO-Inference: quantize while loading.", status=Status.WARNS,

@@ -6,8 +6,9 @@ consume unchanged (int4 nibbles or int8, fp16 scales, fp16 zero points when asym
 * :func:`hqq_quantize_weight` -- calibration-free. Half-quadratic quantization (HQQ, Badri & Shaji 2023):
   keeps each group's min-max scale and moves its (fractional) zero point to minimise an lp-norm (p < 1) of the
   weight error, by alternating a proximal shrink of the error with a closed-form zero-point update, ~20
-  iterations vectorised over all groups. A symmetric grid has no zero point: there the same iteration moves
-  the scale (least squares of the shrunk target on the integers).
+  iterations vectorised over all groups. Asymmetric only: a symmetric grid has no zero point, and moving its
+  scale the same way (least squares on the shrunk target) made Qwen2.5-Coder-0.5B worse than round-to-nearest
+  (+51.5% perplexity against +37%, benchmarks/NOTES.md), like every weight-error-driven scale search tried.
 * :func:`gptq_quantize_weight` -- error-compensating (GPTQ, Frantar et al. 2022). Given the Hessian
   ``H = sum x x^T`` of the layer's inputs on calibration data, quantizes column by column and spreads each
   column's rounding error over the columns not yet quantized (through the Cholesky factor of ``H^-1``), so the
@@ -67,7 +68,6 @@ def hqq_quantize_weight(
     weight: torch.Tensor,
     num_bits: int = 4,
     group_size: Optional[int] = None,
-    symmetric: bool = False,
     *,
     iters: int = 20,
     lp_norm: float = 0.7,
@@ -75,15 +75,14 @@ def hqq_quantize_weight(
     kappa: float = 1.01,
     scale_dtype: torch.dtype = torch.float16,
 ) -> QuantizedWeight:
-    """Quantization with HQQ-optimised zero points (asymmetric) or scales (symmetric); see the module docstring.
+    """Asymmetric quantization with HQQ-optimised zero points (see the module docstring).
 
-    Asymmetric: per group, keeps the scale of :func:`~policyinject.kernels.quantize.group_scale_zero` and
+    Per group, keeps the scale of :func:`~policyinject.kernels.quantize.group_scale_zero` and
     iterates ``q = round(w / s + z)``, ``e = shrink_p(w - (q - z) s)``, ``z = mean(q - (w - e) / s)`` with the
     generalised soft-threshold ``shrink_p(x) = sign(x) relu(|x| - |x|^(p-1) / beta)`` and ``beta *= kappa``.
-    Symmetric: ``q = clamp(round(w / s))``, the same shrink, ``s = <q, w - e> / <q, q>``. Each group keeps the
-    zero point / scale (as stored in ``scale_dtype``) with the smallest mean absolute error seen, starting from
-    round-to-nearest's, so it is never worse than round-to-nearest by that measure. int8 asymmetric zero points
-    stay integers.
+    Each group keeps the zero point (as stored in ``scale_dtype``) with the smallest mean absolute error seen,
+    starting from round-to-nearest's, so it is never worse than round-to-nearest by that measure. int8 zero
+    points stay integers.
 
     Example:
         >>> from policyinject.kernels.quantize import quantize_weight, dequantize_weight
@@ -92,14 +91,9 @@ def hqq_quantize_weight(
         >>> l1 = lambda q: float((dequantize_weight(q) - w).abs().mean())
         >>> l1(qh) <= l1(qr), qh.zeros.dtype
         (True, torch.float16)
-        >>> qs = hqq_quantize_weight(w, 4, 64, symmetric=True)
-        >>> l1(qs) <= l1(quantize_weight(w, 4, 64)), qs.zeros is None
-        (True, True)
     """
     w, n, k, g = _prepare(weight, num_bits, group_size)
     w = w.reshape(n, k // g, g)
-    if symmetric:
-        return _hqq_symmetric(w, num_bits, iters, lp_norm, beta, kappa, scale_dtype)
     scale_q, zero = group_scale_zero(w, num_bits, False, scale_dtype)
     s = scale_q.to(torch.float32)[..., None]
     z = zero[..., None]
@@ -128,34 +122,6 @@ def hqq_quantize_weight(
 def _shrink(err: torch.Tensor, lp_norm: float, beta: float) -> torch.Tensor:
     e = err.abs()
     return torch.sign(err) * torch.relu(e - torch.pow(e + 1e-8, lp_norm - 1.0) / beta)
-
-
-def _hqq_symmetric(w: torch.Tensor, num_bits: int, iters: int, lp_norm: float, beta: float, kappa: float,
-                   scale_dtype: torch.dtype) -> QuantizedWeight:
-    n, groups, g = w.shape
-    scale_q, _ = group_scale_zero(w, num_bits, True, scale_dtype)
-    qmin, qmax = qrange(num_bits, True)
-    floor = float(scale_q.to(torch.float32).min())  # never below the smallest round-to-nearest scale (> 0)
-    s = scale_q.to(torch.float32)[..., None]
-    best_s = s
-    best_err = torch.full_like(s, float("inf"))
-    for i in range(iters + 1):
-        q = torch.round(w / s).clamp(qmin, qmax)
-        err = w - q * s
-        l1 = err.abs().mean(dim=-1, keepdim=True)
-        better = l1 < best_err
-        best_err = torch.where(better, l1, best_err)
-        best_s = torch.where(better, s, best_s)
-        if i == iters:
-            break
-        target = w - _shrink(err, lp_norm, beta)
-        qq = (q * q).sum(dim=-1, keepdim=True)
-        s_new = (q * target).sum(dim=-1, keepdim=True) / qq.clamp(min=1.0)
-        s = torch.where(qq > 0, s_new, s).clamp(min=floor).to(scale_dtype).to(torch.float32)
-        beta *= kappa
-    scale = best_s[..., 0]
-    q = quantize_groups(w, scale, None, num_bits, True)
-    return pack_quantized(q.reshape(n, groups * g), scale.to(scale_dtype), None, num_bits, scale_dtype)
 
 
 class HessianAccumulator:

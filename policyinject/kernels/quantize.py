@@ -10,8 +10,10 @@ Format (what :class:`QuantizedWeight` holds for an ``[N, K]`` weight, ``N`` outp
   ``[min, max]`` (the Q4_1 / "min-max" grid) instead of a range stretched to contain 0.
 * dequantization: ``w[n, k] = (q[n, k] - z[n, k // group_size]) * s[n, k // group_size]``.
 
-Integer ranges: symmetric uses ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (int8 -127..127, int4 -7..7, so 0 is exact and
-the range is symmetric); asymmetric uses the full ``[-2^(b-1), 2^(b-1) - 1]``. At 4 bits the zero point is
+Integer ranges: symmetric int8 uses -127..127 (0 exact, the range symmetric); symmetric int4 uses all 16 levels,
+-8..7, with the scale ``max(max(w) / 7, -min(w) / 8)`` (0 stays exact; a group whose larger magnitude is negative
+gets a 1/8 finer step than absmax / 7 -- the 16th level is worth 6-8 perplexity points at 4 bits, see
+docs/quantization.md); asymmetric uses the full ``[-2^(b-1), 2^(b-1) - 1]``. At 4 bits the zero point is
 fractional; its fp16 rounding is kept under 1/16 of a step by flooring the scale at ``max|w| / 128`` (which
 only binds for groups far from zero whose range is narrow next to their offset).
 
@@ -69,11 +71,11 @@ def qrange(num_bits: int, symmetric: bool) -> tuple:
 
     Example:
         >>> qrange(8, True), qrange(8, False), qrange(4, True), qrange(4, False)
-        ((-127, 127), (-128, 127), (-7, 7), (-8, 7))
+        ((-127, 127), (-128, 127), (-8, 7), (-8, 7))
     """
     _check_bits(num_bits)
     half = 2 ** (num_bits - 1)
-    return (-(half - 1), half - 1) if symmetric else (-half, half - 1)
+    return (-(half - 1), half - 1) if (symmetric and num_bits == 8) else (-half, half - 1)
 
 
 def _check_bits(num_bits: int) -> None:
@@ -266,7 +268,7 @@ def group_scale_zero(
 
     Returns ``(scale, zero)``: ``scale`` in ``scale_dtype`` (rounded up, never down, never 0), shape
     ``w.shape[:-1]``; ``zero`` float32 holding exactly the stored value (None when symmetric). Symmetric:
-    absmax / qmax. Asymmetric 8 bits: integer zero point, range stretched to contain 0. Asymmetric 4 bits:
+    ``max(max(w) / qmax, min(w) / qmin)`` (absmax / 127 at 8 bits). Asymmetric 8 bits: integer zero point, range stretched to contain 0. Asymmetric 4 bits:
     the group's own min-max grid with a fractional zero point, scale floored at ``max|w| / 128``.
 
     Example:
@@ -280,7 +282,7 @@ def group_scale_zero(
     tiny = finfo.smallest_normal * finfo.eps if scale_dtype == torch.float16 else finfo.tiny
     zero = None
     if symmetric:
-        scale = w.abs().amax(dim=-1) / qmax
+        scale = torch.maximum(w.amax(dim=-1).clamp(min=0.0) / qmax, w.amin(dim=-1).clamp(max=0.0) / qmin)
     elif num_bits == 8:
         wmin = w.amin(dim=-1).clamp(max=0.0)
         wmax = w.amax(dim=-1).clamp(min=0.0)

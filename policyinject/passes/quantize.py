@@ -9,8 +9,8 @@ Config read (``InferenceConfig``): ``quant.enabled``, ``quant.weight.enabled``, 
 (8 or 4), ``quant.weight.q_type`` (``symmetric``/``asymmetric``), ``quant.weight.group_size`` (wins), else
 ``quant.weight.q_groups`` (groups per row: ``group_size = in_features / q_groups``; 1, the default, means one
 scale per output channel at 8 bits and the default group -- 128, else 64, else 32 -- at 4 bits),
-``quant.weight.method`` (``auto``: HQQ at 4 bits, round-to-nearest at 8; ``rtn``; ``hqq``: see
-:mod:`policyinject.kernels.quant_search`), ``quant.qkv.enabled``, ``kernel_backend``, ``tensor_parallel.tp_size``.
+``quant.weight.method`` (``auto``: HQQ for asymmetric 4 bits, else round to nearest; ``rtn``; ``hqq``,
+asymmetric only: see :mod:`policyinject.kernels.quant_search`), ``quant.qkv.enabled``, ``kernel_backend``, ``tensor_parallel.tp_size``.
 
 Each linear becomes one :class:`Action` (``quantize``, with bits, group size, symmetry and bytes before/after
 for this rank) or ``keep`` (with the reason). ``ctx.notes["quantize"]`` holds the summary.
@@ -33,7 +33,7 @@ Example:
     >>> p = QuantizePass()
     >>> actions = p.plan(ctx)
     >>> [(a.path, a.details["bits"], a.details["group_size"], a.details["method"]) for a in actions]
-    [('fc1', 4, 64, 'hqq'), ('fc2', 4, 128, 'hqq')]
+    [('fc1', 4, 64, 'rtn'), ('fc2', 4, 128, 'rtn')]
     >>> p.apply(ctx, actions)
     >>> type(block.fc1).__name__, round(ctx.notes["quantize"]["ratio"], 2)
     ('QuantLinear', 0.13)
@@ -63,20 +63,24 @@ NAME = "quantize"
 METHODS = ("auto", "rtn", "hqq")
 
 
-def resolve_method(method: str, num_bits: int) -> str:
-    """The quantization method actually used: ``auto`` is ``hqq`` at 4 bits and ``rtn`` at 8 bits.
+def resolve_method(method: str, num_bits: int, symmetric: bool = False) -> str:
+    """The quantization method actually used: ``auto`` is ``hqq`` for asymmetric 4 bits, else ``rtn``.
 
-    Round-to-nearest int8 is already within 1% perplexity (docs/quantization.md); at 4 bits HQQ's search of
-    each group's zero point (or scale, symmetric) cuts the loss on both measured models with no calibration data.
+    Round-to-nearest int8 is already within 1% perplexity (docs/quantization.md); for asymmetric int4, HQQ's
+    search of each group's zero point cuts the perplexity loss on both measured models with no calibration
+    data. HQQ moves zero points, so it needs ``q_type: asymmetric`` (``hqq`` with symmetric is a plan error).
 
     Example:
-        >>> resolve_method("auto", 4), resolve_method("auto", 8), resolve_method("rtn", 4)
+        >>> resolve_method("auto", 4), resolve_method("auto", 4, symmetric=True), resolve_method("auto", 8)
         ('hqq', 'rtn', 'rtn')
     """
     if method not in METHODS:
         raise PlanError(f"quant.weight.method must be one of {', '.join(METHODS)}; got {method!r}")
     if method == "auto":
-        return "hqq" if num_bits == 4 else "rtn"
+        return "hqq" if (num_bits == 4 and not symmetric) else "rtn"
+    if method == "hqq" and symmetric:
+        raise PlanError("quant.weight.method 'hqq' searches zero points: it needs quant.weight.q_type "
+                        "'asymmetric' (symmetric weights use round to nearest)")
     return method
 
 
@@ -121,8 +125,7 @@ def quant_spec_from_config(config: Any) -> QuantSpec:
     backend = str(getattr(config, "kernel_backend", "auto") or "auto")
     lm_head = bool(getattr(getattr(quant, "lm_head", None), "enabled", False))
     method = str(getattr(weight, "method", "auto") or "auto").lower()
-    if method not in METHODS:
-        raise PlanError(f"quant.weight.method must be one of {', '.join(METHODS)}; got {method!r}")
+    resolve_method(method, num_bits, symmetric)  # raises PlanError for an unknown or impossible method
     return QuantSpec(num_bits, symmetric, None if q_groups is None else int(q_groups),
                      None if group_size is None else int(group_size), qkv, backend, lm_head, method)
 
@@ -204,8 +207,8 @@ def quantize_linear(
     * a ``QuantLinear``: returned as is.
 
     ``method``: ``rtn`` (round to nearest, :func:`~policyinject.kernels.quantize.quantize_weight`), ``hqq``
-    (:func:`~policyinject.kernels.quant_search.hqq_quantize_weight`: the same format with searched zero points,
-    or scales when symmetric) or ``auto`` (:func:`resolve_method`).
+    (:func:`~policyinject.kernels.quant_search.hqq_quantize_weight`: the same format with searched zero points;
+    asymmetric only) or ``auto`` (:func:`resolve_method`).
 
     ``group_size`` None: the default for ``num_bits``; a group size that does not divide this module's (local)
     in_features raises ``ValueError``.
@@ -226,10 +229,10 @@ def quantize_linear(
         module.local = quantize_linear(local, num_bits, group_size, symmetric, backend, method=method)
         return module
     transposed = transposed or _is_conv1d(module)
-    if resolve_method(method, num_bits) == "rtn":
+    if resolve_method(method, num_bits, symmetric) == "rtn":
         return QuantLinear.from_linear(module, num_bits, group_size, symmetric, backend, transposed=transposed)
     weight = module.weight.detach()
-    qw = hqq_quantize_weight(weight.t() if transposed else weight, num_bits, group_size, symmetric=symmetric)
+    qw = hqq_quantize_weight(weight.t() if transposed else weight, num_bits, group_size)
     bias = getattr(module, "bias", None)
     return QuantLinear.from_quantized(qw, None if bias is None else bias.detach().clone(), backend)
 
@@ -322,7 +325,7 @@ class QuantizePass(Pass):
                 before_total += before
                 after_total += after
                 details = {"bits": spec.num_bits, "group_size": g if g != in_f else "per-channel",
-                           "symmetric": spec.symmetric, "method": resolve_method(spec.method, spec.num_bits),
+                           "symmetric": spec.symmetric, "method": resolve_method(spec.method, spec.num_bits, spec.symmetric),
                            "bytes_before": before, "bytes_after": after}
                 if local_in != in_f or local_out != out_f:
                     details["local"] = [local_out, local_in]
@@ -384,7 +387,7 @@ class QuantizePass(Pass):
         groups = 1 if g == in_f else in_f // g
         after = out_f * in_f * spec.num_bits // 8 + out_f * groups * 2 * (1 if spec.symmetric else 2)
         details = {"bits": spec.num_bits, "group_size": g if g != in_f else "per-channel", "symmetric": spec.symmetric,
-                   "method": resolve_method(spec.method, spec.num_bits), "bytes_before": out_f * in_f * size, "bytes_after": after,
+                   "method": resolve_method(spec.method, spec.num_bits, spec.symmetric), "bytes_before": out_f * in_f * size, "bytes_after": after,
                    "bytes_freed": 0 if tied else out_f * in_f * size, "tied_to_embedding": tied}
         payload = {"num_bits": spec.num_bits, "group_size": g, "per_channel": g == in_f, "symmetric": spec.symmetric,
                    "backend": spec.backend, "transposed": False, "method": spec.method}
