@@ -1,7 +1,9 @@
 """Batch-1 decode GEMV sweep: bf16, int8 and int4 kernels and their launch configs on the Llama shapes.
 
 Every config is checked against the reference on fresh inputs, then timed per call inside one CUDA graph over
-rotating weight sets (more bytes than L2), as in a graph-captured decode step. Prints, per shape, the best
+rotating weight sets (more bytes than L2), as in a graph-captured decode step (``policyinject.roofline``'s
+steady-state timing; session-2 runs 1-2 used ``do_bench`` on the graph replay, which adds one L2 flush per
+replay of 2 x sets calls). Prints, per shape, the best
 configs of each kernel and the fraction of the measured copy bandwidth (weight bytes), then the per-token sum
 (32 layers + bf16 head for the 8B) for the heuristic and for the best config of each method.
 
@@ -53,7 +55,6 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=["8B", "1B"], choices=list(SHAPES))
     ap.add_argument("--json", default=None)
-    ap.add_argument("--rep", type=int, default=30, help="do_bench milliseconds per measurement")
     args = ap.parse_args(argv)
 
     import torch
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     from policyinject.kernels.quant_matmul import quant_matmul
     from policyinject.kernels.quant_reference import quant_matmul_reference
     from policyinject.kernels.quantize import quantize_weight
-    from policyinject.roofline import copy_bandwidth
+    from policyinject.roofline import copy_bandwidth, steady_state_seconds
 
     if not torch.cuda.is_available():
         print("benchmarks/gemv_sweep.py needs a CUDA GPU")
@@ -79,23 +80,9 @@ def main(argv=None) -> int:
     l2 = 50 * 2**20
 
     def graph_us(calls) -> float:
-        seq = list(calls) * 2
-        for c in seq:
-            c()
-        torch.cuda.synchronize()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for c in seq:
-                c()
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for c in seq:
-                c()
-        ms = triton.testing.do_bench(g.replay, warmup=5, rep=args.rep, return_mode="median")
-        del g
-        return ms * 1e3 / len(seq)
+        """Microseconds per call of the rotating ``calls``, back to back in one CUDA graph (policyinject.roofline)."""
+        return steady_state_seconds(lambda i: calls[i](), [(i,) for i in range(len(calls))],
+                                    calls=2 * len(calls), device=dev) * 1e6
 
     def rel_err(a, b) -> float:
         a, b = a.double(), b.double()

@@ -1,4 +1,7 @@
-"""The epilogue shared by the GEMV-style Triton kernels (bf16 GEMV, int8/int4 GEMV): bias, then store.
+"""Pieces shared by the GEMV-style Triton kernels (bf16 GEMV, int8/int4 GEMV): the activation load and the
+epilogue (bias, then store).
+
+``load_act`` reads one activation row's K step as float32 (masked past ``k_end`` unless ``EVEN_K``).
 
 Each program holds a ``[BN, BM]`` tile of float32 sums (output rows x batch rows). With split-K the
 partial sums are atomically added into a float32 output and only the first K split adds the bias; without
@@ -15,6 +18,12 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     tl = None
 
 if triton is not None:
+
+    @triton.jit
+    def load_act(ptrs, kk, k_end, EVEN_K: tl.constexpr):
+        if EVEN_K:
+            return tl.load(ptrs).to(tl.float32)
+        return tl.load(ptrs, mask=kk < k_end, other=0.0).to(tl.float32)
 
     @triton.jit
     def store_tile(Y, acc_t, B, rows, offs_m, offs_n, M, N, stride_ym, pid_k,

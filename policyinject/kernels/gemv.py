@@ -24,7 +24,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from ..errors import UnsupportedError
-from ._gemv_epilogue import store_tile
+from ._gemv_epilogue import load_act, store_tile
 from .quant_reference import gemv_reference
 
 try:  # triton is a Linux-only dependency; the torch backend works without it.
@@ -195,17 +195,10 @@ if triton is not None:
                 w = tl.load(w_ptrs + k0, mask=(kk < k_end)[None, :], other=0.0, eviction_policy="evict_first")
                 w = w.to(tl.float32)
             if BM == 1:
-                if EVEN_K:
-                    x = tl.load(X + kk).to(tl.float32)
-                else:
-                    x = tl.load(X + kk, mask=kk < k_end, other=0.0).to(tl.float32)
-                acc2 += w * x[None, :]
+                acc2 += w * load_act(X + kk, kk, k_end, EVEN_K)[None, :]
             else:
                 for m in tl.static_range(ROWS):
-                    if EVEN_K:
-                        xm = tl.load(X + m * stride_xm + kk).to(tl.float32)
-                    else:
-                        xm = tl.load(X + m * stride_xm + kk, mask=kk < k_end, other=0.0).to(tl.float32)
+                    xm = load_act(X + m * stride_xm + kk, kk, k_end, EVEN_K)
                     part = tl.sum(w * xm[None, :], axis=1)
                     acc_t += tl.where(offs_m[None, :] == m, part[:, None], 0.0)
         if BM == 1:

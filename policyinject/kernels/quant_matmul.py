@@ -35,7 +35,7 @@ from .gemv import _next_pow2, _sm_count, pick_split_k, resolve_backend, triton_c
 from .quant_reference import quant_matmul_reference
 from .quantize import QuantizedWeight
 
-from ._gemv_epilogue import store_tile
+from ._gemv_epilogue import load_act, store_tile
 
 try:
     import triton
@@ -368,17 +368,10 @@ if triton is not None:
             v = (raw.to(tl.uint8, bitcast=True).to(tl.uint32) ^ 0x80) | 0x4B000000
             w = v.to(tl.float32, bitcast=True) - off
             if BM == 1:
-                if EVEN_K:
-                    x = tl.load(X + kk).to(tl.float32)
-                else:
-                    x = tl.load(X + kk, mask=kk < k_end, other=0.0).to(tl.float32)
-                acc3 += w * x[None, :, :]
+                acc3 += w * load_act(X + kk, kk, k_end, EVEN_K)[None, :, :]
             else:
                 for m in tl.static_range(ROWS):
-                    if EVEN_K:
-                        xm = tl.load(X + m * stride_xm + kk).to(tl.float32)
-                    else:
-                        xm = tl.load(X + m * stride_xm + kk, mask=kk < k_end, other=0.0).to(tl.float32)
+                    xm = load_act(X + m * stride_xm + kk, kk, k_end, EVEN_K)
                     part = tl.sum(tl.sum(w * xm[None, :, :], axis=2), axis=1)
                     acc_t += tl.where(offs_m[None, :] == m, part[:, None], 0.0)
         if BM == 1:
