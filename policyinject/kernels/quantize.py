@@ -272,9 +272,11 @@ def group_scale_zero(
     the group's own min-max grid with a fractional zero point, scale floored at ``max|w| / 128``.
 
     Example:
-        >>> s, z = group_scale_zero(torch.tensor([[-1.0, 0.0, 2.0]]), 4, False)
-        >>> round(float(s[0]), 4), float(z[0])
-        (0.2, -3.0)
+        >>> s, z = group_scale_zero(torch.tensor([[-1.0, 0.0, 14.0]]), 4, False)   # min-max grid: step 15 / 15
+        >>> float(s[0]), float(z[0])
+        (1.0, -7.0)
+        >>> float(group_scale_zero(torch.tensor([[-4.0, 3.0]]), 4, True)[0][0])   # symmetric: max(3 / 7, 4 / 8)
+        0.5
     """
     qmin, qmax = qrange(num_bits, symmetric)
     finfo = torch.finfo(scale_dtype)

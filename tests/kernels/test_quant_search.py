@@ -122,3 +122,13 @@ def test_nan_and_inf_never_pass(fn: str) -> None:
 def test_gptq_rejects_wrong_hessian_shape() -> None:
     with pytest.raises(ValueError, match=r"hessian must be \[64, 64\]"):
         gptq_quantize_weight(torch.randn(8, 64), torch.eye(32), 4, 32)
+
+
+@pytest.mark.parametrize("name", ["policyinject.kernels.quantize", "policyinject.kernels.quant_search",
+                                  "policyinject.passes.quantize"])
+def test_docstring_examples(name: str) -> None:
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
