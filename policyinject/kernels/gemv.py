@@ -158,6 +158,24 @@ def pick_split_k(programs: int, k_steps: int, sm_count: int) -> int:
     return split_k
 
 
+def split_k_output(x2: torch.Tensor, n: int, k: int, split_k: int, step: int) -> tuple:
+    """``(y, k_per_split, split_k)`` for a GEMV-style launch over ``[M, K]`` rows ``x2`` and ``n`` outputs: K is
+    cut into splits of whole ``step``-sized K steps (``split_k`` is recomputed so none is empty); ``y`` is a
+    zeroed float32 buffer for the atomic adds when K is split, else an uninitialised one in ``x2``'s dtype.
+
+    Example:
+        >>> y, per_split, splits = split_k_output(torch.zeros(1, 1000), 8, 1000, 3, 128)
+        >>> (y.dtype, per_split, splits)
+        (torch.float32, 384, 3)
+    """
+    k_per_split = triton_cdiv(triton_cdiv(k, split_k), step) * step
+    split_k = triton_cdiv(k, k_per_split)
+    m = x2.shape[0]
+    if split_k > 1:
+        return torch.zeros((m, n), device=x2.device, dtype=torch.float32), k_per_split, split_k
+    return torch.empty((m, n), device=x2.device, dtype=x2.dtype), k_per_split, split_k
+
+
 if triton is not None:
 
     @triton.jit
@@ -214,13 +232,8 @@ def _gemv_triton(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     split_k = int(config.get("split_k", 1))
     if bm < m:
         raise ValueError(f"config BM={bm} is smaller than the batch M={m}")
-    k_per_split = triton_cdiv(triton_cdiv(k, split_k), bk) * bk
-    split_k = triton_cdiv(k, k_per_split)
-    even_k = k % k_per_split == 0 and k_per_split % bk == 0
-    if split_k > 1:
-        y = torch.zeros((m, n), device=x2.device, dtype=torch.float32)
-    else:
-        y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    y, k_per_split, split_k = split_k_output(x2, n, k, split_k, bk)
+    even_k = k % k_per_split == 0
     grid = (triton_cdiv(n, bn), split_k)
     _gemv_kernel[grid](
         x2, weight, bias if bias is not None else weight, y,

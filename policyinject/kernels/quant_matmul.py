@@ -31,7 +31,9 @@ from typing import Mapping, Optional
 import torch
 
 from ..errors import UnsupportedError
-from .gemv import _next_pow2, _sm_count, pick_split_k, resolve_backend, triton_cdiv, triton_launchable
+from .gemv import (
+    _next_pow2, _sm_count, pick_split_k, resolve_backend, split_k_output, triton_cdiv, triton_launchable,
+)
 from .quant_reference import quant_matmul_reference
 from .quantize import QuantizedWeight
 
@@ -365,8 +367,7 @@ if triton is not None:
                 raw = tl.load(w_ptrs + k0, eviction_policy="evict_first")
             else:
                 raw = tl.load(w_ptrs + k0, mask=(kk < k_end)[None, :, :], other=0, eviction_policy="evict_first")
-            v = (raw.to(tl.uint8, bitcast=True).to(tl.uint32) ^ 0x80) | 0x4B000000
-            w = v.to(tl.float32, bitcast=True) - off
+            w = _int_to_f32(raw.to(tl.uint8, bitcast=True), 0, 0xFF, 0x80, 0.0) - off
             if BM == 1:
                 acc3 += w * load_act(X + kk, kk, k_end, EVEN_K)[None, :, :]
             else:
@@ -681,14 +682,8 @@ def _launch_q4gemv(x2, qw, words, bias, cfg) -> torch.Tensor:
     bm = int(cfg.get("BM", _next_pow2(m)))
     if bm < m or m > 4:
         raise ValueError(f"q4gemv takes 1..4 rows within BM={bm}, got M={m}")
-    split_k = int(cfg.get("split_k", 1))
-    k_per_split = triton_cdiv(triton_cdiv(k, split_k), bk) * bk
-    split_k = triton_cdiv(k, k_per_split)
+    y, k_per_split, split_k = split_k_output(x2, n, k, int(cfg.get("split_k", 1)), bk)
     even_k = k % k_per_split == 0
-    if split_k > 1:
-        y = torch.zeros((m, n), device=x2.device, dtype=torch.float32)
-    else:
-        y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     zeros = qw.zeros if qw.zeros is not None else qw.scales
     grid = (triton_cdiv(n, int(cfg["BN"])), split_k)
     _q4gemv_kernel[grid](
@@ -703,16 +698,6 @@ def _launch_q4gemv(x2, qw, words, bias, cfg) -> torch.Tensor:
     return y.to(x2.dtype) if split_k > 1 else y
 
 
-def _split_k_output(x2: torch.Tensor, n: int, k: int, split_k: int, step: int):
-    """``(y, k_per_split, split_k)``: a float32 zeroed output for atomics when K is split, else ``x``'s dtype."""
-    k_per_split = triton_cdiv(triton_cdiv(k, split_k), step) * step
-    split_k = triton_cdiv(k, k_per_split)
-    m = x2.shape[0]
-    if split_k > 1:
-        return torch.zeros((m, n), device=x2.device, dtype=torch.float32), k_per_split, split_k
-    return torch.empty((m, n), device=x2.device, dtype=x2.dtype), k_per_split, split_k
-
-
 def _launch_q8gemv(x2, qw, bias, cfg) -> torch.Tensor:
     """int8 per-output-channel weights, 1..16 rows: the 16-bit-GEMV-shaped kernel."""
     triton_launchable(_q8gemv_kernel, x2, qw.qweight)
@@ -722,7 +707,7 @@ def _launch_q8gemv(x2, qw, bias, cfg) -> torch.Tensor:
     vec = int(cfg.get("VEC", 8))
     if bm < m or bk % vec:
         raise ValueError(f"q8gemv config {dict(cfg)} does not fit M={m} (BM >= M, VEC divides BK)")
-    y, k_per_split, split_k = _split_k_output(x2, n, k, int(cfg.get("split_k", 1)), bk)
+    y, k_per_split, split_k = split_k_output(x2, n, k, int(cfg.get("split_k", 1)), bk)
     zeros = qw.zeros if qw.zeros is not None else qw.scales
     _q8gemv_kernel[(triton_cdiv(n, bn), split_k)](
         x2, qw.qweight, qw.scales, zeros, bias if bias is not None else qw.scales, y,
@@ -756,14 +741,8 @@ def _launch(x2: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor],
         bk = int(cfg["BK"])
     if not qw.per_channel and qw.group_size % bk != 0 and bk % qw.group_size != 0:
         raise ValueError(f"config K step {bk} must divide group_size={qw.group_size} or be a multiple of it")
-    split_k = int(cfg.get("split_k", 1))
-    k_per_split = triton_cdiv(triton_cdiv(k, split_k), bk) * bk
-    split_k = triton_cdiv(k, k_per_split)
+    y, k_per_split, split_k = split_k_output(x2, n, k, int(cfg.get("split_k", 1)), bk)
     even_k = k % k_per_split == 0
-    if split_k > 1:
-        y = torch.zeros((m, n), device=x2.device, dtype=torch.float32)
-    else:
-        y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     zeros = qw.zeros if qw.zeros is not None else qw.scales
     common = dict(
         BITS=qw.num_bits, SYMMETRIC=qw.zeros is None, PER_CHANNEL=qw.per_channel, G=qw.group_size,

@@ -150,9 +150,8 @@ class InjectedBlock(torch.nn.Module):
         """The block on ``hidden [B, T, hidden]`` with rotary tables ``cos``/``sin`` and an ``attend``."""
         x = hidden
         if self.kind is BlockKind.PRE_NORM:
-            a = self.attn.run(self.norm1(x), cos, sin, attend)
-            n2, h = self.norm2.forward_add(a, x)
-            return h + self._mlp(n2)
+            mlp_out, h = self.run_deferred(x, None, cos, sin, attend)
+            return h + mlp_out
         if self.kind is BlockKind.PARALLEL:
             n1 = self.norm1(x)
             n2 = self.norm2(x) if self.norm2 is not None else n1
@@ -165,9 +164,9 @@ class InjectedBlock(torch.nn.Module):
 
     @property
     def defers_residual(self) -> bool:
-        """Whether :meth:`run_deferred` applies: a pre-norm block whose norms fuse the residual add."""
-        return (self.kind is BlockKind.PRE_NORM and self.norm2 is not None
-                and hasattr(self.norm1, "forward_add") and hasattr(self.norm2, "forward_add"))
+        """Whether :meth:`run_deferred` applies: a pre-norm block (its norms are fused ones, with
+        ``forward_add``, and it always has two)."""
+        return self.kind is BlockKind.PRE_NORM
 
     def run_deferred(self, hidden: torch.Tensor, pending: Optional[torch.Tensor], cos: Optional[torch.Tensor],
                      sin: Optional[torch.Tensor], attend: Attend) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -192,7 +191,7 @@ class InjectedBlock(torch.nn.Module):
             True
         """
         if not self.defers_residual:
-            raise PolicyError(f"run_deferred needs a pre-norm block with fused add+norms, not kind={self.kind.value}")
+            raise PolicyError(f"run_deferred needs a pre-norm block, not kind={self.kind.value}")
         if pending is None:
             n1, x = self.norm1(hidden), hidden
         else:
