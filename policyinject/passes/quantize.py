@@ -259,6 +259,34 @@ def _model_bytes(model: nn.Module, float_size: Optional[int] = None) -> int:
     return total
 
 
+def _quantize_action(spec: QuantSpec, path: str, cls: str, shape: tuple, local: tuple, size: int,
+                     transposed: bool, on_cuda: bool, problems: list) -> Optional[Action]:
+    """The planned ``quantize`` action of one linear of ``shape`` ``(out, in)`` (``local`` on this rank,
+    ``size`` bytes per 16-bit element), or None with the reason appended to ``problems`` when its group size
+    does not fit (the shard, or the Triton kernels on CUDA)."""
+    (out_f, in_f), (local_out, local_in) = shape, local
+    try:
+        g = plan_group_size(spec, in_f, local_in, path)
+    except PlanError as exc:
+        problems.extend(exc.problems)
+        return None
+    multiple = 16 if spec.num_bits == 8 else 32
+    if not (g == in_f or g % multiple == 0) and on_cuda and spec.backend != "torch":
+        problems.append(f"{path}: group_size={g} is not supported by the Triton kernels (need a multiple of "
+                        f"{multiple} or one group per row); set kernel_backend='torch'")
+        return None
+    groups = 1 if g == in_f else local_in // g
+    after = local_out * local_in * spec.num_bits // 8 + local_out * groups * 2 * (1 if spec.symmetric else 2)
+    details = {"bits": spec.num_bits, "group_size": g if g != in_f else "per-channel", "symmetric": spec.symmetric,
+               "method": resolve_method(spec.method, spec.num_bits, spec.symmetric),
+               "bytes_before": local_out * local_in * size, "bytes_after": after}
+    if local_in != in_f or local_out != out_f:
+        details["local"] = [local_out, local_in]
+    payload = {"num_bits": spec.num_bits, "group_size": g, "per_channel": g == in_f, "symmetric": spec.symmetric,
+               "backend": spec.backend, "transposed": transposed, "method": spec.method}
+    return Action(NAME, path, cls, "quantize", details, payload)
+
+
 class QuantizePass(Pass):
     """Replace the policy-named linears by :class:`QuantLinear` (see the module docstring)."""
 
@@ -305,34 +333,13 @@ class QuantizePass(Pass):
                     continue
                 out_f, in_f = _out_in(mod, rel in transposed)
                 local_out, local_in = self._local(out_f, in_f, style, tp)
-                try:
-                    g = plan_group_size(spec, in_f, local_in, full)
-                except PlanError as exc:
-                    problems.extend(exc.problems)
-                    continue
-                supported = g == in_f or g % (16 if spec.num_bits == 8 else 32) == 0
-                if not supported and on_cuda and spec.backend != "torch":
-                    problems.append(
-                        f"{full}: group_size={g} is not supported by the Triton kernels (need a multiple of "
-                        f"{16 if spec.num_bits == 8 else 32} or one group per row); set kernel_backend='torch'"
-                    )
-                    continue
-                w = getattr(mod, "local", mod).weight
-                size = float_size or w.element_size()
-                before = local_out * local_in * size
-                groups = 1 if g == in_f else local_in // g
-                after = local_out * local_in * spec.num_bits // 8 + local_out * groups * 2 * (1 if spec.symmetric else 2)
-                before_total += before
-                after_total += after
-                details = {"bits": spec.num_bits, "group_size": g if g != in_f else "per-channel",
-                           "symmetric": spec.symmetric, "method": resolve_method(spec.method, spec.num_bits, spec.symmetric),
-                           "bytes_before": before, "bytes_after": after}
-                if local_in != in_f or local_out != out_f:
-                    details["local"] = [local_out, local_in]
-                payload = {"num_bits": spec.num_bits, "group_size": g, "per_channel": g == in_f,
-                           "symmetric": spec.symmetric, "backend": spec.backend, "transposed": rel in transposed,
-                           "method": spec.method}
-                actions.append(Action(NAME, full, cls, "quantize", details, payload))
+                size = float_size or getattr(mod, "local", mod).weight.element_size()
+                action = _quantize_action(spec, full, cls, (out_f, in_f), (local_out, local_in), size,
+                                          rel in transposed, on_cuda, problems)
+                if action is not None:
+                    before_total += action.details["bytes_before"]
+                    after_total += action.details["bytes_after"]
+                    actions.append(action)
         head = self._plan_head(ctx, spec, float_size, on_cuda, problems)
         if head is not None:
             actions.append(head)
@@ -372,26 +379,14 @@ class QuantizePass(Pass):
         cls = type(mod).__name__
         if type(mod) is not nn.Linear:
             return Action(NAME, path, cls, "keep", {"reason": f"quant.lm_head takes a plain nn.Linear head, not {cls}"})
-        out_f, in_f = mod.out_features, mod.in_features
-        try:
-            g = plan_group_size(spec, in_f, in_f, path)
-        except PlanError as exc:
-            problems.extend(exc.problems)
-            return None
-        if not (g == in_f or g % (16 if spec.num_bits == 8 else 32) == 0) and on_cuda and spec.backend != "torch":
-            problems.append(f"{path}: group_size={g} is not supported by the Triton kernels; set kernel_backend='torch'")
-            return None
         size = float_size or mod.weight.element_size()
-        embed = ctx.model.get_input_embeddings() if hasattr(ctx.model, "get_input_embeddings") else None
-        tied = embed is not None and getattr(embed, "weight", None) is mod.weight
-        groups = 1 if g == in_f else in_f // g
-        after = out_f * in_f * spec.num_bits // 8 + out_f * groups * 2 * (1 if spec.symmetric else 2)
-        details = {"bits": spec.num_bits, "group_size": g if g != in_f else "per-channel", "symmetric": spec.symmetric,
-                   "method": resolve_method(spec.method, spec.num_bits, spec.symmetric), "bytes_before": out_f * in_f * size, "bytes_after": after,
-                   "bytes_freed": 0 if tied else out_f * in_f * size, "tied_to_embedding": tied}
-        payload = {"num_bits": spec.num_bits, "group_size": g, "per_channel": g == in_f, "symmetric": spec.symmetric,
-                   "backend": spec.backend, "transposed": False, "method": spec.method}
-        return Action(NAME, path, cls, "quantize", details, payload)
+        action = _quantize_action(spec, path, cls, (mod.out_features, mod.in_features),
+                                  (mod.out_features, mod.in_features), size, False, on_cuda, problems)
+        if action is not None:
+            embed = ctx.model.get_input_embeddings() if hasattr(ctx.model, "get_input_embeddings") else None
+            tied = embed is not None and getattr(embed, "weight", None) is mod.weight
+            action.details.update(bytes_freed=0 if tied else action.details["bytes_before"], tied_to_embedding=tied)
+        return action
 
     @staticmethod
     def _local(out_f: int, in_f: int, style: Any, tp: int) -> tuple:
