@@ -5,7 +5,10 @@ Models: SmolLM2-135M-Instruct and Qwen2.5-Coder-0.5B-Instruct from their PyPI pa
 ``shared/reference/models.md``); a model whose packages are missing is skipped with the pip command. Runs on
 the CPU in fp32 with the reference (PyTorch) kernels, so it measures the *format*, not the kernels.
 
-    python benchmarks/quant_accuracy.py [--models smollm2 qwen] [--json out.json]
+    python benchmarks/quant_accuracy.py [--models smollm2 qwen] [--rows LABEL ...] [--json out.json]
+
+``--rows`` runs only the rows whose label contains one of the given strings (the unquantized baseline always
+runs first: every delta is against it); ``--list`` prints the row labels.
 """
 
 from __future__ import annotations
@@ -26,23 +29,23 @@ GPL3 = "/usr/share/common-licenses/GPL-3"
 
 #: (label, quant config or None). Group sizes that do not divide a model's hidden sizes are skipped.
 #: ``method``: ``rtn`` round to nearest, ``hqq`` half-quadratic zero-point search (asymmetric only; what
-#: ``auto``, the default, picks for asymmetric int4); see docs/quantization.md.
+#: ``auto``, the default, picks for asymmetric int4); see docs/quantization.md. The "(default)" rows give only
+#: the bit width; every other row spells out its type and group, so its meaning does not move with the
+#: defaults (int8: symmetric, per channel; int4: asymmetric, group 32, hqq).
+def _int4(q_type: str, group: int, method: str) -> tuple:
+    """An explicit int4 row: ``q_type`` "sym" or "asym", the group size and the method."""
+    full = {"sym": "symmetric", "asym": "asymmetric"}[q_type]
+    return (f"int4 {q_type}, group {group}, {method}",
+            {"weight": {"num_bits": 4, "q_type": full, "group_size": group, "method": method}})
+
+
 CONFIGS = [
     ("unquantized", None),
     ("int8 sym per-channel (default)", {"weight": {"num_bits": 8}}),
     ("int8 asym per-channel", {"weight": {"num_bits": 8, "q_type": "asymmetric"}}),
-    ("int4 sym, default group (default)", {"weight": {"num_bits": 4}}),
-    ("int4 asym, default group (hqq: auto)", {"weight": {"num_bits": 4, "q_type": "asymmetric"}}),
-    ("int4 asym, default group, rtn", {"weight": {"num_bits": 4, "q_type": "asymmetric", "method": "rtn"}}),
-    ("int4 asym, group 128, rtn", {"weight": {"num_bits": 4, "q_type": "asymmetric", "group_size": 128,
-                                              "method": "rtn"}}),
-    ("int4 asym, group 64, rtn", {"weight": {"num_bits": 4, "q_type": "asymmetric", "group_size": 64,
-                                             "method": "rtn"}}),
-    ("int4 asym, group 32, rtn", {"weight": {"num_bits": 4, "q_type": "asymmetric", "group_size": 32,
-                                             "method": "rtn"}}),
-    ("int4 asym, group 32, hqq", {"weight": {"num_bits": 4, "q_type": "asymmetric", "group_size": 32,
-                                             "method": "hqq"}}),
-    ("int4 sym, group 32, rtn", {"weight": {"num_bits": 4, "group_size": 32, "method": "rtn"}}),
+    ("int4 asym, group 32, hqq (default)", {"weight": {"num_bits": 4}}),
+    *(_int4("sym", g, "rtn") for g in (128, 64, 32)),
+    *(_int4("asym", g, m) for g in (128, 64, 32) for m in ("rtn", "hqq")),
 ]
 
 
@@ -65,7 +68,15 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=["smollm2", "qwen"], choices=["smollm2", "qwen"])
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--json", default="")
+    parser.add_argument("--rows", nargs="+", default=[], metavar="LABEL",
+                        help="run only the rows whose label contains one of these strings (plus the baseline)")
+    parser.add_argument("--list", action="store_true", help="print the row labels and exit")
     args = parser.parse_args()
+    if args.list:
+        print("\n".join(label for label, _ in CONFIGS))
+        return 0
+    configs = [(label, quant) for label, quant in CONFIGS
+               if quant is None or not args.rows or any(r in label for r in args.rows)]
 
     import policyinject as pi
     from policyinject import models
@@ -86,7 +97,7 @@ def main() -> int:
         ids = tok(text, return_tensors="pt").input_ids[:, :args.tokens]
         rows = []
         ref = None
-        for label, quant in CONFIGS:
+        for label, quant in configs:
             model = copy.deepcopy(base)
             t0 = time.perf_counter()
             try:

@@ -57,7 +57,7 @@ def test_resolve_method() -> None:
 
 def test_hqq_with_symmetric_is_a_plan_error() -> None:
     with pytest.raises(PlanError, match="asymmetric"):
-        _apply(Block(), weight={"num_bits": 4, "method": "hqq"})
+        _apply(Block(), weight={"num_bits": 4, "q_type": "symmetric", "method": "hqq"})
 
 
 @pytest.mark.parametrize("symmetric, method", [(True, "auto"), (True, "rtn"), (False, "auto"), (False, "rtn"),
@@ -71,8 +71,8 @@ def test_pass_stores_the_method_grid(method: str, symmetric: bool) -> None:
     used = resolve_method(method, 4, symmetric)
     assert {a.details["method"] for a in actions} == {used}
     assert isinstance(block.fc1, QuantLinear) and block.fc1.symmetric is symmetric
-    expected = (hqq_quantize_weight(w, 4, 64) if used == "hqq"
-                else quantize_weight(w, 4, 64, symmetric=symmetric))
+    expected = (hqq_quantize_weight(w, 4, 32) if used == "hqq"  # 192 inputs: the default group, 32
+                else quantize_weight(w, 4, 32, symmetric=symmetric))
     got = block.fc1.quantized_weight()
     assert torch.equal(got.qweight, expected.qweight) and torch.equal(got.scales, expected.scales)
     assert (got.zeros is None) == symmetric

@@ -112,7 +112,7 @@ def test_int4_groups_asymmetric_and_qkv_switch() -> None:
     kept = {a.path for a in actions if a.action == "keep"}
     assert kept == {f"layers.0.self_attn.{n}_proj" for n in "qkv"}
     groups = {a.path.rsplit(".", 1)[-1]: a.details["group_size"] for a in actions if a.action == "quantize"}
-    assert groups == {"o_proj": 64, "gate_proj": 64, "up_proj": 64, "down_proj": 128}  # 576 -> 64, 1536 -> 128
+    assert groups == {"o_proj": 32, "gate_proj": 32, "up_proj": 32, "down_proj": 32}  # the int4 default group
     p.apply(ctx, actions)
     assert isinstance(model.layers[0].self_attn.q_proj, nn.Linear)
     down = model.layers[0].mlp.down_proj
@@ -136,7 +136,8 @@ def test_bad_group_is_a_plan_error_naming_the_module() -> None:
 
 def test_plan_group_size_respects_tp_shards() -> None:
     assert plan_group_size(QuantSpec(num_bits=4), 576, 288) == 32
-    assert plan_group_size(QuantSpec(num_bits=4), 14336, 7168) == 128
+    assert plan_group_size(QuantSpec(num_bits=4), 14336, 7168) == 32
+    assert plan_group_size(QuantSpec(num_bits=4), 576, 144) == 144  # 32 does not divide the shard: one group each
     with pytest.raises(PlanError, match="not a multiple of group_size=64"):
         plan_group_size(QuantSpec(num_bits=4, group_size=64), 576, 288, "x.o_proj")
 

@@ -107,7 +107,10 @@ _NAMES = {"anyOf": [{"type": "string", "minLength": 1},
                     {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1}]}
 
 
-def _quant_params(section: str, enabled_default: bool, status: Status, note: str) -> tuple:
+def _quant_params(section: str, enabled_default: bool, status: Status, note: str,
+                  q_type: Optional[KeySpec] = None) -> tuple:
+    """``enabled``, ``num_bits``, ``q_type`` and ``q_groups`` of a quant section; ``q_type`` replaces the
+    DeepSpeed ``q_type`` key (default "symmetric") where the section gives its own."""
     return (
         KeySpec(f"{section}.enabled", "bool", enabled_default, "Quantize this kind of tensor.",
                 status=Status.WARNS if section.endswith("activation") else Status.WORKS,
@@ -115,10 +118,10 @@ def _quant_params(section: str, enabled_default: bool, status: Status, note: str
         KeySpec(f"{section}.num_bits", "4 or 8", 8, "Bit width.", status=status, convert=v.num_bits,
                 schema={"enum": [4, 8]},
                 note="" if status is Status.WORKS else "only used by activation quantization, which is not implemented"),
-        KeySpec(f"{section}.q_type", '"symmetric" | "asymmetric"', "symmetric",
-                "Symmetric (scale only) or asymmetric (scale and zero point) quantization.", status=status,
-                convert=_QTYPE, schema={"enum": ["symmetric", "asymmetric"]},
-                note="" if status is Status.WORKS else "only used by activation quantization, which is not implemented"),
+        q_type or KeySpec(f"{section}.q_type", '"symmetric" | "asymmetric"', "symmetric",
+                          "Symmetric (scale only) or asymmetric (scale and zero point) quantization.", status=status,
+                          convert=_QTYPE, schema={"enum": ["symmetric", "asymmetric"]},
+                          note="" if status is Status.WORKS else "only used by activation quantization, which is not implemented"),
         KeySpec(f"{section}.q_groups", "int >= 1", 1,
                 "Quantization groups per output row (G groups: group size = in_features / G).", status=status,
                 convert=v.positive_int, schema=_POS_INT,
@@ -283,7 +286,13 @@ KEYS: tuple = (
                    "activation quantization is not implemented; activations stay 16-bit "
                    "(default false; DeepSpeed's true is never read)"),
     KeySpec("quant.weight", "mapping", _EMPTY, "Weight quantization.", status=Status.SECTION, cls="WeightQuantConfig"),
-    *_quant_params("quant.weight", True, Status.WORKS, "Used when quant.enabled is true."),
+    *_quant_params("quant.weight", True, Status.WORKS, "Used when quant.enabled is true.", q_type=KeySpec(
+        "quant.weight.q_type", '"auto" | "symmetric" | "asymmetric"', "auto",
+        "Symmetric (scale only) or asymmetric (scale and zero point) quantization; auto: symmetric for 8 bits, "
+        "asymmetric for 4 bits. An explicit value is always used.",
+        note='Default "auto" (DeepSpeed: "symmetric"): asymmetric int4 (with the default group 32 and HQQ) is '
+             "the accurate calibration-free int4; int8 stays symmetric.",
+        convert=v.choice("auto", "symmetric", "asymmetric"), schema={"enum": ["auto", "symmetric", "asymmetric"]})),
     KeySpec("quant.weight.group_size", "int >= 1 or null", None,
             "Quantization group size along the input features; an alternative to q_groups "
             "(q_groups G == group_size in_features / G). Setting it with q_groups > 1 is an error.",

@@ -88,9 +88,29 @@ class ActivationQuantConfig:
         _validate(self, "quant.activation")
 
 
+def resolve_q_type(q_type: str, num_bits: int) -> str:
+    """The quantization type used: ``"auto"`` is symmetric for 8 bits and asymmetric for 4 bits; an explicit
+    ``"symmetric"`` / ``"asymmetric"`` is always used.
+
+    Example:
+        >>> resolve_q_type("auto", 8), resolve_q_type("auto", 4), resolve_q_type("symmetric", 4)
+        ('symmetric', 'asymmetric', 'symmetric')
+    """
+    if q_type == "auto":
+        return "symmetric" if int(num_bits) == 8 else "asymmetric"
+    return q_type
+
+
 @attrs.frozen
 class WeightQuantConfig:
-    """``quant.weight``: bit width, symmetric or not, and grouping (``q_groups`` or ``group_size``)."""
+    """``quant.weight``: bit width, symmetric or not, and grouping (``q_groups`` or ``group_size``).
+
+    Example:
+        >>> WeightQuantConfig().symmetric, WeightQuantConfig(num_bits=4).symmetric
+        (True, False)
+        >>> WeightQuantConfig(num_bits=4, q_type="symmetric").symmetric
+        True
+    """
 
     enabled: bool = _field("quant.weight.enabled")
     num_bits: int = _field("quant.weight.num_bits")
@@ -104,17 +124,31 @@ class WeightQuantConfig:
     def __attrs_post_init__(self) -> None:
         _validate(self, "quant.weight")
 
+    @property
+    def symmetric(self) -> bool:
+        """Whether the weights are quantized symmetrically (``q_type`` resolved by :func:`resolve_q_type`)."""
+        return resolve_q_type(self.q_type, self.num_bits) == "symmetric"
+
     def group_size_for(self, in_features: int) -> int:
         """Group size along the input features of a linear with ``in_features`` inputs.
 
-        ``group_size`` if set, else ``in_features // q_groups`` (q_groups G means G groups per output row).
+        ``group_size`` if set, else ``in_features // q_groups`` (q_groups G means G groups per output row);
+        ``q_groups`` 1 (the default) is the quantize pass's default: one scale per output channel at 8 bits,
+        group 32 at 4 bits when 32 divides ``in_features``
+        (:func:`policyinject.kernels.quantize.default_group_size`).
 
         Example:
             >>> WeightQuantConfig(q_groups=4).group_size_for(4096), WeightQuantConfig(group_size=128).group_size_for(4096)
             (1024, 128)
+            >>> WeightQuantConfig().group_size_for(4096), WeightQuantConfig(num_bits=4).group_size_for(4096)
+            (4096, 32)
         """
         if self.group_size is not None:
             return self.group_size
+        if self.q_groups == 1:
+            from ..kernels.quantize import default_group_size
+
+            return default_group_size(in_features, self.num_bits)
         return max(1, in_features // self.q_groups)
 
 

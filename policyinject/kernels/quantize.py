@@ -19,14 +19,14 @@ only binds for groups far from zero whose range is narrow next to their offset).
 
 Group size: ``group_size == K`` means one scale per output channel. :func:`resolve_group_size` maps the
 DeepSpeed-style ``q_groups`` (groups per row, ``group_size = K / q_groups``) or an explicit ``group_size`` to
-the group size, and picks the default when neither is given: per output channel for 8 bits; for 4 bits 128
-when it divides ``K``, else the largest of 64 and 32 that does (576 -> 64, 896 -> 128, 1536 -> 128), else per
-output channel.
+the group size, and picks the default when neither is given: per output channel for 8 bits; for 4 bits 32
+when it divides ``K`` (576, 896, 1536, 4096 -> 32; the llama.cpp Q4_1 group), else per output channel.
 
 Scale dtype: float16 by default. Its 10-bit mantissa keeps the stored scale within 2^-11 of the exact one
 (bf16 would be 2^-8, the size of an int8 step); weights never need fp16's range (scales are weights / 7 or
-/ 127). Cost per weight: 2 bytes per group, i.e. 0.016 bytes per weight at int4 group 128 (3% of the 0.5 byte
-payload), doubled for asymmetric (zeros). float32 is available (``scale_dtype=torch.float32``).
+/ 127). Cost per weight: 2 bytes per group, i.e. 0.0625 bytes per weight at int4 group 32 (0.016 at group
+128), doubled for asymmetric (zeros): the int4 default, asymmetric group 32, is 0.5 + 0.125 = 0.625 bytes per
+weight. float32 is available (``scale_dtype=torch.float32``).
 
 Quantization itself runs in plain PyTorch (once, at load time, on whatever device the weight lives on); the
 Triton kernels in :mod:`policyinject.kernels.quant_matmul` consume this format.
@@ -50,6 +50,7 @@ import torch
 
 __all__ = [
     "QuantizedWeight",
+    "INT4_DEFAULT_GROUP",
     "default_group_size",
     "resolve_group_size",
     "quantize_weight",
@@ -83,22 +84,24 @@ def _check_bits(num_bits: int) -> None:
         raise ValueError(f"num_bits must be 8 or 4, got {num_bits!r}")
 
 
+#: The default int4 group size (llama.cpp's Q4_0/Q4_1 group; see docs/quantization.md, Accuracy).
+INT4_DEFAULT_GROUP = 32
+
+
 def default_group_size(in_features: int, num_bits: int) -> int:
-    """Default group size: per output channel (``in_features``) for 8 bits; 128/64/32 for 4 bits.
+    """Default group size: per output channel (``in_features``) for 8 bits; 32 for 4 bits when it divides
+    ``in_features``, else per output channel.
 
     Example:
         >>> default_group_size(4096, 8), default_group_size(4096, 4), default_group_size(576, 4)
-        (4096, 128, 64)
-        >>> default_group_size(1000, 4)  # no 128/64/32 divides 1000: per output channel
+        (4096, 32, 32)
+        >>> default_group_size(1000, 4)  # 32 does not divide 1000: per output channel
         1000
     """
     _check_bits(num_bits)
-    if num_bits == 8:
+    if num_bits == 8 or in_features % INT4_DEFAULT_GROUP:
         return in_features
-    for g in (128, 64, 32):
-        if in_features % g == 0:
-            return g
-    return in_features
+    return INT4_DEFAULT_GROUP
 
 
 def resolve_group_size(

@@ -6,11 +6,14 @@ split with their weights) and before kernel injection (which fuses the resulting
 ``quant.qkv.enabled``; the output head and embeddings are not layer linears and stay 16-bit.
 
 Config read (``InferenceConfig``): ``quant.enabled``, ``quant.weight.enabled``, ``quant.weight.num_bits``
-(8 or 4), ``quant.weight.q_type`` (``symmetric``/``asymmetric``), ``quant.weight.group_size`` (wins), else
-``quant.weight.q_groups`` (groups per row: ``group_size = in_features / q_groups``; 1, the default, means one
-scale per output channel at 8 bits and the default group -- 128, else 64, else 32 -- at 4 bits),
-``quant.weight.method`` (``auto``: HQQ for asymmetric 4 bits, else round to nearest; ``rtn``; ``hqq``,
-asymmetric only: see :mod:`policyinject.kernels.quant_search`), ``quant.qkv.enabled``, ``kernel_backend``, ``tensor_parallel.tp_size``.
+(8 or 4), ``quant.weight.q_type`` (``symmetric``/``asymmetric``; ``auto``, the default: symmetric at 8 bits,
+asymmetric at 4), ``quant.weight.group_size`` (wins), else ``quant.weight.q_groups`` (groups per row:
+``group_size = in_features / q_groups``; 1, the default, means one scale per output channel at 8 bits and the
+default group -- 32, else per output channel -- at 4 bits), ``quant.weight.method`` (``auto``: HQQ for
+asymmetric 4 bits, else round to nearest; ``rtn``; ``hqq``, asymmetric only: see
+:mod:`policyinject.kernels.quant_search`), ``quant.qkv.enabled``, ``kernel_backend``, ``tensor_parallel.tp_size``.
+So the int8 default is symmetric, per output channel, round to nearest; the int4 default asymmetric, group 32,
+HQQ.
 
 Each linear becomes one :class:`Action` (``quantize``, with bits, group size, symmetry and bytes before/after
 for this rank) or ``keep`` (with the reason). ``ctx.notes["quantize"]`` holds the summary.
@@ -26,17 +29,17 @@ Example:
     >>> block = Block()
     >>> policy = Policy(Block, mlp=MLPSpec(fc1="fc1", fc2="fc2"))
     >>> w = types.SimpleNamespace(enabled=True, num_bits=4, q_groups=1, q_type="symmetric", group_size=None,
-    ...                           method="auto")
+    ...                           method="auto")  # symmetric int4 (the int4 default is asymmetric, with HQQ)
     >>> cfg = types.SimpleNamespace(quant=types.SimpleNamespace(enabled=True, weight=w,
     ...                             qkv=types.SimpleNamespace(enabled=True)), kernel_backend="torch")
     >>> ctx = PassContext(model=block, config=cfg, layers=[MatchedLayer("", block, policy)])
     >>> p = QuantizePass()
     >>> actions = p.plan(ctx)
     >>> [(a.path, a.details["bits"], a.details["group_size"], a.details["method"]) for a in actions]
-    [('fc1', 4, 64, 'rtn'), ('fc2', 4, 128, 'rtn')]
+    [('fc1', 4, 32, 'rtn'), ('fc2', 4, 32, 'rtn')]
     >>> p.apply(ctx, actions)
     >>> type(block.fc1).__name__, round(ctx.notes["quantize"]["ratio"], 2)
-    ('QuantLinear', 0.13)
+    ('QuantLinear', 0.14)
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ import attrs
 import torch
 from torch import nn
 
+from ..config.model import resolve_q_type
 from ..errors import PlanError
 from ..kernels.quant_search import hqq_quantize_weight
 from ..kernels.quantize import default_group_size, resolve_group_size
@@ -101,24 +105,29 @@ class QuantSpec:
 def quant_spec_from_config(config: Any) -> QuantSpec:
     """Read the quantization settings from an ``InferenceConfig`` (or any object with the same attributes).
 
+    ``q_type`` ``auto`` (the default) resolves by bit width (:func:`policyinject.config.model.resolve_q_type`).
+
     Example:
         >>> from policyinject.config import load_config
         >>> spec = quant_spec_from_config(load_config(None, dtype="int8"))
         >>> spec.num_bits, spec.symmetric, spec.q_groups, spec.lm_head, spec.method
         (8, True, 1, False, 'auto')
+        >>> spec = quant_spec_from_config(load_config(quant={"enabled": True, "weight": {"num_bits": 4}}))
+        >>> spec.num_bits, spec.symmetric, resolve_method(spec.method, spec.num_bits, spec.symmetric)
+        (4, False, 'hqq')
     """
     quant = getattr(config, "quant", None)
     weight = getattr(quant, "weight", None)
-    q_type = str(getattr(weight, "q_type", "symmetric")).lower()
+    num_bits = int(getattr(weight, "num_bits", 8))
+    if str(getattr(config, "dtype", "")) in ("int8", "torch.int8") and not getattr(quant, "enabled", False):
+        num_bits = 8
+    q_type = resolve_q_type(str(getattr(weight, "q_type", "auto")).lower(), num_bits)
     if q_type in ("sym", "symmetric"):
         symmetric = True
     elif q_type in ("asym", "asymmetric"):
         symmetric = False
     else:
-        raise PlanError(f"quant.weight.q_type must be 'symmetric' or 'asymmetric', got {q_type!r}")
-    num_bits = int(getattr(weight, "num_bits", 8))
-    if str(getattr(config, "dtype", "")) in ("int8", "torch.int8") and not getattr(quant, "enabled", False):
-        num_bits = 8
+        raise PlanError(f"quant.weight.q_type must be 'auto', 'symmetric' or 'asymmetric', got {q_type!r}")
     q_groups = getattr(weight, "q_groups", None)
     group_size = getattr(weight, "group_size", None)
     qkv = bool(getattr(getattr(quant, "qkv", None), "enabled", True))

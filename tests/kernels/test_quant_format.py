@@ -20,8 +20,8 @@ from policyinject.kernels.quantize import (
 
 @pytest.mark.parametrize(
     "k, bits, expected",
-    [(4096, 8, 4096), (4096, 4, 128), (576, 4, 64), (1536, 4, 128), (896, 4, 128), (4864, 4, 128),
-     (14336, 4, 128), (96, 4, 32), (1000, 4, 1000), (576, 8, 576)],
+    [(4096, 8, 4096), (4096, 4, 32), (576, 4, 32), (1536, 4, 32), (896, 4, 32), (4864, 4, 32),
+     (14336, 4, 32), (96, 4, 32), (1000, 4, 1000), (48, 4, 48), (576, 8, 576)],
 )
 def test_default_group_size(k: int, bits: int, expected: int) -> None:
     assert default_group_size(k, bits) == expected

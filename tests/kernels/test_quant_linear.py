@@ -45,15 +45,15 @@ def test_forward_matches_linear_both_backends(bits, group, tol, symmetric) -> No
 
 def test_attributes_state_dict_and_repr() -> None:
     q = QuantLinear.from_linear(_linear(576, 40), 4, backend="torch")
-    assert (q.in_features, q.out_features, q.group_size, q.num_bits) == (576, 40, 64, 4)
-    assert q.weight_bytes() == 40 * 288 + 40 * 9 * 2
+    assert (q.in_features, q.out_features, q.group_size, q.num_bits) == (576, 40, 32, 4)  # the default group
+    assert q.weight_bytes() == 40 * 288 + 40 * 18 * 2
     sd = q.state_dict()
     assert set(sd) == {"qweight", "scales", "bias"}
     q2 = QuantLinear.from_linear(_linear(576, 40), 4, backend="torch")
     q2.load_state_dict(sd)
     x = torch.randn(1, 576)
     assert torch.equal(q(x), q2(x))
-    assert "bits=4, group_size=64" in repr(q)
+    assert "bits=4, group_size=32" in repr(q)
     assert QuantLinear.from_linear(_linear(64, 8), 8, symmetric=False).zeros is not None
 
 
