@@ -39,7 +39,8 @@ import torch
 
 from policyinject.roofline import copy_bandwidth
 
-ALL_CONFIGS = ("hf-eager", "hf-compile", "kernels", "graphs", "int8", "int4", "int8-head", "int4-head")
+ALL_CONFIGS = ("hf-eager", "hf-compile", "kernels", "graphs", "int8", "int4", "int8-head", "int4-head", "int4-g128",
+               "int4-g128-head")
 #: policyinject config of each system (merged over dtype, max_out_tokens).
 PI_CONFIGS: Dict[str, dict] = {
     "kernels": dict(replace_with_kernel_inject=True, enable_cuda_graph=False),
@@ -53,10 +54,16 @@ PI_CONFIGS: Dict[str, dict] = {
                       quant={"enabled": True, "weight": {"num_bits": 8}, "lm_head": {"enabled": True}}),
     "int4-head": dict(replace_with_kernel_inject=True, enable_cuda_graph=True,
                       quant={"enabled": True, "weight": {"num_bits": 4}, "lm_head": {"enabled": True}}),
+    # int4 symmetric group 128 (before 2026-11-26 session 3 the int4 default; fewer bytes, less accurate)
+    "int4-g128": dict(replace_with_kernel_inject=True, enable_cuda_graph=True,
+                      quant={"enabled": True, "weight": {"num_bits": 4, "q_type": "symmetric", "group_size": 128}}),
+    "int4-g128-head": dict(replace_with_kernel_inject=True, enable_cuda_graph=True,
+                           quant={"enabled": True, "weight": {"num_bits": 4, "q_type": "symmetric", "group_size": 128},
+                                  "lm_head": {"enabled": True}}),
 }
 LABELS = {"hf-eager": "HF eager", "hf-compile": "HF static+compile", "kernels": "pi kernels",
           "graphs": "pi kernels+graphs", "int8": "pi +int8", "int4": "pi +int4", "int8-head": "pi +int8 +head",
-          "int4-head": "pi +int4 +head"}
+          "int4-head": "pi +int4 +head", "int4-g128": "pi +int4 g128 sym", "int4-g128-head": "pi +int4 g128 sym +head"}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -229,7 +236,7 @@ def bench_preset(spec: str, args: argparse.Namespace, device: torch.device, band
     out: Dict[str, Any] = {"systems": {}}
     configs = [c for c in ALL_CONFIGS if c in args.configs]
     if device.type != "cuda":
-        configs = [c for c in configs if c not in ("hf-compile", "graphs", "int8", "int4", "int8-head", "int4-head")]
+        configs = [c for c in configs if c in ("hf-eager", "kernels")]
     reference_tokens = None
 
     def over_budget() -> bool:
@@ -297,7 +304,8 @@ def bench_preset(spec: str, args: argparse.Namespace, device: torch.device, band
         free(device)
 
     # policyinject: kernels and kernels+graphs share one injected model; int8 / int4 each build their own
-    groups = [("kernels", "graphs"), ("int8",), ("int4",), ("int8-head",), ("int4-head",)]
+    groups = [("kernels", "graphs"), ("int8",), ("int4",), ("int8-head",), ("int4-head",), ("int4-g128",),
+              ("int4-g128-head",)]
     for group in groups:
         wanted = [c for c in group if c in configs]
         if not wanted or over_budget():

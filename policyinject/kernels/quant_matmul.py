@@ -38,6 +38,7 @@ from .quant_reference import quant_matmul_reference
 from .quantize import QuantizedWeight
 
 from ._gemv_epilogue import load_act, store_tile
+from ._q4mma_gluon import GLUON_AVAILABLE, q4mma_kernel, q4mma_layout_lanes
 
 try:
     import triton
@@ -106,8 +107,12 @@ def quant_matmul_config(
     Under the interpreter: small tiles (its cost is per program and per op, not per byte).
 
     Example:
-        >>> quant_matmul_config(1, 4096, 4096, 4, 128)
-        {'kernel': 'gemv', 'BM': 1, 'BN': 4, 'GPB': 16, 'GK': 128, 'split_k': 1, 'num_warps': 4}
+        >>> quant_matmul_config(1, 4096, 4096, 4, 32)  # int4 default: the tensor-core GEMV
+        {'kernel': 'q4mma', 'BN': 16, 'NQ': 4, 'split_k': 1, 'num_warps': 4}
+        >>> quant_matmul_config(1, 4096, 4096, 4, 128)["kernel"]  # group 128, small weight: CUDA-core words
+        'q4gemv'
+        >>> quant_matmul_config(1, 4096, 4096, 8, 4096)["kernel"]
+        'q8gemv'
         >>> quant_matmul_config(64, 4096, 4096, 8, 4096)["kernel"]
         'gemm'
     """
@@ -115,6 +120,10 @@ def quant_matmul_config(
     tuned = _MEASURED_M1.get((num_bits, n, k)) if (m == 1 and per_channel and not interpret) else None
     if tuned is not None:
         return dict(tuned)
+    if num_bits == 4:
+        cfg = _q4mma_config(m, n, k, group_size, sm_count, interpret)
+        if cfg is not None:
+            return cfg
     if m <= QGEMV_MAX_M and num_bits == 4 and k % 32 == 0:
         cfg = _q4gemv_config(m, n, k, group_size, sm_count, interpret)
         if cfg is not None:
@@ -173,6 +182,42 @@ def _quant_matmul_config(m: int, n: int, k: int, num_bits: int, group_size: int,
     split_k = 1 if (interpret or m > 64) else pick_split_k(programs, triton_cdiv(k, bk), sm_count)
     return {"kernel": "gemm", "BM": bm, "BN": bn, "BK": bk, "split_k": split_k, "num_warps": warps,
             "num_stages": stages}
+
+
+def _q4mma_config(m: int, n: int, k: int, group_size: int, sm_count: int, interpret: bool) -> Optional[dict]:
+    """Launch config of the tensor-core int4 GEMV (batch 1, bf16 activations), or None where it does not take
+    the shape or measured slower (``benchmarks/q4mma_probe.py``, H100, NOTES "session 3").
+
+    16 rows per program (32 for tall weights and long rows), K steps of 4 chunks of 128 features (2 for tall
+    weights), K split (4 ways for the 8B down projection) only for long rows (16 steps or more) whose rows
+    alone leave SMs idle, each split keeping at least 4 steps. With
+    groups of 128 or one scale per row the CUDA-core word kernel stays on weights under 64 M values (it
+    measured faster there: 8B o 7.3 vs 10.0 us); with smaller groups (the int4 default, 32) this kernel is
+    faster on every Llama shape.
+
+    Example:
+        >>> quant_matmul_config(1, 28672, 4096, 4, 32)
+        {'kernel': 'q4mma', 'BN': 32, 'NQ': 2, 'split_k': 1, 'num_warps': 4}
+        >>> quant_matmul_config(1, 4096, 14336, 4, 32)["split_k"]
+        4
+    """
+    if m != 1 or interpret or k % 128:
+        return None
+    per_channel = group_size == k
+    if not per_channel and group_size % 32:
+        return None
+    if (per_channel or group_size >= 128) and n * k < (64 << 20):
+        return None
+    nq = _pow2_divisor(k // 128, 2 if n >= 16384 else 4)
+    steps = k // (nq * 128)
+    bn = 32 if (n >= 16384 or steps >= 16) else 16  # short weights: more programs
+    bn = max(bn, 2 * q4mma_layout_lanes(nq)[0] * 4)  # the layout's rows per program (4 warps)
+    programs = triton_cdiv(n, bn)
+    split_k = 1
+    if programs < sm_count and steps >= 16:  # split-K costs two launches (zeroing, cast): only for long rows
+        while programs * split_k < 2 * sm_count and steps % (2 * split_k) == 0 and steps // (2 * split_k) >= 4:
+            split_k *= 2
+    return {"kernel": "q4mma", "BN": bn, "NQ": nq, "split_k": split_k, "num_warps": 4}
 
 
 def _q4gemv_config(m: int, n: int, k: int, group_size: int, sm_count: int, interpret: bool) -> Optional[dict]:
@@ -698,6 +743,34 @@ def _launch_q4gemv(x2, qw, words, bias, cfg) -> torch.Tensor:
     return y.to(x2.dtype) if split_k > 1 else y
 
 
+def q4mma_supported(qw: QuantizedWeight, x_dtype: torch.dtype) -> bool:
+    """Whether the tensor-core int4 GEMV takes this weight: bf16 activations, K a multiple of 128, groups a
+    multiple of 32 (or one per output channel)."""
+    if x_dtype != torch.bfloat16 or qw.num_bits != 4 or qw.in_features % 128:
+        return False
+    return qw.per_channel or qw.group_size % 32 == 0
+
+
+def _launch_q4mma(x2, qw, words, bias, cfg) -> torch.Tensor:
+    """One activation row against int4 words on the tensor cores (:mod:`._q4mma_gluon`)."""
+    m, k = x2.shape
+    n = qw.out_features
+    bn, nq, warps = int(cfg["BN"]), int(cfg["NQ"]), int(cfg.get("num_warps", 4))
+    tpw = q4mma_layout_lanes(nq)
+    if m != 1 or bn % 2 or k % (nq * 128) or (bn // 2) < tpw[0] * warps or nq < tpw[1]:
+        raise ValueError(f"q4mma takes one row, K={k} in whole steps of NQ*128, and a tile that fills the "
+                         f"layout (BN/2 >= {tpw[0] * warps} rows), got M={m}, {dict(cfg)}")
+    y, k_per_split, split_k = split_k_output(x2, n, k, int(cfg.get("split_k", 1)), nq * 128)
+    zeros = qw.zeros if qw.zeros is not None else qw.scales
+    q4mma_kernel[(triton_cdiv(n, bn), split_k)](
+        x2, words, qw.scales, zeros, bias if bias is not None else qw.scales, y,
+        n, k, k_per_split, words.stride(0), qw.scales.stride(0),
+        SYMMETRIC=qw.zeros is None, PER_CHANNEL=qw.per_channel, G=qw.group_size, HAS_BIAS=bias is not None,
+        BN=bn, NQ=nq, SPLIT_K=split_k, TPW_R=tpw[0], TPW_Q=tpw[1], WARPS=warps, num_warps=warps,
+    )
+    return y.to(x2.dtype) if split_k > 1 else y
+
+
 def _launch_q8gemv(x2, qw, bias, cfg) -> torch.Tensor:
     """int8 per-output-channel weights, 1..16 rows: the 16-bit-GEMV-shaped kernel."""
     triton_launchable(_q8gemv_kernel, x2, qw.qweight)
@@ -724,6 +797,14 @@ def _launch(x2: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor],
         if qw.num_bits != 8 or not qw.per_channel:
             raise ValueError("the q8gemv kernel takes int8 weights with one scale per output channel")
         return _launch_q8gemv(x2, qw, bias, cfg)
+    if kernel_name == "q4mma":
+        if not GLUON_AVAILABLE or not x2.is_cuda:
+            raise UnsupportedError("the q4mma kernel needs a CUDA GPU and Triton's Gluon (triton >= 3.5)")
+        words = _int4_words(qw)
+        if words is None or not q4mma_supported(qw, x2.dtype) or x2.shape[0] != 1:
+            raise ValueError(f"the q4mma kernel does not take this weight/activation ({dict(cfg)}, "
+                             f"{x2.dtype}, M={x2.shape[0]})")
+        return _launch_q4mma(x2, qw, words, bias, cfg)
     if kernel_name == "q4gemv":
         triton_launchable(_q4gemv_kernel, x2, qw.qweight)
         words = _int4_words(qw)
@@ -811,6 +892,12 @@ def quant_matmul(
         x2.shape[0], qw.out_features, qw.in_features, qw.num_bits, qw.group_size,
         _sm_count(x.device), interpret=not x.is_cuda,
     )
+    if config is None and cfg.get("kernel") == "q4mma" and not (
+            GLUON_AVAILABLE and q4mma_supported(qw, x2.dtype) and _int4_words(qw) is not None):
+        # fp16/fp32 activations or a layout the word kernels cannot read: the CUDA-core kernels take it
+        cfg = _q4gemv_config(x2.shape[0], qw.out_features, qw.in_features, qw.group_size, _sm_count(x.device),
+                             False) or _byte_gemv_config(x2.shape[0], qw.out_features, qw.in_features,
+                                                         qw.group_size, _sm_count(x.device), False)
     if config is None and cfg.get("kernel") == "q4gemv" and x2.dtype == torch.float32:
         # the word kernel's unpacking trades ~8 of float32's 24 bits (relative error ~1e-5): fine for 16-bit
         # activations, not for float32 ones, which take the byte kernel

@@ -13,6 +13,8 @@ MODULES = [
     "policyinject.kernels.norms",
     "policyinject.kernels.rotary",
     "policyinject.kernels.activations",
+    "policyinject.kernels.quant_matmul",
+    "policyinject.kernels._q4mma_gluon",
     "policyinject.modules.norms",
 ]
 

@@ -141,6 +141,37 @@ def test_int4_word_gemv_is_the_decode_default() -> None:
     assert qm.quant_matmul_config(1, 3072, 2048, 8, 2048, 132, False)["kernel"] == "gemv"
 
 
+def test_int4_default_group_takes_the_tensor_core_gemv_at_batch_1() -> None:
+    """Group 32 (the int4 default) at batch 1 with K a multiple of 128: the Gluon tensor-core GEMV; not
+    under the interpreter, not for several rows, not where K has no 128 divisor (SmolLM2's 576)."""
+    from policyinject.kernels._q4mma_gluon import q4mma_layout_lanes
+
+    for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096), (2048, 8192),
+                 (4864, 896), (896, 4864), (4096, 1152)]:
+        cfg = qm.quant_matmul_config(1, n, k, 4, 32, 132, False)
+        assert cfg["kernel"] == "q4mma", (n, k, cfg)
+        assert k % (cfg["NQ"] * 128) == 0 and cfg["BN"] % 2 == 0
+        # the tile fills the layout: no lane holds a replica (the MMA quads would sum it twice)
+        assert cfg["BN"] // 2 >= q4mma_layout_lanes(cfg["NQ"])[0] * cfg["num_warps"], cfg
+    assert qm.quant_matmul_config(1, 4096, 14336, 4, 32, 132, False)["split_k"] == 4  # long rows: split K
+    assert qm.quant_matmul_config(1, 4096, 4096, 4, 32, 132, True)["kernel"] != "q4mma"
+    assert qm.quant_matmul_config(2, 4096, 4096, 4, 32, 132, False)["kernel"] == "q4gemv"
+    assert qm.quant_matmul_config(1, 1536, 576, 4, 32, 132, False)["kernel"] == "q4gemv"
+    assert qm.quant_matmul_config(1, 4096, 4096, 4, 128, 132, False)["kernel"] == "q4gemv"  # measured faster
+    assert qm.quant_matmul_config(1, 28672, 4096, 4, 128, 132, False)["kernel"] == "q4mma"
+
+
+def test_tensor_core_gemv_config_errors_are_clear() -> None:
+    qw = quantize_weight(randn(64, 256), 4, 32).to(DEVICE)
+    x = randn(1, 256, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises((UnsupportedError, ValueError), match="q4mma"):
+        qm.quant_matmul(x, qw, backend="triton", config={"kernel": "q4mma", "BN": 32, "NQ": 2})
+    if DEVICE == "cuda":
+        with pytest.raises(ValueError, match="q4mma"):  # 2 rows; the kernel takes one
+            qm.quant_matmul(randn(2, 256, dtype=torch.bfloat16, device=DEVICE), qw, backend="triton",
+                            config={"kernel": "q4mma", "BN": 32, "NQ": 2})
+
+
 def test_per_channel_split_k_with_masked_tail() -> None:
     qw = quantize_weight(randn(8, 200), 8, None).to(DEVICE)
     _check(randn(1, 200, device=DEVICE), qw, None, {"kernel": "gemv", "BN": 4, "GPB": 1, "GK": 64, "split_k": 2})
@@ -232,7 +263,37 @@ GPU_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (8192, 2
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bits, group", [(8, None), (4, 128), (4, None)])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("group", [32, 64, 128, None], ids=lambda g: f"g{g}")
+@pytest.mark.parametrize("n, k", [(1000, 2048), (300, 4096), (4096, 1152), (2048, 8192)], ids=str)
+def test_gpu_tensor_core_int4_gemv(n: int, k: int, group, symmetric: bool) -> None:
+    """The Gluon int4 GEMV against dequantize-then-matmul: every group size it takes, both zero-point
+    modes, ragged N, bias, several tile shapes and K splits, outputs poisoned with NaN first."""
+    qw = quantize_weight(randn(n, k, device="cuda", scale=0.02), 4, group or k, symmetric=symmetric)
+    x = randn(1, k, dtype=torch.bfloat16, device="cuda")
+    bias = randn(n, dtype=torch.bfloat16, device="cuda")
+    ref = quant_matmul_reference(x, qw, bias)
+    configs = [None] + [{"kernel": "q4mma", "BN": bn, "NQ": nq, "split_k": sk}
+                        for bn, nq, sk in [(32, 2, 1), (64, 1, 2), (32, 4, 4), (128, 2, 1), (16, 8, 1)]
+                        if k % (nq * 128) == 0]
+    for cfg in configs:
+        with poisoned_alloc():
+            out = qm.quant_matmul(x, qw, bias, backend="triton", config=cfg)
+        assert rel_err(out, ref) < 1e-2, cfg
+    assert qm.quant_matmul_config(1, n, k, 4, qw.group_size, 132, False)["kernel"] in ("q4mma", "q4gemv")
+
+
+@pytest.mark.gpu
+def test_gpu_tensor_core_gemv_falls_back_for_16_bit_float_activations() -> None:
+    """fp16 / fp32 activations take the CUDA-core kernels (the tensor-core GEMV is bf16 only)."""
+    qw = quantize_weight(randn(4096, 4096, device="cuda", scale=0.02), 4, 32, symmetric=False)
+    for dtype in (torch.float16, torch.float32):
+        x = randn(1, 4096, dtype=dtype, device="cuda")
+        assert rel_err(qm.quant_matmul(x, qw, backend="triton"), quant_matmul_reference(x, qw)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits, group", [(8, None), (4, 128), (4, None), (4, 32)])
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
 def test_gpu_real_shapes(bits: int, group, shape: tuple) -> None:
     n, k = shape
