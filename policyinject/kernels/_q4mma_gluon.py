@@ -151,10 +151,16 @@ if GLUON_AVAILABLE:
         TPW_R: gl.constexpr,
         TPW_Q: gl.constexpr,
         WARPS: gl.constexpr,
+        GATED: gl.constexpr = False,
     ):
         """See the module docstring. ``TPW_R``/``TPW_Q`` come from :func:`q4mma_layout_lanes`; ``WARPS``
         must equal the launch's ``num_warps``. With ``SPLIT_K > 1`` the partial sums are atomically added
-        into a float32 ``Y`` (the first split adds the bias)."""
+        into a float32 ``Y`` (the first split adds the bias).
+
+        ``GATED``: the weight is a fused gate|up projection of ``2 N`` rows and ``Y`` gets the ``N`` values
+        ``silu(gate) * up`` (SwiGLU): a program's top rows are gate rows ``j`` and its bottom rows the up rows
+        ``N + j`` of the same outputs, so the activation runs on the float32 sums in the epilogue (no
+        ``[2 N]`` intermediate, no activation kernel). Needs ``SPLIT_K == 1``."""
         L4: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [TPW_R, TPW_Q, 4, 1], [WARPS, 1, 1, 1], [3, 2, 1, 0])
         L3: gl.constexpr = gl.SliceLayout(3, L4)
         L2: gl.constexpr = gl.SliceLayout(2, L3)
@@ -166,10 +172,16 @@ if GLUON_AVAILABLE:
         BK: gl.constexpr = NQ * 128
         pid_n = gl.program_id(0)
         pid_k = gl.program_id(1)
-        out_t = pid_n * BN + gl.arange(0, HALF, layout=LR)
-        out_b = out_t + HALF
-        rows_t = out_t % N
-        rows_b = out_b % N
+        if GATED:
+            out_t = pid_n * HALF + gl.arange(0, HALF, layout=LR)
+            out_b = out_t
+            rows_t = out_t % N
+            rows_b = rows_t + N
+        else:
+            out_t = pid_n * BN + gl.arange(0, HALF, layout=LR)
+            out_b = out_t + HALF
+            rows_t = out_t % N
+            rows_b = out_b % N
         q3 = gl.expand_dims(gl.expand_dims(gl.arange(0, NQ, layout=LQ), 0), 2)  # [1, NQ, 1]
         l3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=LL), 0), 1)  # [1, 1, 4]
         e4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=LE), 0), 1), 2)  # [1,1,1,4]
@@ -217,7 +229,10 @@ if GLUON_AVAILABLE:
                 bb = gl.where(pid_k == 0, bb, 0.0)
             y_t += bt
             y_b += bb
-        if SPLIT_K > 1:
+        if GATED:
+            y = y_t / (1.0 + gl.exp(-y_t)) * y_b
+            gl.store(Y + out_t, y.to(Y.dtype.element_ty), mask=out_t < N)
+        elif SPLIT_K > 1:
             gl.atomic_add(Y + out_t, y_t, mask=out_t < N)
             gl.atomic_add(Y + out_b, y_b, mask=out_b < N)
         else:

@@ -48,7 +48,8 @@ except ImportError:  # pragma: no cover
     tl = None
 
 __all__ = [
-    "quant_matmul", "w8a16_matmul", "w4a16_matmul", "quant_matmul_config", "triton_supports", "QGEMV_MAX_M",
+    "quant_matmul", "quant_gated_matmul", "w8a16_matmul", "w4a16_matmul", "quant_matmul_config", "triton_supports",
+    "QGEMV_MAX_M",
 ]
 
 #: Batches up to this many rows take the GEMV kernel; larger ones the tl.dot kernel.
@@ -751,22 +752,23 @@ def q4mma_supported(qw: QuantizedWeight, x_dtype: torch.dtype) -> bool:
     return qw.per_channel or qw.group_size % 32 == 0
 
 
-def _launch_q4mma(x2, qw, words, bias, cfg) -> torch.Tensor:
-    """One activation row against int4 words on the tensor cores (:mod:`._q4mma_gluon`)."""
+def _launch_q4mma(x2, qw, words, bias, cfg, gated: bool = False) -> torch.Tensor:
+    """One activation row against int4 words on the tensor cores (:mod:`._q4mma_gluon`); ``gated``: the
+    weight is gate|up and the result ``silu(gate) * up`` (``out_features / 2`` values)."""
     m, k = x2.shape
-    n = qw.out_features
+    n = qw.out_features // 2 if gated else qw.out_features
     bn, nq, warps = int(cfg["BN"]), int(cfg["NQ"]), int(cfg.get("num_warps", 4))
     tpw = q4mma_layout_lanes(nq)
     if m != 1 or bn % 2 or k % (nq * 128) or (bn // 2) < tpw[0] * warps or nq < tpw[1]:
         raise ValueError(f"q4mma takes one row, K={k} in whole steps of NQ*128, and a tile that fills the "
                          f"layout (BN/2 >= {tpw[0] * warps} rows), got M={m}, {dict(cfg)}")
-    y, k_per_split, split_k = split_k_output(x2, n, k, int(cfg.get("split_k", 1)), nq * 128)
+    y, k_per_split, split_k = split_k_output(x2, n, k, 1 if gated else int(cfg.get("split_k", 1)), nq * 128)
     zeros = qw.zeros if qw.zeros is not None else qw.scales
-    q4mma_kernel[(triton_cdiv(n, bn), split_k)](
+    q4mma_kernel[(triton_cdiv(n, bn // 2 if gated else bn), split_k)](
         x2, words, qw.scales, zeros, bias if bias is not None else qw.scales, y,
         n, k, k_per_split, words.stride(0), qw.scales.stride(0),
         SYMMETRIC=qw.zeros is None, PER_CHANNEL=qw.per_channel, G=qw.group_size, HAS_BIAS=bias is not None,
-        BN=bn, NQ=nq, SPLIT_K=split_k, TPW_R=tpw[0], TPW_Q=tpw[1], WARPS=warps, num_warps=warps,
+        BN=bn, NQ=nq, SPLIT_K=split_k, TPW_R=tpw[0], TPW_Q=tpw[1], WARPS=warps, GATED=gated, num_warps=warps,
     )
     return y.to(x2.dtype) if split_k > 1 else y
 
@@ -905,6 +907,38 @@ def quant_matmul(
                                 _sm_count(x.device), not x.is_cuda)
     y = _launch(x2, qw, bias, cfg)
     return y.reshape(*lead, qw.out_features)
+
+
+def quant_gated_matmul(
+    x: torch.Tensor, qw: QuantizedWeight, activation: str, bias: Optional[torch.Tensor] = None
+) -> Optional[torch.Tensor]:
+    """``act(gate) * up`` of a fused gate|up int4 projection in one kernel, or None where no fused kernel
+    applies (then compute ``gated_act(quant_matmul(x, qw, bias))``).
+
+    The fused path is the tensor-core int4 GEMV (:mod:`._q4mma_gluon`) with the SwiGLU epilogue: one
+    activation row, bf16 on a CUDA GPU, ``activation`` ``"silu"``, and a weight/shape the kernel takes at
+    batch 1 (:func:`quant_matmul_config` picks it). The gate and up sums stay float32 into the activation.
+
+    Example:
+        >>> from policyinject.kernels.quantize import quantize_weight
+        >>> quant_gated_matmul(torch.randn(1, 256), quantize_weight(torch.randn(64, 256), 4, 32), "silu") is None
+        True
+    """
+    if (activation != "silu" or qw.num_bits != 4 or qw.out_features % 2 or not x.is_cuda
+            or x.dtype != torch.bfloat16 or not GLUON_AVAILABLE or x.shape[-1] != qw.in_features):
+        return None
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] != 1 or not q4mma_supported(qw, x2.dtype):
+        return None
+    n = qw.out_features // 2
+    cfg = _q4mma_config(1, qw.out_features, qw.in_features, qw.group_size, _sm_count(x.device), False)
+    words = _int4_words(qw)
+    if cfg is None or words is None:
+        return None
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = _launch_q4mma(x2, qw, words, bias.contiguous() if bias is not None else None, cfg, gated=True)
+    return y.reshape(*x.shape[:-1], n)
 
 
 def _wrap(qweight, scales, zeros, num_bits, in_features):

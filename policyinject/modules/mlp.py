@@ -4,7 +4,8 @@ A gated MLP (Llama ``gate_proj``/``up_proj``/``down_proj``, Phi-3 ``gate_up_proj
 ``down(act(gate) * up)`` with gate|up concatenated once at injection time and the activation reading the
 fused ``[..., 2*I]`` output (:func:`policyinject.kernels.activations.gated_act`). A plain MLP (GPT-2, OPT,
 NeoX, Falcon, Phi, BERT: ``fc1``/``fc2``) runs ``fc2(act(fc1(x)))`` with ``Conv1D`` converted to
-``nn.Linear``.
+``nn.Linear``. An int4 gate|up (:class:`~policyinject.modules.quant_linear.QuantLinear`) decoding one bf16 row
+on a GPU runs gate|up and SwiGLU as one kernel (:meth:`QuantLinear.gated`).
 
 Example:
     >>> import torch
@@ -31,6 +32,7 @@ import torch
 
 from . import _ops
 from .fused_linear import as_linear, fuse_linears
+from .quant_linear import QuantLinear
 
 __all__ = ["InjectedMLP"]
 
@@ -60,11 +62,12 @@ class InjectedMLP(torch.nn.Module):
         return cls(as_linear(get(spec.fc1)), as_linear(get(spec.fc2)), act, False, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.up(x)
         if self.gated:
-            h = _ops.gated_act(h, self.activation, self.backend)
+            # an int4 gate|up layer can fold the activation into its GEMV epilogue (decode, one row)
+            fused = self.up.gated(x, self.activation) if isinstance(self.up, QuantLinear) else None
+            h = fused if fused is not None else _ops.gated_act(self.up(x), self.activation, self.backend)
         else:
-            h = _ops.activation(h, self.activation)
+            h = _ops.activation(self.up(x), self.activation)
         return self.down(h)
 
     def extra_repr(self) -> str:

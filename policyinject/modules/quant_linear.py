@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..kernels.quant_matmul import quant_matmul
+from ..kernels.quant_matmul import quant_gated_matmul, quant_matmul
 from ..kernels.quantize import QuantizedWeight, quantize_weight
 
 __all__ = ["QuantLinear"]
@@ -94,7 +94,7 @@ class QuantLinear(nn.Module):
 
         Example:
             >>> QuantLinear.from_linear(torch.nn.Linear(576, 8, bias=False), 4).group_size
-            64
+            32
         """
         weight = linear.weight.detach()
         if transposed:
@@ -121,6 +121,23 @@ class QuantLinear(nn.Module):
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
         return quant_matmul(x, self.quantized_weight(), bias, backend=self.backend)
+
+    def gated(self, x: torch.Tensor, activation: str) -> Optional[torch.Tensor]:
+        """``act(gate) * up`` for this layer as a fused gate|up projection, in one kernel where one applies
+        (int4, one bf16 row on a GPU, SwiGLU: :func:`~policyinject.kernels.quant_matmul.quant_gated_matmul`),
+        else None (the caller runs the layer, then the activation).
+
+        Example:
+            >>> q = QuantLinear.from_linear(nn.Linear(64, 32), num_bits=4)
+            >>> q.gated(torch.randn(1, 64), "silu") is None  # on the CPU: no fused kernel
+            True
+        """
+        if self.backend == "torch":
+            return None
+        bias = self.bias
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        return quant_gated_matmul(x, self.quantized_weight(), activation, bias)
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         # model.to(dtype) / .half() cast floating buffers; the scales and zero points keep their own dtype

@@ -16,12 +16,14 @@ MODULES = [
     "policyinject.kernels.quant_matmul",
     "policyinject.kernels._q4mma_gluon",
     "policyinject.modules.norms",
+    "policyinject.modules.quant_linear",
+    "policyinject.modules.mlp",
 ]
 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_doctests(name: str) -> None:
-    if name == "policyinject.modules.norms":
+    if name in ("policyinject.modules.norms", "policyinject.modules.mlp"):
         pytest.importorskip("transformers")
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0, f"{name} has no examples"

@@ -283,6 +283,52 @@ def test_gpu_tensor_core_int4_gemv(n: int, k: int, group, symmetric: bool) -> No
     assert qm.quant_matmul_config(1, n, k, 4, qw.group_size, 132, False)["kernel"] in ("q4mma", "q4gemv")
 
 
+def test_gated_int4_matmul_is_none_where_no_fused_kernel_applies() -> None:
+    qw = quantize_weight(randn(64, 256), 4, 32)
+    assert qm.quant_gated_matmul(randn(1, 256), qw, "silu") is None  # CPU tensors
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("symmetric, group", [(False, 32), (True, 128)], ids=["asym-g32", "sym-g128"])
+@pytest.mark.parametrize("n2, k", [(28672, 4096), (2 * 4864, 896), (2000, 2048)], ids=str)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["", "bias"])
+def test_gpu_gated_int4_gemv_matches_gemv_then_swiglu(n2: int, k: int, symmetric: bool, group: int,
+                                                     with_bias: bool) -> None:
+    """gate|up GEMV with the SwiGLU epilogue vs dequantize-then-matmul then silu(gate) * up in float32."""
+    from policyinject.kernels import reference
+
+    qw = quantize_weight(randn(n2, k, device="cuda", scale=0.02), 4, group, symmetric=symmetric)
+    x = randn(1, k, dtype=torch.bfloat16, device="cuda")
+    bias = randn(n2, dtype=torch.bfloat16, device="cuda") if with_bias else None
+    with poisoned_alloc():
+        out = qm.quant_gated_matmul(x, qw, "silu", bias)
+    if qm.quant_matmul_config(1, n2, k, 4, group, 132, False)["kernel"] != "q4mma":
+        assert out is None  # the CUDA-core kernel measured faster here: GEMV, then the activation kernel
+        return
+    assert out is not None and out.shape == (1, n2 // 2) and out.dtype == torch.bfloat16
+    ref = reference.gated_act(quant_matmul_reference(x.float(), qw, None if bias is None else bias.float()), "silu")
+    assert rel_err(out, ref) < 1e-2
+    assert qm.quant_gated_matmul(x.half(), qw, "silu") is None  # fp16 activations: GEMV, then the activation
+    assert qm.quant_gated_matmul(x, qw, "gelu_tanh") is None
+    assert qm.quant_gated_matmul(x.expand(2, k), qw, "silu") is None  # two rows
+
+
+@pytest.mark.gpu
+def test_gpu_injected_mlp_with_int4_gate_up_fuses_the_activation() -> None:
+    """InjectedMLP on an int4 gate|up QuantLinear: the fused decode path equals GEMV + gated activation."""
+    from policyinject.modules import _ops
+    from policyinject.modules.mlp import InjectedMLP
+    from policyinject.modules.quant_linear import QuantLinear
+
+    up = QuantLinear.from_linear(torch.nn.Linear(2048, 2 * 5632, bias=False), num_bits=4).cuda()
+    down = QuantLinear.from_linear(torch.nn.Linear(5632, 2048, bias=False), num_bits=4).cuda()
+    mlp = InjectedMLP(up, down, "silu", gated=True)
+    x = randn(1, 1, 2048, dtype=torch.bfloat16, device="cuda")
+    assert up.gated(x, "silu") is not None
+    unfused = down(_ops.gated_act(up(x), "silu", "auto"))
+    assert rel_err(mlp(x), unfused) < 2e-2
+
+
 @pytest.mark.gpu
 def test_gpu_tensor_core_gemv_falls_back_for_16_bit_float_activations() -> None:
     """fp16 / fp32 activations take the CUDA-core kernels (the tensor-core GEMV is bf16 only)."""
