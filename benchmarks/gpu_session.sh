@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session: set up the project on the lent GPU machine, then run the named stages.
-#   bash benchmarks/gpu_session.sh env tests kernels quant decode tp
+#   bash benchmarks/gpu_session.sh env tests kernels quant q4mma sweep decode breakdown tp
 # Outputs (logs, JSON, plots) go to $OUT (or ./out). The cattrs wheel (absent there) travels in .whl/.
 set -uo pipefail
 OUT="${OUT:-$PWD/out}"; mkdir -p "$OUT"
@@ -17,7 +17,7 @@ for stage in "$@"; do
     case "$stage" in
         env)
             nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-            python3 -c "import torch, triton, transformers, attrs, cattrs; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'attrs', attrs.__version__, 'cattrs', cattrs.__version__, 'gpus', torch.cuda.device_count())"
+            python3 -c "import torch, triton, transformers, attrs, cattrs; from importlib.metadata import version; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'attrs', attrs.__version__, 'cattrs', version('cattrs'), 'gpus', torch.cuda.device_count())"
             ;;
         tests)
             python3 -m pytest -m gpu -q -p no:cacheprovider --timeout=300 tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 || status=1
@@ -30,6 +30,9 @@ for stage in "$@"; do
             ;;
         quant)
             python3 benchmarks/quant.py --json "$OUT/quant.json" 2>&1 | tee "$OUT/quant.log" | tail -40 || status=1
+            ;;
+        q4mma)
+            python3 benchmarks/q4mma_probe.py 2>&1 | tee "$OUT/q4mma_probe.log" | tail -20 || status=1
             ;;
         sweep)
             python3 benchmarks/gemv_sweep.py --json "$OUT/gemv_sweep.json" 2>&1 | tee "$OUT/gemv_sweep.log" | tail -60 || status=1
