@@ -84,14 +84,16 @@ if GLUON_AVAILABLE:
             dtype=(gl.float32, gl.float32, gl.float32, gl.float32), is_pure=True, pack=1)
 
     @gluon.jit
-    def q4mma_x_pairs(p0, p1, p2, p3):
-        """Activation words ``p_j = (x_2j, x_2j+1)`` (bf16 pairs) of one packed weight word, regrouped as the
-        pairs ``(x_i, x_i+4)`` the weight nibbles come in (one ``prmt`` each)."""
+    def q4mma_x_pairs(addr):
+        """The 8 bf16 activations of one packed weight word, read with one 16-byte load from ``addr`` (an
+        int64 address; the word's features are contiguous) and regrouped as the pairs ``(x_i, x_i+4)`` the
+        weight nibbles come in (one ``prmt`` each). One vector load per word instead of four scalar ones: the
+        scalar loads of a warp touched 16 cache lines each and made the kernel L1-bound."""
         return gl.inline_asm_elementwise(
-            "prmt.b32 $0, $4, $6, 0x5410; prmt.b32 $1, $4, $6, 0x7632; "
-            "prmt.b32 $2, $5, $7, 0x5410; prmt.b32 $3, $5, $7, 0x7632;",
-            "=r,=r,=r,=r,r,r,r,r", [p0, p1, p2, p3], dtype=(gl.int32, gl.int32, gl.int32, gl.int32),
-            is_pure=True, pack=1)
+            "{ .reg .b32 a, b, c, d; ld.global.nc.v4.b32 {a, b, c, d}, [$4]; "
+            "prmt.b32 $0, a, c, 0x5410; prmt.b32 $1, a, c, 0x7632; "
+            "prmt.b32 $2, b, d, 0x5410; prmt.b32 $3, b, d, 0x7632; }",
+            "=r,=r,=r,=r,l", [addr], dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True, pack=1)
 
     @gluon.jit
     def bf16x2(v):
@@ -118,8 +120,7 @@ if GLUON_AVAILABLE:
         kw = gl.multiple_of(k0 // 8, 16)
         w_t = gl.load(pt + kw)
         w_b = gl.load(pb + kw)
-        xp = X32 + gl.multiple_of(k0 // 2, 64) + xi
-        x0, x1, x2, x3 = q4mma_x_pairs(gl.load(xp), gl.load(xp + 1), gl.load(xp + 2), gl.load(xp + 3))
+        x0, x1, x2, x3 = q4mma_x_pairs((X32 + gl.multiple_of(k0 // 2, 64) + xi).to(gl.int64, bitcast=True))
         if PER_CHANNEL:
             zero = gl.expand_dims(gl.zeros_like(rt3 + lane_k), 3)
             return w_t, w_b, x0, x1, x2, x3, zero, zero, zero, zero

@@ -108,9 +108,9 @@ def quant_matmul_config(
     Under the interpreter: small tiles (its cost is per program and per op, not per byte).
 
     Example:
-        >>> quant_matmul_config(1, 4096, 4096, 4, 32)  # int4 default: the tensor-core GEMV
-        {'kernel': 'q4mma', 'BN': 16, 'NQ': 4, 'split_k': 1, 'num_warps': 4}
-        >>> quant_matmul_config(1, 4096, 4096, 4, 128)["kernel"]  # group 128, small weight: CUDA-core words
+        >>> quant_matmul_config(1, 4096, 4096, 4, 32)  # int4 at batch 1: the tensor-core GEMV
+        {'kernel': 'q4mma', 'BN': 16, 'NQ': 8, 'split_k': 1, 'num_warps': 4}
+        >>> quant_matmul_config(4, 4096, 4096, 4, 128)["kernel"]  # a few rows: CUDA-core words
         'q4gemv'
         >>> quant_matmul_config(1, 4096, 4096, 8, 4096)["kernel"]
         'q8gemv'
@@ -187,38 +187,28 @@ def _quant_matmul_config(m: int, n: int, k: int, num_bits: int, group_size: int,
 
 def _q4mma_config(m: int, n: int, k: int, group_size: int, sm_count: int, interpret: bool) -> Optional[dict]:
     """Launch config of the tensor-core int4 GEMV (batch 1, bf16 activations), or None where it does not take
-    the shape or measured slower (``benchmarks/q4mma_probe.py``, H100, NOTES "session 3").
+    the shape (``benchmarks/q4mma_probe.py``, H100, NOTES "session 3").
 
-    16 rows per program (32 for tall weights and long rows), K steps of 4 chunks of 128 features (2 for tall
-    weights), K split (4 ways for the 8B down projection) only for long rows (16 steps or more) whose rows
-    alone leave SMs idle, each split keeping at least 4 steps. With
-    groups of 128 or one scale per row the CUDA-core word kernel stays on weights under 64 M values (it
-    measured faster there: 8B o 7.3 vs 10.0 us); with smaller groups (the int4 default, 32) this kernel is
-    faster on every Llama shape.
+    16 rows per program and K steps of 8 chunks of 128 features (4 for tall weights, 16384 rows or more),
+    fewer chunks where K has no such divisor (then more rows, to fill the layout); no K split (it measured
+    slower once the activations were read with 16-byte loads, and costs two launches). It beat or tied the
+    CUDA-core word kernel on every Llama-8B shape for groups 32 and 128 (8B o 7.9 vs 12.6 us at group 32).
+    ``sm_count`` is unused (the grid is N / 16 programs).
 
     Example:
         >>> quant_matmul_config(1, 28672, 4096, 4, 32)
-        {'kernel': 'q4mma', 'BN': 32, 'NQ': 2, 'split_k': 1, 'num_warps': 4}
-        >>> quant_matmul_config(1, 4096, 14336, 4, 32)["split_k"]
-        4
+        {'kernel': 'q4mma', 'BN': 16, 'NQ': 4, 'split_k': 1, 'num_warps': 4}
+        >>> quant_matmul_config(1, 4096, 14336, 4, 32)["NQ"]
+        8
     """
+    del sm_count
     if m != 1 or interpret or k % 128:
         return None
-    per_channel = group_size == k
-    if not per_channel and group_size % 32:
+    if group_size != k and group_size % 32:
         return None
-    if (per_channel or group_size >= 128) and n * k < (64 << 20):
-        return None
-    nq = _pow2_divisor(k // 128, 2 if n >= 16384 else 4)
-    steps = k // (nq * 128)
-    bn = 32 if (n >= 16384 or steps >= 16) else 16  # short weights: more programs
-    bn = max(bn, 2 * q4mma_layout_lanes(nq)[0] * 4)  # the layout's rows per program (4 warps)
-    programs = triton_cdiv(n, bn)
-    split_k = 1
-    if programs < sm_count and steps >= 16:  # split-K costs two launches (zeroing, cast): only for long rows
-        while programs * split_k < 2 * sm_count and steps % (2 * split_k) == 0 and steps // (2 * split_k) >= 4:
-            split_k *= 2
-    return {"kernel": "q4mma", "BN": bn, "NQ": nq, "split_k": split_k, "num_warps": 4}
+    nq = _pow2_divisor(k // 128, 4 if n >= 16384 else 8)
+    bn = max(16, 2 * q4mma_layout_lanes(nq)[0] * 4)  # the layout's rows per program (4 warps)
+    return {"kernel": "q4mma", "BN": bn, "NQ": nq, "split_k": 1, "num_warps": 4}
 
 
 def _q4gemv_config(m: int, n: int, k: int, group_size: int, sm_count: int, interpret: bool) -> Optional[dict]:

@@ -134,9 +134,10 @@ def test_measured_configs_pick_the_layout_matched_int8_kernel() -> None:
                         backend="triton", config={"kernel": "q8gemv", "BN": 4, "BK": 64})
 
 
-def test_int4_word_gemv_is_the_decode_default() -> None:
-    cfg = qm.quant_matmul_config(1, 4096, 4096, 4, 128, 132, False)
+def test_int4_word_gemv_takes_a_few_rows_and_unaligned_k() -> None:
+    cfg = qm.quant_matmul_config(2, 4096, 4096, 4, 128, 132, False)
     assert cfg["kernel"] == "q4gemv" and cfg["GK"] == 128
+    assert qm.quant_matmul_config(1, 1536, 576, 4, 64, 132, False)["kernel"] == "q4gemv"  # K not a multiple of 128
     assert qm.quant_matmul_config(8, 4096, 4096, 4, 128, 132, False)["kernel"] == "gemm"
     assert qm.quant_matmul_config(1, 3072, 2048, 8, 2048, 132, False)["kernel"] == "gemv"
 
@@ -153,12 +154,12 @@ def test_int4_default_group_takes_the_tensor_core_gemv_at_batch_1() -> None:
         assert k % (cfg["NQ"] * 128) == 0 and cfg["BN"] % 2 == 0
         # the tile fills the layout: no lane holds a replica (the MMA quads would sum it twice)
         assert cfg["BN"] // 2 >= q4mma_layout_lanes(cfg["NQ"])[0] * cfg["num_warps"], cfg
-    assert qm.quant_matmul_config(1, 4096, 14336, 4, 32, 132, False)["split_k"] == 4  # long rows: split K
+    assert qm.quant_matmul_config(1, 4096, 14336, 4, 32, 132, False)["split_k"] == 1  # measured: no split
     assert qm.quant_matmul_config(1, 4096, 4096, 4, 32, 132, True)["kernel"] != "q4mma"
     assert qm.quant_matmul_config(2, 4096, 4096, 4, 32, 132, False)["kernel"] == "q4gemv"
     assert qm.quant_matmul_config(1, 1536, 576, 4, 32, 132, False)["kernel"] == "q4gemv"
-    assert qm.quant_matmul_config(1, 4096, 4096, 4, 128, 132, False)["kernel"] == "q4gemv"  # measured faster
-    assert qm.quant_matmul_config(1, 28672, 4096, 4, 128, 132, False)["kernel"] == "q4mma"
+    assert qm.quant_matmul_config(1, 4096, 4096, 4, 128, 132, False)["kernel"] == "q4mma"
+    assert qm.quant_matmul_config(1, 4096, 4096, 4, 4096, 132, False)["kernel"] == "q4mma"  # per channel
 
 
 def test_tensor_core_gemv_config_errors_are_clear() -> None:
@@ -247,6 +248,9 @@ def test_heuristic_configs_are_valid(m, n, k, g, bits) -> None:
     g = g or k
     for interpret in (True, False):
         cfg = qm.quant_matmul_config(m, n, k, bits, g, 132, interpret)
+        if cfg["kernel"] == "q4mma":
+            assert not interpret and m == 1 and bits == 4 and k % (cfg["NQ"] * 128) == 0
+            continue
         step = cfg["GPB"] * cfg["GK"] if cfg["kernel"] in ("gemv", "q4gemv") else cfg["BK"]
         assert g == k or g % step == 0 or step % g == 0
         if cfg["kernel"] == "q4gemv":
