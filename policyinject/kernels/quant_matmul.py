@@ -178,6 +178,8 @@ def _quant_matmul_config(m: int, n: int, k: int, num_bits: int, group_size: int,
             bk = bk_cap  # masked tail
     else:
         bk = _pow2_divisor(group_size, bk_cap)
+        if bk == group_size and group_size < bk_cap:  # several whole groups per K step (MULTI_GROUP)
+            bk = group_size * _pow2_divisor(k // group_size, bk_cap // group_size)
     bk = max(bk, min_bk)
     programs = triton_cdiv(m, bm) * triton_cdiv(n, bn)
     split_k = 1 if (interpret or m > 64) else pick_split_k(programs, triton_cdiv(k, bk), sm_count)
@@ -599,8 +601,10 @@ if triton is not None:
         SPLIT_K: tl.constexpr,
         DOT_F32: tl.constexpr,  # dot in float32 (interpreter, float32 activations) instead of x's dtype
         GROUP_M: tl.constexpr,
+        MULTI_GROUP: tl.constexpr = False,  # BK spans several groups (scales applied to the weights)
     ):
         BKW: tl.constexpr = BK if BITS == 8 else BK // 2
+        NG: tl.constexpr = BK // G  # groups per K step (used only with MULTI_GROUP)
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         num_pid_m = tl.cdiv(M, BM)
@@ -643,7 +647,20 @@ if triton is not None:
                 kmask = (k0 + kx) < k_end
                 raw = tl.load(w_ptrs + wk, mask=kmask[:, None], other=0)
                 a0 = tl.load(x_ptrs + k0, mask=kmask[None, :], other=0.0)
-            if not PER_CHANNEL:
+            if MULTI_GROUP:
+                # a K step of BK // G groups: each weight is scaled before the dot (one bf16 rounding, as a
+                # 16-bit weight has), so one dot covers the step; the group's scale and zero point are
+                # broadcast over its BKW // NG rows of the tile
+                gi2 = (k0 // G + tl.arange(0, NG))[:, None]
+                sp2 = rows[None, :] * stride_sn + gi2
+                s_g = tl.reshape(tl.broadcast_to(tl.load(S + sp2).to(tl.float32)[:, None, :], (NG, BKW // NG, BN)),
+                                 (BKW, BN))
+                if SYMMETRIC:
+                    zc = tl.zeros((1, BN), dtype=tl.float32)
+                else:
+                    zc = tl.reshape(tl.broadcast_to(tl.load(Z + sp2).to(tl.float32)[:, None, :],
+                                                    (NG, BKW // NG, BN)), (BKW, BN))
+            elif not PER_CHANNEL:
                 gi = k0 // G
                 if SYMMETRIC:
                     zc = tl.zeros((1, BN), dtype=tl.float32)
@@ -653,6 +670,8 @@ if triton is not None:
                 w0 = _int_to_f32(raw.to(tl.uint8, bitcast=True), 0, 0xFF, 0x80, OFFSET) - zc
             else:
                 w0 = _int_to_f32(raw, 0, 0xF, 0, OFFSET) - zc
+            if MULTI_GROUP:
+                w0 = w0 * s_g
             if DOT_F32:
                 part = tl.dot(a0.to(tl.float32), w0, input_precision="ieee")
             else:
@@ -663,11 +682,13 @@ if triton is not None:
                 else:
                     a1 = tl.load(x_ptrs + k0 + 1, mask=kmask[None, :], other=0.0)
                 w1 = _int_to_f32(raw, 4, 0xF, 0, OFFSET) - zc
+                if MULTI_GROUP:
+                    w1 = w1 * s_g
                 if DOT_F32:
                     part += tl.dot(a1.to(tl.float32), w1, input_precision="ieee")
                 else:
                     part += tl.dot(a1, w1.to(X.dtype.element_ty))
-            if PER_CHANNEL:
+            if PER_CHANNEL or MULTI_GROUP:
                 acc += part
             else:
                 s = tl.load(S + rows * stride_sn + gi).to(tl.float32)
@@ -841,6 +862,7 @@ def _launch(x2: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor],
         grid = (triton_cdiv(m, bm) * triton_cdiv(n, bn), split_k)
         _qgemm_kernel[grid](
             *args, BM=bm, BN=bn, BK=bk, DOT_F32=dot_f32, GROUP_M=8,
+            MULTI_GROUP=(not qw.per_channel and bk > qw.group_size),
             num_warps=int(cfg.get("num_warps", 4)), num_stages=int(cfg.get("num_stages", 3)), **common,
         )
     return y.to(x2.dtype) if split_k > 1 else y

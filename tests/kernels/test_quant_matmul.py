@@ -91,6 +91,27 @@ def test_explicit_configs_and_split_k(bits: int, config: dict) -> None:
     _check(randn(m, 384, device=DEVICE), qw, randn(20, device=DEVICE), config)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group, bk, split_k", [(32, 64, 1), (32, 128, 2), (16, 64, 1)])
+def test_gemm_k_steps_spanning_several_groups(bits: int, symmetric: bool, group: int, bk: int, split_k: int) -> None:
+    """Prefill GEMM with a K step of several groups (each weight scaled before the dot): the int4 default's
+    group 32 no longer forces 32-wide K steps."""
+    if bits == 4 and group < 32:
+        pytest.skip("int4 takes groups that are a multiple of 32")
+    qw = quantize_weight(randn(40, 512), bits, group, symmetric=symmetric).to(DEVICE)
+    config = {"kernel": "gemm", "BM": 16, "BN": 16, "BK": bk, "split_k": split_k}
+    _check(randn(19, 512, device=DEVICE), qw, randn(40, device=DEVICE), config)
+    _check(randn(6, 512, dtype=torch.bfloat16, device=DEVICE), qw, None, config)
+
+
+def test_gemm_heuristic_takes_several_groups_per_k_step() -> None:
+    assert qm.quant_matmul_config(128, 4096, 4096, 4, 32, 132, False)["BK"] == 64
+    assert qm.quant_matmul_config(16, 4096, 4096, 4, 32, 132, False)["BK"] == 256
+    assert qm.quant_matmul_config(128, 4096, 4096, 4, 128, 132, False)["BK"] == 64  # inside one group
+    assert qm.quant_matmul_config(128, 3072, 3072, 4, 96, 132, False)["BK"] == 32  # 96: no power-of-two multiple
+
+
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize(
