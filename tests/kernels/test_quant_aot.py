@@ -123,11 +123,13 @@ if g4.GLUON_AVAILABLE:
         "q4mma_g32_asym": dict(SYMMETRIC=False, PER_CHANNEL=False, G=32, BN=32, NQ=4, SPLIT_K=1, HAS_BIAS=False),
         "q4mma_g128_sym_split": dict(SYMMETRIC=True, PER_CHANNEL=False, G=128, BN=32, NQ=4, SPLIT_K=4, HAS_BIAS=True),
         "q4mma_pc_asym_tall": dict(SYMMETRIC=False, PER_CHANNEL=True, G=4096, BN=32, NQ=2, SPLIT_K=1, HAS_BIAS=True),
+        "q4mma_g32_gated": dict(SYMMETRIC=False, PER_CHANNEL=False, G=32, BN=16, NQ=8, SPLIT_K=1, HAS_BIAS=False,
+                                GATED=True),
     }
     for name, c in mma_cases.items():
         tpw = g4.q4mma_layout_lanes(c["NQ"])
-        out[name] = compile_one(g4.q4mma_kernel, dict(c, TPW_R=tpw[0], TPW_Q=tpw[1], WARPS=4), "*i32",
-                                source=GluonASTSource)
+        out[name] = compile_one(g4.q4mma_kernel, dict(dict(GATED=False), **c, TPW_R=tpw[0],
+                                                      TPW_Q=tpw[1], WARPS=4), "*i32", source=GluonASTSource)
 print(json.dumps(out))
 '''
 
@@ -143,7 +145,7 @@ def compiled() -> dict:
 
 
 def test_every_kernel_compiles_for_sm90(compiled: dict) -> None:
-    assert len(compiled) in (22, 25)  # 25 with Gluon (the tensor-core int4 GEMV)
+    assert len(compiled) in (22, 26)  # 26 with Gluon (the tensor-core int4 GEMV)
     for name, info in compiled.items():
         assert info["cubin"], name
         assert info["shared"] <= 228 * 1024, (name, info["shared"])
@@ -174,6 +176,6 @@ def test_tensor_core_int4_gemv_compiles_with_mma_and_16_byte_loads(compiled: dic
 
     if not GLUON_AVAILABLE:
         pytest.skip("this Triton has no Gluon")
-    for name in ("q4mma_g32_asym", "q4mma_g128_sym_split", "q4mma_pc_asym_tall"):
+    for name in ("q4mma_g32_asym", "q4mma_g128_sym_split", "q4mma_pc_asym_tall", "q4mma_g32_gated"):
         assert compiled[name]["mma"], name
         assert compiled[name]["v4_count"] >= 2, name
