@@ -122,7 +122,7 @@ def quant_matmul_config(
     if tuned is not None:
         return dict(tuned)
     if num_bits == 4:
-        cfg = _q4mma_config(m, n, k, group_size, sm_count, interpret)
+        cfg = _q4mma_config(m, n, k, group_size, interpret)
         if cfg is not None:
             return cfg
     if m <= QGEMV_MAX_M and num_bits == 4 and k % 32 == 0:
@@ -187,7 +187,7 @@ def _quant_matmul_config(m: int, n: int, k: int, num_bits: int, group_size: int,
             "num_stages": stages}
 
 
-def _q4mma_config(m: int, n: int, k: int, group_size: int, sm_count: int, interpret: bool) -> Optional[dict]:
+def _q4mma_config(m: int, n: int, k: int, group_size: int, interpret: bool) -> Optional[dict]:
     """Launch config of the tensor-core int4 GEMV (batch 1, bf16 activations), or None where it does not take
     the shape (``benchmarks/q4mma_probe.py``, H100, NOTES "session 3").
 
@@ -195,7 +195,6 @@ def _q4mma_config(m: int, n: int, k: int, group_size: int, sm_count: int, interp
     fewer chunks where K has no such divisor (then more rows, to fill the layout); no K split (it measured
     slower once the activations were read with 16-byte loads, and costs two launches). It beat or tied the
     CUDA-core word kernel on every Llama-8B shape for groups 32 and 128 (8B o 7.9 vs 12.6 us at group 32).
-    ``sm_count`` is unused (the grid is N / 16 programs).
 
     Example:
         >>> quant_matmul_config(1, 28672, 4096, 4, 32)
@@ -203,7 +202,6 @@ def _q4mma_config(m: int, n: int, k: int, group_size: int, sm_count: int, interp
         >>> quant_matmul_config(1, 4096, 14336, 4, 32)["NQ"]
         8
     """
-    del sm_count
     if m != 1 or interpret or k % 128:
         return None
     if group_size != k and group_size % 32:
@@ -585,6 +583,13 @@ if triton is not None:
         store_tile(Y, acc_t, B, rows, offs_m, offs_n, M, N, stride_ym, pid_k, HAS_BIAS, SPLIT_K)
 
     @triton.jit
+    def _rows_of_groups(ptrs, NG: tl.constexpr, ROWS: tl.constexpr, BN: tl.constexpr):
+        """``[NG, BN]`` per-group values (scales or zero points) as float32, each repeated over its group's
+        ``ROWS // NG`` rows of a ``[ROWS, BN]`` weight tile."""
+        v = tl.load(ptrs).to(tl.float32)
+        return tl.reshape(tl.broadcast_to(v[:, None, :], (NG, ROWS // NG, BN)), (ROWS, BN))
+
+    @triton.jit
     def _qgemm_kernel(
         X, QW, S, Z, B, Y,
         M, N, K, K_PER_SPLIT,
@@ -651,15 +656,12 @@ if triton is not None:
                 # a K step of BK // G groups: each weight is scaled before the dot (one bf16 rounding, as a
                 # 16-bit weight has), so one dot covers the step; the group's scale and zero point are
                 # broadcast over its BKW // NG rows of the tile
-                gi2 = (k0 // G + tl.arange(0, NG))[:, None]
-                sp2 = rows[None, :] * stride_sn + gi2
-                s_g = tl.reshape(tl.broadcast_to(tl.load(S + sp2).to(tl.float32)[:, None, :], (NG, BKW // NG, BN)),
-                                 (BKW, BN))
+                sp2 = rows[None, :] * stride_sn + (k0 // G + tl.arange(0, NG))[:, None]
+                s_g = _rows_of_groups(S + sp2, NG, BKW, BN)
                 if SYMMETRIC:
                     zc = tl.zeros((1, BN), dtype=tl.float32)
                 else:
-                    zc = tl.reshape(tl.broadcast_to(tl.load(Z + sp2).to(tl.float32)[:, None, :],
-                                                    (NG, BKW // NG, BN)), (BKW, BN))
+                    zc = _rows_of_groups(Z + sp2, NG, BKW, BN)
             elif not PER_CHANNEL:
                 gi = k0 // G
                 if SYMMETRIC:
@@ -755,12 +757,18 @@ def _launch_q4gemv(x2, qw, words, bias, cfg) -> torch.Tensor:
     return y.to(x2.dtype) if split_k > 1 else y
 
 
-def q4mma_supported(qw: QuantizedWeight, x_dtype: torch.dtype) -> bool:
-    """Whether the tensor-core int4 GEMV takes this weight: bf16 activations, K a multiple of 128, groups a
-    multiple of 32 (or one per output channel)."""
-    if x_dtype != torch.bfloat16 or qw.num_bits != 4 or qw.in_features % 128:
-        return False
-    return qw.per_channel or qw.group_size % 32 == 0
+def _q4mma_words(x2: torch.Tensor, qw: QuantizedWeight) -> Optional[torch.Tensor]:
+    """The int4 weight as int32 words when the tensor-core GEMV takes this activation and weight, else None.
+
+    It takes one bf16 row on a CUDA GPU (with Gluon), K a multiple of 128, groups a multiple of 32 (or one per
+    output channel) and a packed layout the word kernels can read (:func:`_int4_words`).
+    """
+    if (not GLUON_AVAILABLE or not x2.is_cuda or x2.dtype != torch.bfloat16 or x2.shape[0] != 1
+            or qw.num_bits != 4 or qw.in_features % 128):
+        return None
+    if not qw.per_channel and qw.group_size % 32:
+        return None
+    return _int4_words(qw)
 
 
 def _launch_q4mma(x2, qw, words, bias, cfg, gated: bool = False) -> torch.Tensor:
@@ -813,8 +821,8 @@ def _launch(x2: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor],
     if kernel_name == "q4mma":
         if not GLUON_AVAILABLE or not x2.is_cuda:
             raise UnsupportedError("the q4mma kernel needs a CUDA GPU and Triton's Gluon (triton >= 3.5)")
-        words = _int4_words(qw)
-        if words is None or not q4mma_supported(qw, x2.dtype) or x2.shape[0] != 1:
+        words = _q4mma_words(x2, qw)
+        if words is None:
             raise ValueError(f"the q4mma kernel does not take this weight/activation ({dict(cfg)}, "
                              f"{x2.dtype}, M={x2.shape[0]})")
         return _launch_q4mma(x2, qw, words, bias, cfg)
@@ -906,8 +914,7 @@ def quant_matmul(
         x2.shape[0], qw.out_features, qw.in_features, qw.num_bits, qw.group_size,
         _sm_count(x.device), interpret=not x.is_cuda,
     )
-    if config is None and cfg.get("kernel") == "q4mma" and not (
-            GLUON_AVAILABLE and q4mma_supported(qw, x2.dtype) and _int4_words(qw) is not None):
+    if config is None and cfg.get("kernel") == "q4mma" and _q4mma_words(x2, qw) is None:
         # fp16/fp32 activations or a layout the word kernels cannot read: the CUDA-core kernels take it
         cfg = _q4gemv_config(x2.shape[0], qw.out_features, qw.in_features, qw.group_size, _sm_count(x.device),
                              False) or _byte_gemv_config(x2.shape[0], qw.out_features, qw.in_features,
@@ -936,21 +943,17 @@ def quant_gated_matmul(
         >>> quant_gated_matmul(torch.randn(1, 256), quantize_weight(torch.randn(64, 256), 4, 32), "silu") is None
         True
     """
-    if (activation != "silu" or qw.num_bits != 4 or qw.out_features % 2 or not x.is_cuda
-            or x.dtype != torch.bfloat16 or not GLUON_AVAILABLE or x.shape[-1] != qw.in_features):
+    if activation != "silu" or qw.out_features % 2 or x.shape[-1] != qw.in_features:
         return None
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] != 1 or not q4mma_supported(qw, x2.dtype):
-        return None
-    n = qw.out_features // 2
-    cfg = _q4mma_config(1, qw.out_features, qw.in_features, qw.group_size, _sm_count(x.device), False)
-    words = _int4_words(qw)
-    if cfg is None or words is None:
+    words = _q4mma_words(x2, qw)
+    if words is None:
         return None
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
+    cfg = _q4mma_config(1, qw.out_features, qw.in_features, qw.group_size, False)
     y = _launch_q4mma(x2, qw, words, bias.contiguous() if bias is not None else None, cfg, gated=True)
-    return y.reshape(*x.shape[:-1], n)
+    return y.reshape(*x.shape[:-1], qw.out_features // 2)
 
 
 def _wrap(qweight, scales, zeros, num_bits, in_features):

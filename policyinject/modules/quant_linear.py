@@ -117,10 +117,12 @@ class QuantLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quant_matmul(x, self.quantized_weight(), self._bias_like(x), backend=self.backend)
+
+    def _bias_like(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The bias in ``x``'s dtype (None without one)."""
         bias = self.bias
-        if bias is not None and bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
-        return quant_matmul(x, self.quantized_weight(), bias, backend=self.backend)
+        return bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias
 
     def gated(self, x: torch.Tensor, activation: str) -> Optional[torch.Tensor]:
         """``act(gate) * up`` for this layer as a fused gate|up projection, in one kernel where one applies
@@ -134,10 +136,7 @@ class QuantLinear(nn.Module):
         """
         if self.backend == "torch":
             return None
-        bias = self.bias
-        if bias is not None and bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
-        return quant_gated_matmul(x, self.quantized_weight(), activation, bias)
+        return quant_gated_matmul(x, self.quantized_weight(), activation, self._bias_like(x))
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         # model.to(dtype) / .half() cast floating buffers; the scales and zero points keep their own dtype
