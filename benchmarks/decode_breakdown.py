@@ -19,10 +19,10 @@ from collections import defaultdict
 
 import torch
 
-from policyinject.roofline import copy_bandwidth
+from policyinject.roofline import copy_bandwidth, weight_bytes
 
 CATEGORIES = (
-    ("decode GEMV", re.compile(r"gemv", re.I)),
+    ("decode GEMV", re.compile(r"gemv|q4mma", re.I)),
     ("int GEMV/GEMM", re.compile(r"w[48]|quant|qgemv", re.I)),
     ("cuBLAS GEMM", re.compile(r"gemm|cutlass|sm90_xmma|nvjet|ampere_bf16|cublas", re.I)),
     ("decode attention", re.compile(r"attn|attention|flash", re.I)),
@@ -64,7 +64,7 @@ def main() -> int:
         extra["quant"] = {"enabled": True, "weight": {"num_bits": 8 if args.quant == "int8" else 4}}
     engine = pi.init_inference(model, dtype="bf16", replace_with_kernel_inject=True, enable_cuda_graph=True,
                                max_out_tokens=args.prompt + args.new + 8, **extra)
-    weights = parameter_bytes(model)
+    weights = weight_bytes(model)["read_per_token"]  # an untied input embedding is not read per step
     ids = torch.randint(3, model.config.vocab_size, (1, args.prompt), device=device)
     engine.generate(ids, max_new_tokens=args.new, eos_token_id=[])  # capture + warm-up
     torch.cuda.synchronize()

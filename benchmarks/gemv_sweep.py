@@ -29,7 +29,7 @@ LAYERS = {"8B": 32, "1B": 16}
 
 def candidates(method: str, n: int, k: int, sm: int):
     """(name, config) pairs for one method; the heuristic first."""
-    from policyinject.kernels.gemv import gemv_config
+    from policyinject.kernels.gemv import gemv_config, pick_split_k
     from policyinject.kernels.quant_matmul import quant_matmul_config
 
     out = []
@@ -42,10 +42,22 @@ def candidates(method: str, n: int, k: int, sm: int):
     elif method == "int8":
         out.append(("heuristic", quant_matmul_config(1, n, k, 8, k, sm)))
         out.append(("byte", {"kernel": "gemv", "BM": 1, "BN": 4, "GPB": 1, "GK": 1024, "split_k": 1, "num_warps": 4}))
-        for bn, bk, w in [(4, 1024, 4), (8, 1024, 4), (2, 2048, 4), (4, 2048, 8)]:
-            if k % bk == 0:
-                out.append(("q8", {"kernel": "q8gemv", "BM": 1, "BN": bn, "BK": bk, "VEC": 8, "split_k": 1,
-                                   "num_warps": w}))
+        out.append(("q8-compiler", {"kernel": "q8gemv", "BM": 1, "BN": 4, "BK": 1024, "VEC": 8, "split_k": 1,
+                                    "num_warps": 4, "asm": False}))  # byte conversion left to the compiler
+        for bk, vec in ((1024, 8), (1024, 16)):
+            out.append(("q8-vacc", {"kernel": "q8gemv", "BM": 1, "BN": 4, "BK": bk, "VEC": vec, "split_k": 1,
+                                    "num_warps": 4, "acc_vec": True}))  # one accumulator per weight register
+        for bn in (2, 4, 8):
+            for bk, vec in ((1024, 8), (2048, 8), (1024, 16), (2048, 16), (4096, 16), (4096, 32)):
+                for w in (4, 8):
+                    if k % bk or bn * bk // vec < 32 * w:
+                        continue
+                    cfg = {"kernel": "q8gemv", "BM": 1, "BN": bn, "BK": bk, "VEC": vec, "split_k": 1,
+                           "num_warps": w, "acc_vec": False}
+                    out.append(("q8", cfg))
+                    sk = pick_split_k(-(-n // bn), k // bk, sm)
+                    if sk > 1:
+                        out.append(("q8-split", dict(cfg, split_k=sk)))
     else:  # int4, group 128
         out.append(("heuristic", quant_matmul_config(1, n, k, 4, 128, sm)))
     return out
@@ -54,6 +66,8 @@ def candidates(method: str, n: int, k: int, sm: int):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=["8B", "1B"], choices=list(SHAPES))
+    ap.add_argument("--methods", nargs="+", default=["bf16", "int8", "int4"], choices=["bf16", "int8", "int4"],
+                    help="kernel families to sweep (cuBLAS and the bf16 heuristic are always timed)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -102,8 +116,13 @@ def main(argv=None) -> int:
                   flush=True)
             report["rows"].append({"model": model, "role": role, "method": "cublas", "us": cub})
             for method in ("bf16", "int8", "int4"):
+                if method not in args.methods and method != "bf16":
+                    continue
                 rows = []
-                for name, cfg in candidates(method, n, k, sm):
+                cands = candidates(method, n, k, sm)
+                if method not in args.methods:
+                    cands = cands[:1]  # the bf16 heuristic: the per-token baseline
+                for name, cfg in cands:
                     try:
                         x0 = torch.randn(1, k, device=dev).to(torch.bfloat16)
                         if method == "bf16":
@@ -142,6 +161,24 @@ def main(argv=None) -> int:
                 best[(model, role, method)] = (heur["us"] if heur else float("nan"), rows[0]["us"] if rows else float("nan"),
                                                rows[0]["config"] if rows else None)
                 best[(model, role, "cublas")] = (cub, cub, None)
+            if role == "gate_up":  # SwiGLU in the GEMV epilogue vs GEMV then the activation kernel
+                from policyinject.kernels.activations import gated_act
+                from policyinject.kernels.gemv import gemv_gated
+                from policyinject.kernels.quant_matmul import quant_gated_matmul
+
+                pairs = {"bf16": (lambda i: gated_act(gemv(xs[i], ws[i], backend="triton"), "silu"),
+                                  lambda i: gemv_gated(xs[i], ws[i], backend="triton"))}
+                if "int8" in args.methods:
+                    pairs["int8"] = (lambda i: gated_act(quant_matmul(xs[i], qs["int8"][i], backend="triton"), "silu"),
+                                     lambda i: quant_gated_matmul(xs[i], qs["int8"][i], "silu"))
+                for method, (two, one) in pairs.items():
+                    err = rel_err(one(0).float(), two(0).float())
+                    t2 = graph_us([lambda i=i: two(i) for i in range(count)])
+                    t1 = graph_us([lambda i=i: one(i) for i in range(count)])
+                    print(f"  {method:5s} gate|up + SwiGLU: GEMV then activation {t2:.1f} us, fused {t1:.1f} us "
+                          f"(err {err:.1e})", flush=True)
+                    report["rows"].append({"model": model, "role": role, "method": method, "name": "gated",
+                                           "unfused_us": t2, "fused_us": t1, "rel_err": err})
             del ws, qs, xs
             torch.cuda.empty_cache()
         print(f"\n{model} per token (x{LAYERS[model]} layers + bf16 head, GEMV-best head):")
@@ -149,6 +186,8 @@ def main(argv=None) -> int:
         head_h, head_b, _ = best[(model, "lm_head", "bf16")]
         tot = {}
         for method in ("cublas", "bf16", "int8", "int4"):
+            if method not in args.methods and method not in ("cublas", "bf16"):
+                continue
             h = sum(best[(model, r, method)][0] for r in roles) * LAYERS[model] + head_h
             b = sum(best[(model, r, method)][1] for r in roles) * LAYERS[model] + head_b
             tot[method] = (h, b)

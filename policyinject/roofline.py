@@ -24,11 +24,11 @@ import collections
 import math
 import statistics
 import time
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["copy_bandwidth", "steady_state_seconds"]
+__all__ = ["copy_bandwidth", "steady_state_seconds", "weight_bytes"]
 
 
 def _per_call_loop(fn: Callable, sets: Sequence[Tuple], calls: int, keep: "collections.deque") -> None:
@@ -170,3 +170,31 @@ def copy_bandwidth(
             times.append(time.perf_counter() - t0)
     del src, dst
     return 2 * nbytes / statistics.median(times)
+
+
+def weight_bytes(model: torch.nn.Module) -> Dict[str, int]:
+    """``{"all": ..., "read_per_token": ...}``: the model's weight bytes as stored (quantized weights, scales and
+    zero points as such; :func:`policyinject.engine.parameter_bytes`), and the bytes a decode step reads, the
+    roofline's numerator: all of them but an untied input embedding, of which a step reads one row per token.
+
+    Example:
+        >>> class LM(torch.nn.Module):  # untied: a 10 x 4 float32 embedding and a 10 x 4 head
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.embed, self.head = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False)
+        ...     def get_input_embeddings(self): return self.embed
+        ...     def get_output_embeddings(self): return self.head
+        >>> weight_bytes(LM())
+        {'all': 320, 'read_per_token': 160}
+    """
+    from .engine import parameter_bytes
+
+    total = parameter_bytes(model)
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    read = total
+    if embed is not None and getattr(embed, "weight", None) is not None:
+        tied = head is not None and getattr(head, "weight", None) is embed.weight
+        if not tied:
+            read -= embed.weight.numel() * embed.weight.element_size()
+    return {"all": total, "read_per_token": read}

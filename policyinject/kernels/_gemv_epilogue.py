@@ -1,7 +1,13 @@
-"""Pieces shared by the GEMV-style Triton kernels (bf16 GEMV, int8/int4 GEMV): the activation load and the
-epilogue (bias, then store).
+"""Pieces shared by the GEMV-style Triton kernels (bf16 GEMV, int8/int4 GEMV): the activation load, the rows
+a program reads and the epilogues (bias, then store; or bias, SwiGLU, store).
 
 ``load_act`` reads one activation row's K step as float32 (masked past ``k_end`` unless ``EVEN_K``).
+
+``tile_rows`` gives the weight rows of a program's ``BN``-row tile: ``pid_n * BN ...`` (clamped to ``N``), or,
+``GATED``, the rows of ``BN // 2`` outputs of a fused gate|up weight (``2 N`` rows, gate first) interleaved:
+gate row ``j``, up row ``N + j``, gate row ``j + 1``... ``store_gated`` then pairs them up in registers and
+stores ``silu(gate) * up`` from the float32 sums (SwiGLU in the GEMV: no ``[2 N]`` intermediate, no
+activation kernel; one activation row, no K split).
 
 Each program holds a ``[BN, BM]`` tile of float32 sums (output rows x batch rows). With split-K the
 partial sums are atomically added into a float32 output and only the first K split adds the bias; without
@@ -39,3 +45,19 @@ if triton is not None:
             tl.atomic_add(y_ptrs, acc_t, mask=mask)
         else:
             tl.store(y_ptrs, acc_t.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def tile_rows(pid_n, N, BN: tl.constexpr, GATED: tl.constexpr):
+        r = tl.arange(0, BN)
+        if GATED:
+            return (pid_n * (BN // 2) + r // 2) % N + (r % 2) * N
+        return (pid_n * BN + r) % N  # clamped: out-of-range rows compute garbage that is never stored
+
+    @triton.jit
+    def store_gated(Y, acc, B, rows, pid_n, N, HAS_BIAS: tl.constexpr, BN: tl.constexpr):
+        if HAS_BIAS:
+            acc += tl.load(B + rows).to(tl.float32)
+        gate, up = tl.split(tl.reshape(acc, (BN // 2, 2)))
+        y = gate / (1.0 + tl.exp(-gate)) * up
+        offs = pid_n * (BN // 2) + tl.arange(0, BN // 2)
+        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=offs < N)

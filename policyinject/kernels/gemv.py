@@ -24,7 +24,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from ..errors import UnsupportedError
-from ._gemv_epilogue import load_act, store_tile
+from ._gemv_epilogue import load_act, store_gated, store_tile, tile_rows
 from .quant_reference import gemv_reference
 
 try:  # triton is a Linux-only dependency; the torch backend works without it.
@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
 
-__all__ = ["gemv", "gemv_config", "GEMV_MAX_M", "triton_launchable", "resolve_backend"]
+__all__ = ["gemv", "gemv_gated", "gemv_config", "GEMV_MAX_M", "triton_launchable", "resolve_backend"]
 
 #: Largest batch the GEMV kernel takes (the activation rows live in registers).
 GEMV_MAX_M = 16
@@ -190,6 +190,7 @@ if triton is not None:
         BK: tl.constexpr,
         EVEN_K: tl.constexpr,
         SPLIT_K: tl.constexpr,
+        GATED: tl.constexpr = False,  # fused gate|up weight (2 N rows), SwiGLU epilogue (_gemv_epilogue)
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -197,7 +198,7 @@ if triton is not None:
         offs_n = pid_n * BN + tl.arange(0, BN)
         offs_k = tl.arange(0, BK)
         # Out-of-range rows are clamped (their results are never stored), so no load needs a row mask.
-        rows = offs_n % N
+        rows = tile_rows(pid_n, N, BN, GATED)
         w_ptrs = W + rows[:, None] * stride_wn + offs_k[None, :]
         # BM == 1: accumulate elementwise in the weight tile's own layout and reduce once at the end (no
         # shuffles in the loop). BM > 1: reduce each activation row's product per step into acc_t[:, m].
@@ -219,27 +220,33 @@ if triton is not None:
                     xm = load_act(X + m * stride_xm + kk, kk, k_end, EVEN_K)
                     part = tl.sum(w * xm[None, :], axis=1)
                     acc_t += tl.where(offs_m[None, :] == m, part[:, None], 0.0)
-        if BM == 1:
-            acc_t = tl.sum(acc2, axis=1)[:, None]
-        store_tile(Y, acc_t, B, rows, offs_m, offs_n, M, N, stride_ym, pid_k, HAS_BIAS, SPLIT_K)
+        if GATED:
+            store_gated(Y, tl.sum(acc2, axis=1), B, rows, pid_n, N, HAS_BIAS, BN)
+        else:
+            if BM == 1:
+                acc_t = tl.sum(acc2, axis=1)[:, None]
+            store_tile(Y, acc_t, B, rows, offs_m, offs_n, M, N, stride_ym, pid_k, HAS_BIAS, SPLIT_K)
 
 
-def _gemv_triton(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], config: Mapping) -> torch.Tensor:
+def _gemv_triton(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], config: Mapping,
+                 gated: bool = False) -> torch.Tensor:
     triton_launchable(_gemv_kernel, x2, weight)
     m, k = x2.shape
-    n = weight.shape[0]
+    n = weight.shape[0] // 2 if gated else weight.shape[0]
     bm, bn, bk = int(config["BM"]), int(config["BN"]), int(config["BK"])
     split_k = int(config.get("split_k", 1))
     if bm < m:
         raise ValueError(f"config BM={bm} is smaller than the batch M={m}")
+    if gated and (m != 1 or bn % 2 or split_k != 1):
+        raise ValueError(f"the gated GEMV takes one row, an even BN and no K split, got M={m}, {dict(config)}")
     y, k_per_split, split_k = split_k_output(x2, n, k, split_k, bk)
     even_k = k % k_per_split == 0
-    grid = (triton_cdiv(n, bn), split_k)
+    grid = (triton_cdiv(n, bn // 2 if gated else bn), split_k)
     _gemv_kernel[grid](
         x2, weight, bias if bias is not None else weight, y,
         m, n, k, k_per_split,
         x2.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, BM=bm, ROWS=m, BN=bn, BK=bk, EVEN_K=even_k, SPLIT_K=split_k,
+        HAS_BIAS=bias is not None, BM=bm, ROWS=m, BN=bn, BK=bk, EVEN_K=even_k, SPLIT_K=split_k, GATED=gated,
         num_warps=int(config.get("num_warps", 4)),
     )
     return y.to(x2.dtype) if split_k > 1 else y
@@ -289,3 +296,40 @@ def gemv(
     cfg.setdefault("BM", _next_pow2(m))
     y = _gemv_triton(x2, weight, bias, cfg)
     return y.reshape(*lead, weight.shape[0])
+
+
+def gemv_gated(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, backend: str = "auto",
+    config: Optional[Mapping] = None,
+) -> torch.Tensor:
+    """``silu(gate) * up`` of one activation row through a fused gate|up ``weight`` (``[2 I, K]``, gate rows
+    first) in one kernel: each program reads gate row ``j`` and up row ``I + j`` and applies SwiGLU to the
+    float32 sums (no ``[2 I]`` intermediate, no activation kernel). ``backend="torch"``: the reference
+    (matmul, then the activation). ``config`` as for :func:`gemv` (``BN`` even, no K split).
+
+    Example:
+        >>> x, w = torch.randn(1, 64), torch.randn(16, 64)
+        >>> g, u = (x @ w.T).chunk(2, dim=-1)
+        >>> torch.allclose(gemv_gated(x, w, backend="torch"), torch.nn.functional.silu(g) * u, atol=1e-5)
+        True
+    """
+    if weight.dim() != 2 or weight.shape[0] % 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"gemv_gated: x {tuple(x.shape)} does not match a fused gate|up weight "
+                         f"{tuple(weight.shape)} ([2 I, K])")
+    x2 = x.reshape(-1, x.shape[-1])
+    if resolve_backend(backend, x) == "torch":
+        gate, up = gemv_reference(x, weight, bias).chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+    if x2.shape[0] != 1:
+        raise ValueError(f"gemv_gated takes one activation row, got {x2.shape[0]}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"gemv_gated: weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+    x2 = x2.contiguous()
+    weight = weight.contiguous()
+    cfg = dict(config) if config is not None else gemv_config(
+        1, weight.shape[0], weight.shape[1], weight.element_size(), _sm_count(x.device))
+    cfg.setdefault("BM", 1)
+    if config is None:
+        cfg["BN"], cfg["split_k"] = max(2, int(cfg["BN"])), 1
+    y = _gemv_triton(x2, weight, bias.contiguous() if bias is not None else None, cfg, gated=True)
+    return y.reshape(*x.shape[:-1], weight.shape[0] // 2)

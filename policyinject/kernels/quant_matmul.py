@@ -37,7 +37,7 @@ from .gemv import (
 from .quant_reference import quant_matmul_reference
 from .quantize import QuantizedWeight
 
-from ._gemv_epilogue import load_act, store_tile
+from ._gemv_epilogue import load_act, store_gated, store_tile, tile_rows
 from ._q4mma_gluon import GLUON_AVAILABLE, q4mma_kernel, q4mma_layout_lanes
 
 try:
@@ -87,16 +87,6 @@ def _pow2_divisor(n: int, cap: int) -> int:
     return d
 
 
-#: Batch-1 configs measured best on an H100 (benchmarks/gemv_sweep.py, NOTES "session 2 GEMV sweep"), keyed by
-#: ``(bits, N, K)`` for per-output-channel weights; every other shape takes the heuristic. The layout-matched
-#: int8 kernel wins on the 4096-row Llama-8B shapes (o: 10.4 -> 9.4 us, down: 30.3 -> 26.6 us) and loses
-#: 4-9% on the others, where ``_qgemv_kernel`` stays.
-_MEASURED_M1 = {
-    (8, 4096, 4096): {"kernel": "q8gemv", "BM": 1, "BN": 4, "BK": 1024, "VEC": 8, "split_k": 1, "num_warps": 4},
-    (8, 4096, 14336): {"kernel": "q8gemv", "BM": 1, "BN": 4, "BK": 1024, "VEC": 8, "split_k": 1, "num_warps": 4},
-}
-
-
 def quant_matmul_config(
     m: int, n: int, k: int, num_bits: int, group_size: int, sm_count: int = 132, interpret: bool = False
 ) -> dict:
@@ -118,9 +108,8 @@ def quant_matmul_config(
         'gemm'
     """
     per_channel = group_size == k
-    tuned = _MEASURED_M1.get((num_bits, n, k)) if (m == 1 and per_channel and not interpret) else None
-    if tuned is not None:
-        return dict(tuned)
+    if num_bits == 8 and per_channel and m == 1 and not interpret:
+        return _q8gemv_config(n, k, sm_count)
     if num_bits == 4:
         cfg = _q4mma_config(m, n, k, group_size, interpret)
         if cfg is not None:
@@ -130,6 +119,29 @@ def quant_matmul_config(
         if cfg is not None:
             return cfg
     return _quant_matmul_config(m, n, k, num_bits, group_size, sm_count, interpret)
+
+
+def _q8gemv_config(n: int, k: int, sm_count: int) -> dict:
+    """Batch-1 config of the int8 per-output-channel GEMV (``q8gemv``).
+
+    16 bytes of a row per thread and load (``VEC = 16``), K steps of 2048 (the largest power of two up to
+    2048 dividing K; a masked tail when that is under 1024), 4 rows per program for tall weights (16384 rows
+    or more), else 2, 4 warps. Measured on an H100 (``benchmarks/gemv_sweep.py``, NOTES "session 4"): best
+    or within 6% of the best of 48 tiles on every Llama-3-8B and 3.2-1B shape.
+
+    Example:
+        >>> quant_matmul_config(1, 28672, 4096, 8, 4096)
+        {'kernel': 'q8gemv', 'BM': 1, 'BN': 4, 'BK': 2048, 'VEC': 16, 'split_k': 1, 'num_warps': 4}
+        >>> quant_matmul_config(1, 576, 1536, 8, 1536)["BK"]  # no 1024-multiple: a masked tail
+        2048
+    """
+    bn = 4 if n >= 16384 else 2
+    bk = _pow2_divisor(k, 2048)
+    if bk < 1024:
+        bk = min(_next_pow2(k), 2048)
+    vec = 16 if bn * bk // 16 >= 128 else 8
+    split_k = pick_split_k(triton_cdiv(n, bn), triton_cdiv(k, bk), sm_count)
+    return {"kernel": "q8gemv", "BM": 1, "BN": bn, "BK": bk, "VEC": vec, "split_k": split_k, "num_warps": 4}
 
 
 def _byte_gemv_config(m: int, n: int, k: int, group_size: int, sm_count: int, interpret: bool) -> dict:
@@ -362,6 +374,24 @@ if triton is not None:
         store_tile(Y, acc_t, B, rows, offs_m, offs_n, M, N, stride_ym, pid_k, HAS_BIAS, SPLIT_K)
 
     @triton.jit
+    def _bytes_to_f32(raw, ASM: tl.constexpr):
+        """Each signed byte ``q`` of ``raw`` (int8) as the float32 ``2^23 + 128 + q``, exact.
+
+        ``ASM=True``: four bytes at a time in one ``xor`` (offset binary: ``q ^ 0x80 = q + 128``) and one
+        ``prmt`` per byte that writes the byte under the exponent of ``2^23`` (``0x4B0000uu``), so a weight
+        costs that ``prmt``, the caller's subtract and its FMA. Left to itself the compiler gathered the
+        bytes of four rows into words and extracted them again (six instructions per weight, H100 SASS).
+        ``ASM=False`` (the interpreter): the same value from integer ops."""
+        if ASM:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 t; xor.b32 t, $4, 0x80808080;"
+                " prmt.b32 $0, t, 0x4B000000, 0x7540; prmt.b32 $1, t, 0x4B000000, 0x7541;"
+                " prmt.b32 $2, t, 0x4B000000, 0x7542; prmt.b32 $3, t, 0x4B000000, 0x7543; }",
+                "=r,=r,=r,=r,r", [raw], dtype=tl.float32, is_pure=True, pack=4)
+        v = raw.to(tl.uint8, bitcast=True).to(tl.uint32)
+        return ((v ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _q8gemv_kernel(
         X, QW, S, Z, B, Y,
         M, N, K, K_PER_SPLIT,
@@ -375,25 +405,29 @@ if triton is not None:
         EVEN_K: tl.constexpr,
         SPLIT_K: tl.constexpr,
         VEC: tl.constexpr,
+        ASM: tl.constexpr = False,
+        GATED: tl.constexpr = False,
     ):
-        """int8 per-output-channel decode GEMV on a ``[BN, BK // VEC, VEC]`` tile of each step: ``VEC = 8``
-        bytes per thread and load give the weight tile the activation load's own layout (8 x 16-bit = one
-        16-byte load), so nothing is exchanged through shared memory in the loop (``_qgemv_kernel``'s
-        16-byte weight loads make it reshuffle the activations every step). The zero point folds into the
-        exponent-trick offset (``2^23 + 128 + z`` is exact in float32), so asymmetric weights cost nothing
-        extra; the scale multiplies the row sums once."""
+        """int8 per-output-channel decode GEMV on a ``[BN, BK // VEC, VEC]`` tile of each step: ``VEC`` (8 or
+        16) bytes of a row per thread and load, the activations loaded in the same layout, so nothing is
+        exchanged through shared memory in the loop (``_qgemv_kernel``'s 16-byte weight loads make it
+        reshuffle the activations every step). Each thread sums its ``VEC`` products in registers (one
+        accumulator per ``VEC`` weights: fewer registers, more programs and bytes in flight per SM). The
+        zero point folds into the exponent-trick offset (``2^23 + 128 + z`` is exact in float32), so
+        asymmetric weights cost nothing extra; the scale multiplies the row sums once. ``GATED``: a fused
+        gate|up weight of ``2 N`` rows, SwiGLU in the epilogue (``_gemv_epilogue.tile_rows``)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_m = tl.arange(0, BM)
         offs_n = pid_n * BN + tl.arange(0, BN)
         offs_k = tl.arange(0, BK // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
-        rows = offs_n % N  # clamped: out-of-range rows compute garbage that is never stored
+        rows = tile_rows(pid_n, N, BN, GATED)
         w_ptrs = QW + rows[:, None, None] * stride_wn + offs_k[None, :, :]
         if SYMMETRIC:
             off = tl.full((BN, 1, 1), 8388736.0, tl.float32)  # 2^23 + 128: the stored byte is q ^ 0x80 = q + 128
         else:
             off = 8388736.0 + tl.load(Z + rows * stride_sn).to(tl.float32)[:, None, None]
-        acc3 = tl.zeros((BN, BK // VEC, VEC), dtype=tl.float32)
+        acc2 = tl.zeros((BN, BK // VEC), dtype=tl.float32)
         acc_t = tl.zeros((BN, BM), dtype=tl.float32)
         k_start = tl.multiple_of(pid_k * K_PER_SPLIT, BK)
         k_end = tl.minimum(k_start + K_PER_SPLIT, K)
@@ -403,18 +437,23 @@ if triton is not None:
                 raw = tl.load(w_ptrs + k0, eviction_policy="evict_first")
             else:
                 raw = tl.load(w_ptrs + k0, mask=(kk < k_end)[None, :, :], other=0, eviction_policy="evict_first")
-            w = _int_to_f32(raw.to(tl.uint8, bitcast=True), 0, 0xFF, 0x80, 0.0) - off
+            w = _bytes_to_f32(raw, ASM) - off
             if BM == 1:
-                acc3 += w * load_act(X + kk, kk, k_end, EVEN_K)[None, :, :]
+                # each thread's VEC products summed in registers: one accumulator per VEC weights
+                acc2 += tl.sum(w * load_act(X + kk, kk, k_end, EVEN_K)[None, :, :], axis=2)
             else:
                 for m in tl.static_range(ROWS):
                     xm = load_act(X + m * stride_xm + kk, kk, k_end, EVEN_K)
                     part = tl.sum(tl.sum(w * xm[None, :, :], axis=2), axis=1)
                     acc_t += tl.where(offs_m[None, :] == m, part[:, None], 0.0)
-        if BM == 1:
-            acc_t = tl.sum(tl.sum(acc3, axis=2), axis=1)[:, None]
-        acc_t = acc_t * tl.load(S + rows * stride_sn).to(tl.float32)[:, None]
-        store_tile(Y, acc_t, B, rows, offs_m, offs_n, M, N, stride_ym, pid_k, HAS_BIAS, SPLIT_K)
+        scale = tl.load(S + rows * stride_sn).to(tl.float32)
+        if GATED:
+            store_gated(Y, tl.sum(acc2, axis=1) * scale, B, rows, pid_n, N, HAS_BIAS, BN)
+        else:
+            if BM == 1:
+                acc_t = tl.sum(acc2, axis=1)[:, None]
+            store_tile(Y, acc_t * scale[:, None], B, rows, offs_m, offs_n, M, N, stride_ym, pid_k, HAS_BIAS,
+                       SPLIT_K)
 
     @triton.jit
     def _split8(x, GPB: tl.constexpr, WG: tl.constexpr):
@@ -792,22 +831,27 @@ def _launch_q4mma(x2, qw, words, bias, cfg, gated: bool = False) -> torch.Tensor
     return y.to(x2.dtype) if split_k > 1 else y
 
 
-def _launch_q8gemv(x2, qw, bias, cfg) -> torch.Tensor:
-    """int8 per-output-channel weights, 1..16 rows: the 16-bit-GEMV-shaped kernel."""
+def _launch_q8gemv(x2, qw, bias, cfg, gated: bool = False) -> torch.Tensor:
+    """int8 per-output-channel weights, 1..16 rows: the 16-bit-GEMV-shaped kernel. ``gated``: ``qw`` is a
+    fused gate|up weight and the result ``silu(gate) * up`` (one row, no K split, ``BN`` even)."""
     triton_launchable(_q8gemv_kernel, x2, qw.qweight)
     m, k = x2.shape
-    n = qw.out_features
+    n = qw.out_features // 2 if gated else qw.out_features
     bm, bn, bk = int(cfg.get("BM", _next_pow2(m))), int(cfg["BN"]), int(cfg["BK"])
     vec = int(cfg.get("VEC", 8))
     if bm < m or bk % vec:
         raise ValueError(f"q8gemv config {dict(cfg)} does not fit M={m} (BM >= M, VEC divides BK)")
-    y, k_per_split, split_k = split_k_output(x2, n, k, int(cfg.get("split_k", 1)), bk)
+    split_k = int(cfg.get("split_k", 1))
+    if gated and (m != 1 or bn % 2 or split_k != 1):
+        raise ValueError(f"the gated q8gemv takes one row, an even BN and no K split, got M={m}, {dict(cfg)}")
+    y, k_per_split, split_k = split_k_output(x2, n, k, split_k, bk)
     zeros = qw.zeros if qw.zeros is not None else qw.scales
-    _q8gemv_kernel[(triton_cdiv(n, bn), split_k)](
+    _q8gemv_kernel[(triton_cdiv(n, bn // 2 if gated else bn), split_k)](
         x2, qw.qweight, qw.scales, zeros, bias if bias is not None else qw.scales, y,
         m, n, k, k_per_split, x2.stride(0), qw.qweight.stride(0), qw.scales.stride(0), y.stride(0),
         SYMMETRIC=qw.zeros is None, HAS_BIAS=bias is not None, BM=bm, ROWS=m, BN=bn, BK=bk,
-        EVEN_K=k % k_per_split == 0, SPLIT_K=split_k, VEC=vec, num_warps=int(cfg.get("num_warps", 4)),
+        EVEN_K=k % k_per_split == 0, SPLIT_K=split_k, VEC=vec, ASM=x2.is_cuda and bool(cfg.get("asm", True)),
+        GATED=gated, num_warps=int(cfg.get("num_warps", 4)),
     )
     return y.to(x2.dtype) if split_k > 1 else y
 
@@ -931,12 +975,12 @@ def quant_matmul(
 def quant_gated_matmul(
     x: torch.Tensor, qw: QuantizedWeight, activation: str, bias: Optional[torch.Tensor] = None
 ) -> Optional[torch.Tensor]:
-    """``act(gate) * up`` of a fused gate|up int4 projection in one kernel, or None where no fused kernel
+    """``act(gate) * up`` of a fused gate|up quantized projection in one kernel, or None where no fused kernel
     applies (then compute ``gated_act(quant_matmul(x, qw, bias))``).
 
-    The fused path is the tensor-core int4 GEMV (:mod:`._q4mma_gluon`) with the SwiGLU epilogue: one
-    activation row, bf16 on a CUDA GPU, ``activation`` ``"silu"``, and a weight/shape the kernel takes at
-    batch 1 (:func:`quant_matmul_config` picks it). The gate and up sums stay float32 into the activation.
+    One activation row on a CUDA GPU and ``activation`` ``"silu"`` (SwiGLU); int4 through the tensor-core
+    GEMV (:mod:`._q4mma_gluon`, bf16, a shape it takes), int8 per output channel through ``q8gemv``. The
+    gate and up sums stay float32 into the activation.
 
     Example:
         >>> from policyinject.kernels.quantize import quantize_weight
@@ -946,13 +990,20 @@ def quant_gated_matmul(
     if activation != "silu" or qw.out_features % 2 or x.shape[-1] != qw.in_features:
         return None
     x2 = x.reshape(-1, x.shape[-1])
-    words = _q4mma_words(x2, qw)
-    if words is None:
+    if x2.shape[0] != 1 or not x2.is_cuda or triton is None:
         return None
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    cfg = _q4mma_config(1, qw.out_features, qw.in_features, qw.group_size, False)
-    y = _launch_q4mma(x2, qw, words, bias.contiguous() if bias is not None else None, cfg, gated=True)
+    bias = bias.contiguous() if bias is not None else None
+    if qw.num_bits == 8 and qw.per_channel:
+        cfg = _q8gemv_config(qw.out_features, qw.in_features, _sm_count(x.device))
+        y = _launch_q8gemv(x2, qw, bias, dict(cfg, split_k=1), gated=True)
+    else:
+        words = _q4mma_words(x2, qw)
+        if words is None:
+            return None
+        cfg = _q4mma_config(1, qw.out_features, qw.in_features, qw.group_size, False)
+        y = _launch_q4mma(x2, qw, words, bias, cfg, gated=True)
     return y.reshape(*x.shape[:-1], qw.out_features // 2)
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.gemv import GEMV_MAX_M, gemv, resolve_backend
+from ..kernels.gemv import GEMV_MAX_M, gemv, gemv_gated, resolve_backend
 
 __all__ = ["DecodeLinear"]
 
@@ -71,6 +71,20 @@ class DecodeLinear(nn.Module):
         ):
             return gemv(x, self.weight, self.bias, backend="triton")
         return F.linear(x, self.weight, self.bias)
+
+    def gated(self, x: torch.Tensor, activation: str) -> Optional[torch.Tensor]:
+        """``silu(gate) * up`` for this layer as a fused gate|up projection in one GEMV (one activation row on
+        a GPU, SwiGLU: :func:`~policyinject.kernels.gemv.gemv_gated`), else None (the caller runs the layer,
+        then the activation).
+
+        Example:
+            >>> DecodeLinear.from_linear(torch.nn.Linear(32, 16)).gated(torch.randn(1, 32), "silu") is None
+            True
+        """
+        if (activation != "silu" or self.max_m < 1 or self.out_features % 2 or x.numel() != x.shape[-1]
+                or resolve_backend(self.backend, x) != "triton" or x.dtype != self.weight.dtype):
+            return None
+        return gemv_gated(x, self.weight, self.bias, backend="triton")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -4,8 +4,10 @@ A gated MLP (Llama ``gate_proj``/``up_proj``/``down_proj``, Phi-3 ``gate_up_proj
 ``down(act(gate) * up)`` with gate|up concatenated once at injection time and the activation reading the
 fused ``[..., 2*I]`` output (:func:`policyinject.kernels.activations.gated_act`). A plain MLP (GPT-2, OPT,
 NeoX, Falcon, Phi, BERT: ``fc1``/``fc2``) runs ``fc2(act(fc1(x)))`` with ``Conv1D`` converted to
-``nn.Linear``. An int4 gate|up (:class:`~policyinject.modules.quant_linear.QuantLinear`) decoding one bf16 row
-on a GPU runs gate|up and SwiGLU as one kernel (:meth:`QuantLinear.gated`).
+``nn.Linear``. Decoding one row on a GPU, a gate|up held by a decode GEMV module (16-bit
+:class:`~policyinject.modules.fast_linear.DecodeLinear`, int8/int4
+:class:`~policyinject.modules.quant_linear.QuantLinear`) runs gate|up and SwiGLU as one kernel (their
+``gated`` methods).
 
 Example:
     >>> import torch
@@ -32,6 +34,7 @@ import torch
 
 from . import _ops
 from .fused_linear import as_linear, fuse_linears
+from .fast_linear import DecodeLinear
 from .quant_linear import QuantLinear
 
 __all__ = ["InjectedMLP"]
@@ -63,8 +66,8 @@ class InjectedMLP(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            # an int4 gate|up layer can fold the activation into its GEMV epilogue (decode, one row)
-            fused = self.up.gated(x, self.activation) if isinstance(self.up, QuantLinear) else None
+            # a decode GEMV (16-bit, int8, int4) can fold SwiGLU into its epilogue (one row on a GPU)
+            fused = self.up.gated(x, self.activation) if isinstance(self.up, (QuantLinear, DecodeLinear)) else None
             h = fused if fused is not None else _ops.gated_act(self.up(x), self.activation, self.backend)
         else:
             h = _ops.activation(self.up(x), self.activation)

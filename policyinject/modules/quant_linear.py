@@ -126,7 +126,8 @@ class QuantLinear(nn.Module):
 
     def gated(self, x: torch.Tensor, activation: str) -> Optional[torch.Tensor]:
         """``act(gate) * up`` for this layer as a fused gate|up projection, in one kernel where one applies
-        (int4, one bf16 row on a GPU, SwiGLU: :func:`~policyinject.kernels.quant_matmul.quant_gated_matmul`),
+        (int8 per channel, or int4 with bf16; one row on a GPU; SwiGLU:
+        :func:`~policyinject.kernels.quant_matmul.quant_gated_matmul`),
         else None (the caller runs the layer, then the activation).
 
         Example:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kernel_checks import DTYPES, assert_close, poisoned_alloc, randn, rel_err
-from policyinject.kernels.gemv import GEMV_MAX_M, gemv, gemv_config, pick_block_k, pick_split_k
+from policyinject.kernels.gemv import GEMV_MAX_M, gemv, gemv_config, gemv_gated, pick_block_k, pick_split_k
 from policyinject.kernels.quant_reference import gemv_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -42,6 +42,32 @@ def test_gemv_split_k_configs(config: dict) -> None:
     with poisoned_alloc():
         out = gemv(x, w, b, backend="triton", config=config)
     assert_close(out, gemv_reference(x, w, b))
+
+
+def _swiglu_reference(x, w, bias=None):
+    gate, up = gemv_reference(x.float(), w.float(), None if bias is None else bias.float()).chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n2, k, config", [(24, 64, None), (10, 200, {"BN": 2, "BK": 64}),
+                                           (40, 576, {"BN": 8, "BK": 128, "num_warps": 4})], ids=str)
+def test_gated_gemv_matches_gemv_then_swiglu(n2: int, k: int, config, dtype: torch.dtype) -> None:
+    """SwiGLU in the GEMV epilogue (gate row j and up row I + j in one program) vs the float32 reference:
+    ragged I, a masked K tail, bias, outputs poisoned with NaN first."""
+    x, w = randn(1, 1, k, dtype=dtype, device=DEVICE), randn(n2, k, dtype=dtype, device=DEVICE)
+    for bias in (None, randn(n2, dtype=dtype, device=DEVICE)):
+        with poisoned_alloc():
+            out = gemv_gated(x, w, bias, backend="triton", config=config)
+        assert out.shape == (1, 1, n2 // 2) and out.dtype == dtype
+        assert_close(out, _swiglu_reference(x, w, bias), what=f"{n2}x{k} {config}")
+    assert_close(gemv_gated(x, w, backend="torch"), _swiglu_reference(x, w))
+    with pytest.raises(ValueError, match="one row, an even BN"):
+        gemv_gated(x, w, backend="triton", config={"BN": 3, "BK": 64})
+    with pytest.raises(ValueError, match="one activation row"):
+        gemv_gated(x.expand(1, 2, k), w, backend="triton")
+    with pytest.raises(ValueError, match="fused gate"):
+        gemv_gated(x, w[:-1], backend="triton")
 
 
 def test_gemv_leading_dims_non_contiguous() -> None:
@@ -92,3 +118,13 @@ def test_gemv_gpu_real_shapes(shape: tuple) -> None:
         with poisoned_alloc():
             out = gemv(x, w, backend="triton")
         assert rel_err(out, gemv_reference(x, w)) < 1e-2, (m, shape)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n2, k", [(28672, 4096), (16384, 2048), (2 * 4864, 896), (2 * 1536, 576)], ids=str)
+def test_gated_gemv_gpu_real_shapes(n2: int, k: int) -> None:
+    w = randn(n2, k, dtype=torch.bfloat16, device="cuda", scale=0.02)
+    x = randn(1, k, dtype=torch.bfloat16, device="cuda")
+    with poisoned_alloc():
+        out = gemv_gated(x, w, backend="triton")
+    assert rel_err(out, _swiglu_reference(x, w)) < 1e-2

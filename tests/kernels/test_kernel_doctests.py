@@ -18,6 +18,9 @@ MODULES = [
     "policyinject.modules.norms",
     "policyinject.modules.quant_linear",
     "policyinject.modules.mlp",
+    "policyinject.kernels.gemv",
+    "policyinject.modules.fast_linear",
+    "policyinject.roofline",
 ]
 
 

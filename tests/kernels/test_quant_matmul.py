@@ -135,21 +135,49 @@ def test_int4_word_gemv(m: int, symmetric: bool, group, config: dict) -> None:
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("m, k, split_k", [(1, 384, 1), (1, 416, 2), (3, 384, 2), (2, 416, 1)])
-def test_layout_matched_int8_gemv(symmetric: bool, m: int, k: int, split_k: int) -> None:
+@pytest.mark.parametrize("m, k, split_k, vec", [(1, 384, 1, 8), (1, 416, 2, 16), (3, 384, 2, 8), (2, 416, 1, 16),
+                                                (1, 512, 1, 16)])
+def test_layout_matched_int8_gemv(symmetric: bool, m: int, k: int, split_k: int, vec: int) -> None:
     """The q8gemv kernel (int8 per output channel, zero point folded into the offset) on fresh inputs:
-    symmetric and asymmetric, 1..3 rows, a masked K tail, split K, bias, 16-bit activations."""
+    symmetric and asymmetric, 1..3 rows, 8 or 16 bytes per thread, a masked K tail, split K, bias, 16-bit
+    activations."""
     qw = quantize_weight(randn(20, k) + (0 if symmetric else 0.3), 8, None, symmetric).to(DEVICE)
     for dtype in (torch.float16, torch.bfloat16):
         x = randn(m, k, dtype=dtype, device=DEVICE)
-        cfg = {"kernel": "q8gemv", "BM": 1 << (m - 1).bit_length(), "BN": 4, "BK": 64, "VEC": 8, "split_k": split_k}
+        cfg = {"kernel": "q8gemv", "BM": 1 << (m - 1).bit_length(), "BN": 4, "BK": 128, "VEC": vec,
+               "split_k": split_k}
         _check(x, qw, randn(20, dtype=dtype, device=DEVICE), cfg)
 
 
-def test_measured_configs_pick_the_layout_matched_int8_kernel() -> None:
-    assert qm.quant_matmul_config(1, 4096, 14336, 8, 14336, 132, False)["kernel"] == "q8gemv"
-    assert qm.quant_matmul_config(1, 6144, 4096, 8, 4096, 132, False)["kernel"] == "gemv"
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("n2, k, bn", [(40, 256, 4), (38, 200, 2)])
+def test_gated_int8_gemv_kernel(symmetric: bool, with_bias: bool, n2: int, k: int, bn: int) -> None:
+    """q8gemv with the SwiGLU epilogue (gate row j and up row I + j in one program) vs dequantize-then-matmul
+    then silu(gate) * up in float32: ragged I, a masked K tail, bias, outputs poisoned with NaN first."""
+    from policyinject.kernels import reference
+
+    qw = quantize_weight(randn(n2, k) + (0 if symmetric else 0.3), 8, None, symmetric).to(DEVICE)
+    x = randn(1, k, dtype=torch.bfloat16, device=DEVICE)
+    bias = randn(n2, dtype=torch.bfloat16, device=DEVICE) if with_bias else None
+    cfg = {"kernel": "q8gemv", "BM": 1, "BN": bn, "BK": 128, "VEC": 8, "split_k": 1}
+    with poisoned_alloc():
+        out = qm._launch_q8gemv(x, qw, bias, cfg, gated=True)
+    ref = reference.gated_act(quant_matmul_reference(x.float(), qw, None if bias is None else bias.float()), "silu")
+    assert out.shape == (1, n2 // 2)
+    assert rel_err(out, ref) < 1e-2
+    with pytest.raises(ValueError, match="gated q8gemv"):
+        qm._launch_q8gemv(x, qw, bias, dict(cfg, BN=3), gated=True)
+
+
+def test_int8_batch_1_takes_the_layout_matched_kernel() -> None:
+    for n, k in [(4096, 14336), (6144, 4096), (28672, 4096), (128256, 4096), (576, 1536), (896, 4864)]:
+        cfg = qm.quant_matmul_config(1, n, k, 8, k, 132, False)
+        assert cfg["kernel"] == "q8gemv" and cfg["BK"] % cfg["VEC"] == 0
+        assert cfg["BN"] * cfg["BK"] // cfg["VEC"] >= 128  # every thread of the 4 warps holds its own bytes
+    assert qm.quant_matmul_config(1, 28672, 4096, 8, 4096, 132, False)["BN"] == 4  # tall: 4 rows per program
     assert qm.quant_matmul_config(1, 4096, 4096, 8, 4096, 132, True)["kernel"] == "gemv"  # interpreter: heuristic
+    assert qm.quant_matmul_config(1, 4096, 4096, 8, 128, 132, False)["kernel"] == "gemv"  # int8 groups
     with pytest.raises(ValueError, match="q8gemv"):
         qm.quant_matmul(randn(1, 64, device=DEVICE), quantize_weight(randn(8, 64), 8, 32).to(DEVICE),
                         backend="triton", config={"kernel": "q8gemv", "BN": 4, "BK": 64})
@@ -160,7 +188,7 @@ def test_int4_word_gemv_takes_a_few_rows_and_unaligned_k() -> None:
     assert cfg["kernel"] == "q4gemv" and cfg["GK"] == 128
     assert qm.quant_matmul_config(1, 1536, 576, 4, 64, 132, False)["kernel"] == "q4gemv"  # K not a multiple of 128
     assert qm.quant_matmul_config(8, 4096, 4096, 4, 128, 132, False)["kernel"] == "gemm"
-    assert qm.quant_matmul_config(1, 3072, 2048, 8, 2048, 132, False)["kernel"] == "gemv"
+    assert qm.quant_matmul_config(1, 3072, 2048, 8, 2048, 132, False)["kernel"] == "q8gemv"
 
 
 def test_int4_default_group_takes_the_tensor_core_gemv_at_batch_1() -> None:
@@ -309,8 +337,31 @@ def test_gpu_tensor_core_int4_gemv(n: int, k: int, group, symmetric: bool) -> No
 
 
 def test_gated_int4_matmul_is_none_where_no_fused_kernel_applies() -> None:
-    qw = quantize_weight(randn(64, 256), 4, 32)
-    assert qm.quant_gated_matmul(randn(1, 256), qw, "silu") is None  # CPU tensors
+    for bits in (4, 8):
+        qw = quantize_weight(randn(64, 256), bits, 32 if bits == 4 else None)
+        assert qm.quant_gated_matmul(randn(1, 256), qw, "silu") is None  # CPU tensors
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("n2, k", [(28672, 4096), (2 * 4864, 896), (2000, 2048), (2 * 1536, 576)], ids=str)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["", "bias"])
+def test_gpu_gated_int8_gemv_matches_gemv_then_swiglu(n2: int, k: int, symmetric: bool, with_bias: bool) -> None:
+    """int8 gate|up GEMV with the SwiGLU epilogue (the heuristic's tile) vs dequantize-then-matmul then
+    silu(gate) * up in float32, bf16 and fp16 activations."""
+    from policyinject.kernels import reference
+
+    qw = quantize_weight(randn(n2, k, device="cuda", scale=0.02), 8, None, symmetric=symmetric)
+    for dtype in (torch.bfloat16, torch.float16):
+        x = randn(1, k, dtype=dtype, device="cuda")
+        bias = randn(n2, dtype=dtype, device="cuda") if with_bias else None
+        with poisoned_alloc():
+            out = qm.quant_gated_matmul(x, qw, "silu", bias)
+        assert out is not None and out.shape == (1, n2 // 2) and out.dtype == dtype
+        ref = reference.gated_act(quant_matmul_reference(x.float(), qw, None if bias is None else bias.float()),
+                                  "silu")
+        assert rel_err(out, ref) < 1e-2
+    assert qm.quant_gated_matmul(x.expand(2, k), qw, "silu") is None  # two rows
 
 
 @pytest.mark.gpu
