@@ -183,7 +183,13 @@ def _quant_matmul_config(m: int, n: int, k: int, num_bits: int, group_size: int,
     elif m <= 64:
         bm, bn, bk_cap, warps, stages = 64, 64, 128, 4, 4
     else:
-        bm, bn, bk_cap, warps, stages = 128, 128, 64, 8, 3
+        # prefill (benchmarks/gemm_sweep.py, H100, NOTES "session 4"): 64 weight rows per tile, 128 activation
+        # rows (64 where that leaves SMs idle), K steps of 128 (64 for int8 past 128 rows): 1.0-1.24x the best
+        # of 51 tiles on the 8B qkv/down shapes at M = 128 and 512, int4 g32 and int8 (was up to 3.2x)
+        bm, bn, warps, stages = 128, 64, 8 if m <= 128 else 4, 3
+        bk_cap = 128 if (num_bits == 4 or m <= 128) else 64
+        if triton_cdiv(m, bm) * triton_cdiv(n, bn) < sm_count:
+            bm, warps = 64, 4
     if per_channel:
         bk = _pow2_divisor(k, bk_cap)
         if bk < min_bk:
@@ -666,13 +672,12 @@ if triton is not None:
         rows = offs_n % N
         offs_j = tl.arange(0, BKW)
         w_ptrs = QW + rows[None, :] * stride_wn + offs_j[:, None]  # [BKW, BN]
+        kx = tl.arange(0, BK)  # the activations of a K step, contiguous (16-byte loads)
         if BITS == 8:
-            kx = offs_j
             OFFSET: tl.constexpr = 8388736.0
         else:
-            kx = 2 * offs_j
             OFFSET: tl.constexpr = 8388616.0
-        x_ptrs = X + xrows[:, None] * stride_xm + kx[None, :]  # [BM, BKW]
+        x_ptrs = X + xrows[:, None] * stride_xm + kx[None, :]  # [BM, BK]
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         if PER_CHANNEL:
             s_row = tl.load(S + rows * stride_sn).to(tl.float32)
@@ -686,11 +691,18 @@ if triton is not None:
             wk = k0 if BITS == 8 else k0 // 2
             if EVEN_K:
                 raw = tl.load(w_ptrs + wk)
-                a0 = tl.load(x_ptrs + k0)
+                a = tl.load(x_ptrs + k0)
             else:
                 kmask = (k0 + kx) < k_end
-                raw = tl.load(w_ptrs + wk, mask=kmask[:, None], other=0)
-                a0 = tl.load(x_ptrs + k0, mask=kmask[None, :], other=0.0)
+                if BITS == 8:
+                    raw = tl.load(w_ptrs + wk, mask=kmask[:, None], other=0)
+                else:  # byte j holds features 2j, 2j+1: K is even (packed), so 2j < k_end masks the byte
+                    raw = tl.load(w_ptrs + wk, mask=((k0 + 2 * offs_j) < k_end)[:, None], other=0)
+                a = tl.load(x_ptrs + k0, mask=kmask[None, :], other=0.0)
+            if BITS == 8:
+                a0 = a
+            else:  # even and odd features (low and high nibbles), split in registers
+                a0, a1 = tl.split(tl.reshape(a, (BM, BKW, 2)))
             if MULTI_GROUP:
                 # a K step of BK // G groups: each weight is scaled before the dot (one bf16 rounding, as a
                 # 16-bit weight has), so one dot covers the step; the group's scale and zero point are
@@ -718,10 +730,6 @@ if triton is not None:
             else:
                 part = tl.dot(a0, w0.to(X.dtype.element_ty))
             if BITS == 4:
-                if EVEN_K:
-                    a1 = tl.load(x_ptrs + k0 + 1)
-                else:
-                    a1 = tl.load(x_ptrs + k0 + 1, mask=kmask[None, :], other=0.0)
                 w1 = _int_to_f32(raw, 4, 0xF, 0, OFFSET) - zc
                 if MULTI_GROUP:
                     w1 = w1 * s_g
