@@ -64,7 +64,7 @@ def main() -> int:
         extra["quant"] = {"enabled": True, "weight": {"num_bits": 8 if args.quant == "int8" else 4}}
     engine = pi.init_inference(model, dtype="bf16", replace_with_kernel_inject=True, enable_cuda_graph=True,
                                max_out_tokens=args.prompt + args.new + 8, **extra)
-    weights = weight_bytes(model)["read_per_token"]  # an untied input embedding is not read per step
+    weights = weight_bytes(model)["read_per_token"]  # an untied input embedding: one row read per step
     ids = torch.randint(3, model.config.vocab_size, (1, args.prompt), device=device)
     engine.generate(ids, max_new_tokens=args.new, eos_token_id=[])  # capture + warm-up
     torch.cuda.synchronize()
@@ -103,7 +103,7 @@ def main() -> int:
     linear_bytes = sum(parameter_bytes(m) for m in model.modules()
                        if hasattr(m, "in_features") and not any(True for _ in m.children()))
     print(f"{torch.cuda.get_device_name(device)} | {args.preset} | bf16 | quant {args.quant} | batch 1 | prompt "
-          f"{args.prompt} | copy {bw / 1e12:.2f} TB/s | weights {weights / 1e9:.3f} GB -> roofline "
+          f"{args.prompt} | copy {bw / 1e12:.2f} TB/s | weights read per step {weights / 1e9:.3f} GB -> roofline "
           f"{roofline_us:.0f} us/token")
     print(f"{'kind':34s} {'us/step':>9} {'share':>7}")
     rows = []
