@@ -183,13 +183,16 @@ def _quant_matmul_config(m: int, n: int, k: int, num_bits: int, group_size: int,
     elif m <= 64:
         bm, bn, bk_cap, warps, stages = 64, 64, 128, 4, 4
     else:
-        # prefill (benchmarks/gemm_sweep.py, H100, NOTES "session 4"): 64 weight rows per tile, 128 activation
-        # rows (64 where that leaves SMs idle), K steps of 128 (64 for int8 past 128 rows): 1.0-1.24x the best
-        # of 51 tiles on the 8B qkv/down shapes at M = 128 and 512, int4 g32 and int8 (was up to 3.2x)
-        bm, bn, warps, stages = 128, 64, 8 if m <= 128 else 4, 3
-        bk_cap = 128 if (num_bits == 4 or m <= 128) else 64
-        if triton_cdiv(m, bm) * triton_cdiv(n, bn) < sm_count:
-            bm, warps = 64, 4
+        # prefill (benchmarks/gemm_sweep.py, H100 runs 5 and 7, NOTES "session 4"): 64 weight rows per tile
+        # (int8: 128 where that still fills the SMs), 128 activation rows (64 where that leaves SMs idle),
+        # K steps of 128 for int4 and 64 for int8, 4 warps: within 4.5% of the best of 51 tiles summed over
+        # the 8B qkv/o/gate_up/down shapes at M = 128 and 512 (worst case 1.35x), where session 3's tile
+        # was 1.7x (int8) to 5x (int4) slower
+        bn, warps, stages = 64, 4, 3
+        bk_cap = 128 if num_bits == 4 else 64
+        if num_bits == 8 and triton_cdiv(m, 128) * triton_cdiv(n, 128) >= sm_count:
+            bn = 128
+        bm = 128 if triton_cdiv(m, 128) * triton_cdiv(n, bn) >= sm_count else 64
     if per_channel:
         bk = _pow2_divisor(k, bk_cap)
         if bk < min_bk:

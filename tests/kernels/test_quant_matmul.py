@@ -110,16 +110,19 @@ def test_gemm_heuristic_takes_several_groups_per_k_step() -> None:
     assert qm.quant_matmul_config(16, 4096, 4096, 4, 32, 132, False)["BK"] == 256
     assert qm.quant_matmul_config(128, 4096, 4096, 4, 128, 132, False)["BK"] == 128  # one group
     assert qm.quant_matmul_config(512, 4096, 4096, 8, 128, 132, False)["BK"] == 64  # inside one group
+    assert qm.quant_matmul_config(512, 4096, 4096, 8, 32, 132, False)["BK"] == 64  # two int8 groups
     assert qm.quant_matmul_config(128, 3072, 3072, 4, 96, 132, False)["BK"] == 32  # 96: no power-of-two multiple
 
 
 def test_prefill_gemm_tiles() -> None:
-    """64 weight rows per tile; 128 activation rows unless that leaves SMs idle (then 64)."""
+    """64 weight rows per tile (int8: 128 while that fills the SMs); 128 activation rows unless that leaves
+    SMs idle (then 64); K steps of 128 (int4) or 64 (int8)."""
     big = qm.quant_matmul_config(512, 28672, 4096, 4, 32, 132, False)
     assert (big["BM"], big["BN"], big["BK"], big["num_warps"]) == (128, 64, 128, 4)
     small_grid = qm.quant_matmul_config(128, 4096, 14336, 8, 14336, 132, False)
-    assert (small_grid["BM"], small_grid["BN"]) == (64, 64)
-    assert qm.quant_matmul_config(128, 28672, 4096, 8, 4096, 132, False)["num_warps"] == 8
+    assert (small_grid["BM"], small_grid["BN"], small_grid["BK"]) == (64, 64, 64)
+    wide_int8 = qm.quant_matmul_config(128, 28672, 4096, 8, 4096, 132, False)
+    assert (wide_int8["BM"], wide_int8["BN"]) == (128, 128)
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
