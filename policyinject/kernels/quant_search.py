@@ -42,11 +42,13 @@ from .quantize import (
     QuantizedWeight,
     _check_bits,
     check_finite,
+    concat_rows,
     group_scale_zero,
     pack_quantized,
     qrange,
     quantize_groups,
     resolve_group_size,
+    rows_per_chunk,
 )
 
 __all__ = ["hqq_quantize_weight", "gptq_quantize_weight", "HessianAccumulator"]
@@ -74,8 +76,14 @@ def hqq_quantize_weight(
     beta: float = 10.0,
     kappa: float = 1.01,
     scale_dtype: torch.dtype = torch.float16,
+    rows_per_block: Optional[int] = None,
 ) -> QuantizedWeight:
     """Asymmetric quantization with HQQ-optimised zero points (see the module docstring).
+
+    Rows are searched ``rows_per_block`` at a time (default
+    :func:`~policyinject.kernels.quantize.rows_per_chunk`: about 16 M elements): each group's search is
+    independent, so the result is the same, and the float32 temporaries of the iterations stay small (whole,
+    a Llama-3 output head would need several GB of them).
 
     Per group, keeps the scale of :func:`~policyinject.kernels.quantize.group_scale_zero` and
     iterates ``q = round(w / s + z)``, ``e = shrink_p(w - (q - z) s)``, ``z = mean(q - (w - e) / s)`` with the
@@ -92,6 +100,14 @@ def hqq_quantize_weight(
         >>> l1(qh) <= l1(qr), qh.zeros.dtype
         (True, torch.float16)
     """
+    _check_bits(num_bits)
+    if weight.dim() == 2:
+        rows = rows_per_block or rows_per_chunk(*weight.shape)
+        if rows < weight.shape[0]:
+            return concat_rows([
+                hqq_quantize_weight(weight[r:r + rows], num_bits, group_size, iters=iters, lp_norm=lp_norm,
+                                    beta=beta, kappa=kappa, scale_dtype=scale_dtype, rows_per_block=rows)
+                for r in range(0, weight.shape[0], rows)])
     w, n, k, g = _prepare(weight, num_bits, group_size)
     w = w.reshape(n, k // g, g)
     scale_q, zero = group_scale_zero(w, num_bits, False, scale_dtype)

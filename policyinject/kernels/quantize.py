@@ -43,7 +43,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import attrs
 import torch
@@ -55,6 +55,8 @@ __all__ = [
     "resolve_group_size",
     "quantize_weight",
     "dequantize_weight",
+    "rows_per_chunk",
+    "concat_rows",
     "pack_int4",
     "unpack_int4",
     "qrange",
@@ -185,6 +187,38 @@ class QuantizedWeight:
         return attrs.evolve(self, qweight=self.qweight.to(device), scales=self.scales.to(device), zeros=z)
 
 
+#: Weight elements quantized at once: larger weights go by blocks of rows, so the float32 temporaries of the
+#: quantizers stay near 64 MB each (a Llama-3 output head is 525 M elements: several GB of temporaries whole).
+CHUNK_ELEMENTS = 1 << 24
+
+
+def rows_per_chunk(out_features: int, in_features: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
+    """Rows quantized together: as many as fit ``chunk_elements`` (at least one, at most all).
+
+    Example:
+        >>> rows_per_chunk(128256, 4096), rows_per_chunk(64, 64)
+        (4096, 64)
+    """
+    return max(1, min(out_features, chunk_elements // max(in_features, 1)))
+
+
+def concat_rows(parts: Sequence[QuantizedWeight]) -> QuantizedWeight:
+    """The quantized weight of the row blocks ``parts`` stacked in order (same bits, group and in_features).
+
+    Example:
+        >>> w = torch.randn(6, 64)
+        >>> whole = quantize_weight(w, 4, 32, rows_per_block=6)
+        >>> torch.equal(concat_rows([quantize_weight(w[:4], 4, 32), quantize_weight(w[4:], 4, 32)]).qweight,
+        ...             whole.qweight)
+        True
+    """
+    first = parts[0]
+    zeros = None if first.zeros is None else torch.cat([p.zeros for p in parts])
+    return attrs.evolve(first, qweight=torch.cat([p.qweight for p in parts]),
+                        scales=torch.cat([p.scales for p in parts]), zeros=zeros,
+                        out_features=sum(p.out_features for p in parts))
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """Pack int values in ``[-8, 7]`` (shape ``[..., K]``, K even) into uint8 ``[..., K // 2]``.
 
@@ -222,11 +256,14 @@ def quantize_weight(
     *,
     q_groups: Optional[int] = None,
     scale_dtype: torch.dtype = torch.float16,
+    rows_per_block: Optional[int] = None,
 ) -> QuantizedWeight:
     """Quantize an ``[out_features, in_features]`` weight (round to nearest, absmax / min-max per group).
 
     The integers are computed against the *stored* (rounded) scale, so dequantization error is at most half a
-    step plus the tiny clamp error from rounding the scale.
+    step plus the tiny clamp error from rounding the scale. Rows are quantized ``rows_per_block`` at a time
+    (default :func:`rows_per_chunk`: about 16 M elements), which bounds the temporaries and changes nothing
+    in the result (every group is on one row).
 
     Example:
         >>> w = torch.randn(4, 96)
@@ -244,6 +281,10 @@ def quantize_weight(
         raise TypeError(f"quantize_weight takes a floating-point weight, got {weight.dtype}")
     n, k = weight.shape
     g = resolve_group_size(k, num_bits, q_groups=q_groups, group_size=group_size)
+    rows = rows_per_block or rows_per_chunk(n, k)
+    if rows < n:
+        return concat_rows([quantize_weight(weight[r:r + rows], num_bits, g, symmetric, scale_dtype=scale_dtype,
+                                            rows_per_block=rows) for r in range(0, n, rows)])
     w = weight.detach().to(torch.float32).reshape(n, k // g, g)
     check_finite(w)
     scale_q, zero = group_scale_zero(w, num_bits, symmetric, scale_dtype)

@@ -132,3 +132,29 @@ def test_docstring_examples(name: str) -> None:
 
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("bits, group, symmetric", [(4, 32, True), (4, 32, False), (8, None, True), (8, 32, False)])
+def test_row_blocks_change_nothing(bits: int, group, symmetric: bool) -> None:
+    """Quantizing a weight by blocks of rows (which bounds the float32 temporaries of big weights such as an
+    output head) gives the same bytes, scales and zero points as quantizing it whole, for round-to-nearest and
+    HQQ, including a last block shorter than the others."""
+    w = torch.distributions.StudentT(3.0).sample((37, 128))
+    for quantize in (quantize_weight, hqq_quantize_weight):
+        if quantize is hqq_quantize_weight and symmetric:
+            continue
+        kwargs = {} if quantize is hqq_quantize_weight else {"symmetric": symmetric}
+        whole = quantize(w, bits, group, rows_per_block=37, **kwargs)
+        blocks = quantize(w, bits, group, rows_per_block=5, **kwargs)
+        assert blocks.out_features == 37 and blocks.qweight.shape == whole.qweight.shape
+        assert torch.equal(blocks.qweight, whole.qweight) and torch.equal(blocks.scales, whole.scales)
+        assert (blocks.zeros is None) == (whole.zeros is None)
+        if whole.zeros is not None:
+            assert torch.equal(blocks.zeros, whole.zeros)
+
+
+def test_default_row_blocks_bound_the_elements() -> None:
+    from policyinject.kernels.quantize import CHUNK_ELEMENTS, rows_per_chunk
+
+    assert rows_per_chunk(128256, 4096) * 4096 <= CHUNK_ELEMENTS
+    assert rows_per_chunk(3, 64) == 3 and rows_per_chunk(10, CHUNK_ELEMENTS * 2) == 1
