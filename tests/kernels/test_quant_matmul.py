@@ -403,17 +403,26 @@ def test_gpu_gated_int4_gemv_matches_gemv_then_swiglu(n2: int, k: int, symmetric
 
 
 @pytest.mark.gpu
-def test_gpu_injected_mlp_with_int4_gate_up_fuses_the_activation() -> None:
-    """InjectedMLP on an int4 gate|up QuantLinear: the fused decode path equals GEMV + gated activation."""
+@pytest.mark.parametrize("bits", [4, 8, 16], ids=lambda b: f"int{b}" if b < 16 else "bf16")
+def test_gpu_injected_mlp_gate_up_fuses_the_activation(bits: int) -> None:
+    """InjectedMLP on an int4 / int8 gate|up QuantLinear or a 16-bit DecodeLinear: the fused decode path equals
+    GEMV + gated activation; prefill rows (several) take the unfused path."""
     from policyinject.modules import _ops
+    from policyinject.modules.fast_linear import DecodeLinear
     from policyinject.modules.mlp import InjectedMLP
     from policyinject.modules.quant_linear import QuantLinear
 
-    up = QuantLinear.from_linear(torch.nn.Linear(2048, 2 * 5632, bias=False), num_bits=4).cuda()
-    down = QuantLinear.from_linear(torch.nn.Linear(5632, 2048, bias=False), num_bits=4).cuda()
+    def make(n: int, k: int) -> torch.nn.Module:
+        lin = torch.nn.Linear(k, n, bias=False).to(torch.bfloat16)
+        if bits == 16:
+            return DecodeLinear.from_linear(lin).cuda()
+        return QuantLinear.from_linear(lin, num_bits=bits).cuda()
+
+    up, down = make(2 * 5632, 2048), make(2048, 5632)
     mlp = InjectedMLP(up, down, "silu", gated=True)
     x = randn(1, 1, 2048, dtype=torch.bfloat16, device="cuda")
     assert up.gated(x, "silu") is not None
+    assert up.gated(x.expand(1, 3, 2048), "silu") is None
     unfused = down(_ops.gated_act(up(x), "silu", "auto"))
     assert rel_err(mlp(x), unfused) < 2e-2
 
