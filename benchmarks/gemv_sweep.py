@@ -47,9 +47,9 @@ def candidates(method: str, n: int, k: int, sm: int):
         for bk, vec in ((1024, 8), (1024, 16)):
             out.append(("q8-vacc", {"kernel": "q8gemv", "BM": 1, "BN": 4, "BK": bk, "VEC": vec, "split_k": 1,
                                     "num_warps": 4, "acc_vec": True}))  # one accumulator per weight register
-        for bn in (2, 4, 8):
+        for bn in (1, 2, 4, 8):
             for bk, vec in ((1024, 8), (2048, 8), (1024, 16), (2048, 16), (4096, 16), (4096, 32)):
-                for w in (4, 8):
+                for w in (1, 2, 4, 8):
                     if k % bk or bn * bk // vec < 32 * w:
                         continue
                     cfg = {"kernel": "q8gemv", "BM": 1, "BN": bn, "BK": bk, "VEC": vec, "split_k": 1,
@@ -66,6 +66,7 @@ def candidates(method: str, n: int, k: int, sm: int):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=["8B", "1B"], choices=list(SHAPES))
+    ap.add_argument("--roles", nargs="+", default=None, help="only these shapes (qkv o gate_up down lm_head)")
     ap.add_argument("--methods", nargs="+", default=["bf16", "int8", "int4"], choices=["bf16", "int8", "int4"],
                     help="kernel families to sweep (cuBLAS and the bf16 heuristic are always timed)")
     ap.add_argument("--json", default=None)
@@ -106,6 +107,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     for model in args.models:
         for role, (n, k) in SHAPES[model].items():
+            if args.roles and role not in args.roles:
+                continue
             count = max(2, min(16, math.ceil(4 * l2 / (n * k))))
             ws = [(torch.randn(n, k, device=dev) * 0.02).to(torch.bfloat16) for _ in range(count)]
             qs = {"int8": [quantize_weight(w, 8, None) for w in ws], "int4": [quantize_weight(w, 4, 128) for w in ws]}
@@ -181,6 +184,8 @@ def main(argv=None) -> int:
                                            "unfused_us": t2, "fused_us": t1, "rel_err": err})
             del ws, qs, xs
             torch.cuda.empty_cache()
+        if args.roles:
+            continue  # a partial sweep has no per-token sum
         print(f"\n{model} per token (x{LAYERS[model]} layers + bf16 head, GEMV-best head):")
         roles = [r for r in SHAPES[model] if r != "lm_head"]
         head_h, head_b, _ = best[(model, "lm_head", "bf16")]

@@ -124,24 +124,27 @@ def quant_matmul_config(
 def _q8gemv_config(n: int, k: int, sm_count: int) -> dict:
     """Batch-1 config of the int8 per-output-channel GEMV (``q8gemv``).
 
-    16 bytes of a row per thread and load (``VEC = 16``), K steps of 2048 (the largest power of two up to
-    2048 dividing K; a masked tail when that is under 1024), 4 rows per program for tall weights (16384 rows
-    or more), else 2, 4 warps. Measured on an H100 (``benchmarks/gemv_sweep.py``, NOTES "session 4"): best
-    or within 6% of the best of 48 tiles on every Llama-3-8B and 3.2-1B shape.
+    K steps of 2048 (the largest power of two up to 2048 dividing K; a masked tail when that is under 1024).
+    Tall weights (16384 rows or more): 4 rows per program, 16 bytes of a row per thread and load, 4 warps.
+    Others: 2 rows, 8 bytes, 2 warps. Measured on H100s (``benchmarks/gemv_sweep.py``, NOTES "session 4"):
+    best or within 6% of the best of 48 tiles on every Llama-3-8B and 3.2-1B shape (run 3), and 2 warps gained
+    6% on the 8B qkv in a 96-tile sweep of the smaller shapes (run 11).
 
     Example:
         >>> quant_matmul_config(1, 28672, 4096, 8, 4096)
         {'kernel': 'q8gemv', 'BM': 1, 'BN': 4, 'BK': 2048, 'VEC': 16, 'split_k': 1, 'num_warps': 4}
+        >>> quant_matmul_config(1, 6144, 4096, 8, 4096)
+        {'kernel': 'q8gemv', 'BM': 1, 'BN': 2, 'BK': 2048, 'VEC': 8, 'split_k': 1, 'num_warps': 2}
         >>> quant_matmul_config(1, 576, 1536, 8, 1536)["BK"]  # no 1024-multiple: a masked tail
         2048
     """
-    bn = 4 if n >= 16384 else 2
+    tall = n >= 16384
+    bn, vec, warps = (4, 16, 4) if tall else (2, 8, 2)
     bk = _pow2_divisor(k, 2048)
     if bk < 1024:
         bk = min(_next_pow2(k), 2048)
-    vec = 16 if bn * bk // 16 >= 128 else 8
     split_k = pick_split_k(triton_cdiv(n, bn), triton_cdiv(k, bk), sm_count)
-    return {"kernel": "q8gemv", "BM": 1, "BN": bn, "BK": bk, "VEC": vec, "split_k": split_k, "num_warps": 4}
+    return {"kernel": "q8gemv", "BM": 1, "BN": bn, "BK": bk, "VEC": vec, "split_k": split_k, "num_warps": warps}
 
 
 def _byte_gemv_config(m: int, n: int, k: int, group_size: int, sm_count: int, interpret: bool) -> dict:
@@ -436,6 +439,8 @@ if triton is not None:
             off = tl.full((BN, 1, 1), 8388736.0, tl.float32)  # 2^23 + 128: the stored byte is q ^ 0x80 = q + 128
         else:
             off = 8388736.0 + tl.load(Z + rows * stride_sn).to(tl.float32)[:, None, None]
+        # the scales are loaded before the loop (measured neutral against after it: H100, session 4 run 10)
+        scale = tl.load(S + rows * stride_sn).to(tl.float32)
         acc2 = tl.zeros((BN, BK // VEC), dtype=tl.float32)
         acc_t = tl.zeros((BN, BM), dtype=tl.float32)
         k_start = tl.multiple_of(pid_k * K_PER_SPLIT, BK)
@@ -455,7 +460,6 @@ if triton is not None:
                     xm = load_act(X + m * stride_xm + kk, kk, k_end, EVEN_K)
                     part = tl.sum(tl.sum(w * xm[None, :, :], axis=2), axis=1)
                     acc_t += tl.where(offs_m[None, :] == m, part[:, None], 0.0)
-        scale = tl.load(S + rows * stride_sn).to(tl.float32)
         if GATED:
             store_gated(Y, tl.sum(acc2, axis=1) * scale, B, rows, pid_n, N, HAS_BIAS, BN)
         else:
