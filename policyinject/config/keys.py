@@ -113,7 +113,7 @@ def _quant_params(section: str, enabled_default: bool, status: Status, note: str
     DeepSpeed ``q_type`` key (default "symmetric") where the section gives its own."""
     return (
         KeySpec(f"{section}.enabled", "bool", enabled_default, "Quantize this kind of tensor.",
-                status=Status.WARNS if section.endswith("activation") else Status.WORKS,
+                status=Status.ERROR if section.endswith("activation") else Status.WORKS,
                 note=note, convert=v.boolean, schema=_BOOL),
         KeySpec(f"{section}.num_bits", "4 or 8", 8, "Bit width.", status=status, convert=v.num_bits,
                 schema={"enum": [4, 8]},
@@ -283,8 +283,8 @@ KEYS: tuple = (
     KeySpec("quant.activation", "mapping", _EMPTY, "Activation quantization.", status=Status.SECTION,
             cls="ActivationQuantConfig"),
     *_quant_params("quant.activation", False, Status.WARNS,
-                   "activation quantization is not implemented; activations stay 16-bit "
-                   "(default false; DeepSpeed's true is never read)"),
+                   "activation quantization is not implemented: quantization here is weight-only "
+                   "(quant.weight), activations stay 16-bit (default false; DeepSpeed's true is never read)"),
     KeySpec("quant.weight", "mapping", _EMPTY, "Weight quantization.", status=Status.SECTION, cls="WeightQuantConfig"),
     *_quant_params("quant.weight", True, Status.WORKS, "Used when quant.enabled is true.", q_type=KeySpec(
         "quant.weight.q_type", '"auto" | "symmetric" | "asymmetric"', "auto",
