@@ -158,6 +158,22 @@ def pick_split_k(programs: int, k_steps: int, sm_count: int) -> int:
     return split_k
 
 
+def outputs_per_program(bn: int, gated: bool, m: int, split_k: int, config: Mapping, kernel: str) -> int:
+    """Outputs of one program of a GEMV-style launch with ``BN`` weight rows: ``BN``, or for a gated launch
+    (fused gate|up weight, SwiGLU epilogue: ``_gemv_epilogue.tile_rows``) ``BN // 2``; a gated launch takes
+    one activation row, an even ``BN`` and no K split, else ``ValueError`` naming ``kernel``.
+
+    Example:
+        >>> outputs_per_program(4, False, 3, 2, {}, "GEMV"), outputs_per_program(4, True, 1, 1, {}, "GEMV")
+        (4, 2)
+    """
+    if not gated:
+        return bn
+    if m != 1 or bn % 2 or split_k != 1:
+        raise ValueError(f"the gated {kernel} takes one row, an even BN and no K split, got M={m}, {dict(config)}")
+    return bn // 2
+
+
 def split_k_output(x2: torch.Tensor, n: int, k: int, split_k: int, step: int) -> tuple:
     """``(y, k_per_split, split_k)`` for a GEMV-style launch over ``[M, K]`` rows ``x2`` and ``n`` outputs: K is
     cut into splits of whole ``step``-sized K steps (``split_k`` is recomputed so none is empty); ``y`` is a
@@ -237,11 +253,10 @@ def _gemv_triton(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     split_k = int(config.get("split_k", 1))
     if bm < m:
         raise ValueError(f"config BM={bm} is smaller than the batch M={m}")
-    if gated and (m != 1 or bn % 2 or split_k != 1):
-        raise ValueError(f"the gated GEMV takes one row, an even BN and no K split, got M={m}, {dict(config)}")
+    outputs = outputs_per_program(bn, gated, m, split_k, config, "GEMV")
     y, k_per_split, split_k = split_k_output(x2, n, k, split_k, bk)
     even_k = k % k_per_split == 0
-    grid = (triton_cdiv(n, bn // 2 if gated else bn), split_k)
+    grid = (triton_cdiv(n, outputs), split_k)
     _gemv_kernel[grid](
         x2, weight, bias if bias is not None else weight, y,
         m, n, k, k_per_split,

@@ -32,7 +32,8 @@ import torch
 
 from ..errors import UnsupportedError
 from .gemv import (
-    _next_pow2, _sm_count, pick_split_k, resolve_backend, split_k_output, triton_cdiv, triton_launchable,
+    _next_pow2, _sm_count, outputs_per_program, pick_split_k, resolve_backend, split_k_output, triton_cdiv,
+    triton_launchable,
 )
 from .quant_reference import quant_matmul_reference
 from .quantize import QuantizedWeight
@@ -393,15 +394,14 @@ if triton is not None:
         ``prmt`` per byte that writes the byte under the exponent of ``2^23`` (``0x4B0000uu``), so a weight
         costs that ``prmt``, the caller's subtract and its FMA. Left to itself the compiler gathered the
         bytes of four rows into words and extracted them again (six instructions per weight, H100 SASS).
-        ``ASM=False`` (the interpreter): the same value from integer ops."""
+        ``ASM=False`` (the interpreter): the same value through :func:`_int_to_f32`."""
         if ASM:
             return tl.inline_asm_elementwise(
                 "{ .reg .b32 t; xor.b32 t, $4, 0x80808080;"
                 " prmt.b32 $0, t, 0x4B000000, 0x7540; prmt.b32 $1, t, 0x4B000000, 0x7541;"
                 " prmt.b32 $2, t, 0x4B000000, 0x7542; prmt.b32 $3, t, 0x4B000000, 0x7543; }",
                 "=r,=r,=r,=r,r", [raw], dtype=tl.float32, is_pure=True, pack=4)
-        v = raw.to(tl.uint8, bitcast=True).to(tl.uint32)
-        return ((v ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True)
+        return _int_to_f32(raw.to(tl.uint8, bitcast=True), 0, 0xFF, 0x80, 0.0)
 
     @triton.jit
     def _q8gemv_kernel(
@@ -857,11 +857,10 @@ def _launch_q8gemv(x2, qw, bias, cfg, gated: bool = False) -> torch.Tensor:
     if bm < m or bk % vec:
         raise ValueError(f"q8gemv config {dict(cfg)} does not fit M={m} (BM >= M, VEC divides BK)")
     split_k = int(cfg.get("split_k", 1))
-    if gated and (m != 1 or bn % 2 or split_k != 1):
-        raise ValueError(f"the gated q8gemv takes one row, an even BN and no K split, got M={m}, {dict(cfg)}")
+    outputs = outputs_per_program(bn, gated, m, split_k, cfg, "q8gemv")
     y, k_per_split, split_k = split_k_output(x2, n, k, split_k, bk)
     zeros = qw.zeros if qw.zeros is not None else qw.scales
-    _q8gemv_kernel[(triton_cdiv(n, bn // 2 if gated else bn), split_k)](
+    _q8gemv_kernel[(triton_cdiv(n, outputs), split_k)](
         x2, qw.qweight, qw.scales, zeros, bias if bias is not None else qw.scales, y,
         m, n, k, k_per_split, x2.stride(0), qw.qweight.stride(0), qw.scales.stride(0), y.stride(0),
         SYMMETRIC=qw.zeros is None, HAS_BIAS=bias is not None, BM=bm, ROWS=m, BN=bn, BK=bk,

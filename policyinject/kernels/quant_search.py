@@ -42,13 +42,12 @@ from .quantize import (
     QuantizedWeight,
     _check_bits,
     check_finite,
-    concat_rows,
     group_scale_zero,
+    in_row_blocks,
     pack_quantized,
     qrange,
     quantize_groups,
     resolve_group_size,
-    rows_per_chunk,
 )
 
 __all__ = ["hqq_quantize_weight", "gptq_quantize_weight", "HessianAccumulator"]
@@ -100,14 +99,12 @@ def hqq_quantize_weight(
         >>> l1(qh) <= l1(qr), qh.zeros.dtype
         (True, torch.float16)
     """
-    _check_bits(num_bits)
     if weight.dim() == 2:
-        rows = rows_per_block or rows_per_chunk(*weight.shape)
-        if rows < weight.shape[0]:
-            return concat_rows([
-                hqq_quantize_weight(weight[r:r + rows], num_bits, group_size, iters=iters, lp_norm=lp_norm,
-                                    beta=beta, kappa=kappa, scale_dtype=scale_dtype, rows_per_block=rows)
-                for r in range(0, weight.shape[0], rows)])
+        blocks = in_row_blocks(weight, rows_per_block, lambda block, rows: hqq_quantize_weight(
+            block, num_bits, group_size, iters=iters, lp_norm=lp_norm, beta=beta, kappa=kappa,
+            scale_dtype=scale_dtype, rows_per_block=rows))
+        if blocks is not None:
+            return blocks
     w, n, k, g = _prepare(weight, num_bits, group_size)
     w = w.reshape(n, k // g, g)
     scale_q, zero = group_scale_zero(w, num_bits, False, scale_dtype)

@@ -43,7 +43,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import attrs
 import torch
@@ -57,6 +57,7 @@ __all__ = [
     "dequantize_weight",
     "rows_per_chunk",
     "concat_rows",
+    "in_row_blocks",
     "pack_int4",
     "unpack_int4",
     "qrange",
@@ -219,6 +220,27 @@ def concat_rows(parts: Sequence[QuantizedWeight]) -> QuantizedWeight:
                         out_features=sum(p.out_features for p in parts))
 
 
+def in_row_blocks(
+    weight: torch.Tensor, rows_per_block: Optional[int], quantize_block: Callable[[torch.Tensor, int], QuantizedWeight]
+) -> Optional[QuantizedWeight]:
+    """``weight`` quantized by ``quantize_block(rows, rows_per_block)`` one block of rows at a time and stacked
+    (:func:`concat_rows`), or None when it fits one block (``rows_per_block``, default :func:`rows_per_chunk`):
+    then the caller quantizes it whole.
+
+    Example:
+        >>> w = torch.randn(6, 64)
+        >>> in_row_blocks(w, None, lambda b, r: quantize_weight(b, 8, rows_per_block=r)) is None
+        True
+        >>> in_row_blocks(w, 4, lambda b, r: quantize_weight(b, 8, rows_per_block=r)).out_features
+        6
+    """
+    n = weight.shape[0]
+    rows = rows_per_block or rows_per_chunk(n, weight.shape[1])
+    if rows >= n:
+        return None
+    return concat_rows([quantize_block(weight[r:r + rows], rows) for r in range(0, n, rows)])
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """Pack int values in ``[-8, 7]`` (shape ``[..., K]``, K even) into uint8 ``[..., K // 2]``.
 
@@ -281,10 +303,10 @@ def quantize_weight(
         raise TypeError(f"quantize_weight takes a floating-point weight, got {weight.dtype}")
     n, k = weight.shape
     g = resolve_group_size(k, num_bits, q_groups=q_groups, group_size=group_size)
-    rows = rows_per_block or rows_per_chunk(n, k)
-    if rows < n:
-        return concat_rows([quantize_weight(weight[r:r + rows], num_bits, g, symmetric, scale_dtype=scale_dtype,
-                                            rows_per_block=rows) for r in range(0, n, rows)])
+    blocks = in_row_blocks(weight, rows_per_block, lambda block, rows: quantize_weight(
+        block, num_bits, g, symmetric, scale_dtype=scale_dtype, rows_per_block=rows))
+    if blocks is not None:
+        return blocks
     w = weight.detach().to(torch.float32).reshape(n, k // g, g)
     check_finite(w)
     scale_q, zero = group_scale_zero(w, num_bits, symmetric, scale_dtype)
