@@ -16,13 +16,13 @@ loads its own file directly (:class:`PreShardedSource`); a different ``tp_size``
 
 Peak host memory is measured with ``/proc/self/status`` (``VmHWM``, reset through ``/proc/self/clear_refs``)
 or ``resource.getrusage`` where that is unavailable, and reported in
-``ctx.notes["tensor_parallel"]["load"]``.
+the plan's tensor-parallel layout (``plan.tensor_parallel.load``).
 
 Example:
     >>> import os, tempfile, torch
     >>> from safetensors.torch import save_file
     >>> d = tempfile.mkdtemp(); save_file({"w": torch.arange(12.).view(3, 4)}, os.path.join(d, "model.safetensors"))
-    >>> src = SafetensorsSource.from_dir(d)
+    >>> src = SafetensorsSource.from_files(safetensors_files(d))
     >>> src.read("w", dim=1, index=(1, 2, 3)).tolist()
     [[1.0, 2.0, 3.0], [5.0, 6.0, 7.0], [9.0, 10.0, 11.0]]
 """
@@ -191,10 +191,6 @@ class SafetensorsSource:
                 for k in f.keys():
                     files[k] = path
         return cls(files, torch.device(device), **kwargs)
-
-    @classmethod
-    def from_dir(cls, directory: str, device: Any = "cpu", **kwargs: Any) -> "SafetensorsSource":
-        return cls.from_files(safetensors_files(directory), device, **kwargs)
 
     def device_for(self, ref: torch.Tensor) -> torch.device:
         return self.device

@@ -11,8 +11,8 @@ of the TP group: replica ``d`` holds global ranks ``[d * tp, (d + 1) * tp)``.
 
 Example (no distributed environment: a single rank with no group):
     >>> info = TPInfo(rank=0, world_size=1, group=None)
-    >>> info.is_single, info.dp_rank
-    (True, 0)
+    >>> info.world_size, info.dp_rank
+    (1, 0)
     >>> tp_group_ranks(world_size=8, tp_size=4)
     [[0, 1, 2, 3], [4, 5, 6, 7]]
 """
@@ -41,10 +41,6 @@ class TPInfo:
     backend: str = ""
     #: True when only planning happened (no process group exists, e.g. ``policyinject inspect``).
     planning_only: bool = False
-
-    @property
-    def is_single(self) -> bool:
-        return self.world_size == 1
 
 
 def tp_group_ranks(world_size: int, tp_size: int) -> List[List[int]]:

@@ -51,12 +51,11 @@ def parameter_bytes(model: torch.nn.Module) -> int:
 class InferenceEngine(torch.nn.Module):
     """Wraps the transformed model. ``engine.module`` is the model itself (transformed in place)."""
 
-    def __init__(self, module: torch.nn.Module, config: Any, plan: Plan, context: Any = None) -> None:
+    def __init__(self, module: torch.nn.Module, config: Any, plan: Plan) -> None:
         super().__init__()
         self.module = module
         self.config = config
         self.plan = plan
-        self._context = context
         self._decoder = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -66,16 +65,15 @@ class InferenceEngine(torch.nn.Module):
 
     @property
     def report(self) -> dict:
-        """What the passes did: parameter bytes, per-pass notes and timings, lint."""
-        notes = {}
-        if self._context is not None:
-            for key, value in self._context.notes.items():
-                if isinstance(value, (int, float, str, bool, dict, list)):
-                    notes[key] = value
+        """What the passes did: parameter bytes, the summary (with timings), the plan's typed fields
+        (``dtype``, ``tensor_parallel``, ``quantize``, ``injection``, ``decode``, each present when its pass
+        ran) as JSON, and lint."""
+        fields = self.plan.fields_json()
+        fields.pop("layers", None)
         return {
             "parameter_bytes": parameter_bytes(self.module),
             "summary": dict(self.plan.summary),
-            "notes": notes,
+            **fields,
             "lint": list(self.plan.lint),
         }
 
@@ -100,10 +98,11 @@ class InferenceEngine(torch.nn.Module):
             return generate(*args, **kwargs)
 
     def _get_decoder(self) -> Any:
-        if self._decoder is None and self._context is not None:
-            factory = self._context.notes.get("decoder_factory")
-            if factory is not None:
-                self._decoder = factory(self)
+        """The decoder ``plan.decode`` describes (built once), or None."""
+        if self._decoder is None and self.plan.decode is not None:
+            from .decode.generate import build_decoder
+
+            self._decoder = build_decoder(self.module, self.plan)
         return self._decoder
 
     def extra_repr(self) -> str:

@@ -1,4 +1,9 @@
-"""``init_inference``: load the config, collect policies, match, plan every pass, then apply them in order.
+"""``init_inference``: load the config, resolve every policy, plan every pass, then apply them in order.
+
+Flow: ``load_config`` -> :func:`policyinject.policy.resolve.resolve_policies` (user forms, plugins, HF plans,
+AutoTP heuristics) -> each pass of :data:`PASSES` that ``enabled(config)`` plans, writing actions and typed
+plan fields -> each pass applies -> :class:`~policyinject.engine.InferenceEngine` (which builds its decoder
+from ``plan.decode``).
 
 Planning never mutates the model: if any pass fails to plan (a bad policy, a rule that cannot apply, head
 counts that cannot split), :class:`policyinject.errors.PlanError` is raised and the user's model is exactly
@@ -10,79 +15,56 @@ Example:
     >>> engine = pi.init_inference(model, dtype="fp32")
     >>> engine(torch.ones(1, 4)).shape
     torch.Size([1, 4])
+    >>> [p.name for p in PASSES]
+    ['dtype', 'tensor_parallel', 'quantize', 'kernel_inject', 'cuda_graph']
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import time
-from typing import Any, Optional
+from typing import Any, List, Optional, Tuple
 
+import attrs
 import torch
 
 from .config import InferenceConfig, load_config
 from .engine import InferenceEngine
-from .errors import PlanError, UnsupportedError
-from .matching import lint_linears, match_layers
+from .errors import PlanError
 from .passes.base import Pass, PassContext
+from .passes.cuda_graph import CudaGraphPass
+from .passes.dtype import DtypePass
+from .passes.kernel_inject import KernelInjectPass
+from .passes.quantize import QuantizePass
+from .passes.tensor_parallel import TensorParallelPass
 from .plan import Plan
 from .plugins import PluginManager
-from .policy import Policy
+from .policy.resolve import resolve_policies
 
-#: (config test, pass module, pass class, the config key that asks for it), in the fixed pass order.
-PASS_ORDER = (
-    ("dtype", "policyinject.passes.dtype", "DtypePass", "dtype"),
-    ("tensor_parallel", "policyinject.passes.tensor_parallel", "TensorParallelPass", "tensor_parallel.tp_size"),
-    ("quantize", "policyinject.passes.quantize", "QuantizePass", "quant"),
-    ("kernel_inject", "policyinject.passes.kernel_inject", "KernelInjectPass", "replace_with_kernel_inject"),
-    ("cuda_graph", "policyinject.passes.cuda_graph", "CudaGraphPass", "enable_cuda_graph"),
-)
+__all__ = ["PASSES", "Planned", "enabled_passes", "init_inference", "plan_inference", "prepare", "target_device"]
+
+#: Every pass, in the fixed order they plan and apply; ``Pass.enabled(config)`` says which run.
+PASSES: Tuple[type, ...] = (DtypePass, TensorParallelPass, QuantizePass, KernelInjectPass, CudaGraphPass)
 
 
-def _wanted(name: str, config: InferenceConfig) -> bool:
-    if name == "dtype":
-        return True
-    if name == "tensor_parallel":
-        return config.tensor_parallel.tp_size > 1 or bool(getattr(config, "checkpoint", None))
-    if name == "quantize":
-        return _quant_requested(config)
-    if name == "kernel_inject":
-        return bool(config.replace_with_kernel_inject)
-    if name == "cuda_graph":
-        return bool(config.enable_cuda_graph)
-    return False
+def enabled_passes(config: InferenceConfig) -> List[Pass]:
+    """Instances of the passes ``config`` asks for, in the fixed order.
 
-
-def _quant_requested(config: InferenceConfig) -> bool:
-    """Quantization is opt-in: ``quant.enabled`` (set by a ``quant`` section or by ``dtype=int8``)."""
-    return bool(config.quant.enabled)
-
-
-def build_passes(config: InferenceConfig) -> list:
-    """Instantiate the passes the config asks for, in the fixed order; a pass not available is an error."""
-    passes: list = []
-    for name, module_name, class_name, key in PASS_ORDER:
-        if not _wanted(name, config):
-            continue
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            raise UnsupportedError(
-                f"`{key}` asks for the {name} pass, which this version of policyinject does not provide yet"
-            ) from None
-        cls = getattr(module, class_name)
-        p: Pass = cls()
-        if p.enabled(config):
-            passes.append(p)
-    return passes
+    Example:
+        >>> [p.name for p in enabled_passes(load_config(None, dtype="int8", replace_with_kernel_inject=True))]
+        ['dtype', 'quantize', 'kernel_inject']
+    """
+    return [cls() for cls in PASSES if cls.enabled(config)]
 
 
 def target_device(model: torch.nn.Module, config: InferenceConfig) -> torch.device:
-    """CUDA (``LOCAL_RANK``'s device under torchrun) when available, else where the model already is."""
-    if getattr(config, "keep_module_on_host", False):
+    """CUDA (``LOCAL_RANK``'s device under torchrun) when available, else where the model already is.
+
+    Example:
+        >>> target_device(torch.nn.Linear(2, 2), load_config(None, keep_module_on_host=True))
+        device(type='cpu')
+    """
+    if config.keep_module_on_host:
         return torch.device("cpu")
     for p in model.parameters():
         if p.device.type not in ("cpu", "meta"):
@@ -93,56 +75,28 @@ def target_device(model: torch.nn.Module, config: InferenceConfig) -> torch.devi
     return torch.device("cpu")
 
 
-def user_policies(config: InferenceConfig) -> list:
-    """``injection_policy`` entries converted to :class:`Policy` objects (they win over plugins)."""
-    raw = getattr(config, "injection_policy", None) or {}
-    out = []
-    for key, value in raw.items():
-        layer = key
-        if isinstance(value, Policy):
-            policy = value if value.layer == layer else _with_layer(value, layer)
-        else:
-            from .policy.shortforms import from_deepspeed
+@attrs.define
+class Planned:
+    """A plan with what applying it needs: the pass context and each enabled pass with its actions."""
 
-            policy = from_deepspeed(layer, value)
-        out.append(policy.with_source("injection_policy"))
-    return out
+    plan: Plan
+    context: PassContext
+    passes: List[Tuple[Pass, list]]
 
 
-def _with_layer(policy: Policy, layer: Any) -> Policy:
-    import attrs
-
-    return attrs.evolve(policy, layer=layer)
-
-
-def plan_inference(model: torch.nn.Module, config: InferenceConfig,
-                   plugins: Optional[PluginManager] = None) -> tuple:
-    """Plan without mutating: returns ``(plan, context, passes)``. Raises PlanError on any problem."""
+def prepare(model: torch.nn.Module, config: InferenceConfig, plugins: Optional[PluginManager] = None) -> Planned:
+    """Resolve policies and plan every enabled pass without mutating anything (PlanError on any problem)."""
     manager = plugins if plugins is not None else PluginManager.default()
-    collected = manager.collect()
-    extra_user, extra_model = _tp_plan_policies(model, config)
-    matched = match_layers(
-        model,
-        user=user_policies(config) + extra_user,
-        plugins=list(collected.layer_policies),
-        model_policies=list(extra_model) + list(collected.model_policies),
-        select=manager.select_policy,
-    )
-    ctx = PassContext(
-        model=model,
-        config=config,
-        layers=matched.layers,
-        model_policy=matched.model_policy,
-        model_config=getattr(config, "config", None) or getattr(model, "config", None),
-        device=target_device(model, config),
-    )
-    plan = Plan()
-    for message in matched.lint + lint_linears(matched.layers):
+    resolved = resolve_policies(model, config, manager, autotp=TensorParallelPass.enabled(config))
+    plan = Plan(layers=resolved.layers, model_policy=resolved.model_policy, model_config=resolved.model_config)
+    for message in resolved.lint:
         plan.warn(message)
-    passes = build_passes(config)
+    ctx = PassContext(model=model, config=config, layers=resolved.layers, model_policy=resolved.model_policy,
+                      model_config=resolved.model_config, device=target_device(model, config),
+                      autotp_model_policy=resolved.autotp_model_policy, plan=plan)
     problems: list = []
     per_pass: list = []
-    for p in passes:
+    for p in enabled_passes(config):
         try:
             actions = p.plan(ctx)
         except PlanError as exc:
@@ -152,26 +106,33 @@ def plan_inference(model: torch.nn.Module, config: InferenceConfig,
         per_pass.append((p, actions))
     if problems:
         raise PlanError(problems)
-    plan.summary["layers matched"] = len(matched.layers)
-    quant = ctx.notes.get("quantize")
-    if quant:
-        plan.summary["weight bytes (planned)"] = (
-            f"{quant['model_bytes_before'] / 2**30:.3f} GiB -> {quant['model_bytes_after'] / 2**30:.3f} GiB "
-            f"({quant['ratio']:.2f}x; the {quant['linears']} quantized linears "
-            f"{quant['linear_bytes_after'] / max(quant['linear_bytes_before'], 1):.2f}x at {quant['bits']} bits)")
-    if matched.model_policy is not None:
-        plan.summary["model policy"] = f"{matched.model_policy.model_name} ({matched.model_policy.source})"
+    plan.summary["layers matched"] = len(resolved.layers)
+    if plan.quantize is not None:
+        plan.summary["weight bytes (planned)"] = plan.quantize.describe()
+    if resolved.model_policy is not None:
+        plan.summary["model policy"] = f"{resolved.model_policy.model_name} ({resolved.model_policy.source})"
     plan.summary["device"] = str(ctx.device)
-    return plan, ctx, per_pass
+    return Planned(plan, ctx, per_pass)
 
 
-def _tp_plan_policies(model: torch.nn.Module, config: InferenceConfig) -> tuple:
-    tp_plan = getattr(getattr(config, "tensor_parallel", None), "tp_plan", None)
-    if not isinstance(tp_plan, dict) or not tp_plan:
-        return [], []
-    from .policy.shortforms import from_hf_plan
+def plan_inference(model: torch.nn.Module, config: Any = None, *, plugins: Optional[PluginManager] = None,
+                   **kwargs: Any) -> Plan:
+    """What ``init_inference`` would do to ``model``, without changing it: the typed :class:`Plan`.
 
-    return from_hf_plan(tp_plan, model)
+    ``config`` and keyword arguments are what :func:`policyinject.load_config` takes. The plan's public
+    fields: ``layers`` (each resolved layer with its policy and how it was resolved), ``actions``, ``lint``,
+    ``summary``, ``dtype``, ``tensor_parallel`` (the TP layout), ``quantize``, ``decode``; it prints as a
+    table and ``plan.to_json()`` is JSON-able. Raises :class:`~policyinject.errors.PlanError` on any problem.
+
+    Example:
+        >>> import torch, policyinject as pi
+        >>> plan = plan_inference(torch.nn.Sequential(torch.nn.Linear(4, 4)), dtype="fp32")
+        >>> plan.actions[0].action, plan.dtype, plan.tensor_parallel is None
+        ('keep', torch.float32, True)
+        >>> sorted(plan.to_json())[:4]
+        ['actions', 'dtype', 'layers', 'lint']
+    """
+    return prepare(model, load_config(config, **kwargs), plugins).plan
 
 
 def init_inference(model: torch.nn.Module, config: Any = None, *,
@@ -190,30 +151,30 @@ def init_inference(model: torch.nn.Module, config: Any = None, *,
     """
     cfg = load_config(config, **kwargs)
     started = time.perf_counter()
-    plan, ctx, per_pass = plan_inference(model, cfg, plugins)
-    planned = time.perf_counter()
+    planned = prepare(model, cfg, plugins)
+    plan, ctx = planned.plan, planned.context
+    planned_at = time.perf_counter()
     timings = {}
-    for p, actions in per_pass:
+    for p, actions in planned.passes:
         t0 = time.perf_counter()
-        if p.name == "cuda_graph":
+        if isinstance(p, CudaGraphPass):
             _place(ctx)
         p.apply(ctx, actions)
         timings[p.name] = round(time.perf_counter() - t0, 4)
     _place(ctx)
-    _release_originals(plan, ctx)
-    plan.summary["plan seconds"] = round(planned - started, 4)
+    _release_originals(ctx)
+    plan.summary["plan seconds"] = round(planned_at - started, 4)
     plan.summary["apply seconds"] = timings
-    return InferenceEngine(model, cfg, plan, ctx)
+    return InferenceEngine(model, cfg, plan)
 
 
-def _release_originals(plan: Plan, ctx: PassContext) -> None:
+def _release_originals(ctx: PassContext) -> None:
     """Drop every reference to modules the passes replaced, so their weights are freed.
 
-    Action payloads and the matched-layer list point at the original layers; kept alive by the engine,
+    Action payloads and the resolved-layer list point at the original layers; kept alive by the engine,
     they would hold a second copy of every weight that kernel injection fused or TP sharded.
     """
-    import attrs
-
+    plan = ctx.plan
     plan.actions[:] = [attrs.evolve(a, payload=None) if a.payload is not None else a for a in plan.actions]
     current = []
     for m in ctx.layers:
@@ -222,14 +183,14 @@ def _release_originals(plan: Plan, ctx: PassContext) -> None:
         except AttributeError:
             continue
     ctx.layers = current
+    plan.layers = current
 
 
 def _place(ctx: PassContext) -> None:
-    if ctx.notes.get("placed"):
+    """Move the model to the target device once (not a model with parameters left on the meta device)."""
+    if ctx.placed:
         return
-    device = ctx.device or torch.device("cpu")
+    ctx.placed = True
     if any(p.device.type == "meta" for p in ctx.model.parameters()):
-        ctx.notes["placed"] = True
         return
-    ctx.model.to(device)
-    ctx.notes["placed"] = True
+    ctx.model.to(ctx.device or torch.device("cpu"))

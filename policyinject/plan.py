@@ -1,6 +1,9 @@
 """The plan: what will happen to each module, computed before anything is mutated.
 
 Each pass contributes :class:`Action` rows during planning; the pipeline then applies them pass by pass.
+Besides the actions, a plan holds the typed facts passes hand to each other (the contract between passes,
+:mod:`policyinject.plan_fields`): the resolved layers, the float dtype, the tensor-parallel layout, the
+quantization and injection summaries and the decode description the engine builds its decoder from.
 A plan prints as a table and serialises to JSON, so ``policyinject inspect`` can show it without touching
 the model, and lint findings (rules that matched nothing, linears no rule covers, layer classes no policy
 covers) travel with it.
@@ -21,19 +24,14 @@ Example:
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import attrs
 
+from .plan_fields import DecodeDescription, InjectionSummary, QuantizeSummary, TensorParallelLayout, jsonable
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
+
+_jsonable = jsonable
 
 
 @attrs.frozen
@@ -41,7 +39,8 @@ class Action:
     """One planned change to one module.
 
     ``details`` must be JSON-able (ints, strings, lists); a pass keeps whatever it needs to apply the
-    action in ``payload``, which is neither printed nor serialised.
+    action in ``payload`` (an attrs instance of the pass's own payload class), which is neither printed nor
+    serialised.
     """
 
     pass_name: str
@@ -63,11 +62,36 @@ class Action:
 
 @attrs.define
 class Plan:
-    """Ordered actions of every pass, plus lint findings and a summary of what each pass measured."""
+    """Ordered actions of every pass, lint findings, a summary, and the typed fields passes share.
+
+    ========================  ==================================  ===========================================
+    field                     written by                          read by
+    ========================  ==================================  ===========================================
+    ``layers``                policy resolution (before passes)   every pass, ``inspect``
+    ``model_policy``          policy resolution                   tensor_parallel, kernel_inject, decoder
+    ``dtype``                 dtype pass (plan)                   quantize (bytes per element)
+    ``tensor_parallel``       tensor_parallel pass (plan, apply)  quantize, kernel_inject (local shapes, heads)
+    ``quantize``              quantize pass (plan, apply)         summary, ``engine.report``
+    ``injection``             kernel_inject pass (apply)          ``engine.report``
+    ``decode``                kernel_inject / cuda_graph passes   ``InferenceEngine.generate``
+    ========================  ==================================  ===========================================
+    """
 
     actions: list = attrs.field(factory=list)
     lint: list = attrs.field(factory=list)
     summary: dict = attrs.field(factory=dict)
+    #: Every layer a policy covers (:class:`policyinject.policy.resolve.ResolvedLayer`), in model order.
+    layers: list = attrs.field(factory=list)
+    #: The model-level policy, if one matched the model class.
+    model_policy: Any = None
+    #: The architecture config used for head counts (``config.config`` override, else ``model.config``).
+    model_config: Any = attrs.field(default=None, repr=False)
+    #: The float dtype parameters end up in (a ``torch.dtype``).
+    dtype: Any = None
+    tensor_parallel: Optional[TensorParallelLayout] = None
+    quantize: Optional[QuantizeSummary] = None
+    injection: Optional[InjectionSummary] = None
+    decode: Optional[DecodeDescription] = None
 
     def add(self, action: Action) -> None:
         self.actions.append(action)
@@ -87,11 +111,25 @@ class Plan:
     def __len__(self) -> int:
         return len(self.actions)
 
+    def fields_json(self) -> dict:
+        """The typed fields (resolved layers, dtype, TP layout, summaries, decode description) as JSON."""
+        out: dict = {"layers": [layer.to_json() for layer in self.layers]}
+        if self.model_policy is not None:
+            out["model_policy"] = f"{self.model_policy.model_name} ({self.model_policy.source})"
+        if self.dtype is not None:
+            out["dtype"] = str(self.dtype).replace("torch.", "")
+        for name in ("tensor_parallel", "quantize", "injection", "decode"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value.to_json()
+        return out
+
     def to_json(self) -> dict:
         return {
             "actions": [a.to_json() for a in self.actions],
             "lint": list(self.lint),
             "summary": _jsonable(self.summary),
+            **self.fields_json(),
         }
 
     def dumps(self) -> str:

@@ -11,7 +11,7 @@ from policyinject.config import ConfigError, WeightQuantConfig, json_schema, loa
 from policyinject.kernels.quant_search import hqq_quantize_weight
 from policyinject.kernels.quantize import INT4_DEFAULT_GROUP, quantize_weight
 from policyinject.modules.quant_linear import QuantLinear
-from policyinject.passes.base import MatchedLayer, PassContext
+from policyinject.passes.base import PassContext, ResolvedLayer
 from policyinject.passes.quantize import QuantizePass, plan_group_size, quant_spec_from_config, resolve_method
 from policyinject.policy import MLPSpec, Policy
 
@@ -27,7 +27,7 @@ POLICY = Policy(Block, mlp=MLPSpec(fc1="fc1", fc2="fc2"))
 
 def _ctx(block: Block, **config) -> PassContext:
     cfg = load_config(None, **config)
-    return PassContext(model=block, config=cfg, layers=[MatchedLayer("", block, POLICY)], device=torch.device("cpu"))
+    return PassContext(model=block, config=cfg, layers=[ResolvedLayer("", block, POLICY)], device=torch.device("cpu"))
 
 
 def _resolved(**config) -> tuple:

@@ -13,7 +13,7 @@ from policyinject.kernels.quant_search import hqq_quantize_weight
 from policyinject.kernels.quantize import dequantize_weight, quantize_weight
 from policyinject.modules.quant_linear import QuantLinear
 from policyinject.modules.tensor_parallel import RowParallelLinear
-from policyinject.passes.base import MatchedLayer, PassContext
+from policyinject.passes.base import PassContext, ResolvedLayer
 from policyinject.passes.quantize import QuantizePass, quant_spec_from_config, quantize_linear, resolve_method
 from policyinject.policy import MLPSpec, Policy
 
@@ -29,7 +29,7 @@ POLICY = Policy(Block, mlp=MLPSpec(fc1="fc1", fc2="fc2"))
 
 def _apply(block: Block, **quant) -> list:
     cfg = load_config(None, quant={"enabled": True, **quant})
-    ctx = PassContext(model=block, config=cfg, layers=[MatchedLayer("", block, POLICY)], device=torch.device("cpu"))
+    ctx = PassContext(model=block, config=cfg, layers=[ResolvedLayer("", block, POLICY)], device=torch.device("cpu"))
     p = QuantizePass()
     actions = p.plan(ctx)
     p.apply(ctx, actions)

@@ -12,7 +12,7 @@ from policyinject.config import load_config
 from policyinject.errors import PlanError
 from policyinject.modules.quant_linear import QuantLinear
 from policyinject.modules.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from policyinject.passes.base import MatchedLayer, PassContext
+from policyinject.passes.base import PassContext, ResolvedLayer
 from policyinject.passes.quantize import QuantizePass, QuantSpec, plan_group_size, quantize_linear
 from policyinject.policy import AttentionSpec, MLPSpec, Policy
 
@@ -67,7 +67,7 @@ POLICY = Policy(
 
 def _ctx(model: Model, **config) -> PassContext:
     cfg = load_config(None, **config)
-    layers = [MatchedLayer(f"layers.{i}", layer, POLICY) for i, layer in enumerate(model.layers)]
+    layers = [ResolvedLayer(f"layers.{i}", layer, POLICY) for i, layer in enumerate(model.layers)]
     return PassContext(model=model, config=cfg, layers=layers, device=torch.device("cpu"))
 
 
@@ -97,8 +97,9 @@ def test_plan_does_not_mutate_and_apply_quantizes() -> None:
     p.apply(ctx, actions)
     assert isinstance(model.layers[1].self_attn.q_proj, QuantLinear)
     assert isinstance(model.lm_head, nn.Linear) and isinstance(model.embed, nn.Embedding)
-    notes = ctx.notes["quantize"]
-    assert notes["linears"] == 14 and notes["model_bytes_after"] < 0.4 * notes["model_bytes_before"]
+    summary = ctx.plan.quantize
+    assert not summary.planned and summary.linears == 14
+    assert summary.model_bytes_after < 0.4 * summary.model_bytes_before
     out = model(ids).detach()
     assert ((out - ref).norm() / ref.norm()) < 0.02
 

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     model = build_model(args.model)
     try:
-        plan, _, _ = plan_inference(model, config)
+        plan = plan_inference(model, config)
     except PlanError as exc:
         print(f"policyinject inspect: planning failed:\n{exc}", file=sys.stderr)
         return 1

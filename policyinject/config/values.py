@@ -176,16 +176,6 @@ def mapping(value: Any) -> dict:
     return dict(items)
 
 
-def optional_mapping(value: Any) -> Optional[dict]:
-    """None, or a :func:`mapping`.
-
-    Example:
-        >>> optional_mapping(None) is None
-        True
-    """
-    return None if value is None else mapping(value)
-
-
 def checkpoint(value: Any) -> Any:
     """None, a path to a checkpoint description (str / path-like), or the description as a mapping.
 

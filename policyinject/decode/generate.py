@@ -44,7 +44,7 @@ from .runner import DecodeRunner, decode_problems
 from .sampling import Sampler, greedy
 from .state import DecodeState
 
-__all__ = ["Decoder", "GenerateParams", "resolve_params", "make_decoder_factory"]
+__all__ = ["Decoder", "GenerateParams", "resolve_params", "build_decoder"]
 
 #: Hugging Face's defaults for keys a model's generation config leaves unset.
 _HF_DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
@@ -192,18 +192,21 @@ class Decoder:
     # ---------------------------------------------------------------------------------------- building
     @classmethod
     def from_engine(cls, engine: Any, use_graphs: bool = False) -> "Decoder":
-        """Build from an :class:`~policyinject.engine.InferenceEngine` (its config and pass context)."""
-        ctx = engine._context
-        return cls.from_context(engine.module, ctx, use_graphs)
+        """Build from an :class:`~policyinject.engine.InferenceEngine` (its model and plan)."""
+        return cls.from_plan(engine.module, engine.plan, use_graphs)
 
     @classmethod
-    def from_context(cls, model: torch.nn.Module, ctx: Any, use_graphs: bool) -> "Decoder":
-        config = getattr(ctx, "config", None)
-        return cls(model, getattr(ctx, "model_policy", None), model_config=getattr(ctx, "model_config", None),
-                   max_len=int(getattr(config, "max_out_tokens", 1024) or 1024),
-                   batch_capacity=getattr(config, "max_batch_size", None), use_graphs=use_graphs,
-                   graph_cache_size=int(getattr(config, "cuda_graph_cache_size", 8) or 8),
-                   backend=str(getattr(config, "kernel_backend", "auto") or "auto"))
+    def from_plan(cls, model: torch.nn.Module, plan: Any, use_graphs: Optional[bool] = None) -> "Decoder":
+        """Build from a :class:`~policyinject.plan.Plan`: its model policy, model config and decode description
+        (``use_graphs`` None: the description's). Raises ``UnsupportedError`` for a model it cannot run."""
+        d = plan.decode
+        if d is None:
+            from ..plan_fields import DecodeDescription
+
+            d = DecodeDescription(use_graphs=bool(use_graphs))
+        return cls(model, plan.model_policy, model_config=plan.model_config, max_len=d.max_len,
+                   batch_capacity=d.batch_capacity, use_graphs=d.use_graphs if use_graphs is None else use_graphs,
+                   graph_cache_size=d.graph_cache_size, backend=d.backend)
 
     @property
     def device(self) -> torch.device:
@@ -368,32 +371,19 @@ def _finished_length(st: DecodeState, n: int) -> int:
     return int(first.max()) + 1 if all_done else n
 
 
-def make_decoder_factory(ctx: Any, use_graphs: bool, when_unsupported: str = "raise"
-                         ) -> Callable[[Any], Optional[Decoder]]:
-    """The ``ctx.notes["decoder_factory"]`` a pass installs: ``factory(engine) -> Decoder``.
-
-    ``when_unsupported="none"`` makes the factory return None for a model the decode engine cannot run
-    (layers not injected, no model policy, ALiBi, ...), so that ``engine.generate`` falls back to the model's
-    own ``generate``: the right choice for the ``kernel_inject`` pass, which injects models the decoder may
-    not support. The ``cuda_graph`` pass keeps ``"raise"`` (it checked support when planning).
+def build_decoder(model: torch.nn.Module, plan: Any) -> Optional[Decoder]:
+    """The decoder ``plan.decode`` describes, or None: no description (the model's own ``generate`` is used),
+    or a model the decode engine cannot run when the description says to fall back.
 
     Example:
-        >>> import torch
-        >>> from policyinject.passes.base import PassContext
-        >>> from policyinject.presets import tiny_model
-        >>> ctx = PassContext(model=tiny_model("llama"), config=None)   # no model policy, nothing injected
-        >>> engine = type("E", (), {"module": ctx.model, "_context": ctx})()
-        >>> make_decoder_factory(ctx, use_graphs=False, when_unsupported="none")(engine) is None
+        >>> from policyinject.plan import Plan
+        >>> from policyinject.plan_fields import DecodeDescription
+        >>> build_decoder(None, Plan()) is None
+        True
+        >>> build_decoder(None, Plan(decode=DecodeDescription(False, problems=("ALiBi",)))) is None
         True
     """
-    if when_unsupported not in ("raise", "none"):
-        raise ValueError(f"when_unsupported must be 'raise' or 'none', got {when_unsupported!r}")
-
-    def factory(engine: Any) -> Optional[Decoder]:
-        context = ctx if ctx is not None else engine._context
-        if when_unsupported == "none" and decode_problems(engine.module, getattr(context, "model_policy", None),
-                                                          getattr(context, "model_config", None)):
-            return None
-        return Decoder.from_context(engine.module, context, use_graphs)
-
-    return factory
+    d = plan.decode
+    if d is None or (d.problems and d.when_unsupported == "fallback"):
+        return None
+    return Decoder.from_plan(model, plan)

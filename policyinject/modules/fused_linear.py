@@ -21,47 +21,10 @@ from typing import Sequence
 
 import torch
 
+from .._nn import in_features, is_conv1d, out_features
 from ..errors import PolicyError
 
 __all__ = ["fuse_linears", "as_linear", "is_conv1d", "out_features", "in_features"]
-
-
-def is_conv1d(module: torch.nn.Module) -> bool:
-    """True for a GPT-2 style ``Conv1D`` (weight ``[in, out]``, attribute ``nf`` = out features).
-
-    Example:
-        >>> is_conv1d(torch.nn.Linear(2, 2))
-        False
-    """
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
-
-
-def out_features(module: torch.nn.Module) -> int:
-    """Output features of a linear-like module (``nn.Linear``, ``Conv1D`` or anything with ``out_features``).
-
-    Example:
-        >>> out_features(torch.nn.Linear(2, 5))
-        5
-    """
-    if is_conv1d(module):
-        return int(module.nf)
-    if hasattr(module, "out_features"):
-        return int(module.out_features)
-    return int(module.weight.shape[0])
-
-
-def in_features(module: torch.nn.Module) -> int:
-    """Input features of a linear-like module.
-
-    Example:
-        >>> in_features(torch.nn.Linear(2, 5))
-        2
-    """
-    if is_conv1d(module):
-        return int(module.weight.shape[0])
-    if hasattr(module, "in_features"):
-        return int(module.in_features)
-    return int(module.weight.shape[1])
 
 
 def _new_linear(weight: torch.Tensor, bias: "torch.Tensor | None") -> torch.nn.Linear:

@@ -1,34 +1,33 @@
 """The pass contract: every transformation plans first (no mutation), then applies its own actions.
 
-A pass sees a :class:`PassContext`: the model, the parsed config, the policies matched to module paths,
-the model config used for head counts, and the per-run tensor-parallel information. ``plan`` returns
-actions and may raise :class:`policyinject.errors.PlanError`; it must not mutate the model. ``apply``
-performs exactly the actions it planned, in order.
+A pass sees a :class:`PassContext`: the model, the parsed config, the resolved layers, the model-level
+policy, the model config used for head counts, the target device, the tensor-parallel runtime information,
+and the :class:`~policyinject.plan.Plan` whose typed fields passes read and write (the tensor-parallel
+layout, the quantization and injection summaries, the decode description). ``plan`` returns actions and may
+raise :class:`policyinject.errors.PlanError`; it must not mutate the model. ``apply`` performs exactly the
+actions it planned, in order. ``enabled(config)`` is the one switch saying whether the config asks for it.
 
 Example:
     >>> class Noop(Pass):
     ...     name = "noop"
     ...     def plan(self, ctx): return []
     ...     def apply(self, ctx, actions): pass
-    >>> Noop().enabled(None)
+    >>> from policyinject.config import load_config
+    >>> Noop.enabled(load_config(None))
     True
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import attrs
 import torch
 
+from ..plan import Plan
+from ..policy.resolved import ResolvedLayer
 
-@attrs.define
-class MatchedLayer:
-    """One module instance covered by a layer policy."""
-
-    path: str
-    module: torch.nn.Module
-    policy: Any  # policyinject.policy.Policy
+__all__ = ["Pass", "PassContext", "ResolvedLayer"]
 
 
 @attrs.define
@@ -37,18 +36,22 @@ class PassContext:
 
     model: torch.nn.Module
     config: Any  # policyinject.InferenceConfig
-    #: Layer instances matched to policies, in model order.
-    layers: list = attrs.field(factory=list)
+    #: Layer instances with their resolved policies, in model order.
+    layers: List[ResolvedLayer] = attrs.field(factory=list)
     #: The model-level policy, if one matched the model class.
     model_policy: Any = None
     #: The architecture config used for head counts (``config.config`` override, else ``model.config``).
     model_config: Any = None
     #: Target device for the model (``torch.device``).
     device: Optional[torch.device] = None
-    #: Tensor-parallel runtime info (rank, world size, group), set by the tensor-parallel pass.
+    #: AutoTP: embedding / head styles of the model's own Hugging Face plan (when no model policy matched).
+    autotp_model_policy: Any = None
+    #: Tensor-parallel runtime info (:class:`policyinject.distributed.TPInfo`), set by the tensor-parallel pass.
     tp: Any = None
-    #: Free-form notes a pass leaves for later passes (e.g. which linears were sharded).
-    notes: dict = attrs.field(factory=dict)
+    #: The plan being built: the typed fields passes share (``plan.tensor_parallel``, ``plan.quantize``, ...).
+    plan: Plan = attrs.field(factory=Plan)
+    #: The model has been moved to ``device`` (once, before the CUDA-graph pass or at the end).
+    placed: bool = False
 
     def module(self, path: str) -> torch.nn.Module:
         return self.model.get_submodule(path) if path else self.model
@@ -59,8 +62,9 @@ class Pass:
 
     name: str = "pass"
 
-    def enabled(self, config: Any) -> bool:
-        """Whether this pass has anything to do under ``config``."""
+    @classmethod
+    def enabled(cls, config: Any) -> bool:
+        """Whether ``config`` (an ``InferenceConfig``) asks for this pass: the one switch."""
         return True
 
     def plan(self, ctx: PassContext) -> list:  # pragma: no cover - interface

@@ -2,7 +2,8 @@
 CUDA graph.
 
 Asked for by ``enable_cuda_graph=True``. Unlike DeepSpeed (one graph of one forward, captured on the first
-call, bypassed by ``generate``), it installs the engine's decoder (``ctx.notes["decoder_factory"]``): a
+call, bypassed by ``generate``), it records the engine's decoder in the plan (``plan.decode``, a
+:class:`~policyinject.plan_fields.DecodeDescription` with ``use_graphs=True``), from which the engine builds: a
 static KV cache sized from ``max_out_tokens`` and ``max_batch_size``, an eager prefill, and decode steps
 captured per signature (batch size, attended cache span, greedy or sampling), at most
 ``cuda_graph_cache_size`` graphs, least recently used evicted. See docs/decode.md.
@@ -17,9 +18,9 @@ Planning checks, before anything is touched:
 - the model-level policy gives what the decode path needs (layers, embed, lm_head, rotary module).
 
 Example:
-    >>> p = CudaGraphPass()
-    >>> p.name, p.enabled(type("C", (), {"enable_cuda_graph": True})())
-    ('cuda_graph', True)
+    >>> from policyinject.config import load_config
+    >>> CudaGraphPass.name, CudaGraphPass.enabled(load_config(None))
+    ('cuda_graph', False)
 """
 
 from __future__ import annotations
@@ -28,42 +29,35 @@ from typing import Any, List
 
 import torch
 
-from ..decode.generate import make_decoder_factory
 from ..decode.graphs import require_cuda
 from ..decode.runner import decode_problems
 from ..errors import PlanError, UnsupportedError
 from ..plan import Action
+from ..modules.block import effective_block_kind
 from ..policy.model import BlockKind
 from .base import Pass, PassContext
+from .kernel_inject import decode_description
 
 __all__ = ["CudaGraphPass", "plan_problems"]
-
-
-def _layer_kind(matched: Any) -> BlockKind:
-    try:
-        from ..modules.block import effective_block_kind
-
-        return effective_block_kind(matched.policy, matched.module)
-    except ImportError:  # pragma: no cover - the block module ships with the package
-        return BlockKind(matched.policy.block)
 
 
 def plan_problems(ctx: PassContext) -> List[str]:
     """Why the decode engine could not run this model under this config (empty: it can). No CUDA check.
 
     Example:
+        >>> from policyinject.config import load_config
         >>> from policyinject.presets import tiny_model
         >>> from policyinject.passes.base import PassContext
-        >>> ctx = PassContext(model=tiny_model("llama"), config=type("C", (), {"replace_with_kernel_inject": False})())
+        >>> ctx = PassContext(model=tiny_model("llama"), config=load_config(None))
         >>> plan_problems(ctx)[0]
         '`enable_cuda_graph` needs `replace_with_kernel_inject` = True: the decode graphs run the injected blocks'
     """
     cfg = ctx.config
     problems: List[str] = []
-    tp = getattr(getattr(cfg, "tensor_parallel", None), "tp_size", 1) or 1
-    if int(tp) > 1:
+    tp = cfg.tensor_parallel.tp_size
+    if tp > 1:
         problems.append(f"`enable_cuda_graph` cannot be combined with `tensor_parallel.tp_size` = {tp}")
-    if not getattr(cfg, "replace_with_kernel_inject", False):
+    if not cfg.replace_with_kernel_inject:
         problems.append("`enable_cuda_graph` needs `replace_with_kernel_inject` = True: the decode graphs run the "
                         "injected blocks")
         return problems
@@ -80,7 +74,7 @@ def plan_problems(ctx: PassContext) -> List[str]:
             problems.append(f"{path}: no policy covers {type(layer).__name__}; the decode engine needs every decoder "
                             "layer injected")
             continue
-        kind = _layer_kind(matched)
+        kind = effective_block_kind(matched.policy, matched.module)
         if kind is BlockKind.OPAQUE:
             problems.append(f"{path}: the policy for {type(layer).__name__} ({matched.policy.source or 'unnamed'}) "
                             "is `opaque`, so the layer keeps its own forward; the decode engine needs a block "
@@ -96,8 +90,10 @@ class CudaGraphPass(Pass):
 
     name = "cuda_graph"
 
-    def enabled(self, config: Any) -> bool:
-        return bool(getattr(config, "enable_cuda_graph", False))
+    @classmethod
+    def enabled(cls, config: Any) -> bool:
+        """``enable_cuda_graph``."""
+        return bool(config.enable_cuda_graph)
 
     def plan(self, ctx: PassContext) -> list:
         require_cuda("`enable_cuda_graph` = True")
@@ -109,9 +105,9 @@ class CudaGraphPass(Pass):
             raise PlanError(problems)
         cfg = ctx.config
         details = {
-            "max_out_tokens": int(getattr(cfg, "max_out_tokens", 1024) or 1024),
-            "max_batch_size": getattr(cfg, "max_batch_size", None) or "first call",
-            "cuda_graph_cache_size": int(getattr(cfg, "cuda_graph_cache_size", 8) or 8),
+            "max_out_tokens": cfg.max_out_tokens,
+            "max_batch_size": cfg.max_batch_size or "first call",
+            "cuda_graph_cache_size": cfg.cuda_graph_cache_size,
             "prefill": "eager",
             "decode": "graph per (batch, span)",
         }
@@ -121,6 +117,4 @@ class CudaGraphPass(Pass):
         problems = decode_problems(ctx.model, ctx.model_policy, ctx.model_config)
         if problems:
             raise UnsupportedError("the decode engine cannot run the transformed model:\n  " + "\n  ".join(problems))
-        ctx.notes["decoder_factory"] = make_decoder_factory(ctx, use_graphs=True)
-        if actions:
-            ctx.notes["cuda_graph"] = dict(actions[0].details)
+        ctx.plan.decode = decode_description(ctx.config, use_graphs=True, when_unsupported="raise")

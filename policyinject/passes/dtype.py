@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import torch
 
 from ..plan import Action
@@ -65,6 +66,13 @@ def model_float_dtype(model: torch.nn.Module) -> torch.dtype:
     return torch.float32
 
 
+@attrs.frozen
+class Cast:
+    """Payload of the dtype pass's model-level action: the dtype parameters are cast to."""
+
+    dtype: torch.dtype
+
+
 class DtypePass(Pass):
     """Cast the model to the configured dtype, keeping fp32 norms where the policy asks for it."""
 
@@ -72,20 +80,20 @@ class DtypePass(Pass):
 
     def plan(self, ctx: PassContext) -> list:
         current = model_float_dtype(ctx.model)
-        target = resolve_dtype(getattr(ctx.config, "dtype", "auto"), current, ctx.device or torch.device("cpu"))
+        target = resolve_dtype(ctx.config.dtype, current, ctx.device or torch.device("cpu"))
         actions = [Action(self.name, "", type(ctx.model).__name__, "cast" if target != current else "keep",
-                          {"from": dtype_name(current), "to": dtype_name(target)}, payload=target)]
+                          {"from": dtype_name(current), "to": dtype_name(target)}, payload=Cast(target))]
         for layer in ctx.layers:
             for norm in layer.policy.norms:
                 if getattr(norm, "keep_fp32", False) and target != torch.float32:
                     path = f"{layer.path}.{norm.path}" if layer.path else norm.path
                     actions.append(Action(self.name, path, layer.policy.layer_name, "keep fp32", {}))
-        ctx.notes["dtype"] = target
+        ctx.plan.dtype = target
         return actions
 
     def apply(self, ctx: PassContext, actions: list) -> None:
         cast = actions[0]
-        target = cast.payload
+        target = cast.payload.dtype
         keep = [a.path for a in actions[1:]]
         if cast.action == "cast":
             ctx.model.to(dtype=target)

@@ -15,26 +15,30 @@ Asked for by ``replace_with_kernel_inject=True`` (alias ``kernel_inject``). For 
 The model-level final norm (``ModelPolicy.final_norm``) becomes a fused norm too. Planning checks every role
 path, head counts against projection shapes, activations against the policy, and the model's attention
 implementation, and raises :class:`~policyinject.errors.PlanError` listing every problem, before anything is
-touched. Head counts come from ``ctx.notes["tensor_parallel"]["heads"][layer_path]`` when tensor
-parallelism ran first, else from the model config.
+touched. Head counts come from the tensor-parallel layout (``plan.tensor_parallel.heads[layer_path]``) when
+tensor parallelism planned first, else from the model config. Apply records an
+:class:`~policyinject.plan_fields.InjectionSummary` in ``plan.injection`` and, without tensor parallelism, a
+:class:`~policyinject.plan_fields.DecodeDescription` in ``plan.decode`` (the engine's decoder, falling back
+to the model's own ``generate`` when the decode engine cannot run the transformed model).
 
 Example:
     >>> import torch
     >>> from policyinject.presets import tiny_model
-    >>> from policyinject.passes.base import PassContext, MatchedLayer
+    >>> from policyinject.config import load_config
+    >>> from policyinject.passes.base import PassContext, ResolvedLayer
     >>> from policyinject_plugins.llama import LLAMA_LAYER, LLAMA_CAUSAL_LM
     >>> model = tiny_model("llama")
-    >>> class Cfg: replace_with_kernel_inject = True; kernel_backend = "torch"
-    >>> layers = [MatchedLayer(f"model.layers.{i}", l, LLAMA_LAYER) for i, l in enumerate(model.model.layers)]
-    >>> ctx = PassContext(model=model, config=Cfg(), layers=layers, model_policy=LLAMA_CAUSAL_LM,
+    >>> cfg = load_config(None, replace_with_kernel_inject=True, kernel_backend="torch")
+    >>> layers = [ResolvedLayer(f"model.layers.{i}", l, LLAMA_LAYER) for i, l in enumerate(model.model.layers)]
+    >>> ctx = PassContext(model=model, config=cfg, layers=layers, model_policy=LLAMA_CAUSAL_LM,
     ...                   model_config=model.config)
     >>> p = KernelInjectPass()
     >>> actions = p.plan(ctx)
     >>> [(a.path, a.details["replace"]) for a in actions]
     [('model.layers.0', 'InjectedBlock'), ('model.layers.1', 'InjectedBlock'), ('model.norm', 'FusedRMSNorm')]
     >>> p.apply(ctx, actions)
-    >>> type(model.model.layers[0]).__name__
-    'InjectedBlock'
+    >>> type(model.model.layers[0]).__name__, ctx.plan.injection.blocks["model.layers.0"].kv_heads
+    ('InjectedBlock', 2)
 """
 
 from __future__ import annotations
@@ -44,9 +48,14 @@ from typing import Any, Optional
 import attrs
 import torch
 
+from .._nn import join_path as _join
+from .._nn import set_submodule as _set
+from .._nn import submodule_or_none as _sub
 from ..errors import PlanError, PolicyError
 from ..plan import Action
-from ..policy.model import BlockKind, NormKind, QKVLayout, read_size
+from ..plan_fields import DecodeDescription, InjectedLayerInfo, InjectionSummary
+from ..policy.geometry import config_heads, hidden_size
+from ..policy.model import BlockKind, NormKind, QKVLayout
 from .base import Pass, PassContext
 
 #: HF activation module classes -> the policy's activation names.
@@ -65,7 +74,24 @@ _ATTN_IMPLEMENTATIONS = (None, "sdpa", "eager")
 
 
 @attrs.frozen
-class _LayerPlan:
+class DecodeGemv:
+    """Payload of the ``decode gemv`` action: swap 16-bit linears of the injected layers for ``DecodeLinear``."""
+
+    backend: str
+    lm_head: Optional[str]
+
+
+@attrs.frozen
+class FinalNorm:
+    """Payload of the final-norm ``replace`` action."""
+
+    backend: str
+
+
+@attrs.frozen
+class LayerInjection:
+    """Payload of a layer's ``replace`` / ``replace_submodules`` action."""
+
     mode: str  # "block" or "submodules"
     policy: Any
     heads: int
@@ -79,19 +105,6 @@ class _LayerPlan:
 
 def _norm_class(kind: Any) -> str:
     return "FusedRMSNorm" if NormKind(kind) is NormKind.RMS else "FusedLayerNorm"
-
-
-def _sub(root: torch.nn.Module, path: str) -> Optional[torch.nn.Module]:
-    if not path:
-        return root
-    try:
-        return root.get_submodule(path)
-    except AttributeError:
-        return None
-
-
-def _join(prefix: str, path: str) -> str:
-    return f"{prefix}.{path}" if prefix and path else prefix or path
 
 
 def _covered(name: str, prefixes: set) -> bool:
@@ -108,12 +121,14 @@ class KernelInjectPass(Pass):
 
     name = "kernel_inject"
 
-    def enabled(self, config: Any) -> bool:
-        return bool(getattr(config, "replace_with_kernel_inject", False))
+    @classmethod
+    def enabled(cls, config: Any) -> bool:
+        """``replace_with_kernel_inject`` (alias ``kernel_inject``)."""
+        return bool(config.replace_with_kernel_inject)
 
     # ---------------------------------------------------------------------------------------------- plan
     def plan(self, ctx: PassContext) -> list:
-        backend = str(getattr(ctx.config, "kernel_backend", "auto") or "auto")
+        backend = str(ctx.config.kernel_backend)
         problems: list = []
         actions: list = []
         impl = getattr(ctx.model_config, "_attn_implementation", None)
@@ -151,27 +166,25 @@ class KernelInjectPass(Pass):
         head = ctx.model_policy.lm_head if ctx.model_policy is not None else None
         return Action(self.name, "", type(ctx.model).__name__, "decode gemv",
                       {"max_rows": DECODE_GEMV_MAX_ROWS, "min_elements": DECODE_GEMV_MIN_ELEMENTS,
-                       "lm_head": head or "-"}, ("decode_gemv", backend, head))
+                       "lm_head": head or "-"}, DecodeGemv(backend, head))
 
     def _heads(self, ctx: PassContext, path: str, policy: Any, where: str) -> tuple:
-        a = policy.attention
-        cfg = ctx.model_config
+        """(heads, kv heads, head_dim) of one layer on this rank: the TP layout's local counts when tensor
+        parallelism planned first, else the model config's."""
         try:
-            heads = read_size(cfg, a.num_heads)
-            kv = read_size(cfg, a.num_kv_heads) or heads
-            head_dim = read_size(cfg, a.head_dim)
+            counts = config_heads(ctx.model_config, policy.attention)
         except (PolicyError, AttributeError, TypeError, ValueError) as exc:
             raise PlanError(f"{where}: reading head counts from the model config failed: {exc}") from None
+        heads, kv, head_dim = counts.heads, counts.kv_heads, counts.head_dim
         if heads is None:
-            raise PlanError(f"{where}: the model config gives no head count ({a.num_heads!r})")
+            raise PlanError(f"{where}: the model config gives no head count ({policy.attention.num_heads!r})")
         if head_dim is None:
-            hidden = read_size(cfg, ("hidden_size", "n_embd", "d_model"))
-            if hidden is None or hidden % heads:
-                raise PlanError(f"{where}: cannot derive head_dim (hidden size {hidden}, {heads} heads)")
-            head_dim = hidden // heads
-        local = ctx.notes.get("tensor_parallel", {}).get("heads", {}).get(path)
-        if local:
-            heads, kv = int(local["heads"]), int(local.get("kv_heads", kv))
+            raise PlanError(f"{where}: cannot derive head_dim (hidden size {hidden_size(ctx.model_config)}, "
+                            f"{heads} heads)")
+        layout = ctx.plan.tensor_parallel
+        local = layout.heads.get(path) if layout is not None else None
+        if local is not None:
+            heads, kv = local.heads, local.kv_heads
         return heads, kv, head_dim
 
     def _plan_layer(self, ctx: PassContext, matched: Any, backend: str) -> Optional[Action]:
@@ -197,15 +210,15 @@ class KernelInjectPass(Pass):
         attn_root = need("", a.module, "attention module") if a.module else layer
         heads, kv, d = self._heads(ctx, path, policy, where)
         # Tensor parallelism plans before us and applies before us: check this rank's local shapes.
-        local_shapes = ctx.notes.get("tensor_parallel", {}).get("local_shapes", {})
+        layout = ctx.plan.tensor_parallel
 
         def out_f(rel: str, mod: torch.nn.Module) -> int:
-            shape = local_shapes.get(_join(path, rel))
-            return int(shape[0]) if shape else out_features(mod)
+            full = (out_features(mod), in_features(mod))
+            return layout.local_shape(_join(path, rel), full)[0] if layout is not None else full[0]
 
         def in_f(rel: str, mod: torch.nn.Module) -> int:
-            shape = local_shapes.get(_join(path, rel))
-            return int(shape[1]) if shape else in_features(mod)
+            full = (out_features(mod), in_features(mod))
+            return layout.local_shape(_join(path, rel), full)[1] if layout is not None else full[1]
 
         if heads % kv:
             problems.append(f"{where}: {heads} query heads do not group evenly over {kv} kv heads")
@@ -282,7 +295,7 @@ class KernelInjectPass(Pass):
                     and (kind is BlockKind.PARALLEL or policy.post_attention_norm is not None))
         if block_ok and not uncovered:
             details = {"replace": "InjectedBlock", "kind": kind.value, **details}
-            payload = _LayerPlan("block", policy, heads, kv, d, backend, kind)
+            payload = LayerInjection("block", policy, heads, kv, d, backend, kind)
             return Action(self.name, path, cls, "replace", details, payload)
 
         replace: list = []
@@ -312,7 +325,7 @@ class KernelInjectPass(Pass):
             details["reason"] = f"parameters outside the policy's roles: {uncovered[:4]}"
         if kept:
             details["kept"] = kept
-        payload = _LayerPlan("submodules", policy, heads, kv, d, backend, kind, tuple(replace))
+        payload = LayerInjection("submodules", policy, heads, kv, d, backend, kind, tuple(replace))
         return Action(self.name, path, cls, "replace_submodules", details, payload)
 
     @staticmethod
@@ -371,7 +384,7 @@ class KernelInjectPass(Pass):
         if module is None or not any(True for _ in module.parameters()):
             return None  # e.g. OPT-350m has no final norm
         return Action(self.name, mp.final_norm.path, type(module).__name__, "replace",
-                      {"replace": _norm_class(mp.final_norm.kind), "backend": backend}, ("final_norm", backend))
+                      {"replace": _norm_class(mp.final_norm.kind), "backend": backend}, FinalNorm(backend))
 
     # --------------------------------------------------------------------------------------------- apply
     def apply(self, ctx: PassContext, actions: list) -> None:
@@ -379,16 +392,18 @@ class KernelInjectPass(Pass):
         from ..modules.block import InjectedBlock, norm_from_spec
         from ..modules.mlp import InjectedMLP
 
-        notes = ctx.notes.setdefault("kernel_inject", {"blocks": {}, "submodules": {}})
+        summary = InjectionSummary()
+        ctx.plan.injection = summary
         for action in actions:
             plan = action.payload
             if plan is None:
                 continue
-            if isinstance(plan, tuple) and plan[0] == "decode_gemv":
-                _use_decode_gemv(ctx, [a.path for a in actions if isinstance(a.payload, _LayerPlan)], *plan[1:])
+            if isinstance(plan, DecodeGemv):
+                layer_paths = [a.path for a in actions if isinstance(a.payload, LayerInjection)]
+                summary.decode_gemv_linears = _use_decode_gemv(ctx, layer_paths, plan.backend, plan.lm_head)
                 continue
-            if isinstance(plan, tuple) and plan[0] == "final_norm":
-                _set(ctx.model, action.path, norm_from_spec(ctx.model, ctx.model_policy.final_norm, plan[1]))
+            if isinstance(plan, FinalNorm):
+                _set(ctx.model, action.path, norm_from_spec(ctx.model, ctx.model_policy.final_norm, plan.backend))
                 continue
             layer = ctx.module(action.path)
             policy = plan.policy
@@ -396,8 +411,8 @@ class KernelInjectPass(Pass):
             if plan.mode == "block":
                 block = InjectedBlock.build(layer, policy, backend=plan.backend, **counts)
                 _set(ctx.model, action.path, block)
-                notes["blocks"][action.path] = {"heads": plan.heads, "kv_heads": plan.kv_heads,
-                                                "head_dim": plan.head_dim, "kind": plan.kind.value}
+                summary.blocks[action.path] = InjectedLayerInfo(plan.heads, plan.kv_heads, plan.head_dim,
+                                                                plan.kind.value)
                 continue
             offset = policy.norms[0].weight_offset if policy.norms else 0.0
             for sub, what in plan.replace:
@@ -410,23 +425,38 @@ class KernelInjectPass(Pass):
                 else:
                     new = norm_from_spec(layer, policy.norms[int(what[5:])], plan.backend)
                 _set(layer, sub, new)
-            notes["submodules"][action.path] = [sub for sub, _ in plan.replace]
+            summary.submodules[action.path] = [sub for sub, _ in plan.replace]
         self._install_decoder(ctx)
 
     @staticmethod
     def _install_decoder(ctx: PassContext) -> None:
         """Let ``engine.generate`` use the decode engine (static KV cache, eager steps) on injected models.
 
-        Models the decode engine cannot run fall back to the model's own ``generate``; the ``cuda_graph``
-        pass replaces this factory with the graphed one. Under tensor parallelism the model's own
-        ``generate`` stays in charge.
+        Records a :class:`DecodeDescription` whose ``problems`` say why the decode engine cannot run the
+        transformed model (then ``generate`` falls back to the model's own); the ``cuda_graph`` pass
+        replaces it with the graphed one. Under tensor parallelism the model's own ``generate`` stays in
+        charge (no description).
         """
-        tp = getattr(getattr(ctx.config, "tensor_parallel", None), "tp_size", 1)
-        if tp != 1:
+        if ctx.config.tensor_parallel.tp_size != 1:
             return
-        from ..decode.generate import make_decoder_factory
+        from ..decode.runner import decode_problems
 
-        ctx.notes.setdefault("decoder_factory", make_decoder_factory(ctx, use_graphs=False, when_unsupported="none"))
+        ctx.plan.decode = decode_description(ctx.config, use_graphs=False, when_unsupported="fallback",
+                                             problems=decode_problems(ctx.model, ctx.model_policy, ctx.model_config))
+
+
+def decode_description(config: Any, use_graphs: bool, when_unsupported: str, problems: Any = ()) -> DecodeDescription:
+    """The decode description of ``config`` (an ``InferenceConfig``): cache length, batch, graph cache, backend.
+
+    Example:
+        >>> from policyinject.config import load_config
+        >>> decode_description(load_config(None, max_out_tokens=64), False, "fallback").max_len
+        64
+    """
+    return DecodeDescription(use_graphs=use_graphs, when_unsupported=when_unsupported,
+                             max_len=int(config.max_out_tokens), batch_capacity=config.max_batch_size,
+                             graph_cache_size=int(config.cuda_graph_cache_size), backend=str(config.kernel_backend),
+                             problems=tuple(problems))
 
 
 #: Rows up to which ``DecodeLinear`` runs the GEMV kernel (batch-1 decode), and the smallest weight it takes.
@@ -434,8 +464,8 @@ DECODE_GEMV_MAX_ROWS = 1
 DECODE_GEMV_MIN_ELEMENTS = 1 << 20
 
 
-def _use_decode_gemv(ctx: PassContext, layer_paths: list, backend: str, head: Optional[str]) -> None:
-    """Swap plain 16-bit ``nn.Linear``s of the injected layers (and the head) for ``DecodeLinear``."""
+def _use_decode_gemv(ctx: PassContext, layer_paths: list, backend: str, head: Optional[str]) -> int:
+    """Swap plain 16-bit ``nn.Linear``s of the injected layers (and the head) for ``DecodeLinear``; how many."""
     from ..modules.fast_linear import DecodeLinear
 
     def eligible(mod: torch.nn.Module) -> bool:
@@ -454,10 +484,4 @@ def _use_decode_gemv(ctx: PassContext, layer_paths: list, backend: str, head: Op
         if old.weight.is_contiguous():
             new.weight = old.weight  # the same Parameter: tied embeddings stay tied through .to(device)
         _set(ctx.model, path, new)
-    ctx.notes.setdefault("kernel_inject", {})["decode_gemv_linears"] = len(paths)
-
-
-def _set(root: torch.nn.Module, path: str, new: torch.nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, name, new)
+    return len(paths)

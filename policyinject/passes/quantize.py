@@ -16,29 +16,30 @@ So the int8 default is symmetric, per output channel, round to nearest; the int4
 HQQ.
 
 Each linear becomes one :class:`Action` (``quantize``, with bits, group size, symmetry and bytes before/after
-for this rank) or ``keep`` (with the reason). ``ctx.notes["quantize"]`` holds the summary.
+for this rank, whose local shape the tensor-parallel layout gives: ``plan.tensor_parallel.local_shapes``) or
+``keep`` (with the reason). ``plan.quantize`` (:class:`~policyinject.plan_fields.QuantizeSummary`) holds the
+summary.
 
 Example:
-    >>> import torch, types
+    >>> import torch
+    >>> from policyinject.config import load_config
     >>> from policyinject.policy import Policy, MLPSpec
-    >>> from policyinject.passes.base import MatchedLayer, PassContext
+    >>> from policyinject.passes.base import PassContext, ResolvedLayer
     >>> class Block(torch.nn.Module):
     ...     def __init__(self):
     ...         super().__init__()
     ...         self.fc1, self.fc2 = torch.nn.Linear(192, 256), torch.nn.Linear(256, 192)
     >>> block = Block()
     >>> policy = Policy(Block, mlp=MLPSpec(fc1="fc1", fc2="fc2"))
-    >>> w = types.SimpleNamespace(enabled=True, num_bits=4, q_groups=1, q_type="symmetric", group_size=None,
-    ...                           method="auto")  # symmetric int4 (the int4 default is asymmetric, with HQQ)
-    >>> cfg = types.SimpleNamespace(quant=types.SimpleNamespace(enabled=True, weight=w,
-    ...                             qkv=types.SimpleNamespace(enabled=True)), kernel_backend="torch")
-    >>> ctx = PassContext(model=block, config=cfg, layers=[MatchedLayer("", block, policy)])
+    >>> cfg = load_config(None, kernel_backend="torch",  # symmetric int4 (the int4 default is asymmetric, HQQ)
+    ...                   quant={"enabled": True, "weight": {"num_bits": 4, "q_type": "symmetric"}})
+    >>> ctx = PassContext(model=block, config=cfg, layers=[ResolvedLayer("", block, policy)])
     >>> p = QuantizePass()
     >>> actions = p.plan(ctx)
     >>> [(a.path, a.details["bits"], a.details["group_size"], a.details["method"]) for a in actions]
     [('fc1', 4, 32, 'rtn'), ('fc2', 4, 32, 'rtn')]
     >>> p.apply(ctx, actions)
-    >>> type(block.fc1).__name__, round(ctx.notes["quantize"]["ratio"], 2)
+    >>> type(block.fc1).__name__, round(ctx.plan.quantize.ratio, 2)
     ('QuantLinear', 0.14)
 """
 
@@ -55,8 +56,9 @@ from ..errors import PlanError
 from ..kernels.quant_search import hqq_quantize_weight
 from ..kernels.quantize import default_group_size, resolve_group_size
 from ..modules.quant_linear import QuantLinear
+from .._nn import is_conv1d, set_submodule, shape_out_in
 from ..plan import Action
-from ..policy import Style
+from ..plan_fields import QuantizeSummary
 from .base import Pass, PassContext
 
 __all__ = ["QuantizePass", "QuantSpec", "quantize_linear", "quant_spec_from_config", "resolve_method", "METHODS"]
@@ -103,7 +105,7 @@ class QuantSpec:
 
 
 def quant_spec_from_config(config: Any) -> QuantSpec:
-    """Read the quantization settings from an ``InferenceConfig`` (or any object with the same attributes).
+    """Read the quantization settings from an ``InferenceConfig``.
 
     ``q_type`` ``auto`` (the default) resolves by bit width (:func:`policyinject.config.model.resolve_q_type`).
 
@@ -116,24 +118,21 @@ def quant_spec_from_config(config: Any) -> QuantSpec:
         >>> spec.num_bits, spec.symmetric, resolve_method(spec.method, spec.num_bits, spec.symmetric)
         (4, False, 'hqq')
     """
-    quant = getattr(config, "quant", None)
-    weight = getattr(quant, "weight", None)
-    num_bits = int(getattr(weight, "num_bits", 8))
-    if str(getattr(config, "dtype", "")) in ("int8", "torch.int8") and not getattr(quant, "enabled", False):
-        num_bits = 8
-    q_type = resolve_q_type(str(getattr(weight, "q_type", "auto")).lower(), num_bits)
+    quant, weight = config.quant, config.quant.weight
+    num_bits = int(weight.num_bits)
+    q_type = resolve_q_type(str(weight.q_type).lower(), num_bits)
     if q_type in ("sym", "symmetric"):
         symmetric = True
     elif q_type in ("asym", "asymmetric"):
         symmetric = False
     else:
         raise PlanError(f"quant.weight.q_type must be 'auto', 'symmetric' or 'asymmetric', got {q_type!r}")
-    q_groups = getattr(weight, "q_groups", None)
-    group_size = getattr(weight, "group_size", None)
-    qkv = bool(getattr(getattr(quant, "qkv", None), "enabled", True))
-    backend = str(getattr(config, "kernel_backend", "auto") or "auto")
-    lm_head = bool(getattr(getattr(quant, "lm_head", None), "enabled", False))
-    method = str(getattr(weight, "method", "auto") or "auto").lower()
+    q_groups = weight.q_groups
+    group_size = weight.group_size
+    qkv = bool(quant.qkv.enabled)
+    backend = str(config.kernel_backend)
+    lm_head = bool(quant.lm_head.enabled)
+    method = str(weight.method).lower()
     resolve_method(method, num_bits, symmetric)  # raises PlanError for an unknown or impossible method
     return QuantSpec(num_bits, symmetric, None if q_groups is None else int(q_groups),
                      None if group_size is None else int(group_size), qkv, backend, lm_head, method)
@@ -184,15 +183,17 @@ def _is_linear_like(module: nn.Module) -> bool:
     return isinstance(w, torch.Tensor) and w.dim() == 2 and w.is_floating_point()
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+@attrs.frozen
+class QuantizeLinear:
+    """Payload of a ``quantize`` action: how to quantize one linear."""
 
-
-def _out_in(module: nn.Module, transposed: bool) -> tuple:
-    if hasattr(module, "local") and isinstance(module.local, nn.Module):
-        return _out_in(module.local, False)
-    w = module.weight
-    return (w.shape[1], w.shape[0]) if (transposed or _is_conv1d(module)) else (w.shape[0], w.shape[1])
+    num_bits: int
+    group_size: int
+    per_channel: bool
+    symmetric: bool
+    backend: str
+    transposed: bool
+    method: str
 
 
 def quantize_linear(
@@ -237,7 +238,7 @@ def quantize_linear(
     if isinstance(local, nn.Module):
         module.local = quantize_linear(local, num_bits, group_size, symmetric, backend, method=method)
         return module
-    transposed = transposed or _is_conv1d(module)
+    transposed = transposed or is_conv1d(module)
     if resolve_method(method, num_bits, symmetric) == "rtn":
         return QuantLinear.from_linear(module, num_bits, group_size, symmetric, backend, transposed=transposed)
     weight = module.weight.detach()
@@ -251,13 +252,6 @@ def _qkv_paths(policy: Any) -> set:
     if a is None:
         return set()
     return {a.path(n) for n in (a.q, a.k, a.v, a.qkv) if n is not None}
-
-
-def _styles(policy: Any, layer: nn.Module) -> dict:
-    styles_for = getattr(policy, "styles_for", None)
-    if callable(styles_for):
-        return dict(styles_for(layer)[0])
-    return dict(policy.linear_styles())
 
 
 def _model_bytes(model: nn.Module, float_size: Optional[int] = None) -> int:
@@ -291,8 +285,7 @@ def _quantize_action(spec: QuantSpec, path: str, cls: str, shape: tuple, local: 
                "bytes_before": local_out * local_in * size, "bytes_after": after}
     if local_in != in_f or local_out != out_f:
         details["local"] = [local_out, local_in]
-    payload = {"num_bits": spec.num_bits, "group_size": g, "per_channel": g == in_f, "symmetric": spec.symmetric,
-               "backend": spec.backend, "transposed": transposed, "method": spec.method}
+    payload = QuantizeLinear(spec.num_bits, g, g == in_f, spec.symmetric, spec.backend, transposed, spec.method)
     return Action(NAME, path, cls, "quantize", details, payload)
 
 
@@ -301,18 +294,20 @@ class QuantizePass(Pass):
 
     name = NAME
 
-    def enabled(self, config: Any) -> bool:
-        quant = getattr(config, "quant", None)
-        on = bool(getattr(quant, "enabled", False)) and bool(getattr(getattr(quant, "weight", None), "enabled", True))
-        return on or str(getattr(config, "dtype", "")) in ("int8", "torch.int8")
+    @classmethod
+    def enabled(cls, config: Any) -> bool:
+        """Weight quantization asked for (``quant.enabled``, also set by ``dtype="int8"``) and not switched
+        off by ``quant.weight.enabled``."""
+        return config.quantization_requested and bool(config.quant.weight.enabled)
 
     # ----------------------------------------------------------------------------------------------- plan
     def plan(self, ctx: PassContext) -> list:
         spec = quant_spec_from_config(ctx.config)
         if spec.num_bits not in (4, 8):
             raise PlanError(f"quant.weight.num_bits must be 8 or 4, got {spec.num_bits}")
-        tp = int(getattr(getattr(ctx.config, "tensor_parallel", None), "tp_size", 1) or 1)
-        float_dtype = ctx.notes.get("dtype")
+        layout = ctx.plan.tensor_parallel  # planned before us: this rank's local shapes
+        tp = layout.tp_size if layout is not None else 1
+        float_dtype = ctx.plan.dtype
         float_size = torch.empty((), dtype=float_dtype).element_size() if isinstance(float_dtype, torch.dtype) else None
         on_cuda = ctx.device is not None and torch.device(ctx.device).type == "cuda"
         actions: list = []
@@ -321,8 +316,8 @@ class QuantizePass(Pass):
         before_total = after_total = 0
         for layer in ctx.layers:
             qkv = _qkv_paths(layer.policy)
-            transposed = set(getattr(layer.policy, "transposed", ()) or ())
-            for rel, style in _styles(layer.policy, layer.module).items():
+            transposed = set(layer.policy.transposed)
+            for rel in layer.policy.styles_for(layer.module)[0]:
                 try:
                     mod = layer.module.get_submodule(rel)
                 except AttributeError:
@@ -340,8 +335,8 @@ class QuantizePass(Pass):
                     continue
                 if not _is_linear_like(mod):
                     continue
-                out_f, in_f = _out_in(mod, rel in transposed)
-                local_out, local_in = self._local(out_f, in_f, style, tp)
+                out_f, in_f = shape_out_in(mod, rel in transposed)
+                local_out, local_in = layout.local_shape(full, (out_f, in_f)) if layout is not None else (out_f, in_f)
                 size = float_size or getattr(mod, "local", mod).weight.element_size()
                 action = _quantize_action(spec, full, cls, (out_f, in_f), (local_out, local_in), size,
                                           rel in transposed, on_cuda, problems)
@@ -358,16 +353,10 @@ class QuantizePass(Pass):
         if problems:
             raise PlanError(problems)
         model_before = _model_bytes(ctx.model, float_size) // tp if tp > 1 else _model_bytes(ctx.model, float_size)
-        ctx.notes[NAME] = {
-            "linears": sum(1 for a in actions if a.action == "quantize"),
-            "bits": spec.num_bits,
-            "linear_bytes_before": before_total,
-            "linear_bytes_after": after_total,
-            "model_bytes_before": model_before,
-            "model_bytes_after": model_before - before_total + after_total,
-            "ratio": (model_before - before_total + after_total) / model_before if model_before else 1.0,
-            "planned": True,
-        }
+        ctx.plan.quantize = QuantizeSummary(
+            linears=sum(1 for a in actions if a.action == "quantize"), bits=spec.num_bits,
+            model_bytes_before=model_before, model_bytes_after=model_before - before_total + after_total,
+            linear_bytes_before=before_total, linear_bytes_after=after_total, planned=True)
         return actions
 
     @staticmethod
@@ -397,18 +386,6 @@ class QuantizePass(Pass):
             action.details.update(bytes_freed=0 if tied else action.details["bytes_before"], tied_to_embedding=tied)
         return action
 
-    @staticmethod
-    def _local(out_f: int, in_f: int, style: Any, tp: int) -> tuple:
-        """This rank's (out, in) under tensor parallelism (an even split estimate; apply sees the real shard)."""
-        if tp <= 1:
-            return out_f, in_f
-        value = getattr(style, "value", style)
-        if value in (Style.ROW.value, Style.ROW_SPLIT_INPUT.value):
-            return out_f, in_f // tp if in_f % tp == 0 else in_f
-        if value in (Style.COLUMN.value, Style.PACKED_COLUMN.value, Style.COLUMN_GATHER.value):
-            return (out_f // tp if out_f % tp == 0 else out_f), in_f
-        return out_f, in_f
-
     # ---------------------------------------------------------------------------------------------- apply
     def apply(self, ctx: PassContext, actions: list) -> None:
         before_model = _model_bytes(ctx.model)
@@ -416,25 +393,22 @@ class QuantizePass(Pass):
         for a in actions:
             if a.action != "quantize":
                 continue
-            p = a.payload
+            p: QuantizeLinear = a.payload
             mod = ctx.module(a.path)
-            _, local_in = _out_in(mod, p["transposed"])
-            group = local_in if p["per_channel"] else p["group_size"]
+            _, local_in = shape_out_in(mod, p.transposed)
+            group = local_in if p.per_channel else p.group_size
             if local_in % group:
                 raise PlanError(f"{a.path}: {local_in} input features on this rank are not a multiple of "
                                 f"group_size={group}")
-            new = quantize_linear(mod, p["num_bits"], group, p["symmetric"], p["backend"], transposed=p["transposed"],
-                                  method=p.get("method", "rtn"))
+            new = quantize_linear(mod, p.num_bits, group, p.symmetric, p.backend, transposed=p.transposed,
+                                  method=p.method)
             if new is not mod:
-                parent_path, _, child = a.path.rpartition(".")
-                setattr(ctx.module(parent_path), child, new)
+                set_submodule(ctx.model, a.path, new)
             done += 1
         after_model = _model_bytes(ctx.model)
-        notes = ctx.notes.setdefault(NAME, {})
-        notes.update({
-            "linears": done,
-            "model_bytes_before": before_model,
-            "model_bytes_after": after_model,
-            "ratio": after_model / before_model if before_model else 1.0,
-            "planned": False,
-        })
+        planned = ctx.plan.quantize
+        ctx.plan.quantize = QuantizeSummary(
+            linears=done, bits=planned.bits if planned is not None else 0, model_bytes_before=before_model,
+            model_bytes_after=after_model,
+            linear_bytes_before=planned.linear_bytes_before if planned is not None else 0,
+            linear_bytes_after=planned.linear_bytes_after if planned is not None else 0, planned=False)

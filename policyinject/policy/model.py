@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 import attrs
 
+from .._nn import is_conv1d, qualname
 from ..errors import PolicyError
 
 #: A head count (or other size) is read from the model config: an attribute name, a tuple of candidate
@@ -239,7 +240,7 @@ class Policy:
     def qualified_name(self) -> str:
         if isinstance(self.layer, str):
             return self.layer
-        return f"{self.layer.__module__}.{self.layer.__qualname__}"
+        return qualname(self.layer)
 
     def resolve_layer(self) -> Optional[type]:
         """Import the layer class if it is given by name; None when its module is not importable."""
@@ -251,7 +252,7 @@ class Policy:
         """True when ``module_class`` is this policy's layer class (exactly, or by qualified name)."""
         if not isinstance(self.layer, str):
             return module_class is self.layer
-        return f"{module_class.__module__}.{module_class.__qualname__}" == self.layer
+        return qualname(module_class) == self.layer
 
     def linear_styles(self) -> dict:
         """Every linear this policy names, with its tensor-parallel style (layer-relative path -> Style)."""
@@ -339,7 +340,7 @@ def is_linear_like(module: Any) -> bool:
 
     if isinstance(module, torch.nn.Linear) or getattr(module, "_policyinject_linear", False):
         return True
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+    return is_conv1d(module)
 
 
 @attrs.frozen
@@ -365,11 +366,6 @@ class ModelPolicy:
         if isinstance(self.model, str):
             return self.model.rsplit(".", 1)[-1]
         return self.model.__name__
-
-    def matches(self, model_class: type) -> bool:
-        if not isinstance(self.model, str):
-            return model_class is self.model
-        return f"{model_class.__module__}.{model_class.__qualname__}" == self.model
 
     def with_source(self, source: str) -> "ModelPolicy":
         return attrs.evolve(self, source=source)

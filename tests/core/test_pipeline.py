@@ -58,25 +58,25 @@ def test_auto_dtype_keeps_fp32_on_cpu_and_generate_delegates():
 
 def test_builtin_policies_match_every_layer_of_each_family():
     model = tiny_model("llama")
-    plan, ctx, _ = pi.plan_inference(model, pi.load_config({"dtype": "fp32"}))
-    assert [m.path for m in ctx.layers] == ["model.layers.0", "model.layers.1"]
-    assert all(m.policy.source == "plugin llama" for m in ctx.layers)
-    assert ctx.model_policy is not None and ctx.model_policy.layers == "model.layers"
+    plan = pi.plan_inference(model, pi.load_config({"dtype": "fp32"}))
+    assert [m.path for m in plan.layers] == ["model.layers.0", "model.layers.1"]
+    assert all(m.policy.source == "plugin llama" for m in plan.layers)
+    assert plan.model_policy is not None and plan.model_policy.layers == "model.layers"
 
 
 def test_user_policy_in_code_beats_plugins_and_shows_its_source():
     model = ToyForCausalLM(ToyConfig())
-    plan, ctx, _ = pi.plan_inference(model, pi.load_config({"injection_policy": {ToyBlock: TOY_BLOCK_POLICY}}))
-    assert {m.policy.source for m in ctx.layers} == {"injection_policy"}
-    plan, ctx, _ = pi.plan_inference(model, pi.load_config({}))
-    assert {m.policy.source for m in ctx.layers} == {"plugin toy"}
+    plan = pi.plan_inference(model, pi.load_config({"injection_policy": {ToyBlock: TOY_BLOCK_POLICY}}))
+    assert {m.policy.source for m in plan.layers} == {"injection_policy"}
+    plan = pi.plan_inference(model, pi.load_config({}))
+    assert {m.policy.source for m in plan.layers} == {"plugin toy"}
 
 
 def test_deepspeed_tuple_form_becomes_a_policy():
     model = ToyForCausalLM(ToyConfig())
     cfg = pi.load_config({"injection_policy": {ToyBlock: ("attn.out_proj", "mlp.fc2")}})
-    _, ctx, _ = pi.plan_inference(model, cfg)
-    styles, unmatched, uncovered = ctx.layers[0].policy.styles_for(ctx.layers[0].module)
+    plan = pi.plan_inference(model, cfg)
+    styles, unmatched, uncovered = plan.layers[0].policy.styles_for(plan.layers[0].module)
     assert {k: v.value for k, v in styles.items()} == {
         "attn.q_proj": "column", "attn.k_proj": "column", "attn.v_proj": "column", "attn.out_proj": "row",
         "mlp.fc1": "column", "mlp.fc2": "row",
@@ -87,8 +87,8 @@ def test_deepspeed_tuple_form_becomes_a_policy():
 def test_qualified_name_matching():
     model = ToyForCausalLM(ToyConfig())
     policy = Policy("policyinject_example_plugin.modeling.ToyBlock", styles={"attn.out_proj": "row"})
-    _, ctx, _ = pi.plan_inference(model, pi.load_config({"injection_policy": {ToyBlock: policy}}))
-    assert len(ctx.layers) == ToyConfig().num_hidden_layers
+    plan = pi.plan_inference(model, pi.load_config({"injection_policy": {ToyBlock: policy}}))
+    assert len(plan.layers) == ToyConfig().num_hidden_layers
 
 
 def test_lint_reports_uncovered_layer_classes_and_unmatched_rules():
@@ -103,9 +103,9 @@ def test_lint_reports_uncovered_layer_classes_and_unmatched_rules():
             self.layers = torch.nn.ModuleList([Other(), Other()])
 
     policy = Policy(Other, styles={"nothing_here": "row"})
-    plan, _, _ = pi.plan_inference(Net(), pi.load_config({}))
+    plan = pi.plan_inference(Net(), pi.load_config({}))
     assert "no policy covers layer class Other (2 instances)" in plan.lint
-    plan, _, _ = pi.plan_inference(Net(), pi.load_config({"injection_policy": {Other: policy}}))
+    plan = pi.plan_inference(Net(), pi.load_config({"injection_policy": {Other: policy}}))
     assert any("'nothing_here' matched no submodule" in m for m in plan.lint)
     assert any("linear 'lin' is covered by no rule" in m for m in plan.lint)
 

@@ -109,7 +109,7 @@ def test_select_policy_hook_breaks_ties():
     pm = PluginManager.empty()
     pm.register(make_plugin(first, second), "two")
     pm.register(Chooser, "chooser")
-    from policyinject.matching import match_layers
+    from policyinject.policy.matching import match_layers
 
     model = torch.nn.ModuleList([Block()])
     collected = pm.collect()

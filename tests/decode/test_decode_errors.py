@@ -42,12 +42,11 @@ def test_cuda_graphs_with_tensor_parallel_is_a_config_error():
 
 def _ctx(arch: str, **config):
     from policyinject.config import load_config
-    from policyinject.pipeline import plan_inference
+    from policyinject.pipeline import prepare
 
     cfg = load_config(dtype="fp32", **config)
     # plan without the cuda_graph pass (it refuses on a CPU machine before anything else)
-    _, ctx, _ = plan_inference(tiny_model(arch), cfg)
-    return ctx
+    return prepare(tiny_model(arch), cfg).context
 
 
 def test_plan_problems_without_kernel_injection():
@@ -88,20 +87,24 @@ def test_cuda_graph_pass_plan_raises_plan_error_on_gpu_machines_too(monkeypatch)
         cuda_graph.CudaGraphPass().plan(ctx)
 
 
-def test_eager_factory_falls_back_for_unsupported_models_and_serves_supported_ones():
-    from policyinject.decode.generate import Decoder, make_decoder_factory
+def test_eager_decoder_falls_back_for_unsupported_models_and_serves_supported_ones():
+    import attrs
+
+    from policyinject.decode.generate import Decoder, build_decoder
 
     init = _init_inference()
     unsupported = init(tiny_model("mixtral"), replace_with_kernel_inject=True, dtype="fp32")
-    factory = make_decoder_factory(unsupported._context, use_graphs=False, when_unsupported="none")
-    assert factory(unsupported) is None
+    decode = unsupported.plan.decode
+    assert decode is not None and not decode.supported and decode.when_unsupported == "fallback"
+    assert any("MixtralDecoderLayer" in p for p in decode.problems)
+    assert build_decoder(unsupported.module, unsupported.plan) is None
+    strict = attrs.evolve(unsupported.plan, decode=attrs.evolve(decode, when_unsupported="raise"))
     with pytest.raises(UnsupportedError, match="MixtralDecoderLayer"):
-        make_decoder_factory(unsupported._context, use_graphs=False)(unsupported)
+        build_decoder(unsupported.module, strict)
 
     reference = tiny_model("llama")
     expected = reference.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
     engine = init(reference, replace_with_kernel_inject=True, dtype="fp32")
-    engine._context.notes["decoder_factory"] = make_decoder_factory(engine._context, False, "none")
-    engine._decoder = None
+    assert engine.plan.decode.supported
     assert isinstance(engine._get_decoder(), Decoder)
     assert torch.equal(engine.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4), expected)

@@ -28,9 +28,8 @@ def test_engine_generate_uses_the_decoder_when_installed(injected):
     reference, engine = injected("llama")
     ids = prompts([5], seed=2)[0][None]
     expected = reference.generate(ids, max_new_tokens=6, do_sample=False)
-    decoder = engine._get_decoder()
-    if decoder is None:
-        pytest.skip("kernel_inject does not install the eager decoder factory yet")
+    assert engine.plan.decode is not None and engine.plan.decode.supported and not engine.plan.decode.use_graphs
+    assert engine._get_decoder() is not None
     assert torch.equal(engine.generate(ids, max_new_tokens=6), expected)
 
 

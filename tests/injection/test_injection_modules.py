@@ -124,7 +124,7 @@ def test_builtin_plugins_are_entry_points():
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_policies_name_real_classes_and_submodules(arch):
     """Class names resolve in the installed transformers; every role path exists on the tiny model."""
-    from policyinject.matching import match_layers
+    from policyinject.policy.matching import match_layers
     from policyinject.plugins import PluginManager
 
     pm = PluginManager.default()

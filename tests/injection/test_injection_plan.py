@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from policyinject.errors import PlanError
-from policyinject.passes.base import MatchedLayer, PassContext
+from policyinject.passes.base import PassContext, ResolvedLayer
 from policyinject.passes.kernel_inject import KernelInjectPass
 from policyinject.presets import tiny_model
 
@@ -43,7 +43,7 @@ def test_falcon_variants(overrides, layout, kind, norms, inject):
     action = _actions(engine)["transformer.h.0"]
     assert action.details["kind"] == kind
     assert layout in action.details["qkv"]
-    policies = {m.path: m.policy for m in engine._context.layers}  # payloads are released after apply
+    policies = {m.path: m.policy for m in engine.plan.layers}  # payloads are released after apply
     assert policies["transformer.h.0"].input_norm == norms
     _check(model, original)
 
@@ -99,11 +99,13 @@ def test_plan_is_jsonable_and_names_fusions(inject):
     assert "attn.c_attn" in _actions(engine)["transformer.h.0"].details["transposed"]
 
 
-def _ctx(model, policy, paths, notes=None, config=None):
-    layers = [MatchedLayer(p, model.get_submodule(p), policy) for p in paths]
-    cfg = type("C", (), {"replace_with_kernel_inject": True, "kernel_backend": "torch"})()
+def _ctx(model, policy, paths, layout=None, config=None):
+    from policyinject.config import load_config
+
+    layers = [ResolvedLayer(p, model.get_submodule(p), policy) for p in paths]
+    cfg = load_config(None, replace_with_kernel_inject=True, kernel_backend="torch")
     ctx = PassContext(model=model, config=cfg, layers=layers, model_config=config or model.config)
-    ctx.notes.update(notes or {})
+    ctx.plan.tensor_parallel = layout
     return ctx
 
 
@@ -130,9 +132,11 @@ def test_tensor_parallel_head_counts_are_used():
     from policyinject_plugins.llama import LLAMA_LAYER
 
     model = tiny_model("llama")
-    notes = {"tensor_parallel": {"heads": {"model.layers.0": {"heads": 2, "kv_heads": 1}}}}
+    from policyinject.plan_fields import LocalHeads, TensorParallelLayout
+
+    layout = TensorParallelLayout(tp_size=2, rank=0, grain=1, heads={"model.layers.0": LocalHeads(2, 1)})
     with pytest.raises(PlanError, match=r"self_attn.q_proj has 64 output features, expected 32"):
-        KernelInjectPass().plan(_ctx(model, LLAMA_LAYER, ["model.layers.0"], notes))
+        KernelInjectPass().plan(_ctx(model, LLAMA_LAYER, ["model.layers.0"], layout))
 
 
 def test_phi_qk_layernorm_is_kept_not_dropped(inject):

@@ -101,13 +101,15 @@ def test_block_run_matches_forward():
     from policyinject.modules.attention import sdpa
 
     model = tiny_model("qwen3")
-    from policyinject.passes.base import PassContext, MatchedLayer
+    from policyinject.passes.base import PassContext, ResolvedLayer
     from policyinject.passes.kernel_inject import KernelInjectPass
     from policyinject_plugins.qwen3 import QWEN3_LAYER
 
     layer = model.model.layers[0]
-    ctx = PassContext(model=model, config=type("C", (), {"kernel_backend": "torch"})(),
-                      layers=[MatchedLayer("model.layers.0", layer, QWEN3_LAYER)], model_config=model.config)
+    from policyinject.config import load_config
+
+    ctx = PassContext(model=model, config=load_config(None, replace_with_kernel_inject=True, kernel_backend="torch"),
+                      layers=[ResolvedLayer("model.layers.0", layer, QWEN3_LAYER)], model_config=model.config)
     p = KernelInjectPass()
     p.apply(ctx, p.plan(ctx))
     block = model.model.layers[0]
@@ -125,7 +127,7 @@ def test_block_run_matches_forward():
         got = block.run(x, cos, sin, attend)
     assert seen["shapes"] == ((2, 4, 5, 16), (2, 2, 5, 16), (2, 2, 5, 16))
     assert rel_err(got, want) < TOL_REF
-    assert ctx.notes["kernel_inject"]["blocks"]["model.layers.0"]["kv_heads"] == 2
+    assert ctx.plan.injection.blocks["model.layers.0"].kv_heads == 2
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "falcon"])

@@ -9,8 +9,9 @@ from policyinject.config import load_config
 from policyinject.distributed import TPInfo, resolve_tp, tp_group_ranks
 from policyinject.errors import PlanError, PolicyError, UnsupportedError
 from policyinject.modules.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from policyinject.passes.tensor_parallel import heuristic_policy
-from policyinject.pipeline import init_inference, plan_inference
+from policyinject.pipeline import init_inference, prepare
+from policyinject.policy.autotp import heuristic_policy
+from policyinject.plan_fields import LocalHeads
 from policyinject.plugins import PluginManager
 from policyinject.policy import Style
 from policyinject.policy.shortforms import convert_hf_plan, from_deepspeed, hf_style
@@ -19,8 +20,8 @@ from policyinject.presets import preset_model, tiny_model
 
 def _plan(model, plugins=None, **tp):
     cfg = load_config(None, dtype="fp32", tensor_parallel={"tp_size": 2, **tp})
-    plan, ctx, _ = plan_inference(model, cfg, plugins)
-    return plan, ctx
+    planned = prepare(model, cfg, plugins)
+    return planned.plan, planned.context
 
 
 def test_plan_shows_every_linear_with_shapes_and_rows():
@@ -38,7 +39,7 @@ def test_plan_shows_every_linear_with_shapes_and_rows():
     assert acts["model.embed_tokens"].action == "vocab_embedding"
     assert acts["lm_head"].action == "vocab_head" and acts["lm_head"].details["tied"] == "model.embed_tokens"
     # planning on rank 0 (no process group here): SmolLM2 at tp=2 gives this rank 2 kv groups = 6 q heads
-    assert ctx.notes["tensor_parallel"]["heads"]["model.layers.0"] == {"heads": 6, "kv_heads": 2}
+    assert plan.tensor_parallel.heads["model.layers.0"] == LocalHeads(heads=6, kv_heads=2)
     assert ctx.tp.planning_only
     assert "tensor_parallel" in plan.to_table() and plan.to_json()["actions"]
 

@@ -85,12 +85,12 @@ def _logits(out: Any) -> torch.Tensor:
 
 
 def _summary(engine: Any) -> Dict[str, Any]:
-    notes = engine._context.notes.get("tensor_parallel", {}) if engine._context is not None else {}
+    layout = engine.plan.tensor_parallel
     tp_actions = engine.plan.for_pass("tensor_parallel")
-    return {"heads": notes.get("heads", {}),
+    return {"heads": layout.to_json()["heads"] if layout is not None else {},
             "actions": sorted({a.action for a in tp_actions}),
             "by": sorted({str(a.details.get("by", "policy")) for a in tp_actions if "style" in a.details}),
-            "load": notes.get("load")}
+            "load": layout.load if layout is not None else None}
 
 
 def _compare(model: torch.nn.Module, engine_fn: Any, ids: torch.Tensor, generate: bool, new_tokens: int = 6,
@@ -201,7 +201,7 @@ def meta_checkpoint(ckpt: str, tp: int, config: Dict[str, Any], save_to: Optiona
                                checkpoint=ckpt, **extra)
     meta_left = [n for n, p in meta.named_parameters() if p.device.type == "meta"]
     meta_left += [n for n, b in meta.named_buffers() if b.device.type == "meta"]
-    load = engine._context.notes["tensor_parallel"].get("load")
+    load = engine.plan.tensor_parallel.load
     local_bytes = sum(p.numel() * p.element_size() for p in meta.parameters())
     ref = _reference_from(ckpt, cfg) if os.path.exists(os.path.join(ckpt, "model.safetensors")) else None
     ids = _ids(cfg.vocab_size)

@@ -7,6 +7,7 @@ are not matched again. Nothing here mutates the model.
 Example:
     >>> import torch
     >>> from policyinject.policy import Policy
+    >>> from policyinject.policy.matching import match_layers
     >>> class Block(torch.nn.Module):
     ...     def __init__(self):
     ...         super().__init__(); self.fc = torch.nn.Linear(4, 4)
@@ -23,8 +24,9 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import attrs
 import torch
 
-from .passes.base import MatchedLayer
-from .policy import ModelPolicy, Policy
+from .model import ModelPolicy, Policy
+from .._nn import qualname
+from .resolved import ResolvedBy, ResolvedLayer
 
 
 @attrs.define
@@ -32,10 +34,6 @@ class MatchResult:
     layers: list = attrs.field(factory=list)
     model_policy: Optional[ModelPolicy] = None
     lint: list = attrs.field(factory=list)
-
-
-def _qualname(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def find_policy(module_class: type, candidates: Sequence[Policy]) -> list:
@@ -48,7 +46,7 @@ def find_policy(module_class: type, candidates: Sequence[Policy]) -> list:
         True
     """
     exact = [p for p in candidates if not isinstance(p.layer, str) and p.layer is module_class]
-    named = [p for p in candidates if isinstance(p.layer, str) and p.layer == _qualname(module_class)]
+    named = [p for p in candidates if isinstance(p.layer, str) and p.layer == qualname(module_class)]
     return exact + named
 
 
@@ -80,7 +78,10 @@ def match_layers(
                 chosen = candidates[0]
         if chosen is None:
             continue
-        result.layers.append(MatchedLayer(path=path, module=module, policy=chosen))
+        by = ResolvedBy.PLUGIN
+        if user_candidates:
+            by = ResolvedBy.TP_PLAN if chosen.source == "tp_plan" else ResolvedBy.USER
+        result.layers.append(ResolvedLayer(path=path, module=module, policy=chosen, resolved_by=by))
         covered_prefixes.append(path)
     for p in user:
         if user_hits[id(p)] == 0:
@@ -98,12 +99,12 @@ def match_model(model: torch.nn.Module, model_policies: Iterable[ModelPolicy]) -
         if not isinstance(p.model, str) and p.model is cls:
             return p
     for p in policies:
-        if isinstance(p.model, str) and p.model == _qualname(cls):
+        if isinstance(p.model, str) and p.model == qualname(cls):
             return p
     return None
 
 
-def uncovered_layer_classes(model: torch.nn.Module, layers: Sequence[MatchedLayer]) -> list:
+def uncovered_layer_classes(model: torch.nn.Module, layers: Sequence[ResolvedLayer]) -> list:
     """Lint: classes of ``nn.ModuleList`` children that no policy covers, with their instance counts."""
     covered = {id(m.module) for m in layers}
     counts: dict = {}
@@ -116,7 +117,7 @@ def uncovered_layer_classes(model: torch.nn.Module, layers: Sequence[MatchedLaye
     return [f"no policy covers layer class {name} ({n} instances)" for name, n in counts.items()]
 
 
-def lint_linears(layers: Sequence[MatchedLayer]) -> list:
+def lint_linears(layers: Sequence[ResolvedLayer]) -> list:
     """Lint: per layer class, policy rules that matched nothing and linears no rule covers."""
     seen: set = set()
     out: list = []
