@@ -320,7 +320,7 @@ def resolve_checkpoint(value: Any, base_dir: str = "") -> Optional[CheckpointSpe
 def plan_checkpoint(ctx: Any, tp_size: int) -> Optional[Action]:
     """The ``load_checkpoint`` action when ``config.checkpoint`` is set (checks a pre-sharded tp_size)."""
     cfg = ctx.config
-    spec = resolve_checkpoint(getattr(cfg, "checkpoint", None), getattr(cfg, "base_dir", "") or "")
+    spec = resolve_checkpoint(cfg.checkpoint, cfg.base_dir or "")
     if spec is None:
         return None
     details: Dict[str, Any] = {"format": spec.kind, "dir": spec.directory}
@@ -356,7 +356,7 @@ def open_source(ctx: Any, action: Optional[Action]) -> Tuple[Any, PeakMemory]:
         return src, src.meter
     spec: CheckpointSpec = action.payload
     device = ctx.device or torch.device("cpu")
-    if getattr(ctx.config, "keep_module_on_host", False):
+    if ctx.config.keep_module_on_host:
         device = torch.device("cpu")
     aliases = _aliases(ctx.model)
     if spec.kind == "pre_sharded":
@@ -459,7 +459,7 @@ def save_sharded(ctx: Any, directory: str, shards: Mapping[str, torch.Tensor], b
         dtype = next((str(t.dtype) for t in mine.values()), "")
         manifest = {
             "format": FORMAT, "version": 1, "tp_size": tp.world_size,
-            "tp_grain_size": int(getattr(ctx.config.tensor_parallel, "tp_grain_size", 1)),
+            "tp_grain_size": int(ctx.config.tensor_parallel.tp_grain_size),
             "dtype": dtype, "model_class": type(ctx.model).__name__,
             "files": {"non_tp": NON_TP_FILE, "ranks": [rank_file(r, tp.world_size) for r in range(tp.world_size)]},
             "sharded": sorted(shards), "aliases": aliases,

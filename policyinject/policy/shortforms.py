@@ -36,31 +36,14 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import attrs
 import torch
 
+from ..config.tp_plan import HF_STYLE_TABLE, MOE, unsupported_style_message
 from ..errors import PolicyError
 from .model import ModelPolicy, Policy, Style, is_linear_like
 
-#: Hugging Face style names (old and new) -> policyinject Style. ``None``: not convertible (MoE).
-HF_STYLES: Dict[str, Optional[Style]] = {
-    "colwise": Style.COLUMN,
-    "local_colwise": Style.COLUMN,
-    "rowwise": Style.ROW,
-    "local_rowwise": Style.ROW,
-    "colwise_rep": Style.COLUMN_GATHER,
-    "colwise_gather_output": Style.COLUMN_GATHER,
-    "rowwise_rep": Style.ROW_SPLIT_INPUT,
-    "rowwise_split_input": Style.ROW_SPLIT_INPUT,
-    "packed_colwise": Style.PACKED_COLUMN,
-    "embedding_rowwise": Style.VOCAB_EMBEDDING,
-    "replicate": Style.REPLICATE,
-    "replicated_with_grad_allreduce": Style.REPLICATE,
-    "sequence_parallel": Style.REPLICATE,
-    "gather": Style.REPLICATE,
-    "local": Style.REPLICATE,
-}
+#: Hugging Face style names -> policyinject Style (from the one table, :data:`policyinject.config.tp_plan.HF_STYLE_TABLE`).
+HF_STYLES: Dict[str, Style] = {name: Style(value) for name, value in HF_STYLE_TABLE.items() if value != MOE}
 #: Expert-parallel / MoE styles: dropped with a lint message (the experts stay replicated).
-HF_MOE_STYLES = frozenset({"moe_tp_experts", "grouped_gemm", "ep_router", "local_packed_rowwise", "packed_rowwise",
-                           "isolated"})
-
+HF_MOE_STYLES = frozenset(name for name, value in HF_STYLE_TABLE.items() if value == MOE)
 
 def hf_style(name: str) -> Style:
     """The :class:`Style` of a Hugging Face style name; :class:`PolicyError` for MoE or unknown names.
@@ -73,7 +56,7 @@ def hf_style(name: str) -> Style:
         return HF_STYLES[name]
     if name in HF_MOE_STYLES or name.startswith("megamoe"):
         raise PolicyError(f"Hugging Face TP style {name!r} is a mixture-of-experts style policyinject does not convert")
-    raise PolicyError(f"unknown Hugging Face TP style {name!r}; known: {', '.join(sorted(HF_STYLES))}")
+    raise PolicyError(f"Hugging Face TP style {name!r}: {unsupported_style_message(str(name))}")
 
 
 def from_deepspeed(layer: Union[type, str], names: Union[str, Sequence[str]], instance: Optional[torch.nn.Module] = None,

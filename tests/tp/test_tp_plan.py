@@ -120,7 +120,7 @@ def test_hf_plan_conversion_styles_and_moe_lint():
     assert hf_style("local_rowwise") is Style.ROW
     with pytest.raises(PolicyError, match="mixture-of-experts"):
         hf_style("grouped_gemm")
-    with pytest.raises(PolicyError, match="unknown Hugging Face TP style 'colwize'"):
+    with pytest.raises(PolicyError, match="Hugging Face TP style 'colwize': unknown tensor-parallel style `colwize`; did you mean `colwise`"):
         hf_style("colwize")
     m = tiny_model("mixtral")
     conv = convert_hf_plan(m._tp_plan, m)
@@ -159,3 +159,26 @@ def test_group_helpers():
     with pytest.raises(PlanError, match="tp_size=3 does not divide the world size 4"):
         tp_group_ranks(4, 3)
     assert resolve_tp(1) == TPInfo(rank=0, world_size=1)
+
+
+def test_one_style_table_config_accepts_exactly_what_the_planner_converts():
+    """Every style name ``tensor_parallel.tp_plan`` validation accepts converts in the planner (a Style, or a
+    mixture-of-experts style dropped with a lint); every name it refuses, the planner refuses too."""
+    from policyinject.config import ConfigError
+    from policyinject.config.tp_plan import HF_STYLE_TABLE, HF_TP_STYLES, HF_UNSUPPORTED_STYLES, MOE
+    from policyinject.policy.shortforms import HF_MOE_STYLES
+
+    assert HF_TP_STYLES == tuple(HF_STYLE_TABLE)
+    for name in HF_TP_STYLES:
+        load_config(None, tensor_parallel={"tp_plan": {"layers.*.mlp.up_proj": name}})
+        if HF_STYLE_TABLE[name] == MOE:
+            assert name in HF_MOE_STYLES
+            with pytest.raises(PolicyError, match="mixture-of-experts"):
+                hf_style(name)
+        else:
+            assert isinstance(hf_style(name), Style)
+    for name in list(HF_UNSUPPORTED_STYLES) + ["colwize"]:
+        with pytest.raises(ConfigError, match=f"`{name}`"):
+            load_config(None, tensor_parallel={"tp_plan": {"layers.*.mlp.up_proj": name}})
+        with pytest.raises(PolicyError, match=f"'{name}'"):
+            hf_style(name)
