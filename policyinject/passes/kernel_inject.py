@@ -55,20 +55,10 @@ from ..errors import PlanError, PolicyError
 from ..plan import Action
 from ..plan_fields import DecodeDescription, InjectedLayerInfo, InjectionSummary
 from ..policy.geometry import config_heads, hidden_size
-from ..policy.model import BlockKind, NormKind, QKVLayout
-from .base import Pass, PassContext
 
-#: HF activation module classes -> the policy's activation names.
-_ACTIVATIONS = {
-    "SiLUActivation": "silu", "SiLU": "silu",
-    "GELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh", "FastGELUActivation": "gelu_tanh",
-    "PytorchGELUTanh": "gelu_tanh", "GELUActivation": "gelu", "ReLU": "relu",
-}
-#: Activation classes the injected MLP cannot reproduce.
-_UNSUPPORTED_ACTIVATIONS = {
-    "QuickGELUActivation", "ClippedGELUActivation", "ReLUSquaredActivation", "AccurateGELUActivation",
-    "MishActivation", "LaplaceActivation", "LinearActivation", "XIELUActivation", "ReLU6", "LeakyReLU",
-}
+from .base import Pass, PassContext
+from .inject_layer import LayerInjection, norm_class, plan_layer
+
 #: Mask formats the injected attention consumes (4-D bool or additive masks, or None).
 _ATTN_IMPLEMENTATIONS = (None, "sdpa", "eager")
 
@@ -86,34 +76,6 @@ class FinalNorm:
     """Payload of the final-norm ``replace`` action."""
 
     backend: str
-
-
-@attrs.frozen
-class LayerInjection:
-    """Payload of a layer's ``replace`` / ``replace_submodules`` action."""
-
-    mode: str  # "block" or "submodules"
-    policy: Any
-    heads: int
-    kv_heads: int
-    head_dim: int
-    backend: str
-    kind: Optional[BlockKind] = None
-    #: submodule mode: layer-relative path -> what replaces it ("attention", "mlp", "norm:<index>")
-    replace: tuple = ()
-
-
-def _norm_class(kind: Any) -> str:
-    return "FusedRMSNorm" if NormKind(kind) is NormKind.RMS else "FusedLayerNorm"
-
-
-def _covered(name: str, prefixes: set) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes if p)
-
-
-def _param_owners(module: torch.nn.Module) -> list:
-    """Layer-relative names of submodules that hold parameters directly."""
-    return [n for n, m in module.named_modules() if any(True for _ in m.parameters(recurse=False))]
 
 
 class KernelInjectPass(Pass):
@@ -187,194 +149,14 @@ class KernelInjectPass(Pass):
             heads, kv = local.heads, local.kv_heads
         return heads, kv, head_dim
 
-    def _plan_layer(self, ctx: PassContext, matched: Any, backend: str) -> Optional[Action]:
-        from ..modules.fused_linear import in_features, is_conv1d, out_features
-
+    def _plan_layer(self, ctx: PassContext, matched: Any, backend: str) -> Action:
         policy, layer, path = matched.policy, matched.module, matched.path
-        cls = type(layer).__name__
-        where = f"{path} ({cls}, policy from {policy.source or 'user'})"
-        a, m = policy.attention, policy.mlp
-        if a is None:
-            return Action(self.name, path, cls, "keep", {"reason": "the policy describes no attention role"})
-        problems: list = []
-
-        def need(prefix: str, name: Optional[str], role: str) -> Optional[torch.nn.Module]:
-            if name is None:
-                return None
-            full = _join(prefix, name)
-            mod = _sub(layer, full)
-            if mod is None:
-                problems.append(f"{where}: the policy names {role} {full!r}, but the layer has no such submodule")
-            return mod
-
-        attn_root = need("", a.module, "attention module") if a.module else layer
-        heads, kv, d = self._heads(ctx, path, policy, where)
-        # Tensor parallelism plans before us and applies before us: check this rank's local shapes.
-        layout = ctx.plan.tensor_parallel
-
-        def out_f(rel: str, mod: torch.nn.Module) -> int:
-            full = (out_features(mod), in_features(mod))
-            return layout.local_shape(_join(path, rel), full)[0] if layout is not None else full[0]
-
-        def in_f(rel: str, mod: torch.nn.Module) -> int:
-            full = (out_features(mod), in_features(mod))
-            return layout.local_shape(_join(path, rel), full)[1] if layout is not None else full[1]
-
-        if heads % kv:
-            problems.append(f"{where}: {heads} query heads do not group evenly over {kv} kv heads")
-        fused_names: list = []
-        if attn_root is not None:
-            if a.qkv is not None:
-                qkv = need(a.module, a.qkv, "fused qkv projection")
-                if qkv is not None and out_f(a.path(a.qkv), qkv) != (heads + 2 * kv) * d:
-                    problems.append(f"{where}: {a.path(a.qkv)} has {out_f(a.path(a.qkv), qkv)} output features, expected "
-                                    f"(heads {heads} + 2 x kv heads {kv}) x head_dim {d} = {(heads + 2 * kv) * d}")
-                if QKVLayout(a.qkv_layout) is QKVLayout.PER_HEAD and heads != kv:
-                    problems.append(f"{where}: the per_head qkv layout needs as many kv heads as heads ({heads} vs {kv})")
-                fused_names = [a.qkv]
-            else:
-                for name, want in ((a.q, heads * d), (a.k, kv * d), (a.v, kv * d)):
-                    mod = need(a.module, name, "projection")
-                    if mod is not None and out_f(a.path(name), mod) != want:
-                        problems.append(f"{where}: {a.path(name)} has {out_f(a.path(name), mod)} output features, expected "
-                                        f"{want} ({heads} heads, {kv} kv heads, head_dim {d})")
-                fused_names = [a.q, a.k, a.v]
-                mods = [_sub(layer, a.path(n)) for n in fused_names]
-                problems.extend(self._fusable(where, [a.path(n) for n in fused_names], mods))
-            o = need(a.module, a.o, "output projection")
-            if a.o is None:
-                problems.append(f"{where}: the attention role names no output projection (o)")
-            elif o is not None and in_f(a.path(a.o), o) != heads * d:
-                problems.append(f"{where}: {a.path(a.o)} takes {in_f(a.path(a.o), o)} input features, expected {heads * d}")
-            need(a.module, a.q_norm, "q norm")
-            need(a.module, a.k_norm, "k norm")
-        mlp_names: list = []
-        if m is not None:
-            if m.module:
-                need("", m.module, "MLP module")
-            if m.gated:
-                if m.gate_up is not None:
-                    need(m.module, m.gate_up, "gate_up projection")
-                    mlp_names = [m.gate_up]
-                else:
-                    g, u = need(m.module, m.gate, "gate projection"), need(m.module, m.up, "up projection")
-                    mlp_names = [m.gate, m.up]
-                    if g is not None and u is not None:
-                        problems.extend(self._fusable(where, [m.path(m.gate), m.path(m.up)], [g, u]))
-                need(m.module, m.down, "down projection")
-            else:
-                need(m.module, m.fc1, "fc1")
-                need(m.module, m.fc2, "fc2")
-            mlp_root = _sub(layer, m.module)
-            if mlp_root is not None:
-                problems.extend(self._check_activation(where, mlp_root, m, exclude=a.module if not m.module else None))
-        for spec in policy.norms:
-            mod = need("", spec.path, "norm")
-            if mod is not None and not any(isinstance(getattr(mod, e, None), (int, float)) for e in spec.eps_attr):
-                problems.append(f"{where}: norm {spec.path!r} has none of the epsilon attributes {list(spec.eps_attr)}")
-        if problems:
-            raise PlanError(problems)
-
-        from ..modules.block import effective_block_kind
-
-        kind = effective_block_kind(policy, layer)
-        owners = _param_owners(layer)
-        roles = self._role_paths(policy)
-        uncovered = [n for n in owners if not _covered(n, roles)]
-        transposed = [p for p in policy.transposed if is_conv1d(_sub(layer, p) or torch.nn.Identity())]
-        details: dict = {"heads": heads, "kv_heads": kv, "head_dim": d, "backend": backend}
-        if a.qkv is None:
-            details["fused"] = fused_names
-        else:
-            details["qkv"] = f"{a.qkv} ({QKVLayout(a.qkv_layout).value})"
-        if mlp_names and m is not None and m.gate_up is None and m.gated:
-            details["fused_mlp"] = mlp_names
-        if transposed:
-            details["transposed"] = transposed
-        block_ok = (kind is not BlockKind.OPAQUE and m is not None and policy.input_norm is not None
-                    and (kind is BlockKind.PARALLEL or policy.post_attention_norm is not None))
-        if block_ok and not uncovered:
-            details = {"replace": "InjectedBlock", "kind": kind.value, **details}
-            payload = LayerInjection("block", policy, heads, kv, d, backend, kind)
-            return Action(self.name, path, cls, "replace", details, payload)
-
-        replace: list = []
-        kept: list = []
-        attn_direct = a.module and all("." not in n for n in (a.q, a.k, a.v, a.qkv, a.o) if n is not None)
-        if attn_direct and not self._uncovered_under(a.module, uncovered):
-            replace.append((a.module, "attention"))
-        else:
-            kept.append(a.module or "(attention)")
-        if m is not None and m.module:
-            if self._uncovered_under(m.module, uncovered):
-                kept.append(m.module)
-            else:
-                replace.append((m.module, "mlp"))
-        for i, spec in enumerate(policy.norms):
-            replace.append((spec.path, f"norm:{i}"))
-        if not replace:
-            return Action(self.name, path, cls, "keep", {"reason": "nothing this policy describes can be replaced"})
-        names = {"attention": "InjectedAttention", "mlp": "InjectedMLP"}
-        details = {
-            "replace": {p: names.get(what) or _norm_class(policy.norms[int(what[5:])].kind) for p, what in replace},
-            **details,
-        }
-        if kind is BlockKind.OPAQUE:
-            details["reason"] = "opaque block: the layer's own forward is kept"
-        elif uncovered:
-            details["reason"] = f"parameters outside the policy's roles: {uncovered[:4]}"
-        if kept:
-            details["kept"] = kept
-        payload = LayerInjection("submodules", policy, heads, kv, d, backend, kind, tuple(replace))
-        return Action(self.name, path, cls, "replace_submodules", details, payload)
-
-    @staticmethod
-    def _uncovered_under(prefix: str, uncovered: list) -> list:
-        """Parameter-holding submodules under ``prefix`` that no role names (replacing would drop them)."""
-        return [n for n in uncovered if n == prefix or n.startswith(prefix + ".")]
-
-    @staticmethod
-    def _role_paths(policy: Any) -> set:
-        a, m = policy.attention, policy.mlp
-        out = {n.path for n in policy.norms}
-        if a is not None:
-            out |= {a.path(n) for n in (a.q, a.k, a.v, a.qkv, a.o, a.q_norm, a.k_norm) if n is not None}
-        if m is not None:
-            out |= {m.path(n) for n in (m.gate, m.up, m.gate_up, m.down, m.fc1, m.fc2) if n is not None}
-        return out
-
-    @staticmethod
-    def _fusable(where: str, paths: list, mods: list) -> list:
-        from ..modules.fused_linear import is_conv1d
-
-        present = [x for x in mods if x is not None]
-        if len(present) < len(mods):
-            return []
-        if all(isinstance(x, torch.nn.Linear) or is_conv1d(x) for x in present):
-            return []
-        kinds = {type(x) for x in present}
-        if len(kinds) == 1 and callable(getattr(next(iter(kinds)), "cat", None)):
-            return []
-        names = ", ".join(f"{p} ({type(x).__name__})" for p, x in zip(paths, present))
-        return [f"{where}: cannot fuse {names}: they are not nn.Linear/Conv1D and their class has no `cat`"]
-
-    @staticmethod
-    def _check_activation(where: str, root: torch.nn.Module, spec: Any, exclude: Optional[str]) -> list:
-        found = set()
-        for name, mod in root.named_modules():
-            if exclude and (name == exclude or name.startswith(exclude + ".")):
-                continue
-            cname = type(mod).__name__
-            if cname in _UNSUPPORTED_ACTIVATIONS:
-                return [f"{where}: MLP activation {cname} at {name!r} is not supported by the injected MLP"]
-            if cname == "GELU":
-                found.add("gelu_tanh" if getattr(mod, "approximate", "none") == "tanh" else "gelu")
-            elif cname in _ACTIVATIONS:
-                found.add(_ACTIVATIONS[cname])
-        want = getattr(spec.activation, "value", spec.activation)
-        if len(found) == 1 and want not in found:
-            return [f"{where}: the policy says activation {want!r} but the layer's MLP uses {found.pop()!r}"]
-        return []
+        if policy.attention is None:
+            return Action(self.name, path, type(layer).__name__, "keep",
+                          {"reason": "the policy describes no attention role"})
+        where = f"{path} ({type(layer).__name__}, policy from {policy.source or 'user'})"
+        heads = self._heads(ctx, path, policy, where)
+        return plan_layer(path, layer, policy, heads, backend, ctx.plan.tensor_parallel)
 
     def _plan_final_norm(self, ctx: PassContext, backend: str) -> Optional[Action]:
         mp = ctx.model_policy
@@ -384,7 +166,7 @@ class KernelInjectPass(Pass):
         if module is None or not any(True for _ in module.parameters()):
             return None  # e.g. OPT-350m has no final norm
         return Action(self.name, mp.final_norm.path, type(module).__name__, "replace",
-                      {"replace": _norm_class(mp.final_norm.kind), "backend": backend}, FinalNorm(backend))
+                      {"replace": norm_class(mp.final_norm.kind), "backend": backend}, FinalNorm(backend))
 
     # --------------------------------------------------------------------------------------------- apply
     def apply(self, ctx: PassContext, actions: list) -> None:
