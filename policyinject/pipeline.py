@@ -107,6 +107,11 @@ def prepare(model: torch.nn.Module, config: InferenceConfig, plugins: Optional[P
     if problems:
         raise PlanError(problems)
     plan.summary["layers matched"] = len(resolved.layers)
+    by: dict = {}
+    for layer in resolved.layers:
+        by[layer.resolved_by.value] = by.get(layer.resolved_by.value, 0) + 1
+    if by:
+        plan.summary["policies from"] = ", ".join(f"{k} {n}" for k, n in by.items())
     if plan.quantize is not None:
         plan.summary["weight bytes (planned)"] = plan.quantize.describe()
     if resolved.model_policy is not None:
