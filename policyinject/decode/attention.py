@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from ..kernels import reference as _reference
-from ..kernels._common import check_launch, use_triton
+from ..kernels._common import check_launch, load_kernel_module, next_pow2, use_triton
 from ..modules.attention import sdpa
 from .kv_cache import decode_mask
 
@@ -57,10 +57,6 @@ def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if mask is None:
         mask = decode_mask(kv_mask[:b], cache_pos, span, q.dtype, window)
     return sdpa(q, k_rows[:, :, :span], v_rows[:, :, :span], mask, causal=False, scale=scale)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
 
 
 #: most splits of one (row, KV head); the combine reads them all
@@ -93,7 +89,7 @@ def split_plan(batch: int, kv_heads: int, span: int, device: torch.device) -> "t
     if n < 2:
         return 1, 64
     share = -(-int(span) // n)
-    return n, min(64, max(16, _next_pow2(share)))
+    return n, min(64, max(16, next_pow2(share)))
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -122,7 +118,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     if not use_triton(backend, q, k, v, k_cache, v_cache):
         return decode_attention_reference(q, k, v, k_cache, v_cache, cache_pos, kv_mask, span, scale, window, mask,
                                           cos, sin, rotary)
-    from . import _attention_triton as kmod
+    kmod = load_kernel_module("_attention_triton", package="policyinject.decode")
 
     b, hq, t, d = q.shape
     hkv = k.shape[1]
@@ -158,8 +154,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         if cos2.stride(-1) != 1 or sin2.stride() != cos2.stride():
             cos2, sin2 = cos2.contiguous(), sin2.contiguous()
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
-    d_pad = max(16, _next_pow2(d))
-    common = dict(HKV=hkv, G=g, G_PAD=max(16, _next_pow2(g)), D=d, D_PAD=d_pad, BLOCK_S=block,
+    d_pad = max(16, next_pow2(d))
+    common = dict(HKV=hkv, G=g, G_PAD=max(16, next_pow2(g)), D=d, D_PAD=d_pad, BLOCK_S=block,
                   HAS_WINDOW=window is not None, DOT_PREC="ieee" if k_cache.dtype == torch.float32 else None,
                   R=r, INTERLEAVED=rotary == "interleaved")
     scale_f = float(scale if scale is not None else d ** -0.5)
@@ -183,6 +179,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     )
     kmod.decode_attention_combine_kernel[(b * hq,)](
         pm, pl, pacc, out, out.stride(0), out.stride(1),
-        HQ=hq, D=d, D_PAD=d_pad, NSPLIT=nsplit, NS_PAD=max(2, _next_pow2(nsplit)),
+        HQ=hq, D=d, D_PAD=d_pad, NSPLIT=nsplit, NS_PAD=max(2, next_pow2(nsplit)),
     )
     return out[:, :, None]
