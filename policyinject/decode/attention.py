@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from ..kernels import reference as _reference
-from ..kernels._common import check_launch, load_kernel_module, next_pow2, use_triton
+from ..kernels._common import cdiv, check_launch, load_kernel_module, next_pow2, use_triton
 from ..modules.attention import sdpa
 from .kv_cache import decode_mask
 
@@ -85,10 +85,10 @@ def split_plan(batch: int, kv_heads: int, span: int, device: torch.device) -> "t
     programs = max(batch * kv_heads, 1)
     if programs > sms // 4:
         return 1, 64
-    n = min(MAX_SPLITS, sms // programs, -(-int(span) // 16))
+    n = min(MAX_SPLITS, sms // programs, cdiv(int(span), 16))
     if n < 2:
         return 1, 64
-    share = -(-int(span) // n)
+    share = cdiv(int(span), n)
     return n, min(64, max(16, next_pow2(share)))
 
 

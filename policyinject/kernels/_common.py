@@ -155,6 +155,16 @@ def next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
+def floor_pow2(n: int) -> int:
+    """Largest power of two <= n (n >= 1).
+
+    Example:
+        >>> floor_pow2(48), floor_pow2(64), floor_pow2(1)
+        (32, 64, 1)
+    """
+    return 1 << (int(n).bit_length() - 1)
+
+
 def pow2_divisor(n: int, cap: int) -> int:
     """Largest power of two <= ``cap`` dividing ``n``.
 

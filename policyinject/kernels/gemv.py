@@ -23,7 +23,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from ._common import cdiv, load_kernel_module, next_pow2, sm_count, triton_importable
+from ._common import cdiv, floor_pow2, load_kernel_module, next_pow2, sm_count, triton_importable
 from .quant_reference import gemv_reference
 
 __all__ = ["gemv", "gemv_gated", "gemv_config", "GEMV_MAX_M", "resolve_backend"]
@@ -73,7 +73,7 @@ def gemv_config(m: int, n: int, k: int, element_size: int = 2, sm_count: int = 1
     # each element, so that the BM x BN x BK product stays at 8192 values (64 registers per thread).
     elems = max(min(4096, 8192 // bm), 512)
     bn = max(1, min(64, elems // bk))
-    bn = 1 << (bn.bit_length() - 1)
+    bn = floor_pow2(bn)
     while bn > 1 and cdiv(n, bn) < 2 * sm_count:
         bn //= 2
     split_k = pick_split_k(cdiv(n, bn), cdiv(k, bk), sm_count)

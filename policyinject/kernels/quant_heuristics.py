@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ._common import cdiv, next_pow2, pow2_divisor
+from ._common import cdiv, floor_pow2, next_pow2, pow2_divisor
 from ._q4mma_gluon import q4mma_layout_lanes
 from .gemv import pick_split_k
 
@@ -108,7 +108,7 @@ def _quant_matmul_config(m: int, n: int, k: int, num_bits: int, group_size: int,
         row_bytes = int(bk * bytes_per_value)
         target = 1024 if interpret else max(4096 // max(bm // 2, 1), 1024)
         bn = max(1, min(64, target // row_bytes))
-        bn = 1 << (bn.bit_length() - 1)
+        bn = floor_pow2(bn)
         while bn > 1 and cdiv(n, bn) < 2 * sm_count:
             bn //= 2
         steps = cdiv(k, bk)
