@@ -69,6 +69,16 @@ def use_triton(backend: str, *tensors: Optional[torch.Tensor]) -> bool:
     return triton_importable()
 
 
+def resolve_backend(backend: str, *tensors: Optional[torch.Tensor]) -> str:
+    """:func:`use_triton` as the name of the path taken: ``"triton"`` or ``"torch"``.
+
+    Example:
+        >>> resolve_backend("auto", torch.zeros(1)), resolve_backend("triton", torch.zeros(1))
+        ('torch', 'triton')
+    """
+    return "triton" if use_triton(backend, *tensors) else "torch"
+
+
 def load_kernel_module(name: str, package: str = "policyinject.kernels") -> ModuleType:
     """Import ``<package>.<name>`` (a ``_*_triton`` module of ``@triton.jit`` kernels) on first use.
 

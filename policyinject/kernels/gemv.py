@@ -23,27 +23,13 @@ from typing import Mapping, Optional
 
 import torch
 
-from ._common import cdiv, floor_pow2, load_kernel_module, next_pow2, sm_count, triton_importable
+from ._common import cdiv, floor_pow2, load_kernel_module, next_pow2, resolve_backend, sm_count
 from .quant_reference import gemv_reference
 
-__all__ = ["gemv", "gemv_gated", "gemv_config", "GEMV_MAX_M", "resolve_backend"]
+__all__ = ["gemv", "gemv_gated", "gemv_config", "GEMV_MAX_M"]
 
 #: Largest batch the GEMV kernel takes (the activation rows live in registers).
 GEMV_MAX_M = 16
-
-
-def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """``"auto"`` -> ``"triton"`` on CUDA tensors (when triton is importable), else ``"torch"``.
-
-    Example:
-        >>> resolve_backend("auto", torch.zeros(1))
-        'torch'
-    """
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "auto":
-        return "triton" if (x.is_cuda and triton_importable()) else "torch"
-    return backend
 
 
 def gemv_config(m: int, n: int, k: int, element_size: int = 2, sm_count: int = 132) -> dict:

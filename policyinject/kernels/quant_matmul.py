@@ -28,8 +28,7 @@ from typing import Mapping, Optional
 import torch
 
 from ..errors import UnsupportedError
-from ._common import load_kernel_module, sm_count, triton_importable
-from .gemv import resolve_backend
+from ._common import load_kernel_module, resolve_backend, sm_count, triton_importable
 from .quant_heuristics import (
     QGEMV_MAX_M, _byte_gemv_config, _q4gemv_config, _q4mma_config, _q8gemv_config, quant_matmul_config,
 )

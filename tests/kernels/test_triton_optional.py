@@ -55,8 +55,8 @@ for name, config in CONFIGS.items():
     out["quant_linears"][name] = sum(type(m).__name__ == "QuantLinear" for m in model.modules())
 
 if HIDE:
-    from policyinject.kernels._common import triton_importable, use_triton
-    from policyinject.kernels.gemv import gemv, resolve_backend
+    from policyinject.kernels._common import resolve_backend, triton_importable, use_triton
+    from policyinject.kernels.gemv import gemv
     from policyinject.kernels.quant_matmul import quant_matmul
     from policyinject.kernels.quantize import quantize_weight
 
