@@ -1,6 +1,6 @@
 """Shared plumbing of the kernel families: the backend switch, lazy Triton import, launch checks, and the
 small integer helpers of the launch heuristics (:func:`next_pow2`, :func:`pow2_divisor`, :func:`cdiv`,
-:func:`sm_count`).
+:func:`floor_pow2`, :func:`sm_count`).
 
 Triton is optional. Only the private modules named ``_*_triton`` (and the Gluon module, which guards its own
 import) import triton; every other module of ``policyinject.kernels`` imports without it and runs the
