@@ -361,7 +361,7 @@ def tune(args, report, make_sets, run, weight_bytes, bench_calls, rel_err, copy_
     import torch
 
     from policyinject.kernels.gemv import gemv_config, pick_split_k
-    from policyinject.kernels.quant_matmul import _byte_gemv_config, quant_matmul_config
+    from policyinject.kernels.quant_heuristics import _byte_gemv_config, quant_matmul_config
 
     sm = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 132
     l2_bytes = 50 * 2**20

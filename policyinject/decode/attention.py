@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from ..kernels import reference as _reference
-from ..kernels._common import check_launch, next_pow2, use_triton
+from ..kernels._common import cdiv, check_launch, load_kernel_module, next_pow2, use_triton
 from ..modules.attention import sdpa
 from .kv_cache import decode_mask
 
@@ -85,10 +85,10 @@ def split_plan(batch: int, kv_heads: int, span: int, device: torch.device) -> "t
     programs = max(batch * kv_heads, 1)
     if programs > sms // 4:
         return 1, 64
-    n = min(MAX_SPLITS, sms // programs, -(-int(span) // 16))
+    n = min(MAX_SPLITS, sms // programs, cdiv(int(span), 16))
     if n < 2:
         return 1, 64
-    share = -(-int(span) // n)
+    share = cdiv(int(span), n)
     return n, min(64, max(16, next_pow2(share)))
 
 
@@ -118,7 +118,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     if not use_triton(backend, q, k, v, k_cache, v_cache):
         return decode_attention_reference(q, k, v, k_cache, v_cache, cache_pos, kv_mask, span, scale, window, mask,
                                           cos, sin, rotary)
-    from . import _attention_triton as kmod
+    kmod = load_kernel_module("_attention_triton", package="policyinject.decode")
 
     b, hq, t, d = q.shape
     hkv = k.shape[1]

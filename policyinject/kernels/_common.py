@@ -1,7 +1,12 @@
-"""Shared plumbing of the kernel families: the backend switch, lazy Triton import, launch checks.
+"""Shared plumbing of the kernel families: the backend switch, lazy Triton import, launch checks, and the
+small integer helpers of the launch heuristics (:func:`next_pow2`, :func:`pow2_divisor`, :func:`cdiv`,
+:func:`floor_pow2`, :func:`sm_count`).
 
-No process-wide mutable state: the Triton kernel modules are imported on first use (Python caches them in
-``sys.modules``, Triton caches compiled binaries), everything else is a pure function of its arguments.
+Triton is optional. Only the private modules named ``_*_triton`` (and the Gluon module, which guards its own
+import) import triton; every other module of ``policyinject.kernels`` imports without it and runs the
+plain-PyTorch reference. The ``_*_triton`` modules are imported on first use through
+:func:`load_kernel_module` (Python caches them in ``sys.modules``, Triton caches compiled binaries); no
+process-wide mutable state, everything else is a pure function of its arguments.
 
 ``TRITON_INTERPRET=1`` must be in the environment before the private ``_*_triton`` modules are imported,
 i.e. before the first ``backend="triton"`` call (Triton reads it when ``@triton.jit`` runs).
@@ -18,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from types import ModuleType
 from typing import Optional
 
@@ -34,8 +38,13 @@ DEFAULT_SM_COUNT = 132
 
 
 def triton_importable() -> bool:
-    """Whether the ``triton`` package can be imported (it is Linux-only)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether the ``triton`` package imports (it is Linux-only; an install that fails to import counts as
+    absent, so ``backend="auto"`` falls back to the PyTorch reference instead of failing at launch)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def use_triton(backend: str, *tensors: Optional[torch.Tensor]) -> bool:
@@ -60,13 +69,28 @@ def use_triton(backend: str, *tensors: Optional[torch.Tensor]) -> bool:
     return triton_importable()
 
 
-def load_kernel_module(name: str) -> ModuleType:
-    """Import ``policyinject.kernels.<name>`` (a module of ``@triton.jit`` kernels) on first use."""
+def resolve_backend(backend: str, *tensors: Optional[torch.Tensor]) -> str:
+    """:func:`use_triton` as the name of the path taken: ``"triton"`` or ``"torch"``.
+
+    Example:
+        >>> resolve_backend("auto", torch.zeros(1)), resolve_backend("triton", torch.zeros(1))
+        ('torch', 'triton')
+    """
+    return "triton" if use_triton(backend, *tensors) else "torch"
+
+
+def load_kernel_module(name: str, package: str = "policyinject.kernels") -> ModuleType:
+    """Import ``<package>.<name>`` (a ``_*_triton`` module of ``@triton.jit`` kernels) on first use.
+
+    Without triton this raises :class:`UnsupportedError` naming the module (the caller asked for the Triton
+    backend; ``"auto"`` never gets here without triton).
+    """
     try:
-        return importlib.import_module(f"policyinject.kernels.{name}")
-    except ImportError as e:  # pragma: no cover - only without triton
+        return importlib.import_module(f"{package}.{name}")
+    except ImportError as e:
         raise UnsupportedError(
-            f"backend='triton' needs the triton package ({e}); use backend='torch' or 'auto'"
+            f"backend='triton' needs the triton package to import {package}.{name} ({e}); "
+            "use backend='torch' or 'auto'"
         ) from e
 
 
@@ -103,6 +127,27 @@ def check_launch(name: str, kernel: object, *tensors: Optional[torch.Tensor]) ->
         raise UnsupportedError(f"{name}: backend='triton' needs a CUDA GPU; torch.cuda.is_available() is False")
 
 
+def triton_launchable(kernel: object, *tensors: torch.Tensor) -> None:
+    """Raise a clear :class:`UnsupportedError` when ``kernel`` cannot run on these tensors (the GEMV-style
+    launchers' check; unlike :func:`check_launch` it takes integer weight tensors).
+
+    A jitted kernel runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before the
+    kernel module was imported.
+    """
+    on_cuda = all(t.is_cuda for t in tensors)
+    if on_cuda and is_interpreted(kernel):
+        raise UnsupportedError(
+            "this process runs Triton in interpreter mode (TRITON_INTERPRET=1) but the tensors are on CUDA; "
+            "unset TRITON_INTERPRET or move the tensors to the CPU"
+        )
+    if not on_cuda and not is_interpreted(kernel):
+        devices = sorted({str(t.device) for t in tensors})
+        raise UnsupportedError(
+            f"backend='triton' needs CUDA tensors (got {', '.join(devices)}), or TRITON_INTERPRET=1 set before "
+            "policyinject's kernels are imported; use backend='torch' or 'auto' on this machine"
+        )
+
+
 def sm_count(device: torch.device) -> int:
     """Number of SMs of ``device`` (``DEFAULT_SM_COUNT`` off-GPU); used by launch heuristics only."""
     if device.type == "cuda":
@@ -111,13 +156,46 @@ def sm_count(device: torch.device) -> int:
 
 
 def next_pow2(n: int) -> int:
-    """Smallest power of two >= n (n >= 1).
+    """Smallest power of two >= n (1 for n <= 1).
 
     Example:
-        >>> next_pow2(4096), next_pow2(4097), next_pow2(1)
-        (4096, 8192, 1)
+        >>> next_pow2(4096), next_pow2(4097), next_pow2(1), next_pow2(0)
+        (4096, 8192, 1, 1)
     """
-    return 1 << max(0, (int(n) - 1).bit_length())
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def floor_pow2(n: int) -> int:
+    """Largest power of two <= n (n >= 1).
+
+    Example:
+        >>> floor_pow2(48), floor_pow2(64), floor_pow2(1)
+        (32, 64, 1)
+    """
+    return 1 << (int(n).bit_length() - 1)
+
+
+def pow2_divisor(n: int, cap: int) -> int:
+    """Largest power of two <= ``cap`` dividing ``n``.
+
+    Example:
+        >>> pow2_divisor(4096, 2048), pow2_divisor(576, 2048), pow2_divisor(96, 64), pow2_divisor(7, 8)
+        (2048, 64, 32, 1)
+    """
+    d = 1
+    while d * 2 <= cap and n % (d * 2) == 0:
+        d *= 2
+    return d
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for integers (a grid's program count).
+
+    Example:
+        >>> cdiv(10, 4), cdiv(8, 4)
+        (3, 2)
+    """
+    return -(-a // b)
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ import torch
 from policyinject.kernels import reference
 from policyinject.kernels._common import (
     as_rows,
+    cdiv,
     check_launch,
     device_guard,
     load_kernel_module,
@@ -65,8 +66,8 @@ def act_config(m: int, n: int, sms: int = 132) -> ActConfig:
     """
     block_n = min(next_pow2(n), 2048)
     block_m = min(max(1, 4096 // block_n), next_pow2(max(m, 1)))
-    cols = -(-n // block_n)
-    while block_m > 1 and -(-m // block_m) * cols < 4 * sms:
+    cols = cdiv(n, block_n)
+    while block_m > 1 and cdiv(m, block_m) * cols < 4 * sms:
         block_m //= 2
     return ActConfig(block_m=block_m, block_n=block_n, num_warps=4)
 
@@ -90,7 +91,7 @@ def launch_gated_act(
     o2 = out.view(-1, n)
     m = g2.shape[0]
     cfg = config or act_config(m, n, sm_count(gate.device))
-    grid = (-(-m // cfg.block_m), -(-n // cfg.block_n))
+    grid = (cdiv(m, cfg.block_m), cdiv(n, cfg.block_n))
     with device_guard(gate.device):
         mod.gated_act_kernel[grid](
             g2, u2, o2, m, n, g2.stride(0), u2.stride(0), o2.stride(0),

@@ -19,75 +19,17 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 import torch
 
-from ..errors import UnsupportedError
-from ._gemv_epilogue import load_act, store_gated, store_tile, tile_rows
+from ._common import cdiv, floor_pow2, load_kernel_module, next_pow2, resolve_backend, sm_count
 from .quant_reference import gemv_reference
 
-try:  # triton is a Linux-only dependency; the torch backend works without it.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = None
-    tl = None
-
-__all__ = ["gemv", "gemv_gated", "gemv_config", "GEMV_MAX_M", "triton_launchable", "resolve_backend"]
+__all__ = ["gemv", "gemv_gated", "gemv_config", "GEMV_MAX_M"]
 
 #: Largest batch the GEMV kernel takes (the activation rows live in registers).
 GEMV_MAX_M = 16
-
-
-def _is_interpreted(kernel: Any) -> bool:
-    return type(kernel).__name__ == "InterpretedFunction"
-
-
-def triton_launchable(kernel: Any, *tensors: torch.Tensor) -> None:
-    """Raise a clear :class:`UnsupportedError` when ``kernel`` cannot run on these tensors.
-
-    A jitted kernel runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before the
-    kernel module was imported.
-    """
-    if triton is None:
-        raise UnsupportedError("backend='triton' needs the triton package; use backend='torch'")
-    on_cuda = all(t.is_cuda for t in tensors)
-    if on_cuda and _is_interpreted(kernel):
-        raise UnsupportedError(
-            "this process runs Triton in interpreter mode (TRITON_INTERPRET=1) but the tensors are on CUDA; "
-            "unset TRITON_INTERPRET or move the tensors to the CPU"
-        )
-    if not on_cuda and not _is_interpreted(kernel):
-        devices = sorted({str(t.device) for t in tensors})
-        raise UnsupportedError(
-            f"backend='triton' needs CUDA tensors (got {', '.join(devices)}), or TRITON_INTERPRET=1 set before "
-            "policyinject's kernels are imported; use backend='torch' or 'auto' on this machine"
-        )
-
-
-def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """``"auto"`` -> ``"triton"`` on CUDA tensors (when triton is importable), else ``"torch"``.
-
-    Example:
-        >>> resolve_backend("auto", torch.zeros(1))
-        'torch'
-    """
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "auto":
-        return "triton" if (x.is_cuda and triton is not None) else "torch"
-    return backend
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # interpreter: any plausible value keeps the heuristic deterministic
 
 
 def gemv_config(m: int, n: int, k: int, element_size: int = 2, sm_count: int = 132) -> dict:
@@ -105,8 +47,8 @@ def gemv_config(m: int, n: int, k: int, element_size: int = 2, sm_count: int = 1
         >>> gemv_config(1, 256, 8192)["split_k"] > 1
         True
     """
-    bm = _next_pow2(max(m, 1))
-    if bm == 1 and element_size == 2 and k % 1024 == 0 and triton_cdiv(n, 2) >= 2 * sm_count:
+    bm = next_pow2(max(m, 1))
+    if bm == 1 and element_size == 2 and k % 1024 == 0 and cdiv(n, 2) >= 2 * sm_count:
         # batch 1, 16-bit: 2 rows x 2048 (or 1024) elements per step, 8 (4) warps; measured on an H100
         # (benchmarks/quant.py --tune, NOTES run 5) best or within 1% on the Llama-3.2-1B shapes, 3-8% faster
         # than the generic pick below for the 2048-wide down/o projections, gate_up and lm_head
@@ -117,15 +59,11 @@ def gemv_config(m: int, n: int, k: int, element_size: int = 2, sm_count: int = 1
     # each element, so that the BM x BN x BK product stays at 8192 values (64 registers per thread).
     elems = max(min(4096, 8192 // bm), 512)
     bn = max(1, min(64, elems // bk))
-    bn = 1 << (bn.bit_length() - 1)
-    while bn > 1 and triton_cdiv(n, bn) < 2 * sm_count:
+    bn = floor_pow2(bn)
+    while bn > 1 and cdiv(n, bn) < 2 * sm_count:
         bn //= 2
-    split_k = pick_split_k(triton_cdiv(n, bn), triton_cdiv(k, bk), sm_count)
+    split_k = pick_split_k(cdiv(n, bn), cdiv(k, bk), sm_count)
     return {"BM": bm, "BN": bn, "BK": bk, "split_k": split_k, "num_warps": 4}
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def pick_block_k(k: int, max_bk: int, min_even: int = 64) -> int:
@@ -141,7 +79,7 @@ def pick_block_k(k: int, max_bk: int, min_even: int = 64) -> int:
         bk //= 2
     if bk >= min_even or bk >= k:
         return bk
-    return min(_next_pow2(k), max_bk)
+    return min(next_pow2(k), max_bk)
 
 
 def pick_split_k(programs: int, k_steps: int, sm_count: int) -> int:
@@ -160,7 +98,7 @@ def pick_split_k(programs: int, k_steps: int, sm_count: int) -> int:
 
 def outputs_per_program(bn: int, gated: bool, m: int, split_k: int, config: Mapping, kernel: str) -> int:
     """Outputs of one program of a GEMV-style launch with ``BN`` weight rows: ``BN``, or for a gated launch
-    (fused gate|up weight, SwiGLU epilogue: ``_gemv_epilogue.tile_rows``) ``BN // 2``; a gated launch takes
+    (fused gate|up weight, SwiGLU epilogue: ``_gemv_epilogue_triton.tile_rows``) ``BN // 2``; a gated launch takes
     one activation row, an even ``BN`` and no K split, else ``ValueError`` naming ``kernel``.
 
     Example:
@@ -184,87 +122,12 @@ def split_k_output(x2: torch.Tensor, n: int, k: int, split_k: int, step: int) ->
         >>> (y.dtype, per_split, splits)
         (torch.float32, 384, 3)
     """
-    k_per_split = triton_cdiv(triton_cdiv(k, split_k), step) * step
-    split_k = triton_cdiv(k, k_per_split)
+    k_per_split = cdiv(cdiv(k, split_k), step) * step
+    split_k = cdiv(k, k_per_split)
     m = x2.shape[0]
     if split_k > 1:
         return torch.zeros((m, n), device=x2.device, dtype=torch.float32), k_per_split, split_k
     return torch.empty((m, n), device=x2.device, dtype=x2.dtype), k_per_split, split_k
-
-
-if triton is not None:
-
-    @triton.jit
-    def _gemv_kernel(
-        X, W, B, Y,
-        M, N, K, K_PER_SPLIT,
-        stride_xm, stride_wn, stride_ym,
-        HAS_BIAS: tl.constexpr,
-        BM: tl.constexpr,  # power of two >= ROWS (accumulator width)
-        ROWS: tl.constexpr,  # activation rows handled (== M; the loop over them is unrolled)
-        BN: tl.constexpr,
-        BK: tl.constexpr,
-        EVEN_K: tl.constexpr,
-        SPLIT_K: tl.constexpr,
-        GATED: tl.constexpr = False,  # fused gate|up weight (2 N rows), SwiGLU epilogue (_gemv_epilogue)
-    ):
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        offs_m = tl.arange(0, BM)
-        offs_n = pid_n * BN + tl.arange(0, BN)
-        offs_k = tl.arange(0, BK)
-        # Out-of-range rows are clamped (their results are never stored), so no load needs a row mask.
-        rows = tile_rows(pid_n, N, BN, GATED)
-        w_ptrs = W + rows[:, None] * stride_wn + offs_k[None, :]
-        # BM == 1: accumulate elementwise in the weight tile's own layout and reduce once at the end (no
-        # shuffles in the loop). BM > 1: reduce each activation row's product per step into acc_t[:, m].
-        acc2 = tl.zeros((BN, BK), dtype=tl.float32)
-        acc_t = tl.zeros((BN, BM), dtype=tl.float32)
-        k_start = tl.multiple_of(pid_k * K_PER_SPLIT, BK)  # K_PER_SPLIT is a multiple of BK
-        k_end = tl.minimum(k_start + K_PER_SPLIT, K)
-        for k0 in range(k_start, k_end, BK):
-            kk = k0 + offs_k
-            if EVEN_K:
-                w = tl.load(w_ptrs + k0, eviction_policy="evict_first").to(tl.float32)
-            else:
-                w = tl.load(w_ptrs + k0, mask=(kk < k_end)[None, :], other=0.0, eviction_policy="evict_first")
-                w = w.to(tl.float32)
-            if BM == 1:
-                acc2 += w * load_act(X + kk, kk, k_end, EVEN_K)[None, :]
-            else:
-                for m in tl.static_range(ROWS):
-                    xm = load_act(X + m * stride_xm + kk, kk, k_end, EVEN_K)
-                    part = tl.sum(w * xm[None, :], axis=1)
-                    acc_t += tl.where(offs_m[None, :] == m, part[:, None], 0.0)
-        if GATED:
-            store_gated(Y, tl.sum(acc2, axis=1), B, rows, pid_n, N, HAS_BIAS, BN)
-        else:
-            if BM == 1:
-                acc_t = tl.sum(acc2, axis=1)[:, None]
-            store_tile(Y, acc_t, B, rows, offs_m, offs_n, M, N, stride_ym, pid_k, HAS_BIAS, SPLIT_K)
-
-
-def _gemv_triton(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], config: Mapping,
-                 gated: bool = False) -> torch.Tensor:
-    triton_launchable(_gemv_kernel, x2, weight)
-    m, k = x2.shape
-    n = weight.shape[0] // 2 if gated else weight.shape[0]
-    bm, bn, bk = int(config["BM"]), int(config["BN"]), int(config["BK"])
-    split_k = int(config.get("split_k", 1))
-    if bm < m:
-        raise ValueError(f"config BM={bm} is smaller than the batch M={m}")
-    outputs = outputs_per_program(bn, gated, m, split_k, config, "GEMV")
-    y, k_per_split, split_k = split_k_output(x2, n, k, split_k, bk)
-    even_k = k % k_per_split == 0
-    grid = (triton_cdiv(n, outputs), split_k)
-    _gemv_kernel[grid](
-        x2, weight, bias if bias is not None else weight, y,
-        m, n, k, k_per_split,
-        x2.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, BM=bm, ROWS=m, BN=bn, BK=bk, EVEN_K=even_k, SPLIT_K=split_k, GATED=gated,
-        num_warps=int(config.get("num_warps", 4)),
-    )
-    return y.to(x2.dtype) if split_k > 1 else y
 
 
 def gemv(
@@ -306,10 +169,10 @@ def gemv(
     if bias is not None:
         bias = bias.contiguous()
     cfg = dict(config) if config is not None else gemv_config(
-        m, weight.shape[0], weight.shape[1], weight.element_size(), _sm_count(x.device)
+        m, weight.shape[0], weight.shape[1], weight.element_size(), sm_count(x.device)
     )
-    cfg.setdefault("BM", _next_pow2(m))
-    y = _gemv_triton(x2, weight, bias, cfg)
+    cfg.setdefault("BM", next_pow2(m))
+    y = load_kernel_module("_gemv_triton").launch_gemv(x2, weight, bias, cfg)
     return y.reshape(*lead, weight.shape[0])
 
 
@@ -342,9 +205,10 @@ def gemv_gated(
     x2 = x2.contiguous()
     weight = weight.contiguous()
     cfg = dict(config) if config is not None else gemv_config(
-        1, weight.shape[0], weight.shape[1], weight.element_size(), _sm_count(x.device))
+        1, weight.shape[0], weight.shape[1], weight.element_size(), sm_count(x.device))
     cfg.setdefault("BM", 1)
     if config is None:
         cfg["BN"], cfg["split_k"] = max(2, int(cfg["BN"])), 1
-    y = _gemv_triton(x2, weight, bias.contiguous() if bias is not None else None, cfg, gated=True)
+    bias = bias.contiguous() if bias is not None else None
+    y = load_kernel_module("_gemv_triton").launch_gemv(x2, weight, bias, cfg, gated=True)
     return y.reshape(*x.shape[:-1], weight.shape[0] // 2)

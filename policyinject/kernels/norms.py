@@ -36,6 +36,7 @@ from policyinject.errors import UnsupportedError
 from policyinject.kernels import reference
 from policyinject.kernels._common import (
     as_rows,
+    cdiv,
     check_launch,
     device_guard,
     load_kernel_module,
@@ -81,7 +82,7 @@ def norm_config(m: int, n: int, sms: int = 132) -> NormConfig:
     block_n = next_pow2(n)
     block_m = max(1, 8192 // block_n)
     block_m = min(block_m, next_pow2(max(m, 1)))
-    while block_m > 1 and -(-m // block_m) < 2 * sms:
+    while block_m > 1 and cdiv(m, block_m) < 2 * sms:
         block_m //= 2
     tile = block_m * block_n
     num_warps = 16 if tile >= 16384 else 8 if tile >= 4096 else 4 if tile >= 512 else 2
@@ -138,7 +139,7 @@ def launch_norm(
     y2 = y.view(-1, n)
     s2 = s.view(-1, n) if s is not None else None
     cfg = config or _default_config(m, n, x.device)
-    tiles = -(-m // cfg.block_m)
+    tiles = cdiv(m, cfg.block_m)
     grid = (min(tiles, cfg.num_programs) if cfg.num_programs else tiles,)
     with device_guard(x.device):
         mod.norm_fwd_kernel[grid](

@@ -38,7 +38,15 @@ from typing import Optional, Tuple
 import torch
 
 from policyinject.kernels import reference
-from policyinject.kernels._common import check_launch, device_guard, load_kernel_module, next_pow2, sm_count, use_triton
+from policyinject.kernels._common import (
+    cdiv,
+    check_launch,
+    device_guard,
+    load_kernel_module,
+    next_pow2,
+    sm_count,
+    use_triton,
+)
 
 __all__ = ["rotary", "RotaryConfig", "rotary_config", "launch_rotary"]
 
@@ -70,13 +78,13 @@ def rotary_config(n_tokens: int, hq: int, hkv: int, rotary_dim: int, sms: int = 
     best = 1
     bh = 1
     while bh <= limit:
-        padded = -(-hq // bh) * bh + -(-hkv // bh) * bh
+        padded = cdiv(hq, bh) * bh + cdiv(hkv, bh) * bh
         if padded <= 1.25 * (hq + hkv):
             best = bh
         bh *= 2
 
     def programs(b: int) -> int:
-        return n_tokens * (-(-hq // b) + -(-hkv // b))
+        return n_tokens * (cdiv(hq, b) + cdiv(hkv, b))
 
     while best > 1 and programs(best) < 4 * sms:
         best //= 2
@@ -136,7 +144,7 @@ def launch_rotary(
     if b * t == 0 or hq + hkv == 0:
         return qo, ko
     cfg = config or _default_config(b * t, hq, hkv, r, q.device)
-    groups = -(-hq // cfg.block_h) + -(-hkv // cfg.block_h)
+    groups = cdiv(hq, cfg.block_h) + cdiv(hkv, cfg.block_h)
     copy_pass = (not inplace) and r < d
     sq, sk, sqo, sko = qi.stride(), ki.stride(), qo.stride(), ko.stride()
     with device_guard(q.device):

@@ -1,7 +1,8 @@
 """The kernel entry points the injected modules call, resolved once per call site from ``policyinject.kernels``.
 
-Every op takes ``backend`` (``"auto"``, ``"triton"``, ``"torch"``). When a kernel family is not importable
-(for example triton is absent), ``"auto"`` and ``"torch"`` run the PyTorch reference and ``"triton"`` raises.
+Every op takes ``backend`` (``"auto"``, ``"triton"``, ``"torch"``). The kernel families import without triton
+(their Triton kernels load on first use): without it ``"auto"`` and ``"torch"`` run the PyTorch reference and
+``"triton"`` raises :class:`~policyinject.errors.UnsupportedError`.
 :func:`make_norm` builds the fused norm modules the injected blocks hold.
 
 Example:
@@ -14,30 +15,17 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any, Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import PolicyError, UnsupportedError
+from ..errors import PolicyError
+from ..kernels import activations as _activations
 from ..kernels import reference
+from ..kernels import rotary as _rotary
 
 __all__ = ["rotary", "gated_act", "activation", "make_norm"]
-
-
-def _kernel(family: str, name: str, backend: str) -> Optional[Any]:
-    """The kernel function ``policyinject.kernels.<family>.<name>``, or None to use the reference."""
-    try:
-        module = importlib.import_module(f"policyinject.kernels.{family}")
-    except ImportError as exc:
-        if backend == "triton":
-            raise UnsupportedError(f"backend='triton' needs policyinject.kernels.{family}: {exc}") from exc
-        return None
-    fn = getattr(module, name, None)
-    if fn is None and backend == "triton":
-        raise UnsupportedError(f"policyinject.kernels.{family} has no {name}")
-    return fn
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str,
@@ -51,10 +39,9 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         >>> torch.equal(qo, q)
         True
     """
-    fn = None if backend == "torch" else _kernel("rotary", "rotary", backend)
-    if fn is None:
+    if backend == "torch":
         return reference.rotary(q, k, cos, sin, layout=layout)
-    return fn(q, k, cos, sin, layout=layout, backend=backend)
+    return _rotary.rotary(q, k, cos, sin, layout=layout, backend=backend)
 
 
 def gated_act(gate_up: torch.Tensor, act: str, backend: str) -> torch.Tensor:
@@ -64,10 +51,9 @@ def gated_act(gate_up: torch.Tensor, act: str, backend: str) -> torch.Tensor:
         >>> gated_act(torch.tensor([[0.0, 1.0, 2.0, 2.0]]), "silu", "torch")
         tensor([[0.0000, 1.4621]])
     """
-    fn = None if backend == "torch" else _kernel("activations", "gated_act", backend)
-    if fn is None:
+    if backend == "torch":
         return reference.gated_act(gate_up, act)
-    return fn(gate_up, act, backend=backend)
+    return _activations.gated_act(gate_up, act, backend=backend)
 
 
 def activation(x: torch.Tensor, act: str) -> torch.Tensor:

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.gemv import GEMV_MAX_M, gemv, gemv_gated, resolve_backend
+from ..kernels._common import resolve_backend
+from ..kernels.gemv import GEMV_MAX_M, gemv, gemv_gated
 
 __all__ = ["DecodeLinear"]
 

@@ -14,6 +14,7 @@ MODULES = [
     "policyinject.kernels.rotary",
     "policyinject.kernels.activations",
     "policyinject.kernels.quant_matmul",
+    "policyinject.kernels.quant_heuristics",
     "policyinject.kernels._q4mma_gluon",
     "policyinject.modules.norms",
     "policyinject.modules.quant_linear",

@@ -22,8 +22,9 @@ import json, re, sys
 import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-from policyinject.kernels.quant_matmul import _qgemv_kernel, _qgemm_kernel, _q4gemv_kernel, _q8gemv_kernel
-from policyinject.kernels.gemv import _gemv_kernel
+from policyinject.kernels._quant_gemv_triton import _qgemv_kernel, _q4gemv_kernel, _q8gemv_kernel
+from policyinject.kernels._quant_gemm_triton import _qgemm_kernel
+from policyinject.kernels._gemv_triton import _gemv_kernel
 
 PTR = {"X": "*bf16", "W": "*bf16", "QW": None, "S": "*fp16", "Z": "*fp16", "B": "*bf16", "Y": "*bf16"}
 ALIGNED = {"X", "W", "QW", "S", "Z", "B", "Y", "K", "stride_wn", "stride_sn", "stride_ym", "K_PER_SPLIT"}
@@ -128,7 +129,6 @@ out["q8l_pc_m1_2warps"] = compile_one(_q8gemv_kernel, dict(SYMMETRIC=True, BM=1,
 from policyinject.kernels import _q4mma_gluon as g4
 if g4.GLUON_AVAILABLE:
     from triton.experimental.gluon._runtime import GluonASTSource
-    import policyinject.kernels.quant_matmul as qm_mod
     mma_cases = {
         "q4mma_g32_asym": dict(SYMMETRIC=False, PER_CHANNEL=False, G=32, BN=32, NQ=4, SPLIT_K=1, HAS_BIAS=False),
         "q4mma_g128_sym_split": dict(SYMMETRIC=True, PER_CHANNEL=False, G=128, BN=32, NQ=4, SPLIT_K=4, HAS_BIAS=True),

@@ -14,9 +14,9 @@ import torch
 from kernel_checks import assert_close, poisoned_alloc, randn, rel_err
 from policyinject.errors import UnsupportedError
 from policyinject.kernels import quant_matmul as qm
-from policyinject.kernels.gemv import triton_launchable
+from policyinject.kernels._common import triton_launchable
 from policyinject.kernels.quant_reference import quant_matmul_reference
-from policyinject.kernels.quantize import dequantize_weight, quantize_weight
+from policyinject.kernels.quantize import QuantizedWeight, dequantize_weight, quantize_weight
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -174,13 +174,15 @@ def test_gated_int8_gemv_kernel(symmetric: bool, with_bias: bool, n2: int, k: in
     x = randn(1, k, dtype=torch.bfloat16, device=DEVICE)
     bias = randn(n2, dtype=torch.bfloat16, device=DEVICE) if with_bias else None
     cfg = {"kernel": "q8gemv", "BM": 1, "BN": bn, "BK": 128, "VEC": 8, "split_k": 1}
+    from policyinject.kernels import _quant_launch_triton as launch
+
     with poisoned_alloc():
-        out = qm._launch_q8gemv(x, qw, bias, cfg, gated=True)
+        out = launch.launch_q8gemv(x, qw, bias, cfg, gated=True)
     ref = reference.gated_act(quant_matmul_reference(x.float(), qw, None if bias is None else bias.float()), "silu")
     assert out.shape == (1, n2 // 2)
     assert rel_err(out, ref) < 1e-2
     with pytest.raises(ValueError, match="gated q8gemv"):
-        qm._launch_q8gemv(x, qw, bias, dict(cfg, BN=3), gated=True)
+        launch.launch_q8gemv(x, qw, bias, dict(cfg, BN=3), gated=True)
 
 
 def test_int8_batch_1_takes_the_layout_matched_kernel() -> None:
@@ -263,14 +265,25 @@ def test_nan_in_input_propagates() -> None:
     assert rel_err(out, quant_matmul_reference(randn(1, 64, device=DEVICE), qw)) == float("inf")
 
 
-def test_raw_tensor_wrappers() -> None:
+def _from_raw(qweight: torch.Tensor, scales: torch.Tensor, zeros, num_bits: int) -> QuantizedWeight:
+    """A weight rebuilt from its raw tensors alone (int8 ``[N, K]`` or packed int4 ``[N, K // 2]``, scales
+    and zeros ``[N, groups]``): the group size and shapes follow from the tensors."""
+    in_features = qweight.shape[1] * (2 if num_bits == 4 else 1)
+    return QuantizedWeight(qweight=qweight, scales=scales, zeros=zeros, num_bits=num_bits,
+                           group_size=in_features // scales.shape[1], in_features=in_features,
+                           out_features=qweight.shape[0])
+
+
+def test_weight_rebuilt_from_raw_tensors() -> None:
     w = randn(8, 128)
     q8, q4 = quantize_weight(w, 8, 64), quantize_weight(w, 4, 64, symmetric=False)
     x = randn(1, 128)
-    assert_close(qm.w8a16_matmul(x, q8.qweight, q8.scales, backend="torch"), quant_matmul_reference(x, q8))
-    assert_close(qm.w4a16_matmul(x, q4.qweight, q4.scales, q4.zeros, backend="torch"), quant_matmul_reference(x, q4))
+    assert_close(qm.quant_matmul(x, _from_raw(q8.qweight, q8.scales, None, 8), backend="torch"),
+                 quant_matmul_reference(x, q8))
+    assert_close(qm.quant_matmul(x, _from_raw(q4.qweight, q4.scales, q4.zeros, 4), backend="torch"),
+                 quant_matmul_reference(x, q4))
     if DEVICE == "cpu":
-        assert_close(qm.w4a16_matmul(x, q4.qweight, q4.scales, q4.zeros, backend="triton"),
+        assert_close(qm.quant_matmul(x, _from_raw(q4.qweight, q4.scales, q4.zeros, 4), backend="triton"),
                      quant_matmul_reference(x, q4))
 
 
