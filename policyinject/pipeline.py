@@ -27,7 +27,7 @@ from .errors import PlanError, UnsupportedError
 from .matching import lint_linears, match_layers
 from .passes.base import Pass, PassContext
 from .plan import Plan
-from .plugins import PluginManager
+from ._plugin_manager import PluginManager
 from .policy import Policy
 
 #: (config test, pass module, pass class, the config key that asks for it), in the fixed pass order.

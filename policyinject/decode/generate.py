@@ -18,7 +18,7 @@ call cannot change it.
 Example:
     >>> import torch
     >>> from policyinject.pipeline import init_inference
-    >>> from policyinject.presets import tiny_model
+    >>> from policyinject.testing.presets import tiny_model
     >>> model = tiny_model("llama")
     >>> ids = torch.tensor([[5, 6, 7, 8]])
     >>> expected = model.generate(ids, max_new_tokens=5, do_sample=False)
@@ -380,7 +380,7 @@ def make_decoder_factory(ctx: Any, use_graphs: bool, when_unsupported: str = "ra
     Example:
         >>> import torch
         >>> from policyinject.passes.base import PassContext
-        >>> from policyinject.presets import tiny_model
+        >>> from policyinject.testing.presets import tiny_model
         >>> ctx = PassContext(model=tiny_model("llama"), config=None)   # no model policy, nothing injected
         >>> engine = type("E", (), {"module": ctx.model, "_context": ctx})()
         >>> make_decoder_factory(ctx, use_graphs=False, when_unsupported="none")(engine) is None

@@ -52,7 +52,7 @@ def plan_problems(ctx: PassContext) -> List[str]:
     """Why the decode engine could not run this model under this config (empty: it can). No CUDA check.
 
     Example:
-        >>> from policyinject.presets import tiny_model
+        >>> from policyinject.testing.presets import tiny_model
         >>> from policyinject.passes.base import PassContext
         >>> ctx = PassContext(model=tiny_model("llama"), config=type("C", (), {"replace_with_kernel_inject": False})())
         >>> plan_problems(ctx)[0]

@@ -20,7 +20,7 @@ parallelism ran first, else from the model config.
 
 Example:
     >>> import torch
-    >>> from policyinject.presets import tiny_model
+    >>> from policyinject.testing.presets import tiny_model
     >>> from policyinject.passes.base import PassContext, MatchedLayer
     >>> from policyinject_plugins.llama import LLAMA_LAYER, LLAMA_CAUSAL_LM
     >>> model = tiny_model("llama")

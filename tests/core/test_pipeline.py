@@ -10,7 +10,7 @@ import torch
 import policyinject as pi
 from policyinject.errors import PlanError
 from policyinject.policy import AttentionSpec, Policy
-from policyinject.presets import tiny_model
+from policyinject.testing.presets import tiny_model
 from policyinject_example_plugin.modeling import ToyBlock, ToyConfig, ToyForCausalLM
 from policyinject_example_plugin.plugin import TOY_BLOCK_POLICY
 

@@ -11,10 +11,10 @@ from policyinject.errors import PlanError, PolicyError, UnsupportedError
 from policyinject.modules.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from policyinject.passes.tensor_parallel import heuristic_policy
 from policyinject.pipeline import init_inference, plan_inference
-from policyinject.plugins import PluginManager
+from policyinject import PluginManager
 from policyinject.policy import Style
 from policyinject.policy.shortforms import convert_hf_plan, from_deepspeed, hf_style
-from policyinject.presets import preset_model, tiny_model
+from policyinject.testing.presets import preset_model, tiny_model
 
 
 def _plan(model, plugins=None, **tp):
