@@ -76,6 +76,8 @@ class PluginInfo:
 
     def label(self) -> str:
         """``'toy' (distribution policyinject-example-plugin 0.1.0)``."""
+        if self.origin == "code":
+            return f"{self.name!r} (registered in code)"
         version = f" {self.version}" if self.version else ""
         return f"{self.name!r} (distribution {self.distribution}{version})"
 
@@ -323,7 +325,7 @@ class PluginManager:
 
         def register(obj: Any) -> None:
             if isinstance(obj, (Policy, ModelPolicy)):
-                found.append(obj.with_source(obj.source or f"plugin {info.name}"))
+                found.append(obj.with_source(obj.source or f"plugin {info.key}"))
                 return
             raise PluginError(f"{where} registered {obj!r}: expected a policyinject Policy or ModelPolicy")
 

@@ -69,7 +69,7 @@ def test_user_policy_in_code_beats_plugins_and_shows_its_source():
     plan, ctx, _ = pi.plan_inference(model, pi.load_config({"injection_policy": {ToyBlock: TOY_BLOCK_POLICY}}))
     assert {m.policy.source for m in ctx.layers} == {"injection_policy"}
     plan, ctx, _ = pi.plan_inference(model, pi.load_config({}))
-    assert {m.policy.source for m in ctx.layers} == {"plugin toy"}
+    assert {m.policy.source for m in ctx.layers} == {"plugin policyinject-example-plugin:toy"}
 
 
 def test_deepspeed_tuple_form_becomes_a_policy():
