@@ -50,7 +50,7 @@ from .policy import (
 __version__ = "0.1.0"
 
 #: The user tier: make a model fast, look at the plan, configure, catch errors.
-USER_API = (
+_USER_API = (
     "init_inference", "InferenceEngine", "plan_inference", "Plan", "load_config",
     "InferenceConfig", "TensorParallelConfig", "QuantizationConfig", "WeightQuantConfig", "ActivationQuantConfig",
     "QKVQuantConfig", "MoEConfig", "CheckpointConfig",
@@ -58,9 +58,9 @@ USER_API = (
     "PluginConflictWarning",
 )
 #: The policy-author tier: describe an architecture, ship it as a plugin.
-AUTHOR_API = (
+_AUTHOR_API = (
     "Policy", "ModelPolicy", "AttentionSpec", "MLPSpec", "NormSpec",
     "Activation", "BlockKind", "NormKind", "QKVLayout", "Style", "hookimpl", "PluginManager",
 )
 
-__all__ = list(USER_API + AUTHOR_API)
+__all__ = list(_USER_API + _AUTHOR_API)
