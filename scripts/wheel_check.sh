@@ -12,7 +12,11 @@ trap 'rm -rf "$work"' EXIT
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 start=$(date +%s)
 
-"$builder" -m pip wheel -q --no-deps -w "$work/dist" "$checkout"
+# Build from a copy of the tracked (and untracked, not ignored) files: a stale build/ or egg-info folder in
+# the checkout would otherwise leak removed modules into the wheel.
+mkdir "$work/src"
+git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$work/src"
+"$builder" -m pip wheel -q --no-deps -w "$work/dist" "$work/src"
 wheel=$(ls "$work"/dist/policyinject-*.whl)
 echo "wheel-check: built $(basename "$wheel")"
 
