@@ -19,7 +19,7 @@ from collections import defaultdict
 
 import torch
 
-from policyinject.roofline import copy_bandwidth, weight_bytes
+from policyinject.testing.roofline import copy_bandwidth, weight_bytes
 
 CATEGORIES = (
     ("decode GEMV", re.compile(r"gemv|q4mma", re.I)),
@@ -54,7 +54,7 @@ def main() -> int:
 
     import policyinject as pi
     from policyinject.engine import parameter_bytes
-    from policyinject.presets import preset_model
+    from policyinject.testing.presets import preset_model
 
     device = torch.device("cuda")
     bw = copy_bandwidth(device)

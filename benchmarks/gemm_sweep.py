@@ -3,7 +3,7 @@
 For int4 (asymmetric group 32, the default; symmetric group 128) and int8 per channel, at ``M`` = 128 and 512
 activation rows: the heuristic's config and every tile of a small grid, each checked against
 dequantize-then-matmul on fresh inputs, then timed per call in a CUDA graph
-(``policyinject.roofline.steady_state_seconds``). Prints per shape the best configs and the heuristic next
+(``policyinject.testing.roofline.steady_state_seconds``). Prints per shape the best configs and the heuristic next
 to cuBLAS on the bf16 weight.
 
     python benchmarks/gemm_sweep.py [--m 128 512] [--json out.json]
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     from policyinject.kernels.quant_matmul import quant_matmul, quant_matmul_config
     from policyinject.kernels.quant_reference import quant_matmul_reference
     from policyinject.kernels.quantize import quantize_weight
-    from policyinject.roofline import steady_state_seconds
+    from policyinject.testing.roofline import steady_state_seconds
 
     if not torch.cuda.is_available():
         print("benchmarks/gemm_sweep.py needs a CUDA GPU")

@@ -1,7 +1,7 @@
 """Batch-1 decode GEMV sweep: bf16, int8 and int4 kernels and their launch configs on the Llama shapes.
 
 Every config is checked against the reference on fresh inputs, then timed per call inside one CUDA graph over
-rotating weight sets (more bytes than L2), as in a graph-captured decode step (``policyinject.roofline``'s
+rotating weight sets (more bytes than L2), as in a graph-captured decode step (``policyinject.testing.roofline``'s
 steady-state timing; session-2 runs 1-2 used ``do_bench`` on the graph replay, which adds one L2 flush per
 replay of 2 x sets calls). Prints, per shape, the best
 configs of each kernel and the fraction of the measured copy bandwidth (weight bytes), then the per-token sum
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     from policyinject.kernels.quant_matmul import quant_matmul
     from policyinject.kernels.quant_reference import quant_matmul_reference
     from policyinject.kernels.quantize import quantize_weight
-    from policyinject.roofline import copy_bandwidth, steady_state_seconds
+    from policyinject.testing.roofline import copy_bandwidth, steady_state_seconds
 
     if not torch.cuda.is_available():
         print("benchmarks/gemv_sweep.py needs a CUDA GPU")
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     l2 = 50 * 2**20
 
     def graph_us(calls) -> float:
-        """Microseconds per call of the rotating ``calls``, back to back in one CUDA graph (policyinject.roofline)."""
+        """Microseconds per call of the rotating ``calls``, back to back in one CUDA graph (policyinject.testing.roofline)."""
         return steady_state_seconds(lambda i: calls[i](), [(i,) for i in range(len(calls))],
                                     calls=2 * len(calls), device=dev) * 1e6
 

@@ -59,7 +59,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from policyinject.roofline import copy_bandwidth, steady_state_seconds  # noqa: E402
+from policyinject.testing.roofline import copy_bandwidth, steady_state_seconds  # noqa: E402
 
 L2_BYTES = 50 * 2**20  # H100: 50 MB
 MIN_SETS, MAX_SETS = 4, 16
@@ -695,7 +695,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.cuda.empty_cache()
     print(f"copy ceiling, {big / 2**30:.3g} GiB copy_ (read + write): {copy_tbps:.3f} TB/s steady state "
           f"({copy_sets} buffer pairs rotated, CUDA graph); {copy_old_tbps:.3f} TB/s single copy "
-          f"(policyinject.roofline default); {fmt(copy_flushed_tbps, '.3f')} TB/s do_bench with L2 flush", flush=True)
+          f"(policyinject.testing.roofline default); {fmt(copy_flushed_tbps, '.3f')} TB/s do_bench with L2 flush", flush=True)
     # The ceiling is the fastest of the three copy measurements: the rotated 1 GiB pairs span 8 GiB and read
     # slower on the H100 (2.43 vs 2.96 TB/s, session-2 run 2, likely TLB reach), so judging by them would be
     # lenient; the kernels' own rotating sets span at most ~1 GiB.

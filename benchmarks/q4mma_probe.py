@@ -3,7 +3,7 @@
 For int4 asymmetric group 32 (the default) and symmetric group 128: each shape's heuristic pick (whatever
 ``quant_matmul_config`` chooses, the CUDA-core word kernel included) and every ``q4mma`` tile / K split,
 each checked against dequantize-then-matmul and timed per call inside a CUDA graph over rotating weight sets
-(``policyinject.roofline.steady_state_seconds``), with the fraction of the measured copy bandwidth. Ends
+(``policyinject.testing.roofline.steady_state_seconds``), with the fraction of the measured copy bandwidth. Ends
 with the per-token sum (32 layers + int4 head) for the heuristic and for the best config per shape.
 
     python benchmarks/q4mma_probe.py        # a CUDA GPU; about 1.5 minutes on an H100
@@ -12,7 +12,7 @@ import torch
 from policyinject.kernels.quantize import quantize_weight, dequantize_weight
 from policyinject.kernels.quant_matmul import quant_matmul, quant_matmul_config
 from policyinject.kernels.gemv import pick_split_k
-from policyinject.roofline import steady_state_seconds, copy_bandwidth
+from policyinject.testing.roofline import steady_state_seconds, copy_bandwidth
 
 dev = torch.device("cuda")
 props = torch.cuda.get_device_properties(dev)

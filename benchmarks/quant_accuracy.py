@@ -79,7 +79,7 @@ def main() -> int:
                if quant is None or not args.rows or any(r in label for r in args.rows)]
 
     import policyinject as pi
-    from policyinject import models
+    from policyinject.testing import models
 
     torch.manual_seed(0)
     with open(GPL3, encoding="utf-8") as f:

@@ -31,7 +31,7 @@ from typing import Any, Dict, List
 import torch
 import torch.distributed as dist
 
-from policyinject.roofline import copy_bandwidth
+from policyinject.testing.roofline import copy_bandwidth
 
 #: HBM bandwidth (bytes/s) by card name fragment, for the roofline.
 BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 2.0e12}
@@ -45,7 +45,7 @@ def bandwidth(name: str) -> float:
 
 
 def build(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
-    from policyinject.presets import preset_model
+    from policyinject.testing.presets import preset_model
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     overrides = {"num_hidden_layers": args.layers} if args.layers else {}

@@ -38,7 +38,7 @@ from .passes.kernel_inject import KernelInjectPass
 from .passes.quantize import QuantizePass
 from .passes.tensor_parallel import TensorParallelPass
 from .plan import Plan
-from .plugins import PluginManager
+from ._plugin_manager import PluginManager
 from .policy.resolve import resolve_policies
 
 __all__ = ["PASSES", "Planned", "enabled_passes", "init_inference", "plan_inference", "prepare", "target_device"]

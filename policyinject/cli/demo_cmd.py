@@ -1,6 +1,6 @@
 """``policyinject demo``: a real model, before and after kernel injection, on whatever device is present.
 
-Loads SmolLM2-135M-Instruct from its PyPI package (see :mod:`policyinject.models`), prints the plan, injects
+Loads SmolLM2-135M-Instruct from its PyPI package (see :mod:`policyinject.testing.models`), prints the plan, injects
 the fused kernels, checks the injected logits against the original on the prompt, answers the prompt with
 the chat template, and prints the time per generated token before and after.
 
@@ -58,7 +58,7 @@ def _timed_generate(gen: Any, ids: torch.Tensor, n: int, device: torch.device) -
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models import ModelNotInstalled, chat_prompt, load_smollm2
+    from ..testing.models import ModelNotInstalled, chat_prompt, load_smollm2
     from ..pipeline import init_inference
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

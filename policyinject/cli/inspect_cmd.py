@@ -71,8 +71,11 @@ def deep_merge(base: dict, overrides: dict) -> dict:
 
 def build_model(spec: str) -> torch.nn.Module:
     """Build a model on the meta device from a preset name or a checkpoint folder."""
-    from .. import presets
+    from .._extras import require
+    from ..testing import presets
 
+    if spec.startswith("tiny:") or spec in presets.SHAPES:
+        require("transformers", "hf")
     if spec.startswith("tiny:"):
         return presets.tiny_model(spec[5:], device="meta")
     if spec in presets.SHAPES:
@@ -88,7 +91,7 @@ def build_model(spec: str) -> torch.nn.Module:
         with torch.device("meta"):
             return factory()
     if os.path.isdir(spec):
-        import transformers
+        transformers = require("transformers", "hf")
 
         config = transformers.AutoConfig.from_pretrained(spec)
         with torch.device("meta"):

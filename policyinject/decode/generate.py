@@ -18,7 +18,7 @@ call cannot change it.
 Example:
     >>> import torch
     >>> from policyinject.pipeline import init_inference
-    >>> from policyinject.presets import tiny_model
+    >>> from policyinject.testing.presets import tiny_model
     >>> model = tiny_model("llama")
     >>> ids = torch.tensor([[5, 6, 7, 8]])
     >>> expected = model.generate(ids, max_new_tokens=5, do_sample=False)

@@ -12,7 +12,7 @@ lists what a model lacks, naming the layer class and the policy field, and :clas
 
 Example:
     >>> import torch
-    >>> from policyinject.presets import tiny_model
+    >>> from policyinject.testing.presets import tiny_model
     >>> from policyinject_plugins.llama import LLAMA_CAUSAL_LM
     >>> decode_problems(tiny_model("llama"), LLAMA_CAUSAL_LM)[0]
     'model.layers.0: LlamaDecoderLayer is not an injected block (no run(hidden, cos, sin, attend)); the decode engine needs replace_with_kernel_inject=True and a layer policy with a block wiring (pre_norm, parallel or post_norm; `opaque` keeps the layer)'
@@ -113,7 +113,7 @@ class DecodeRunner:
     Example:
         >>> import torch
         >>> from policyinject.decode.kv_cache import StaticKVCache, prefill_mask
-        >>> from policyinject.presets import tiny_model
+        >>> from policyinject.testing.presets import tiny_model
         >>> from policyinject_plugins.llama import LLAMA_CAUSAL_LM, LLAMA_LAYER
         >>> from policyinject.modules.block import InjectedBlock
         >>> model = tiny_model("llama")

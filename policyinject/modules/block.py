@@ -17,7 +17,7 @@ Two entry points (see ``docs/architecture.md``):
 
 Example:
     >>> import torch
-    >>> from policyinject.presets import tiny_model
+    >>> from policyinject.testing.presets import tiny_model
     >>> from policyinject.modules.attention import sdpa
     >>> model = tiny_model("llama")
     >>> layer = model.model.layers[0]
@@ -177,7 +177,7 @@ class InjectedBlock(torch.nn.Module):
 
         Example:
             >>> import torch
-            >>> from policyinject.presets import tiny_model
+            >>> from policyinject.testing.presets import tiny_model
             >>> from policyinject.modules.attention import sdpa
             >>> from policyinject_plugins.llama import LLAMA_LAYER
             >>> model = tiny_model("llama")

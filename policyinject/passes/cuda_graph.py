@@ -46,7 +46,7 @@ def plan_problems(ctx: PassContext) -> List[str]:
 
     Example:
         >>> from policyinject.config import load_config
-        >>> from policyinject.presets import tiny_model
+        >>> from policyinject.testing.presets import tiny_model
         >>> from policyinject.passes.base import PassContext
         >>> ctx = PassContext(model=tiny_model("llama"), config=load_config(None))
         >>> plan_problems(ctx)[0]

@@ -7,7 +7,7 @@ norms' epsilon attributes match), each a small function appending to one problem
 known wiring becomes an ``InjectedBlock``; otherwise its attention, MLP and norms are replaced one by one.
 
 Example:
-    >>> from policyinject.presets import tiny_model
+    >>> from policyinject.testing.presets import tiny_model
     >>> from policyinject_plugins.llama import LLAMA_LAYER
     >>> model = tiny_model("llama")
     >>> layer = model.model.layers[0]

@@ -23,7 +23,7 @@ to the model's own ``generate`` when the decode engine cannot run the transforme
 
 Example:
     >>> import torch
-    >>> from policyinject.presets import tiny_model
+    >>> from policyinject.testing.presets import tiny_model
     >>> from policyinject.config import load_config
     >>> from policyinject.passes.base import PassContext, ResolvedLayer
     >>> from policyinject_plugins.llama import LLAMA_LAYER, LLAMA_CAUSAL_LM

@@ -10,7 +10,7 @@ mutates the model.
 Example:
     >>> import torch
     >>> from policyinject.config import load_config
-    >>> from policyinject.plugins import PluginManager
+    >>> from policyinject._plugin_manager import PluginManager
     >>> class Blk(torch.nn.Module):
     ...     def __init__(self):
     ...         super().__init__(); self.up = torch.nn.Linear(4, 8); self.down_proj = torch.nn.Linear(8, 4)

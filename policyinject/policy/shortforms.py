@@ -132,7 +132,7 @@ def convert_hf_plan(plan: Mapping[str, str], model: torch.nn.Module, source: str
     base model (``layers.*.mlp.up_proj``, as in ``config.base_model_tp_plan``).
 
     Example:
-        >>> from policyinject.presets import tiny_model
+        >>> from policyinject.testing.presets import tiny_model
         >>> m = tiny_model("llama")
         >>> conv = convert_hf_plan(m._tp_plan, m)
         >>> [p.layer_name for p in conv.policies], conv.model_policies[0].styles["lm_head"].value
@@ -210,7 +210,7 @@ def from_hf_plan(plan: Mapping[str, str], model: torch.nn.Module) -> tuple:
     """``(layer policies, model policies)`` of a Hugging Face plan (see :func:`convert_hf_plan`).
 
     Example:
-        >>> from policyinject.presets import tiny_model
+        >>> from policyinject.testing.presets import tiny_model
         >>> m = tiny_model("gpt_neox")
         >>> layers, models = from_hf_plan(type(m.config).base_model_tp_plan, m)
         >>> sorted(layers[0].styles)[:2], models[0].embed

@@ -45,7 +45,7 @@ def test_inspect_a_custom_model_through_its_plugin_and_the_deepspeed_tuple(capsy
     spec = "policyinject_example_plugin.modeling:build_toy"
     assert main(["inspect", spec, "--set", "tensor_parallel.tp_size=2"]) == 0
     out = capsys.readouterr().out
-    assert "model policy: ToyForCausalLM (plugin toy)" in out
+    assert "model policy: ToyForCausalLM (plugin policyinject-example-plugin:toy)" in out
     assert "blocks.0.attn.out_proj" in out and " row " in out and " column " in out
     ds = '{"policyinject_example_plugin.modeling.ToyBlock": ["attn.out_proj", "mlp.fc2"]}'
     assert main(["inspect", spec, "--set", "tensor_parallel.tp_size=2", "--set", f"injection_policy={ds}",

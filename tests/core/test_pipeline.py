@@ -10,7 +10,7 @@ import torch
 import policyinject as pi
 from policyinject.errors import PlanError
 from policyinject.policy import AttentionSpec, Policy
-from policyinject.presets import tiny_model
+from policyinject.testing.presets import tiny_model
 from policyinject_example_plugin.modeling import ToyBlock, ToyConfig, ToyForCausalLM
 from policyinject_example_plugin.plugin import TOY_BLOCK_POLICY
 
@@ -69,7 +69,7 @@ def test_user_policy_in_code_beats_plugins_and_shows_its_source():
     plan = pi.plan_inference(model, pi.load_config({"injection_policy": {ToyBlock: TOY_BLOCK_POLICY}}))
     assert {m.policy.source for m in plan.layers} == {"injection_policy"}
     plan = pi.plan_inference(model, pi.load_config({}))
-    assert {m.policy.source for m in plan.layers} == {"plugin toy"}
+    assert {m.policy.source for m in plan.layers} == {"plugin policyinject-example-plugin:toy"}
 
 
 def test_deepspeed_tuple_form_becomes_a_policy():

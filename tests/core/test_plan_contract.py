@@ -19,7 +19,7 @@ from policyinject.passes.tensor_parallel import TensorParallelPass
 from policyinject.pipeline import PASSES, enabled_passes, prepare
 from policyinject.plan import Plan
 from policyinject.plan_fields import QuantizeSummary, TensorParallelLayout
-from policyinject.plugins import PluginManager
+from policyinject._plugin_manager import PluginManager
 from policyinject.policy.resolved import ResolvedBy
 
 

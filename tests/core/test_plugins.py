@@ -8,7 +8,8 @@ import torch
 
 from policyinject import hookimpl
 from policyinject.errors import PluginError
-from policyinject.plugins import PluginManager, disabled_names
+from policyinject import PluginManager
+from policyinject._plugin_manager import disabled_names
 from policyinject.policy import ModelPolicy, Policy
 
 
@@ -64,6 +65,7 @@ def test_entry_points_load_builtins_and_the_example_plugin():
     pm = PluginManager.default(environ={})
     infos = {i.name: i for i in pm.plugins()}
     assert "toy" in infos, "the example plugin package is installed by the test setup"
+    assert infos["toy"].key == "policyinject-example-plugin:toy" and infos["toy"].origin == "third-party"
     toy = infos["toy"]
     assert toy.distribution == "policyinject-example-plugin" and not toy.builtin
     assert "layer ToyBlock" in toy.registers
@@ -81,7 +83,7 @@ def test_disable_by_name_external_and_all():
 
 
 def test_broken_entry_point_names_plugin_and_distribution(monkeypatch):
-    from policyinject import plugins as plugins_module
+    from policyinject import _plugin_manager as plugins_module
 
     class FakeEP:
         name = "exploding"

@@ -10,7 +10,7 @@ import torch
 
 from pi_testing import _init_inference
 
-from policyinject.presets import tiny_model
+from policyinject.testing.presets import tiny_model
 
 
 @pytest.fixture

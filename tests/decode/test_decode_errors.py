@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from policyinject.errors import PlanError, UnsupportedError
-from policyinject.presets import tiny_model
+from policyinject.testing.presets import tiny_model
 
 from pi_testing import _init_inference
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from policyinject.errors import UnsupportedError
-from policyinject.presets import available
+from policyinject.testing.presets import available
 
 from pi_testing import left_pad, prompts
 
@@ -155,7 +155,7 @@ def test_clear_errors(injected, decoder_of):
 
 def test_model_without_injected_blocks_is_refused(decoder_of):
     from policyinject.decode.generate import Decoder
-    from policyinject.presets import tiny_model
+    from policyinject.testing.presets import tiny_model
     from policyinject_plugins.llama import LLAMA_CAUSAL_LM
 
     with pytest.raises(UnsupportedError, match="LlamaDecoderLayer is not an injected block"):

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture
 def gpu_engine(injected):
     def build(arch: str = "llama", dtype: str = "bf16", **config):
-        from policyinject.presets import tiny_model  # noqa: F401  (injected builds it)
+        from policyinject.testing.presets import tiny_model  # noqa: F401  (injected builds it)
 
         reference, engine = injected(arch, dtype=dtype, enable_cuda_graph=True, **config)
         assert engine.device.type == "cuda"

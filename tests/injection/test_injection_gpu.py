@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 
-from policyinject.presets import TINY_ARCHS, available, preset_model, tiny_model
+from policyinject.testing.presets import TINY_ARCHS, available, preset_model, tiny_model
 
 from pi_testing import _init_inference, output_tensor, rel_err
 

@@ -9,7 +9,7 @@ from policyinject.errors import PolicyError
 from policyinject.modules._hf import CallSignature
 from policyinject.modules.attention import sdpa
 from policyinject.modules.fused_linear import as_linear, fuse_linears
-from policyinject.presets import TINY_ARCHS, tiny_model
+from policyinject.testing.presets import TINY_ARCHS, tiny_model
 
 from pi_testing import rel_err
 
@@ -110,7 +110,7 @@ def test_call_signatures_of_installed_transformers():
 
 
 def test_builtin_plugins_are_entry_points():
-    from policyinject.plugins import PluginManager
+    from policyinject._plugin_manager import PluginManager
 
     pm = PluginManager.default()
     infos = {p.name: p for p in pm.plugins()}
@@ -125,7 +125,7 @@ def test_builtin_plugins_are_entry_points():
 def test_policies_name_real_classes_and_submodules(arch):
     """Class names resolve in the installed transformers; every role path exists on the tiny model."""
     from policyinject.policy.matching import match_layers
-    from policyinject.plugins import PluginManager
+    from policyinject._plugin_manager import PluginManager
 
     pm = PluginManager.default()
     ps = pm.collect()

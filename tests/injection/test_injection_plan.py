@@ -9,7 +9,7 @@ import torch
 from policyinject.errors import PlanError
 from policyinject.passes.base import PassContext, ResolvedLayer
 from policyinject.passes.kernel_inject import KernelInjectPass
-from policyinject.presets import tiny_model
+from policyinject.testing.presets import tiny_model
 
 from pi_testing import output_tensor, rel_err
 

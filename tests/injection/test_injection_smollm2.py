@@ -29,7 +29,7 @@ PROMPT = "What is the capital of France?"
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from policyinject.models import load_smollm2
+    from policyinject.testing.models import load_smollm2
 
     return load_smollm2(dtype=torch.float32)
 
@@ -51,7 +51,7 @@ def test_real_model_is_block_injected(smollm2, injected):
 
 
 def test_same_greedy_continuation(smollm2, injected):
-    from policyinject.models import chat_prompt
+    from policyinject.testing.models import chat_prompt
 
     original, tok = smollm2
     model, _ = injected

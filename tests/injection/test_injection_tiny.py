@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from policyinject.presets import TINY_ARCHS, available, tiny_model
+from policyinject.testing.presets import TINY_ARCHS, available, tiny_model
 
 from pi_testing import output_tensor, rel_err
 

@@ -21,7 +21,7 @@ MODULES = [
     "policyinject.modules.mlp",
     "policyinject.kernels.gemv",
     "policyinject.modules.fast_linear",
-    "policyinject.roofline",
+    "policyinject.testing.roofline",
 ]
 
 

@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py and policyinject.roofline on the CPU: the plumbing of the GPU benchmark (``--smoke`` runs
+"""benchmarks/kernels.py and policyinject.testing.roofline on the CPU: the plumbing of the GPU benchmark (``--smoke`` runs
 the Triton kernels under TRITON_INTERPRET=1, set by conftest), the bytes-moved accounting, and the
 steady-state timing helper (host clock off CUDA)."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from policyinject.roofline import copy_bandwidth, steady_state_seconds
+from policyinject.testing.roofline import copy_bandwidth, steady_state_seconds
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -38,7 +38,7 @@ import torch
 
 import policyinject
 from policyinject.errors import UnsupportedError
-from policyinject.presets import tiny_model
+from policyinject.testing.presets import tiny_model
 
 CONFIGS = {
     "int8": dict(dtype="int8"),

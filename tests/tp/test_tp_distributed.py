@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from policyinject.presets import TINY_ARCHS
+from policyinject.testing.presets import TINY_ARCHS
 from tp_workers import run_ranks
 
 pytestmark = pytest.mark.slow

@@ -12,10 +12,10 @@ from policyinject.modules.tensor_parallel import ColumnParallelLinear, RowParall
 from policyinject.pipeline import init_inference, prepare
 from policyinject.policy.autotp import heuristic_policy
 from policyinject.plan_fields import LocalHeads
-from policyinject.plugins import PluginManager
+from policyinject._plugin_manager import PluginManager
 from policyinject.policy import Style
 from policyinject.policy.shortforms import convert_hf_plan, from_deepspeed, hf_style
-from policyinject.presets import preset_model, tiny_model
+from policyinject.testing.presets import preset_model, tiny_model
 
 
 def _plan(model, plugins=None, **tp):

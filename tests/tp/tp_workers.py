@@ -120,8 +120,8 @@ def _compare(model: torch.nn.Module, engine_fn: Any, ids: torch.Tensor, generate
 def hf_equal(arch: str, tp: int, overrides: Optional[dict] = None, plugins: str = "default", generate: bool = True,
              grain: int = 8, extra: Optional[dict] = None) -> Dict[str, Any]:
     """A tiny HF model of ``arch``: TP logits and greedy tokens equal the unsharded model's."""
-    from policyinject.plugins import PluginManager
-    from policyinject.presets import preset_model, tiny_model
+    from policyinject import PluginManager
+    from policyinject.testing.presets import preset_model, tiny_model
 
     overrides = dict(overrides or {})
     if arch.startswith("preset:"):
@@ -144,7 +144,7 @@ def toy_equal(tp: int, form: str, heads: int = 6) -> Dict[str, Any]:
     ``form``: ``policy`` (a Policy object), ``deepspeed`` (the tuple short form), ``plugin`` (the installed
     entry-point plugin), ``autotp`` (no policy at all).
     """
-    from policyinject.plugins import PluginManager
+    from policyinject import PluginManager
     from policyinject.policy import AttentionSpec, MLPSpec, Policy
     from policyinject_example_plugin.modeling import ToyBlock, ToyConfig, ToyForCausalLM
 
@@ -178,7 +178,7 @@ def toy_equal(tp: int, form: str, heads: int = 6) -> Dict[str, Any]:
 def plan_error(arch: str, tp: int, overrides: Optional[dict] = None) -> Dict[str, Any]:
     """Planning fails with a PlanError (and the model is untouched)."""
     from policyinject.errors import PlanError
-    from policyinject.presets import tiny_model
+    from policyinject.testing.presets import tiny_model
 
     model = tiny_model(arch, **(overrides or {}))
     before = [type(m).__name__ for m in model.modules()]

@@ -4,7 +4,7 @@ Two kinds: realistic *shapes* for benchmarks and ``policyinject inspect`` (``lla
 ``llama-3-8b``), and *tiny* models of every built-in architecture for tests (hidden 64, 2 layers).
 
 Example:
-    >>> from policyinject.presets import tiny_model, TINY_ARCHS
+    >>> from policyinject.testing.presets import tiny_model, TINY_ARCHS
     >>> model = tiny_model("llama")
     >>> type(model).__name__, model.config.num_hidden_layers
     ('LlamaForCausalLM', 2)

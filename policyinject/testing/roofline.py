@@ -187,7 +187,7 @@ def weight_bytes(model: torch.nn.Module) -> Dict[str, int]:
         >>> weight_bytes(LM())
         {'all': 320, 'read_per_token': 160}
     """
-    from .engine import parameter_bytes
+    from ..engine import parameter_bytes
 
     total = parameter_bytes(model)
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None

@@ -29,7 +29,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-from .errors import PolicyInjectError
+from ..errors import PolicyInjectError
 
 __all__ = ["ModelNotInstalled", "cache_root", "package_dir", "smollm2_dir", "load_smollm2", "load_minilm",
            "SMOLLM2_PACKAGE", "SMOLLM2_GGUF", "MINILM_PACKAGE"]
