@@ -93,11 +93,16 @@ def target_device(model: torch.nn.Module, config: InferenceConfig) -> torch.devi
     return torch.device("cpu")
 
 
-def user_policies(config: InferenceConfig) -> list:
+def user_policies(config: InferenceConfig, model: Optional[torch.nn.Module] = None) -> list:
     """``injection_policy`` entries converted to :class:`Policy` objects (they win over plugins)."""
     raw = getattr(config, "injection_policy", None) or {}
+    # A key written as a name is a ClassRef, never imported: match it to the model's classes here (no import,
+    # PolicyError naming the key when it names none). See policyinject/config/class_ref.py.
+    from .config.class_ref import resolve_injection_policy
+
+    pairs = resolve_injection_policy(raw, model)
     out = []
-    for key, value in raw.items():
+    for key, value in pairs:
         layer = key
         if isinstance(value, Policy):
             policy = value if value.layer == layer else _with_layer(value, layer)
@@ -123,7 +128,7 @@ def plan_inference(model: torch.nn.Module, config: InferenceConfig,
     extra_user, extra_model = _tp_plan_policies(model, config)
     matched = match_layers(
         model,
-        user=user_policies(config) + extra_user,
+        user=user_policies(config, model) + extra_user,
         plugins=list(collected.layer_policies),
         model_policies=list(extra_model) + list(collected.model_policies),
         select=manager.select_policy,

@@ -31,6 +31,7 @@ from typing import Any, Mapping
 import attrs
 
 from .errors import ConfigWarning, Problem, short_repr
+from .inputs import bounded_repr, plain_copy
 from .keys import NAMES, SPECS, Status, lookup, section_specs
 
 
@@ -56,7 +57,7 @@ class Normalized:
 
 
 def _is_mapping(value: Any) -> bool:
-    return hasattr(value, "items") and hasattr(value, "keys") and callable(value.items)
+    return type(value) is dict  # after plain_copy every mapping the user gave is a plain dict
 
 
 def _join(prefix: str, name: str) -> str:
@@ -97,8 +98,8 @@ def _add(out: Normalized, setting: Setting) -> None:
 
 def _walk(mapping: Any, section: str, prefix: str, out: Normalized) -> None:
     for key, value in list(mapping.items()):
-        if not isinstance(key, str):
-            out.problems.append(Problem(_join(prefix, repr(key)), f"unknown key {short_repr(key)}: keys are strings"))
+        if type(key) is not str:
+            out.problems.append(Problem(_join(prefix, bounded_repr(key, 40)), f"unknown key {short_repr(key)}: keys are strings"))
             continue
         spelled = _join(prefix, key)
         spec = lookup(section, key)
@@ -153,6 +154,11 @@ def normalize(raw: Mapping) -> Normalized:
         (['moe.enabled', 'tensor_parallel.tp_size'], ['DeprecationWarning'])
     """
     out = Normalized()
+    raw, out.problems = plain_copy(raw)
+    if type(raw) is not dict:  # over the size limit (the problem says so), or not a mapping at all
+        if raw is not None:
+            out.problems.append(Problem("", f"expected a mapping, got {short_repr(raw)}"))
+        return out
     _walk(raw, "", "", out)
     return out
 
