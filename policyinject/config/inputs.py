@@ -22,7 +22,7 @@ Example:
     >>> [str(p) for p in plain_copy({"zero": loop})[1]]
     ['zero.me: refers to itself (a reference cycle); give plain data']
     >>> bounded_repr("x" * 1000, 12)
-    "'xxxxxxxx..."
+    "'xxx...xxxx'"
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def bounded_repr(value: Any, limit: int = 60) -> str:
 
     Example:
         >>> bounded_repr([[[[[1]]]]]), bounded_repr(10 ** 5000)
-        ('[[[[...]]]]', '<int of about 16610 digits>')
+        ('[[[[...]]]]', '<int of about 5001 digits>')
     """
     try:
         if isinstance(value, str) and type(value) is not str:
@@ -230,8 +230,9 @@ def plain_copy(value: Any, path: str = "", max_nodes: int = MAX_NODES,
     try:
         ok, out = walk.copy(value, path, 0)
     except TooLarge:
-        return None, [Problem(path, f"holds more than {max_nodes:,} values (a YAML alias counts once per use); "
-                                    "a configuration is never that large")]
+        what = "this value" if path else "the configuration"
+        return None, [Problem(path, f"{what} holds more than {max_nodes:,} values (a YAML alias counts once per "
+                                    "use); a configuration is never that large")]
     except RecursionError:  # pragma: no cover - MAX_DEPTH keeps the walk far from the interpreter's limit
         return None, [Problem(path, "is nested too deeply")]
     return (out if ok else None), walk.problems

@@ -54,6 +54,8 @@ class Normalized:
     spellings: dict = attrs.field(factory=dict)
     problems: list = attrs.field(factory=list)
     warnings: list = attrs.field(factory=list)
+    #: How many unknown keys were found (only the first ``MAX_HINTS`` get a did-you-mean hint).
+    unknown: int = 0
 
 
 def _is_mapping(value: Any) -> bool:
@@ -64,8 +66,20 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _unknown(section: str, key: str, spelled: str) -> Problem:
-    elsewhere = [p for p in SPECS if p.rsplit(".", 1)[-1] == key and p != _join(section, key)]
+#: Leaf name -> the canonical paths that end with it (for "the right name in the wrong section" hints).
+_BY_LEAF: dict = {}
+for _path in SPECS:
+    _BY_LEAF.setdefault(_path.rsplit(".", 1)[-1], []).append(_path)
+
+#: Unknown keys of one source that get a did-you-mean hint; past that only the key is named (bounded cost).
+MAX_HINTS = 100
+
+
+def _unknown(section: str, key: str, spelled: str, hint_wanted: bool = True) -> Problem:
+    shown = bounded_repr(key, 80)[1:-1] if len(key) > 80 else key
+    if not hint_wanted or len(key) > 80:
+        return Problem(spelled, f"unknown key `{shown}`")
+    elsewhere = [p for p in _BY_LEAF.get(key, ()) if p != _join(section, key)]
     close = difflib.get_close_matches(key, list(NAMES[section]), n=1, cutoff=0.6)
     if len(elsewhere) == 1:  # the right name in the wrong section: tp_size at the top level
         hint = f"; did you mean `{elsewhere[0]}`?"
@@ -104,7 +118,8 @@ def _walk(mapping: Any, section: str, prefix: str, out: Normalized) -> None:
         spelled = _join(prefix, key)
         spec = lookup(section, key)
         if spec is None:
-            out.problems.append(_unknown(section, key, spelled))
+            out.unknown += 1
+            out.problems.append(_unknown(section, key, spelled, out.unknown <= MAX_HINTS))
             continue
         if isinstance(value, str) and value == "auto" and not spec.auto_value:
             continue  # DeepSpeed's "auto" stripping: use the default
