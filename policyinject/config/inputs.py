@@ -9,7 +9,8 @@ user's object. It stops with a :class:`~policyinject.config.errors.Problem` (nev
 - a container that contains itself (a reference cycle);
 - more than :data:`MAX_NODES` values in all (shared values count once per use, so a YAML "billion
   laughs" of nested aliases is stopped after :data:`MAX_NODES` steps, not expanded);
-- a mapping whose ``items()`` raises, or a key that cannot be hashed.
+- a mapping whose ``items()`` raises, or a key that cannot be hashed;
+- an integer of more than about 4,000 digits (it could not be written back as text).
 
 Objects that are not plain data (process groups, an ``mpu``, classes, tensors, ``Policy`` objects) are
 kept as they are, untouched: the key they belong to decides whether they are allowed.
@@ -38,6 +39,9 @@ MAX_DEPTH = 100
 MAX_NODES = 200_000
 #: Largest config file read (bytes); a larger file is rejected before it is parsed.
 MAX_FILE_BYTES = 16 * 1024 * 1024
+
+#: Largest integer kept in free-form values (about 4,000 digits: Python and JSON refuse longer ones as text).
+MAX_INT_BITS = 13_000
 
 _SCALARS = (str, int, float, bool, type(None), bytes)
 
@@ -146,13 +150,16 @@ class _Walk:
         """``(ok, copy)``; ``ok`` False drops the value (a problem was recorded)."""
         self.count()
         t = type(value)
+        if t is int and value.bit_length() > MAX_INT_BITS:
+            self.problems.append(Problem(path, f"is an integer of more than {MAX_INT_BITS * 3 // 10:,} digits"))
+            return False, None
         if t in _SCALARS:
             return True, value
         try:
             if issubclass(t, str):
                 return True, str.__str__(value)
             if issubclass(t, int) and not issubclass(t, bool):
-                return True, int.__int__(value)
+                return self.copy(int.__int__(value), path, depth)
             if issubclass(t, float):
                 return True, float.__float__(value)
             items = self._items(value, t)

@@ -62,7 +62,10 @@ def boolean(value: Any) -> bool:
 def _integer(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidValue(f"expected an integer, got {short_repr(value)}")
-    return int.__int__(value)  # a plain int: an int subclass's own methods never run
+    number = int.__int__(value)  # a plain int: an int subclass's own methods never run
+    if not -(2 ** 63) <= number < 2 ** 63:
+        raise InvalidValue(f"is out of range (more than 64 bits), got {short_repr(number)}")
+    return number
 
 
 def positive_int(value: Any) -> int:
@@ -119,13 +122,15 @@ def choice(*allowed: str) -> Callable[[Any], str]:
     listed = ", ".join(f'"{a}"' for a in allowed)
 
     def convert(value: Any) -> str:
+        if isinstance(value, str):
+            value = str.__str__(value)  # a str subclass's own __eq__ never runs
         if isinstance(value, str) and value in allowed:
             return value
         hint = ""
         if isinstance(value, str):
             close = difflib.get_close_matches(value, allowed, n=1)
             hint = f'; did you mean "{close[0]}"?' if close else ""
-            raise InvalidValue(f"expected one of {listed}; got {value!r}{hint}")
+            raise InvalidValue(f"expected one of {listed}; got {short_repr(value, typed=False)}{hint}")
         raise InvalidValue(f"expected one of {listed}; got {short_repr(value)}")
 
     convert.allowed = allowed  # type: ignore[attr-defined]
@@ -133,16 +138,21 @@ def choice(*allowed: str) -> Callable[[Any], str]:
 
 
 def text(value: Any) -> str:
-    """A string (a path-like object becomes its string).
+    """A string (a path-like object becomes its string); a NUL byte is rejected (text keys are paths).
 
     Example:
         >>> text("ckpt/")
         'ckpt/'
     """
+    if isinstance(value, os.PathLike) and not isinstance(value, str):
+        try:
+            value = os.fspath(value)
+        except Exception as e:
+            raise InvalidValue(f"the path-like object cannot be read: {type(e).__name__}") from None
     if isinstance(value, str):
-        return value
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
+        if "\0" in value:  # every text key is a filesystem path, and no path holds a NUL byte
+            raise InvalidValue(f"a path cannot contain a NUL byte, got {short_repr(value)}")
+        return str.__str__(value)
     raise InvalidValue(f"expected a string, got {short_repr(value)}")
 
 
