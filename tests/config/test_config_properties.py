@@ -367,7 +367,7 @@ hostile_leaves = st.one_of(
     st.sampled_from([int, object, torch.nn.Linear, torch.nn.TransformerEncoderLayer, type, Ellipsis, 1j]),
 )
 hostile_keys = st.one_of(garbage_keys, nul_text, st.integers(), st.none(), st.tuples(st.integers()),
-                         st.floats(allow_nan=False), nul_text.map(_RaisingStr), st.binary(max_size=3),
+                         st.floats(allow_nan=False), st.binary(max_size=3),
                          st.sampled_from([torch.nn.Linear, int]))
 
 
@@ -438,7 +438,7 @@ def hostile_configs(draw):
         node[parts[-1]] = draw(hostile_values)
     if draw(st.booleans()):
         try:
-            d[draw(hostile_keys)] = draw(hostile_values)
+            d[draw(hostile_keys | nul_text.map(_RaisingStr))] = draw(hostile_values)
         except Exception:  # a key whose hash raises cannot go into a dict at all
             pass
     return d
