@@ -2,7 +2,9 @@
 
 :func:`normalize` walks one source (a config mapping or the keyword arguments) with the key registry and
 returns a :class:`Normalized`: one :class:`Setting` per leaf key given, under its canonical dotted path and
-remembering how the user spelled it, plus the problems and warnings found. Values are not checked here
+remembering how the user spelled it, plus the problems and warnings found. The source is first copied into
+plain data by :func:`policyinject.config.inputs.plain_copy` (bounded depth and size, no cycles, no user
+methods run afterwards). Values are not checked here
 (the converter does that); only the shape of the mapping is.
 
 Rules (DeepSpeed's, except where noted):
