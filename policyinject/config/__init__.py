@@ -12,7 +12,9 @@ Example:
 """
 
 from .dtypes import DTYPE_NAMES, normalize_dtype, resolve_dtype, torch_dtype
+from .class_ref import ClassRef
 from .errors import ConfigError, ConfigWarning, Problem
+from .fingerprint import PER_RANK_KEYS, config_fingerprint, diff_fingerprints
 from .keys import KEYS, KeySpec, Status
 from .loader import LoadResult, load_config, parse_config, read_config_file
 from .model import (
@@ -30,8 +32,8 @@ from .schema import json_schema
 from .tp_plan import HF_TP_STYLES
 
 __all__ = [
-    "ActivationQuantConfig", "CheckpointConfig", "ConfigError", "ConfigWarning", "DTYPE_NAMES", "HF_TP_STYLES",
+    "ActivationQuantConfig", "CheckpointConfig", "ClassRef", "ConfigError", "ConfigWarning", "DTYPE_NAMES", "HF_TP_STYLES",
     "HeadQuantConfig", "InferenceConfig", "KEYS", "KeySpec", "LoadResult", "MoEConfig", "Problem", "QKVQuantConfig",
     "QuantizationConfig", "Status", "TensorParallelConfig", "WeightQuantConfig", "json_schema", "load_config",
-    "normalize_dtype", "parse_config", "read_config_file", "resolve_dtype", "torch_dtype",
+    "PER_RANK_KEYS", "config_fingerprint", "diff_fingerprints", "normalize_dtype", "parse_config", "read_config_file", "resolve_dtype", "torch_dtype",
 ]

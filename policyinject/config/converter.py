@@ -28,7 +28,8 @@ import cattrs
 from cattrs.errors import AttributeValidationNote
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
-from .errors import ConfigError, InvalidValue, Problem, short_repr
+from .errors import ConfigError, InvalidValue, Problem
+from .inputs import safe_text
 from .keys import SPECS
 from .model import SECTION_CLASSES, InferenceConfig
 from .values import OMIT
@@ -84,7 +85,7 @@ def _leaf_problems(exc: BaseException, path: tuple) -> list:
             names = [n.name for n in getattr(e, "__notes__", ()) if isinstance(n, AttributeValidationNote)]
             out.extend(_leaf_problems(e, path + tuple(names)))
         return out
-    return [Problem(prefix, f"invalid value ({type(exc).__name__}: {exc})")]
+    return [Problem(prefix, f"invalid value ({type(exc).__name__}: {safe_text(exc)})")]
 
 
 def _strip_path(path: str) -> str:
@@ -128,17 +129,13 @@ def structure_config(tree: dict) -> "tuple[Optional[InferenceConfig], list]":
                 break
             continue
         except Exception as e:  # defensive: a user object misbehaving in a comparison, say
-            problems.append(Problem("", f"invalid configuration ({type(e).__name__}: {short_repr(str(e), 200)})"))
+            problems.append(Problem("", f"invalid configuration ({type(e).__name__}: {safe_text(e)})"))
             break
         else:
             if not problems:
                 return cfg, []
             break
-    unique: list = []
-    for p in problems:
-        if p not in unique:
-            unique.append(p)
-    return None, unique
+    return None, list(dict.fromkeys(problems))  # order kept, duplicates dropped, linear time
 
 
 def _deep_dict_copy(tree: Any) -> Any:

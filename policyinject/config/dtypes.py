@@ -57,11 +57,11 @@ def normalize_dtype(value: Any) -> str:
             return _TORCH[value]
         raise InvalidValue(f"unsupported dtype {value}; use one of {', '.join(DTYPE_NAMES)}")
     if isinstance(value, str):
-        name = DTYPE_SPELLINGS.get(value.strip().lower())
+        name = DTYPE_SPELLINGS.get(str.__str__(value).strip().lower())
         if name is not None:
             return name
         raise InvalidValue(
-            f"unknown dtype {value!r}; use one of {', '.join(DTYPE_NAMES)} "
+            f"unknown dtype {short_repr(value, typed=False)}; use one of {', '.join(DTYPE_NAMES)} "
             "(or a DeepSpeed spelling such as float16, half, bfloat16, float32, torch.int8)"
         )
     raise InvalidValue(f"expected a dtype name or a torch.dtype, got {short_repr(value)}")

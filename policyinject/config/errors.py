@@ -49,6 +49,10 @@ class ConfigWarning:
         return self.message
 
 
+#: How many problems ``str(ConfigError)`` shows; ``ConfigError.problems`` always holds every one.
+MAX_SHOWN = 200
+
+
 class ConfigError(PolicyInjectError, ValueError):
     """Bad configuration input. ``problems`` holds every :class:`Problem` found; ``str()`` lists one per line.
 
@@ -63,13 +67,13 @@ class ConfigError(PolicyInjectError, ValueError):
         if isinstance(problems, (str, Problem)):
             problems = [problems]
         items = [p if isinstance(p, Problem) else Problem("", str(p)) for p in problems]
-        unique: list = []
-        for p in items:
-            if p not in unique:
-                unique.append(p)
+        unique = list(dict.fromkeys(items))  # order kept, duplicates dropped, linear time
         self.problems: list = unique
         self.warnings: list = list(warnings)
-        super().__init__("\n".join(str(p) for p in unique))
+        shown = [str(p) for p in unique[:MAX_SHOWN]]
+        if len(unique) > MAX_SHOWN:
+            shown.append(f"... and {len(unique) - MAX_SHOWN} more problems (all are listed in .problems)")
+        super().__init__("\n".join(shown))
 
     def __reduce__(self):
         return (type(self), (self.problems, self.warnings))
@@ -88,18 +92,17 @@ class InvalidValue(ValueError):
 
 
 def short_repr(value: object, limit: int = 60, typed: bool = True) -> str:
-    """``repr(value)`` cut to ``limit`` characters, with the type name (unless ``typed=False``) for non-obvious values.
+    """A ``repr`` of ``value`` of at most ``limit`` characters, with the type name (unless ``typed=False``) for
+    non-obvious values. Built at bounded cost (nested containers are cut, huge ints never turned into
+    text) and never raises: a user object whose ``repr`` fails is named by its type.
 
     Example:
         >>> short_repr("yes"), short_repr(1.5), short_repr(None), short_repr(2, typed=False)
         ("'yes' (str)", '1.5 (float)', 'None', '2')
     """
-    try:
-        text = repr(value)
-    except Exception:  # a user object whose repr fails still gets named
-        text = f"<{type(value).__name__} object>"
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    if not typed or value is None or isinstance(value, bool):
+    from .inputs import _type_name, bounded_repr
+
+    text = bounded_repr(value, limit)
+    if not typed or value is None or type(value) is bool:
         return text
-    return f"{text} ({type(value).__name__})"
+    return f"{text} ({_type_name(value)})"

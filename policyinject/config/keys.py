@@ -378,7 +378,18 @@ def section_specs(section: str) -> tuple:
         >>> [s.name for s in section_specs("quant")]
         ['enabled', 'activation', 'weight', 'qkv', 'lm_head']
     """
-    return tuple(s for s in KEYS if s.parent == section)
+    return _BY_SECTION.get(section, ())
+
+
+def _by_section() -> Mapping:
+    table: dict = {}
+    for spec in KEYS:
+        table.setdefault(spec.parent, []).append(spec)
+    return MappingProxyType({k: tuple(v) for k, v in table.items()})
+
+
+#: Section path -> its specs in table order (computed once: section_specs is on every load's hot path).
+_BY_SECTION = _by_section()
 
 
 def default_of(path: str) -> Any:

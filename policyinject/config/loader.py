@@ -22,11 +22,9 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
-from pathlib import Path
 from typing import Any, Union
 
 import attrs
@@ -34,6 +32,8 @@ import attrs
 from .checks import check_explicit, unsupported_warnings
 from .converter import structure_config
 from .errors import ConfigError, ConfigWarning, InvalidValue, Problem, short_repr
+from .files import config_path, read_config_file
+from .inputs import safe_text
 from .keys import SPECS, section_specs
 from .model import InferenceConfig
 from .normalize import Normalized, from_settings, normalize
@@ -47,39 +47,6 @@ class LoadResult:
 
     config: InferenceConfig
     warnings: tuple = ()
-
-
-def read_config_file(path: Union[str, "os.PathLike[str]"]) -> Any:
-    """Parse a ``.json``, ``.yaml`` or ``.yml`` file; an empty YAML file is ``{}``. Raises ``ConfigError``.
-
-    Example:
-        >>> import tempfile, pathlib
-        >>> p = pathlib.Path(tempfile.mkdtemp()) / "c.yaml"
-        >>> _ = p.write_text("tp:\\n  tp_size: 2\\n")
-        >>> read_config_file(p)
-        {'tp': {'tp_size': 2}}
-    """
-    p = Path(path)
-    suffix = p.suffix.lower()
-    if suffix not in (".json", ".yaml", ".yml"):
-        raise ConfigError(Problem("", f"config file {str(p)!r}: expected a .json, .yaml or .yml file"))
-    try:
-        content = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(Problem("", f"config file {str(p)!r} not found")) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(Problem("", f"config file {str(p)!r} cannot be read: {e}")) from None
-    try:
-        if suffix == ".json":
-            return json.loads(content)
-        import yaml
-
-        data = yaml.safe_load(content)
-        return {} if data is None else data
-    except ValueError as e:  # json.JSONDecodeError
-        raise ConfigError(Problem("", f"config file {str(p)!r} is not valid JSON: {e}")) from None
-    except Exception as e:  # yaml.YAMLError and friends
-        raise ConfigError(Problem("", f"config file {str(p)!r} is not valid YAML: {e}")) from None
 
 
 def _non_defaults(obj: Any, section: str, out: dict) -> dict:
@@ -97,20 +64,28 @@ def _non_defaults(obj: Any, section: str, out: dict) -> dict:
 def _source(config: Any) -> "tuple[Normalized, str]":
     if config is None:
         return Normalized(), "the config"
-    if isinstance(config, InferenceConfig):
+    if issubclass(type(config), InferenceConfig):
         return from_settings(_non_defaults(config, "", {})), "the InferenceConfig"
-    if isinstance(config, (str, os.PathLike)):
-        data = read_config_file(config)
-        name = f"config file {os.fspath(config)!r}"
-        if not (hasattr(data, "items") and callable(data.items)):
+    if issubclass(type(config), (str, os.PathLike)):  # type(): no user __class__ / __instancecheck__ runs
+        path = config_path(config)
+        data = read_config_file(path)
+        name = f"config file {short_repr(str(path), 200, typed=False)}"
+        if type(data) is not dict:
             raise ConfigError(Problem("", f"{name}: expected a mapping at the top level, got {short_repr(data)}"))
         return normalize(data), name
-    if hasattr(config, "items") and callable(config.items):
+    if _looks_like_mapping(config):
         return normalize(config), "the config"
     raise ConfigError(Problem(
         "config",
         f"expected None, a mapping, a path to a .json/.yaml file or an InferenceConfig, got {short_repr(config)}",
     ))
+
+
+def _looks_like_mapping(value: Any) -> bool:
+    try:
+        return isinstance(value, dict) or callable(getattr(type(value), "items", None))
+    except Exception:  # a metaclass that misbehaves
+        return False
 
 
 def _equal(a: Any, b: Any) -> bool:
@@ -203,6 +178,18 @@ def parse_config(config: ConfigSource = None, **kwargs: Any) -> LoadResult:
         >>> r.config.tensor_parallel.tp_size, [str(w) for w in r.warnings]
         (2, ['`mp_size` is deprecated; use `tensor_parallel.tp_size` instead (its value was moved there)'])
     """
+    try:
+        return _parse(config, kwargs)
+    except ConfigError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as e:  # backstop: an object in the input misbehaved in a way no rule above anticipated
+        raise ConfigError(Problem("", f"the configuration could not be validated: an object in it raised "
+                                      f"{type(e).__name__}: {safe_text(e)}")) from None
+
+
+def _parse(config: Any, kwargs: dict) -> LoadResult:
     source, name = _source(config)
     merged = _merge(source, name, normalize(kwargs), "the keyword arguments") if kwargs else source
     speller = _Speller(merged.spellings)

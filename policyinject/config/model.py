@@ -223,7 +223,7 @@ class InferenceConfig:
     checkpoint_config: CheckpointConfig = attrs.field(factory=CheckpointConfig)
     return_tuple: bool = _field("return_tuple")
     training_mp_size: int = _field("training_mp_size")
-    injection_policy: Optional[Mapping[type, Any]] = _field("injection_policy")
+    injection_policy: Optional[Mapping[Any, Any]] = _field("injection_policy")
     config: Any = _field("config")
     max_out_tokens: int = _field("max_out_tokens")
     min_out_tokens: int = _field("min_out_tokens")

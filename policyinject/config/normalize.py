@@ -2,7 +2,9 @@
 
 :func:`normalize` walks one source (a config mapping or the keyword arguments) with the key registry and
 returns a :class:`Normalized`: one :class:`Setting` per leaf key given, under its canonical dotted path and
-remembering how the user spelled it, plus the problems and warnings found. Values are not checked here
+remembering how the user spelled it, plus the problems and warnings found. The source is first copied into
+plain data by :func:`policyinject.config.inputs.plain_copy` (bounded depth and size, no cycles, no user
+methods run afterwards). Values are not checked here
 (the converter does that); only the shape of the mapping is.
 
 Rules (DeepSpeed's, except where noted):
@@ -31,6 +33,7 @@ from typing import Any, Mapping
 import attrs
 
 from .errors import ConfigWarning, Problem, short_repr
+from .inputs import bounded_repr, plain_copy
 from .keys import NAMES, SPECS, Status, lookup, section_specs
 
 
@@ -53,18 +56,32 @@ class Normalized:
     spellings: dict = attrs.field(factory=dict)
     problems: list = attrs.field(factory=list)
     warnings: list = attrs.field(factory=list)
+    #: How many unknown keys were found (only the first ``MAX_HINTS`` get a did-you-mean hint).
+    unknown: int = 0
 
 
 def _is_mapping(value: Any) -> bool:
-    return hasattr(value, "items") and hasattr(value, "keys") and callable(value.items)
+    return type(value) is dict  # after plain_copy every mapping the user gave is a plain dict
 
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _unknown(section: str, key: str, spelled: str) -> Problem:
-    elsewhere = [p for p in SPECS if p.rsplit(".", 1)[-1] == key and p != _join(section, key)]
+#: Leaf name -> the canonical paths that end with it (for "the right name in the wrong section" hints).
+_BY_LEAF: dict = {}
+for _path in SPECS:
+    _BY_LEAF.setdefault(_path.rsplit(".", 1)[-1], []).append(_path)
+
+#: Unknown keys of one source that get a did-you-mean hint; past that only the key is named (bounded cost).
+MAX_HINTS = 100
+
+
+def _unknown(section: str, key: str, spelled: str, hint_wanted: bool = True) -> Problem:
+    shown = bounded_repr(key, 80)[1:-1] if len(key) > 80 else key
+    if not hint_wanted or len(key) > 80:
+        return Problem(spelled, f"unknown key `{shown}`")
+    elsewhere = [p for p in _BY_LEAF.get(key, ()) if p != _join(section, key)]
     close = difflib.get_close_matches(key, list(NAMES[section]), n=1, cutoff=0.6)
     if len(elsewhere) == 1:  # the right name in the wrong section: tp_size at the top level
         hint = f"; did you mean `{elsewhere[0]}`?"
@@ -97,13 +114,14 @@ def _add(out: Normalized, setting: Setting) -> None:
 
 def _walk(mapping: Any, section: str, prefix: str, out: Normalized) -> None:
     for key, value in list(mapping.items()):
-        if not isinstance(key, str):
-            out.problems.append(Problem(_join(prefix, repr(key)), f"unknown key {short_repr(key)}: keys are strings"))
+        if type(key) is not str:
+            out.problems.append(Problem(_join(prefix, bounded_repr(key, 40)), f"unknown key {short_repr(key)}: keys are strings"))
             continue
         spelled = _join(prefix, key)
         spec = lookup(section, key)
         if spec is None:
-            out.problems.append(_unknown(section, key, spelled))
+            out.unknown += 1
+            out.problems.append(_unknown(section, key, spelled, out.unknown <= MAX_HINTS))
             continue
         if isinstance(value, str) and value == "auto" and not spec.auto_value:
             continue  # DeepSpeed's "auto" stripping: use the default
@@ -153,6 +171,11 @@ def normalize(raw: Mapping) -> Normalized:
         (['moe.enabled', 'tensor_parallel.tp_size'], ['DeprecationWarning'])
     """
     out = Normalized()
+    raw, out.problems = plain_copy(raw)
+    if type(raw) is not dict:  # over the size limit (the problem says so), or not a mapping at all
+        if raw is not None:
+            out.problems.append(Problem("", f"expected a mapping, got {short_repr(raw)}"))
+        return out
     _walk(raw, "", "", out)
     return out
 

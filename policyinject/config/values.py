@@ -26,8 +26,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from ..policy.model import Policy, resolve_qualified_name
+from ..policy.model import Policy
+from .class_ref import ClassRef
 from .errors import InvalidValue, short_repr
+from .inputs import bounded_repr, plain_copy
 
 
 class _Omit:
@@ -60,7 +62,10 @@ def boolean(value: Any) -> bool:
 def _integer(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidValue(f"expected an integer, got {short_repr(value)}")
-    return int(value)
+    number = int.__int__(value)  # a plain int: an int subclass's own methods never run
+    if not -(2 ** 63) <= number < 2 ** 63:
+        raise InvalidValue(f"is out of range (more than 64 bits), got {short_repr(number)}")
+    return number
 
 
 def positive_int(value: Any) -> int:
@@ -117,13 +122,15 @@ def choice(*allowed: str) -> Callable[[Any], str]:
     listed = ", ".join(f'"{a}"' for a in allowed)
 
     def convert(value: Any) -> str:
+        if isinstance(value, str):
+            value = str.__str__(value)  # a str subclass's own __eq__ never runs
         if isinstance(value, str) and value in allowed:
             return value
         hint = ""
         if isinstance(value, str):
             close = difflib.get_close_matches(value, allowed, n=1)
             hint = f'; did you mean "{close[0]}"?' if close else ""
-            raise InvalidValue(f"expected one of {listed}; got {value!r}{hint}")
+            raise InvalidValue(f"expected one of {listed}; got {short_repr(value, typed=False)}{hint}")
         raise InvalidValue(f"expected one of {listed}; got {short_repr(value)}")
 
     convert.allowed = allowed  # type: ignore[attr-defined]
@@ -131,16 +138,21 @@ def choice(*allowed: str) -> Callable[[Any], str]:
 
 
 def text(value: Any) -> str:
-    """A string (a path-like object becomes its string).
+    """A string (a path-like object becomes its string); a NUL byte is rejected (text keys are paths).
 
     Example:
         >>> text("ckpt/")
         'ckpt/'
     """
+    if isinstance(value, os.PathLike) and not isinstance(value, str):
+        try:
+            value = os.fspath(value)
+        except Exception as e:
+            raise InvalidValue(f"the path-like object cannot be read: {type(e).__name__}") from None
     if isinstance(value, str):
-        return value
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
+        if "\0" in value:  # every text key is a filesystem path, and no path holds a NUL byte
+            raise InvalidValue(f"a path cannot contain a NUL byte, got {short_repr(value)}")
+        return str.__str__(value)
     raise InvalidValue(f"expected a string, got {short_repr(value)}")
 
 
@@ -157,7 +169,21 @@ def optional_text(value: Any) -> Optional[str]:
 # -- containers ----------------------------------------------------------------------------------------
 
 def _is_mapping(value: Any) -> bool:
-    return hasattr(value, "items") and hasattr(value, "keys") and callable(value.items)
+    """Whether ``value`` is a mapping (a dict, or a type with ``items`` and ``keys``); looks at the type only."""
+    t = type(value)
+    try:
+        return issubclass(t, dict) or (callable(getattr(t, "items", None)) and callable(getattr(t, "keys", None))
+                                       and not issubclass(t, (str, bytes, list, tuple)))
+    except Exception:
+        return False
+
+
+def _items(value: Any) -> list:
+    """``list(value.items())``; a mapping whose ``items()`` fails is an ``InvalidValue``."""
+    try:
+        return list(dict.items(value) if isinstance(value, dict) else value.items())
+    except Exception as e:
+        raise InvalidValue(f"the mapping cannot be read: {type(e).__name__}") from None
 
 
 def mapping(value: Any) -> dict:
@@ -169,11 +195,17 @@ def mapping(value: Any) -> dict:
     """
     if not _is_mapping(value):
         raise InvalidValue(f"expected a mapping, got {short_repr(value)}")
-    items = list(value.items())
-    bad = [k for k, _ in items if not isinstance(k, str)]
+    copy, problems = plain_copy(value)  # plain data, acyclic, bounded depth and size
+    if problems:
+        raise InvalidValue(problems=[(_sub_path(p.path), p.message) for p in problems])
+    bad = [k for k in copy if type(k) is not str]
     if bad:
         raise InvalidValue(f"keys must be strings, got {short_repr(bad[0])}")
-    return dict(items)
+    return copy
+
+
+def _sub_path(path: str) -> str:
+    return path if not path or path.startswith("[") else f".{path}"
 
 
 def checkpoint(value: Any) -> Any:
@@ -290,33 +322,46 @@ def qualified_name(cls: type) -> str:
 def _written(key: Any) -> str:
     if isinstance(key, type):
         return f"[{key.__name__}]"
-    return f"[{key!r}]" if isinstance(key, str) else f"[{short_repr(key)}]"
+    return f"[{bounded_repr(key, 200)}]" if type(key) is str else f"[{short_repr(key)}]"
 
 
-def _layer_class(key: Any) -> type:
+def _is_qualified_name(name: str) -> bool:
+    parts = name.split(".")
+    return len(parts) >= 2 and all(p.isidentifier() or p == "<locals>" for p in parts)
+
+
+def _layer_key(key: Any) -> Any:
+    """A layer class (checked), or a :class:`ClassRef` for a qualified name (never imported)."""
     if isinstance(key, type):
         if not issubclass(key, torch.nn.Module):
             raise InvalidValue(f"{qualified_name(key)} is not a torch.nn.Module subclass")
         return key
-    if isinstance(key, str):
-        if "." not in key.strip("."):
-            raise InvalidValue(f"{key!r} is not a qualified class name (expected 'package.module.Class')")
-        try:
-            cls = resolve_qualified_name(key)
-        except Exception as e:  # an import that fails with something other than ImportError
-            raise InvalidValue(f"importing {key!r} failed: {type(e).__name__}: {e}") from None
-        if cls is None:
-            raise InvalidValue(f"cannot import {key!r} (no such module or class)")
-        if not issubclass(cls, torch.nn.Module):
-            raise InvalidValue(f"{key!r} names {qualified_name(cls)}, which is not a torch.nn.Module subclass")
-        return cls
+    if isinstance(key, ClassRef):
+        key = key.qualname
+    if type(key) is str:
+        if not _is_qualified_name(key):
+            raise InvalidValue(f"{bounded_repr(key, 200)} is not a qualified class name (expected "
+                               "'package.module.Class'; it is matched against the model's classes at plan time, "
+                               "never imported)")
+        return ClassRef(key)
     raise InvalidValue(f"a key must be an nn.Module subclass or its qualified name, got {short_repr(key)}")
 
 
-def _policy_value(value: Any, cls: type) -> Any:
+def _same_class(a: Any, b: Any) -> bool:
+    if isinstance(a, ClassRef) and isinstance(b, type):
+        return a.matches(b)
+    if isinstance(b, ClassRef) and isinstance(a, type):
+        return b.matches(a)
+    return a == b
+
+
+def _policy_value(value: Any, layer: Any) -> Any:
     if isinstance(value, Policy):
-        if not value.matches(cls):
-            raise InvalidValue(f"the Policy describes {value.qualified_name}, not {qualified_name(cls)}")
+        described = value.layer if isinstance(value.layer, type) else None
+        if isinstance(layer, type) and not value.matches(layer):
+            raise InvalidValue(f"the Policy describes {value.qualified_name}, not {qualified_name(layer)}")
+        if isinstance(layer, ClassRef) and described is not None and not layer.matches(described):
+            raise InvalidValue(f"the Policy describes {value.qualified_name}, not {layer.qualname}")
         return value
     names: Sequence = (value,) if isinstance(value, str) else value
     if not isinstance(names, (list, tuple)):
@@ -326,36 +371,40 @@ def _policy_value(value: Any, cls: type) -> Any:
         )
     if not names:
         raise InvalidValue("expected at least one row-parallel linear name, got an empty list")
-    bad = [n for n in names if not isinstance(n, str) or not n.strip(".")]
+    bad = [n for n in names if type(n) is not str or not n.strip(".")]
     if bad:
         raise InvalidValue(f"row-parallel linear names must be non-empty strings, got {short_repr(bad[0])}")
     return tuple(names)
 
 
 def injection_policy(value: Any) -> Optional[dict]:
-    """``{LayerClass or 'pkg.mod.Class': 'row.name' | ('a.b', 'c.d') | Policy}`` -> ``{class: tuple | Policy}``.
+    """``{LayerClass or 'pkg.mod.Class': 'row.name' | ('a.b', 'c.d') | Policy}`` -> ``{class or ClassRef: tuple | Policy}``.
 
-    String keys are imported; every bad entry is reported under the key as written. An empty mapping is None.
+    A string key is kept as a :class:`~policyinject.config.class_ref.ClassRef`: nothing is imported (no user
+    code runs while a config is validated); it is matched against the model's classes at plan time. Every
+    bad entry is reported under the key as written. An empty mapping is None.
 
     Example:
         >>> out = injection_policy({"torch.nn.TransformerEncoderLayer": "linear2"})
-        >>> [(k.__name__, v) for k, v in out.items()]
-        [('TransformerEncoderLayer', ('linear2',))]
+        >>> [(str(k), v) for k, v in out.items()]
+        [('torch.nn.TransformerEncoderLayer', ('linear2',))]
     """
     if value is None:
         return None
     if not _is_mapping(value):
         raise InvalidValue(f"expected a mapping {{layer class: row-parallel names or Policy}}, got {short_repr(value)}")
-    if not value:
+    items = _items(value)
+    if not items:
         return None
     out: dict = {}
     problems = []
-    for key, entry in list(value.items()):
+    for key, entry in items:
         try:
-            cls = _layer_class(key)
-            if cls in out:
-                raise InvalidValue(f"{qualified_name(cls)} is given more than once")
-            out[cls] = _policy_value(entry, cls)
+            layer = _layer_key(key)
+            twin = next((k for k in out if _same_class(k, layer)), None)
+            if twin is not None:
+                raise InvalidValue(f"is given more than once (it names the same class as {_written(twin)[1:-1]})")
+            out[layer] = _policy_value(entry, layer)
         except InvalidValue as e:
             problems.extend((_written(key) + sub, message) for sub, message in e.problems)
     if problems:
@@ -425,7 +474,8 @@ def dump_model_config(value: Any) -> Any:
 
 
 def dump_injection_policy(value: Optional[dict]) -> Any:
-    """Classes become qualified names, name tuples lists; ``Policy`` entries are omitted.
+    """Classes become qualified names (a name as written stays as written), name tuples lists; ``Policy``
+    entries are omitted.
 
     Example:
         >>> dump_injection_policy({torch.nn.TransformerEncoderLayer: ("linear2",)})
@@ -433,4 +483,8 @@ def dump_injection_policy(value: Optional[dict]) -> Any:
     """
     if value is None:
         return None
-    return {qualified_name(cls): list(v) for cls, v in value.items() if not isinstance(v, Policy)}
+    return {_key_name(key): list(v) for key, v in value.items() if not isinstance(v, Policy)}
+
+
+def _key_name(key: Any) -> str:
+    return key.qualname if isinstance(key, ClassRef) else qualified_name(key)

@@ -54,7 +54,7 @@ class ResolvedPolicies:
     lint: List[str] = attrs.field(factory=list)
 
 
-def user_policies(config: Any) -> List[Policy]:
+def user_policies(config: Any, model: Optional[torch.nn.Module] = None) -> List[Policy]:
     """``injection_policy`` entries as :class:`Policy` values (a short form is converted; they win over plugins).
 
     Example:
@@ -63,10 +63,13 @@ def user_policies(config: Any) -> List[Policy]:
         >>> [p.layer_name for p in user_policies(load_config(None, injection_policy={torch.nn.Linear: "x"}))]
         ['Linear']
     """
+    from ..config.class_ref import resolve_injection_policy
     from .shortforms import from_deepspeed
 
+    # A key written as a name is a ClassRef, never imported: it is matched to the model's classes here
+    # (PolicyError naming the key when it names none).
     out = []
-    for layer, value in (config.injection_policy or {}).items():
+    for layer, value in resolve_injection_policy(config.injection_policy or {}, model):
         if isinstance(value, Policy):
             policy = value if value.layer == layer else attrs.evolve(value, layer=layer)
         else:
@@ -93,7 +96,7 @@ def resolve_policies(model: torch.nn.Module, config: Any, plugins: Any, autotp: 
     extra_user, extra_model = _config_plan_policies(model, tp_plan)
     matched = match_layers(
         model,
-        user=user_policies(config) + extra_user,
+        user=user_policies(config, model) + extra_user,
         plugins=list(collected.layer_policies),
         model_policies=list(extra_model) + list(collected.model_policies),
         select=plugins.select_policy,

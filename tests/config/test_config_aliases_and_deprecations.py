@@ -34,7 +34,7 @@ ALIAS_CASES = [
     ({"kernel_inject": True}, {"replace_with_kernel_inject": True}),
     ({"tp": {"tp_size": 2, "tp_grain_size": 8}}, {"tensor_parallel": {"tp_size": 2, "tp_grain_size": 8}}),
     ({"injection_dict": {"torch.nn.TransformerEncoderLayer": "linear2"}},
-     {"injection_policy": {torch.nn.TransformerEncoderLayer: ("linear2",)}}),
+     {"injection_policy": {"torch.nn.TransformerEncoderLayer": ("linear2",)}}),
     ({"args": {"num_attention_heads": 4}}, {"config": {"num_attention_heads": 4}}),
     ({"max_tokens": 77}, {"max_out_tokens": 77}),
     ({"min_tokens": 3}, {"min_out_tokens": 3}),

@@ -10,7 +10,8 @@ MODULES = [
     "policyinject.config.values", "policyinject.config.keys", "policyinject.config.model",
     "policyinject.config.checks", "policyinject.config.converter", "policyinject.config.normalize",
     "policyinject.config.loader", "policyinject.config.schema", "policyinject.config.doc_table",
-    "policyinject.cli.config_cmd",
+    "policyinject.config.inputs", "policyinject.config.files", "policyinject.config.class_ref",
+    "policyinject.config.fingerprint", "policyinject.cli.config_cmd",
 ]
 
 

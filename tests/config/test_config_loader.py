@@ -17,6 +17,7 @@ from policyinject.config import (
     parse_config,
     resolve_dtype,
 )
+from policyinject.config.class_ref import ClassRef
 from policyinject.policy import AttentionSpec, Policy
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "ds_inference_config.json"
@@ -69,7 +70,8 @@ def test_example_config_loads_with_a_deprecation_warning():
     assert sorted(str(w.message).split("`")[1] for w in record) == ["mp_size", "replace_method"]
     assert cfg.tensor_parallel.tp_size == 2 and cfg.replace_with_kernel_inject and cfg.dtype == "fp16"
     assert cfg.max_out_tokens == 2048
-    assert cfg.injection_policy == {torch.nn.TransformerDecoderLayer: (
+    # the class name is kept as written (never imported) and matched against the model at plan time
+    assert cfg.injection_policy == {ClassRef("torch.nn.TransformerDecoderLayer"): (
         "linear2", "self_attn.out_proj", "multihead_attn.out_proj")}
 
 
@@ -164,7 +166,7 @@ def test_to_dict_is_canonical_json():
     d = cfg.to_dict()
     json.dumps(d)
     assert d["dtype"] == "fp16" and d["tensor_parallel"]["tp_size"] == 2
-    assert d["injection_policy"] == {"torch.nn.modules.transformer.TransformerDecoderLayer": [
+    assert d["injection_policy"] == {"torch.nn.TransformerDecoderLayer": [
         "linear2", "self_attn.out_proj", "multihead_attn.out_proj"]}
     assert "kernel_inject" not in d and "mp_size" not in d and "replace_method" not in d
     assert load_config(d) == cfg

@@ -5,6 +5,8 @@ import warnings
 import pytest
 import torch
 
+from policyinject.config.class_ref import ClassRef
+
 from policyinject.config import (
     ConfigError,
     InferenceConfig,
@@ -201,7 +203,8 @@ class Block(torch.nn.Module):
 
 def test_injection_policy_forms():
     cfg = load_config(injection_policy={Block: "fc2", "torch.nn.TransformerEncoderLayer": ("linear2", "x.y")})
-    assert cfg.injection_policy == {Block: ("fc2",), torch.nn.TransformerEncoderLayer: ("linear2", "x.y")}
+    # a name is kept as written (never imported); it is matched against the model's classes at plan time
+    assert cfg.injection_policy == {Block: ("fc2",), ClassRef("torch.nn.TransformerEncoderLayer"): ("linear2", "x.y")}
     policy = Policy(layer=Block, attention=AttentionSpec(q="q", k="k", v="v", o="o"))
     assert load_config(injection_dict={Block: policy}).injection_policy == {Block: policy}
     assert load_config(injection_policy={}).injection_policy is None
@@ -213,18 +216,19 @@ def test_injection_policy_allowed_with_kernel_inject():
 
 
 def test_injection_policy_errors_name_the_key_as_written():
+    # Names are not imported at validation: "no.such.Module" and "collections.OrderedDict" are only checked
+    # at plan time, against the model's classes (tests/config/test_config_no_code_execution.py).
     found = problems(injection_dict={
         "no.such.Module": "x", "collections.OrderedDict": "x", Block: [], "torch.nn.Linear": [""], int: "x",
-        "Linear": "x", "torch.nn.TransformerEncoderLayer": 3,
+        "Linear": "x", "torch.nn.TransformerEncoderLayer": 3, "a..b": "x",
     })
     assert [p for p, _ in found] == [
-        "injection_dict['no.such.Module']", "injection_dict['collections.OrderedDict']", "injection_dict[Block]",
-        "injection_dict['torch.nn.Linear']", "injection_dict[int]", "injection_dict['Linear']",
-        "injection_dict['torch.nn.TransformerEncoderLayer']",
+        "injection_dict[Block]", "injection_dict['torch.nn.Linear']", "injection_dict[int]",
+        "injection_dict['Linear']", "injection_dict['torch.nn.TransformerEncoderLayer']", "injection_dict['a..b']",
     ]
     messages = dict(found)
-    assert "cannot import" in messages["injection_dict['no.such.Module']"]
-    assert "not a torch.nn.Module subclass" in messages["injection_dict['collections.OrderedDict']"]
+    assert "not a torch.nn.Module subclass" in messages["injection_dict[int]"]
+    assert "not a qualified class name" in messages["injection_dict['Linear']"]
 
 
 def test_injection_policy_policy_for_another_class():
