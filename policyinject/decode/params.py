@@ -203,8 +203,8 @@ def resolve_params(prompt_len: int, kwargs: Dict[str, Any], model_generation_con
     penalty = merged.get("repetition_penalty")
     if penalty is not None and not (_is_real(penalty) and math.isfinite(float(penalty)) and float(penalty) > 0):
         raise ValueError(f"`repetition_penalty` has to be a strictly positive float, but is {penalty!r}")
-    n_ret = _int_arg("num_return_sequences", merged.get("num_return_sequences") or 1) \
-        if merged.get("num_return_sequences") is not None else 1
+    n_ret = 1 if merged.get("num_return_sequences") is None else _int_arg("num_return_sequences",
+                                                                           merged["num_return_sequences"])
     if n_ret < 1:
         raise ValueError(f"`num_return_sequences` must be at least 1, got {n_ret}")
     if n_ret > 1 and not do_sample:
