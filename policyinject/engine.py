@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .decode.concurrency import CallLock
 from .plan import Plan
 
 
@@ -57,6 +58,7 @@ class InferenceEngine(torch.nn.Module):
         self.config = config
         self.plan = plan
         self._decoder = None
+        self._generate_lock = CallLock()  # one generate at a time on this engine (shared cache and state)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model's forward (under ``torch.inference_mode``)."""
@@ -87,15 +89,18 @@ class InferenceEngine(torch.nn.Module):
         """Generate tokens; Hugging Face ``generate`` keyword names.
 
         Uses the engine's decode loop when the model is supported by it, else the model's ``generate``.
+        Thread-safe: concurrent calls on one engine run one at a time (a lock owned by the engine), so each
+        returns what it would have returned alone.
         """
-        decoder = self._get_decoder()
-        if decoder is not None:
-            return decoder.generate(*args, **kwargs)
-        generate = getattr(self.module, "generate", None)
-        if generate is None:
-            raise TypeError(f"{type(self.module).__name__} has no generate(); call the engine for a forward pass")
-        with torch.inference_mode():
-            return generate(*args, **kwargs)
+        with self._generate_lock:
+            decoder = self._get_decoder()
+            if decoder is not None:
+                return decoder.generate(*args, **kwargs)
+            generate = getattr(self.module, "generate", None)
+            if generate is None:
+                raise TypeError(f"{type(self.module).__name__} has no generate(); call the engine for a forward pass")
+            with torch.inference_mode():
+                return generate(*args, **kwargs)
 
     def _get_decoder(self) -> Any:
         """The decoder ``plan.decode`` describes (built once), or None."""

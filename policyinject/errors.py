@@ -36,3 +36,11 @@ class PluginError(PolicyInjectError, RuntimeError):
 
 class UnsupportedError(PolicyInjectError, NotImplementedError):
     """A feature was asked for that cannot run here (for example CUDA graphs without CUDA)."""
+
+
+class NonFiniteLogitsError(PolicyInjectError, FloatingPointError):
+    """Generation met logits it cannot choose a token from (NaN, ``+inf``, or a row of all ``-inf``).
+
+    Raised once generation ends (the check is a device flag, read once), instead of returning tokens chosen
+    from garbage; the message names the steps' range and what to look at (dtype overflow, the weights).
+    """

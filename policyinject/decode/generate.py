@@ -31,130 +31,23 @@ Example:
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional
 
-import attrs
 import torch
 
-from ..errors import UnsupportedError
+from ..errors import NonFiniteLogitsError, UnsupportedError
 from ..kernels._common import use_triton
+from .concurrency import CallLock
 from .graphs import GraphCache, require_cuda
 from .kv_cache import StaticKVCache, decode_mask, prefill_mask, span_for
+from .params import GenerateParams, resolve_params
 from .runner import DecodeRunner, decode_problems
-from .sampling import Sampler, greedy
+from .sampling import flag_nonfinite, greedy, penalize
 from .state import DecodeState
+from .streaming import check_streamer, put
+from .validate import check_inputs, check_mask
 
 __all__ = ["Decoder", "GenerateParams", "resolve_params", "build_decoder"]
-
-#: Hugging Face's defaults for keys a model's generation config leaves unset.
-_HF_DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
-_OWN_KEYS = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature",
-             "top_k", "top_p", "eos_token_id", "pad_token_id")
-#: Hugging Face keys accepted when they ask for nothing beyond what this engine does.
-_NEUTRAL = {"use_cache": (True, None), "num_beams": (1, None), "num_return_sequences": (1, None),
-            "return_dict_in_generate": (False, None), "output_scores": (False, None),
-            "output_logits": (False, None), "output_attentions": (False, None),
-            "output_hidden_states": (False, None), "repetition_penalty": (1.0, None), "streamer": (None,),
-            "logits_processor": (None,), "stopping_criteria": (None,), "min_p": (None,),
-            "typical_p": (1.0, None), "cache_implementation": (None, "static")}
-
-
-@attrs.frozen
-class GenerateParams:
-    """Resolved generation parameters of one call (after defaults, model generation config, kwargs)."""
-
-    max_new_tokens: int
-    min_new_tokens: int = 0
-    sampler: Sampler = attrs.field(factory=Sampler)
-    eos_token_id: Tuple[int, ...] = ()
-    pad_token_id: int = 0
-
-
-def _as_tuple(value: Any) -> Tuple[int, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, torch.Tensor):
-        return tuple(int(v) for v in value.flatten().tolist())
-    if isinstance(value, (list, tuple)):
-        return tuple(int(v) for v in value)
-    return (int(value),)
-
-
-def resolve_params(prompt_len: int, kwargs: Dict[str, Any], model_generation_config: Any = None,
-                   generation_config: Any = None, device: Any = "cpu") -> GenerateParams:
-    """Hugging Face layering: HF defaults < the model's generation config < ``generation_config`` < kwargs.
-
-    Unknown or unsupported keyword arguments raise :class:`UnsupportedError` naming them.
-
-    Example:
-        >>> p = resolve_params(4, {"max_length": 10, "eos_token_id": [1, 2]})
-        >>> p.max_new_tokens, p.eos_token_id, p.pad_token_id, p.sampler.greedy
-        (6, (1, 2), 1, True)
-    """
-    kwargs = dict(kwargs)
-    generator = kwargs.pop("generator", None)
-    seed = kwargs.pop("seed", None)
-    bad = []
-    for key in list(kwargs):
-        if key in _OWN_KEYS:
-            continue
-        if key in _NEUTRAL and any(kwargs[key] is v or kwargs[key] == v for v in _NEUTRAL[key]):
-            kwargs.pop(key)
-            continue
-        bad.append(f"{key}={kwargs[key]!r}")
-    if bad:
-        raise UnsupportedError(
-            "the decode engine's generate does not support " + ", ".join(bad) + "; supported: "
-            + ", ".join(_OWN_KEYS + ("generator", "seed", "attention_mask"))
-            + ". For anything else call engine.module.generate(...) (Hugging Face's loop over the injected model)")
-    merged: Dict[str, Any] = dict(_HF_DEFAULTS)
-    for source in (model_generation_config, generation_config):
-        if source is None:
-            continue
-        for key in _OWN_KEYS:
-            value = source.get(key) if isinstance(source, dict) else getattr(source, key, None)
-            if value is not None:
-                merged[key] = value
-    user = {k: v for k, v in kwargs.items() if v is not None}
-    merged.update(user)
-    default_max_length = merged.get("max_length") == _HF_DEFAULTS["max_length"] and not any(
-        _given(src, "max_length") for src in (model_generation_config, generation_config, user))
-    if "max_new_tokens" in user or ("max_length" not in user and merged.get("max_new_tokens") is not None):
-        new = int(merged["max_new_tokens"])
-    elif default_max_length:  # Hugging Face: "by default let's always generate 20 new tokens"
-        new = int(merged["max_length"])
-    else:
-        new = int(merged["max_length"]) - prompt_len
-    if new < 1:
-        raise ValueError(f"nothing to generate: max_new_tokens resolves to {new} for a prompt of {prompt_len} "
-                         "tokens; pass max_new_tokens=N")
-    if merged.get("min_new_tokens") is not None:
-        min_new = int(merged["min_new_tokens"])
-    else:
-        min_new = max(int(merged.get("min_length") or 0) - prompt_len, 0)
-    eos = _as_tuple(merged.get("eos_token_id"))
-    pad = merged.get("pad_token_id")
-    if pad is None:
-        pad = eos[0] if eos else 0
-    if isinstance(pad, torch.Tensor):
-        pad = int(pad.flatten()[0])
-    if generator is None and seed is not None:
-        generator = torch.Generator(device=device).manual_seed(int(seed))
-    top_k = merged.get("top_k")
-    top_p = merged.get("top_p")
-    sampler = Sampler(do_sample=bool(merged.get("do_sample")), temperature=float(merged.get("temperature") or 1.0),
-                      top_k=int(top_k) if top_k else None, top_p=float(top_p) if top_p is not None else None,
-                      generator=generator)
-    return GenerateParams(max_new_tokens=new, min_new_tokens=min_new, sampler=sampler, eos_token_id=eos,
-                          pad_token_id=int(pad))
-
-
-def _given(source: Any, key: str) -> bool:
-    if source is None:
-        return False
-    value = source.get(key) if isinstance(source, dict) else getattr(source, key, None)
-    return value is not None
-
 
 class Decoder:
     """Static-cache generation over injected blocks, eager or from CUDA graphs; see the module docstring.
@@ -188,6 +81,8 @@ class Decoder:
         self.fuse_rotary = True
         self._states: "OrderedDict[int, DecodeState]" = OrderedDict()
         self._state_generation = self.cache.generation
+        #: Serialises ``generate`` calls: the cache and state buffers are shared by every call.
+        self._lock = CallLock()
 
     # ---------------------------------------------------------------------------------------- building
     @classmethod
@@ -250,7 +145,8 @@ class Decoder:
         logits = self.runner.forward(input_ids, pos, attends, last_only=True)
         return logits[:, -1].float()
 
-    def _step_fn(self, st: DecodeState, span: int, greedy_select: bool, suppress: bool) -> Callable[[], None]:
+    def _step_fn(self, st: DecodeState, span: int, greedy_select: bool, suppress: bool,
+                 penalty: bool = False) -> Callable[[], None]:
         """The decode step on ``st`` attending over ``span`` slots; the same function runs eagerly and is
         what a graph captures."""
         runner, cache, b = self.runner, self.cache, st.batch
@@ -274,7 +170,10 @@ class Decoder:
             logits = runner.forward(st.tokens[:, None], pos, attends, last_only=True, rotary_in_attend=fused,
                                     tables=(cos, sin))[:, -1]
             st.consumed()
+            flag_nonfinite(st.nonfinite, logits)
             if greedy_select:  # argmax of the 16-bit logits = argmax of their exact float32 copy
+                if penalty:  # Hugging Face applies the penalty to the float32 copy
+                    logits = penalize(logits.float(), st.seen, st.penalty)
                 if suppress:
                     logits = logits.masked_fill(st.eos_suppressed(), float("-inf"))
                 st.advance(greedy(logits))
@@ -283,30 +182,39 @@ class Decoder:
 
         return step
 
-    def _decode(self, st: DecodeState, prompt_len: int, params: GenerateParams) -> int:
-        """Steps 1 .. max_new_tokens - 1; returns how many tokens were generated (prefill's included)."""
+    def _decode(self, st: DecodeState, prompt_len: int, params: GenerateParams, streamer: Any = None) -> int:
+        """Steps 1 .. max_new_tokens - 1; returns how many tokens were generated (prefill's included).
+
+        With a streamer, each step's tokens are handed over (one host synchronisation per token), and
+        since the tokens are on the host anyway, EOS is checked at every step (Hugging Face's stopping
+        point exactly); without one, every ``eos_check_interval`` steps only (when an EOS token is set; a
+        set non-finite flag stops the loop at the same checks)."""
         sampler = params.sampler
         suppress = params.min_new_tokens > 0 and bool(params.eos_token_id)
+        penalty = sampler.repetition_penalty is not None
         check_eos = bool(params.eos_token_id)
         steps: Dict[int, Callable[[], None]] = {}
         kernel = use_triton(self.backend, self.cache.k[0])
         generated = 1
         for i in range(1, params.max_new_tokens):
-            if check_eos and i % self.eos_check_interval == 0 and bool(st.finished.all()):
-                break
+            if check_eos and (streamer is not None or i % self.eos_check_interval == 0):
+                if bool(st.finished.all() | st.nonfinite.any()):  # one sync: EOS everywhere, or garbage
+                    break
             # the Triton kernel stops at cache_pos on the device: one span (one graph per batch) suffices
             span = self.max_len if kernel else span_for(prompt_len + i, self.max_len, self.min_span)
             fn = steps.get(span)
             if fn is None:
-                fn = steps[span] = self._step_fn(st, span, sampler.greedy, suppress)
+                fn = steps[span] = self._step_fn(st, span, sampler.greedy, suppress, penalty)
             if self.use_graphs:
-                key = (st.batch, span, sampler.greedy, suppress, kernel, self.cache.generation)
+                key = (st.batch, span, sampler.greedy, suppress, penalty, kernel, self.cache.generation)
                 self.graphs.run(key, fn, st.snapshot)
             else:
                 fn()
             if not sampler.greedy:
-                st.advance(sampler(st.logits, st.eos_suppressed() if suppress else None))
+                st.advance(sampler(st.logits, st.eos_suppressed() if suppress else None, st.seen, st.nonfinite))
             generated += 1
+            if streamer is not None:
+                put(streamer, st.tokens)
         return generated
 
     def generate(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
@@ -314,44 +222,82 @@ class Decoder:
         """Generate tokens; Hugging Face ``generate`` keyword names.
 
         Supported: ``max_new_tokens``, ``max_length``, ``min_new_tokens``, ``min_length``, ``do_sample``,
-        ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``, ``pad_token_id``, ``attention_mask``
-        (left padding), ``generation_config``, and ``generator`` (a ``torch.Generator`` on the model's
-        device) or ``seed``. Returns a new ``[B, T + n]`` tensor (see the module docstring).
+        ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``, ``num_return_sequences``
+        (sampling), ``eos_token_id``, ``pad_token_id``, ``attention_mask`` (left padding),
+        ``generation_config``, ``streamer`` (Hugging Face's ``put``/``end`` protocol), and ``generator`` (a
+        ``torch.Generator`` on the model's device) or ``seed``. Returns a new ``[B, T + n]`` tensor (see the
+        module docstring). Calls on one decoder from several threads run one at a time.
+
+        Raises ``ValueError`` / ``TypeError`` for malformed inputs and parameters (Hugging Face's types),
+        :class:`~policyinject.errors.UnsupportedError` for Hugging Face features this loop lacks, and
+        :class:`~policyinject.errors.NonFiniteLogitsError` when the model produced logits no token can be
+        chosen from.
         """
         if input_ids is None:  # Hugging Face names the first argument ``inputs``
             input_ids = kwargs.pop("inputs", None)
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise ValueError("input_ids must be a [batch, tokens] tensor of token ids")
+        streamer = check_streamer(kwargs.pop("streamer", None))
+        ids, mask = check_inputs(input_ids, attention_mask, self.runner.embed.weight.shape[0])
         device = self.device
-        ids = input_ids.to(device=device, dtype=torch.long)
+        ids = ids.to(device=device)
         b, t = ids.shape
         model_gc = getattr(self.model, "generation_config", None)
-        params = resolve_params(t, kwargs, model_gc, generation_config, device)
-        if attention_mask is None:
-            attention_mask = _default_mask(ids, params)
-        mask = attention_mask.to(device=device)
-        if tuple(mask.shape) != (b, t):
-            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}")
-        if not bool(mask[:, -1].all()):
-            raise ValueError("right padding detected: the decode engine needs left-padded prompts "
-                             "(tokenizer.padding_side = 'left')")
+        params = resolve_params(t, kwargs, model_gc, generation_config, device,
+                                vocab_size=self.runner.embed.weight.shape[0])
+        if mask is None:
+            try:
+                mask = check_mask(_default_mask(ids, params), ids)
+            except ValueError as e:
+                raise ValueError(f"{e} (no attention_mask was given; it was inferred from the positions of "
+                                 f"pad_token_id={params.pad_token_id} in input_ids, as Hugging Face does: pass "
+                                 "attention_mask explicitly)") from None
+        mask = mask.to(device=device)
+        if params.num_return_sequences > 1:  # Hugging Face: each prompt repeated, its copies adjacent
+            ids = ids.repeat_interleave(params.num_return_sequences, dim=0)
+            mask = mask.repeat_interleave(params.num_return_sequences, dim=0)
+            b = ids.shape[0]
         if t + params.max_new_tokens > self.max_len:
             raise ValueError(
                 f"prompt ({t} tokens) + max_new_tokens ({params.max_new_tokens}) = {t + params.max_new_tokens} "
                 f"exceeds the KV cache of max_out_tokens={self.max_len}; raise `max_out_tokens` in the config")
         if self.max_batch_size is not None and b > self.max_batch_size:
             raise ValueError(f"a batch of {b} exceeds `max_batch_size` = {self.max_batch_size} in the config")
-        with torch.inference_mode():
-            logits = self.prefill(ids, mask)
-            st = self._state(b, logits.shape[-1])
-            st.start(mask, params.eos_token_id, params.pad_token_id, params.min_new_tokens)
-            suppress = st.eos_suppressed() if (params.min_new_tokens > 0 and params.eos_token_id) else None
-            st.advance(params.sampler(logits, suppress))
-            n = self._decode(st, t, params)
-            length = n
-            if params.eos_token_id:
-                length = _finished_length(st, n)
-            return torch.cat([ids, st.out[:, :length]], dim=1)
+        with self._lock, torch.inference_mode():
+            try:
+                return self._generate(ids, mask, params, streamer)
+            except BaseException:
+                if streamer is not None:  # a consumer waiting on the stream (TextIteratorStreamer) is released
+                    try:
+                        streamer.end()
+                    except Exception:  # the original error matters more
+                        pass
+                raise
+
+    def _generate(self, ids: torch.Tensor, mask: torch.Tensor, params: GenerateParams, streamer: Any
+                  ) -> torch.Tensor:
+        t = ids.shape[1]
+        if streamer is not None:
+            put(streamer, ids)
+        logits = self.prefill(ids, mask)
+        st = self._state(ids.shape[0], logits.shape[-1])
+        sampler = params.sampler
+        st.start(mask, params.eos_token_id, params.pad_token_id, params.min_new_tokens, input_ids=ids,
+                 penalty=sampler.repetition_penalty)
+        flag_nonfinite(st.nonfinite, logits)
+        suppress = st.eos_suppressed() if (params.min_new_tokens > 0 and params.eos_token_id) else None
+        st.advance(sampler(logits, suppress, st.seen, st.nonfinite))
+        if streamer is not None:
+            put(streamer, st.tokens)
+        n = self._decode(st, t, params, streamer)
+        if bool(st.nonfinite.any()):
+            raise NonFiniteLogitsError(
+                f"generation stopped: the model produced logits with NaN or +inf (or a row of all -inf) within "
+                f"the first {n} generated token(s) of a [{ids.shape[0]}, {t}] prompt, so no token could be chosen "
+                f"from them. Check the dtype ({self.runner.dtype}; fp16 overflows easily: try bf16 or fp32) and "
+                "the weights")
+        length = _finished_length(st, n) if params.eos_token_id else n
+        if streamer is not None:
+            streamer.end()
+        return torch.cat([ids, st.out[:, :length]], dim=1)
 
 
 def _default_mask(ids: torch.Tensor, params: GenerateParams) -> torch.Tensor:

@@ -1,7 +1,9 @@
-"""Token selection on the device: greedy, and sampling with temperature, top-k and top-p.
+"""Token selection on the device: greedy, and sampling with temperature, top-k, top-p and min-p; the
+repetition penalty; a device-side flag for non-finite logits.
 
-The warpers follow Hugging Face's order and semantics (temperature, then top-k, then top-p; filtered logits
-become ``-inf``; top-p keeps the smallest set whose probability exceeds ``top_p`` and at least one token).
+The processors follow Hugging Face's order and semantics (repetition penalty, then temperature, top-k,
+top-p, min-p; filtered logits become ``-inf``; top-p keeps the smallest set whose probability exceeds
+``top_p`` and at least one token; min-p drops tokens below ``min_p`` times the top probability).
 Sampling draws by the exponential race (``argmax(p / E)`` with ``E ~ Exp(1)``), an exact categorical sample
 that needs no host synchronisation (``torch.multinomial`` may), from a ``torch.Generator`` when one is given.
 The random stream differs from Hugging Face's, so sampled tokens are reproducible for a seed but not equal
@@ -26,7 +28,7 @@ from typing import Optional
 import attrs
 import torch
 
-__all__ = ["greedy", "warp", "sample", "Sampler"]
+__all__ = ["greedy", "warp", "sample", "penalize", "flag_nonfinite", "Sampler"]
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
@@ -65,9 +67,36 @@ def _chunk_size(vocab: int, low: int = 256, high: int = 2048) -> Optional[int]:
     return None
 
 
+def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: "float | torch.Tensor") -> torch.Tensor:
+    """Hugging Face's repetition penalty: entries of tokens already ``seen [B, V]`` are divided by
+    ``penalty`` when positive, multiplied when negative (a new tensor).
+
+    Example:
+        >>> penalize(torch.tensor([[2.0, -2.0, 2.0]]), torch.tensor([[True, True, False]]), 2.0).tolist()
+        [[1.0, -4.0, 2.0]]
+    """
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def flag_nonfinite(flag: torch.Tensor, scores: torch.Tensor) -> None:
+    """Or into the device flag ``flag [1] bool`` whether ``scores [B, V]`` hold a NaN or ``+inf``, or a row
+    that is ``-inf`` everywhere (nothing can be chosen from it). No host synchronisation.
+
+    Example:
+        >>> flag = torch.zeros(1, dtype=torch.bool)
+        >>> flag_nonfinite(flag, torch.tensor([[0.0, float("-inf")]])); bool(flag)
+        False
+        >>> flag_nonfinite(flag, torch.tensor([[float("nan"), 1.0]])); bool(flag)
+        True
+    """
+    ok = (scores < float("inf")).all() & (scores > float("-inf")).any(dim=-1).all()
+    flag.logical_or_(~ok)
+
+
 def warp(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-         top_p: Optional[float] = None) -> torch.Tensor:
-    """Temperature, top-k and top-p filtering of ``logits [B, V]`` (a new tensor; Hugging Face semantics).
+         top_p: Optional[float] = None, min_p: Optional[float] = None) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p filtering of ``logits [B, V]`` (a new tensor; Hugging Face
+    semantics).
 
     Example:
         >>> l = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
@@ -88,6 +117,11 @@ def warp(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = 
         remove_sorted[..., -1:] = False
         remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
         scores = scores.masked_fill(remove, float("-inf"))
+    if min_p is not None:
+        probs = torch.softmax(scores, dim=-1)
+        remove = probs < float(min_p) * probs.amax(dim=-1, keepdim=True)
+        remove.scatter_(-1, probs.argmax(dim=-1, keepdim=True), False)
+        scores = scores.masked_fill(remove, float("-inf"))
     return scores
 
 
@@ -101,7 +135,8 @@ def sample(scores: torch.Tensor, generator: Optional[torch.Generator] = None) ->
 
 @attrs.frozen
 class Sampler:
-    """A token-selection rule: greedy when ``do_sample`` is False, else warp then sample.
+    """A token-selection rule: greedy when ``do_sample`` is False, else warp then sample; the repetition
+    penalty (when set) applies to both, as in Hugging Face.
 
     Example:
         >>> s = Sampler(do_sample=True, top_k=1)
@@ -113,14 +148,21 @@ class Sampler:
     temperature: float = 1.0
     top_k: Optional[int] = None
     top_p: Optional[float] = None
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
     generator: Optional[torch.Generator] = attrs.field(default=None, eq=False)
 
     def __attrs_post_init__(self) -> None:
+        if self.repetition_penalty is not None and not float(self.repetition_penalty) > 0:
+            raise ValueError(f"`repetition_penalty` has to be a strictly positive float, "
+                             f"but is {self.repetition_penalty!r}")
         if self.do_sample:
             if self.temperature is None or not float(self.temperature) > 0:
                 raise ValueError(f"`temperature` must be a positive float when sampling, got {self.temperature!r}")
             if self.top_p is not None and not 0.0 <= float(self.top_p) <= 1.0:
                 raise ValueError(f"`top_p` must be in [0, 1], got {self.top_p!r}")
+            if self.min_p is not None and not 0.0 <= float(self.min_p) <= 1.0:
+                raise ValueError(f"`min_p` must be in [0, 1], got {self.min_p!r}")
             if self.top_k is not None and int(self.top_k) < 0:
                 raise ValueError(f"`top_k` must be a non-negative integer, got {self.top_k!r}")
 
@@ -128,10 +170,18 @@ class Sampler:
     def greedy(self) -> bool:
         return not self.do_sample
 
-    def __call__(self, logits: torch.Tensor, suppress: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Next tokens ``[B]`` from ``logits [B, V]``; ``suppress [V]`` bool entries are excluded first."""
+    def __call__(self, logits: torch.Tensor, suppress: Optional[torch.Tensor] = None,
+                 seen: Optional[torch.Tensor] = None, flag: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Next tokens ``[B]`` from ``logits [B, V]``; ``suppress [V]`` bool entries are excluded first;
+        ``seen [B, V]`` marks the tokens the repetition penalty applies to; ``flag [1]`` (a device flag) is
+        set when the scores a token is drawn from are not usable (see :func:`flag_nonfinite`)."""
+        if self.repetition_penalty is not None and seen is not None:
+            logits = penalize(logits.float(), seen, self.repetition_penalty)
         if suppress is not None:
             logits = logits.masked_fill(suppress, float("-inf"))
         if not self.do_sample:
             return greedy(logits)
-        return sample(warp(logits, self.temperature, self.top_k, self.top_p), self.generator)
+        scores = warp(logits, self.temperature, self.top_k, self.top_p, self.min_p)
+        if flag is not None:
+            flag_nonfinite(flag, scores.float())
+        return sample(scores, self.generator)

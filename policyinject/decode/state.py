@@ -22,6 +22,10 @@ pad        [1] long     pad token for finished rows
 min_new    [1] long     EOS is suppressed while ``step < min_new``
 logits     [B, V] f32   the last step's logits (read by eager sampling; internal, overwritten every step)
 slots      [L] long     ``arange(L)``, for sliding-window masks
+nonfinite  [1] bool     set by any step whose logits held NaN / +inf or a row of all -inf (read once, at the end)
+seen       [B, V] bool  tokens in each row so far (prompt after its left padding, then generated): the
+                        repetition penalty's set
+penalty    [1] f32      the repetition penalty (1.0: none)
 ========== ============ =================================================================================
 
 Example:
@@ -45,7 +49,7 @@ import torch
 
 __all__ = ["DecodeState"]
 
-_MUTABLE = ("tokens", "pos", "cache_pos", "step", "kv_mask", "finished", "out", "logits")
+_MUTABLE = ("tokens", "pos", "cache_pos", "step", "kv_mask", "finished", "out", "logits", "nonfinite", "seen")
 
 
 class DecodeState:
@@ -70,9 +74,16 @@ class DecodeState:
         self.min_new = torch.zeros(1, **long)
         self.logits = torch.zeros(batch, vocab, dtype=torch.float32, device=d)
         self.slots = torch.arange(max_len, **long)
+        self.nonfinite = torch.zeros(1, dtype=torch.bool, device=d)
+        self.seen = torch.zeros(batch, vocab, dtype=torch.bool, device=d)
+        self.penalty = torch.ones(1, dtype=torch.float32, device=d)
 
-    def start(self, attention_mask: torch.Tensor, eos_ids: Optional[Sequence[int]], pad: int, min_new: int) -> None:
-        """Reset for a new call after a prefill of the left-padded ``attention_mask [B, T]`` (copies only)."""
+    def start(self, attention_mask: torch.Tensor, eos_ids: Optional[Sequence[int]], pad: int, min_new: int,
+              input_ids: Optional[torch.Tensor] = None, penalty: Optional[float] = None) -> None:
+        """Reset for a new call after a prefill of the left-padded ``attention_mask [B, T]`` (copies only).
+
+        ``input_ids [B, T]`` fill the repetition penalty's ``seen`` set (Hugging Face's rule: every prompt
+        token after the row's left padding)."""
         b, t = attention_mask.shape
         if b != self.batch:
             raise ValueError(f"state for batch {self.batch} got a prompt batch of {b}")
@@ -90,6 +101,15 @@ class DecodeState:
             self.eos_vocab.index_fill_(0, ids.to(self.device, non_blocking=True), True)
         self.pad.fill_(int(pad))
         self.min_new.fill_(int(min_new))
+        self.nonfinite.zero_()
+        self.seen.zero_()
+        self.penalty.fill_(1.0 if penalty is None else float(penalty))
+        if input_ids is not None and penalty is not None:
+            ids = input_ids.to(device=self.device, dtype=torch.long)
+            after_pad = mask.long().cumsum(-1) > 0
+            wide = torch.zeros(b, self.vocab + 1, dtype=torch.bool, device=self.device)
+            wide.scatter_(1, torch.where(after_pad, ids, self.vocab), True)
+            self.seen.copy_(wide[:, :self.vocab])
 
     def eos_suppressed(self) -> torch.Tensor:
         """``[V]`` bool: the EOS entries while fewer than ``min_new`` tokens were generated, else all False."""
@@ -103,6 +123,7 @@ class DecodeState:
         nxt = torch.where(self.finished, self.pad, next_tokens)
         self.out.index_copy_(1, self.step, nxt[:, None])
         self.finished |= self.eos_vocab[nxt]
+        self.seen.scatter_(1, nxt[:, None], True)
         self.tokens.copy_(nxt)
         self.step += 1
 
