@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -241,7 +242,7 @@ class Decoder:
         self.runner.prepare(self.max_len)
         dtype = self.runner.dtype
         masks = {w: prefill_mask(attention_mask, dtype, w) for w in set(self.runner.windows)}
-        attends = [self.cache.prefill_attend(i, masks[w], s)
+        attends = [self.cache.prefill_attend(i, masks[w], s, **self.runner.attend_extras[i])
                    for i, (w, s) in enumerate(zip(self.runner.windows, self.runner.scales))]
         pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         logits = self.runner.forward(input_ids, pos, attends, last_only=True)
@@ -266,7 +267,7 @@ class Decoder:
             pos = st.pos[:, None]
             cos, sin = runner.rotary_for(pos)
             attends = [cache.decode_attend(i, b, span, st.cache_pos, st.kv_mask, masks.get(w), s, w, backend,
-                                           fused[i], cos, sin)
+                                           fused[i], cos, sin, **runner.attend_extras[i])
                        for i, (w, s) in enumerate(zip(windows, scales))]
             logits = runner.forward(st.tokens[:, None], pos, attends, last_only=True, rotary_in_attend=fused,
                                     tables=(cos, sin))[:, -1]
@@ -391,9 +392,13 @@ def make_decoder_factory(ctx: Any, use_graphs: bool, when_unsupported: str = "ra
 
     def factory(engine: Any) -> Optional[Decoder]:
         context = ctx if ctx is not None else engine._context
-        if when_unsupported == "none" and decode_problems(engine.module, getattr(context, "model_policy", None),
-                                                          getattr(context, "model_config", None)):
-            return None
+        if when_unsupported == "none":
+            problems = decode_problems(engine.module, getattr(context, "model_policy", None),
+                                       getattr(context, "model_config", None))
+            if problems:
+                warnings.warn(f"engine.generate uses Hugging Face generate, not the decode engine: {problems[0]}",
+                              UserWarning, stacklevel=4)
+                return None
         return Decoder.from_context(engine.module, context, use_graphs)
 
     return factory

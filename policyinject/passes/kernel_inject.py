@@ -53,11 +53,11 @@ from .base import Pass, PassContext
 _ACTIVATIONS = {
     "SiLUActivation": "silu", "SiLU": "silu",
     "GELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh", "FastGELUActivation": "gelu_tanh",
-    "PytorchGELUTanh": "gelu_tanh", "GELUActivation": "gelu", "ReLU": "relu",
+    "PytorchGELUTanh": "gelu_tanh", "GELUActivation": "gelu", "ReLU": "relu", "ReLUSquaredActivation": "relu2",
 }
 #: Activation classes the injected MLP cannot reproduce.
 _UNSUPPORTED_ACTIVATIONS = {
-    "QuickGELUActivation", "ClippedGELUActivation", "ReLUSquaredActivation", "AccurateGELUActivation",
+    "QuickGELUActivation", "ClippedGELUActivation", "AccurateGELUActivation",
     "MishActivation", "LaplaceActivation", "LinearActivation", "XIELUActivation", "ReLU6", "LeakyReLU",
 }
 #: Mask formats the injected attention consumes (4-D bool or additive masks, or None).
@@ -257,7 +257,8 @@ class KernelInjectPass(Pass):
                 problems.extend(self._check_activation(where, mlp_root, m, exclude=a.module if not m.module else None))
         for spec in policy.norms:
             mod = need("", spec.path, "norm")
-            if mod is not None and not any(isinstance(getattr(mod, e, None), (int, float)) for e in spec.eps_attr):
+            if (mod is not None and spec.eps is None
+                    and not any(isinstance(getattr(mod, e, None), (int, float)) for e in spec.eps_attr)):
                 problems.append(f"{where}: norm {spec.path!r} has none of the epsilon attributes {list(spec.eps_attr)}")
         if problems:
             raise PlanError(problems)
@@ -278,8 +279,9 @@ class KernelInjectPass(Pass):
             details["fused_mlp"] = mlp_names
         if transposed:
             details["transposed"] = transposed
-        block_ok = (kind is not BlockKind.OPAQUE and m is not None and policy.input_norm is not None
-                    and (kind is BlockKind.PARALLEL or policy.post_attention_norm is not None))
+        sandwich = policy.attention_output_norm is not None and policy.mlp_output_norm is not None
+        block_ok = (kind is not BlockKind.OPAQUE and m is not None and (policy.input_norm is not None or sandwich)
+                    and (kind is BlockKind.PARALLEL or policy.post_attention_norm is not None or sandwich))
         if block_ok and not uncovered:
             details = {"replace": "InjectedBlock", "kind": kind.value, **details}
             payload = _LayerPlan("block", policy, heads, kv, d, backend, kind)
@@ -394,7 +396,8 @@ class KernelInjectPass(Pass):
             policy = plan.policy
             counts = dict(num_heads=plan.heads, num_kv_heads=plan.kv_heads, head_dim=plan.head_dim)
             if plan.mode == "block":
-                block = InjectedBlock.build(layer, policy, backend=plan.backend, **counts)
+                block = InjectedBlock.build(layer, policy, backend=plan.backend, model_config=ctx.model_config,
+                                            **counts)
                 _set(ctx.model, action.path, block)
                 notes["blocks"][action.path] = {"heads": plan.heads, "kv_heads": plan.kv_heads,
                                                 "head_dim": plan.head_dim, "kind": plan.kind.value}
@@ -404,7 +407,7 @@ class KernelInjectPass(Pass):
                 if what == "attention":
                     a = policy.attention
                     new = InjectedAttention.build(layer.get_submodule(sub), a, backend=plan.backend,
-                                                  norm_offset=offset, **counts)
+                                                  norm_offset=offset, model_config=ctx.model_config, **counts)
                 elif what == "mlp":
                     new = InjectedMLP.build(layer.get_submodule(sub), policy.mlp, plan.backend)
                 else:
