@@ -278,7 +278,7 @@ class InjectedAttention(torch.nn.Module):
         if layer_idx is None:
             layer_idx = attr("layer_idx", None)
         rotary = spec.rotary
-        if spec.rotary_switch is not None and getattr(attn_module, spec.rotary_switch, True) is False:
+        if spec.rotary_switch is not None and not getattr(attn_module, spec.rotary_switch, True):
             rotary = None
         slopes = None
         if spec.alibi:
