@@ -24,10 +24,12 @@ def llama_like_policies(module: str, prefix: str, *, layer: Optional[dict] = Non
     (``mlp``, ``norms``, ...); ``model`` adds :class:`ModelPolicy` fields to both model policies;
     ``base_prefix`` names the base model class when it is not ``{prefix}Model`` (Gemma-3's ``Gemma3TextModel``).
     """
+    attention = dict(module="self_attn", q="q_proj", k="k_proj", v="v_proj", o="o_proj", rotary="half",
+                     tp_attributes={"num_key_value_groups": "kv_groups"})
+    attention.update(attention_extra)
     fields = dict(
         layer=f"{module}{prefix}DecoderLayer",
-        attention=AttentionSpec(module="self_attn", q="q_proj", k="k_proj", v="v_proj", o="o_proj", rotary="half",
-                                tp_attributes={"num_key_value_groups": "kv_groups"}, **attention_extra),
+        attention=AttentionSpec(**attention),
         mlp=MLPSpec(module="mlp", gate="gate_proj", up="up_proj", down="down_proj", activation="silu"),
         norms=(NormSpec("input_layernorm", "rms"), NormSpec("post_attention_layernorm", "rms")),
         block="pre_norm",

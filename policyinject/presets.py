@@ -100,6 +100,18 @@ TINY: dict = {
     "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         sliding_window=4)),
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict(hidden_size=64, n_layer=2, n_head=4)),
+    "mpt": ("MptConfig", "MptForCausalLM", dict(d_model=64, n_layers=2, n_heads=4, max_seq_len=128,
+                                                attn_config={"clip_qkv": 0.5})),
+    "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(n_embd=64, n_layer=2, n_head=4,
+                                                                      n_positions=128)),
+    "persimmon": ("PersimmonConfig", "PersimmonForCausalLM", dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)),
+    "cohere": ("CohereConfig", "CohereForCausalLM", dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        use_qk_norm=True, logit_scale=0.5)),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)),
 }
 
 TINY_ARCHS = tuple(TINY)
