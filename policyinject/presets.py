@@ -112,6 +112,15 @@ TINY: dict = {
         use_qk_norm=True, logit_scale=0.5)),
     "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)),
+    "helium": ("HeliumConfig", "HeliumForCausalLM", dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16)),
+    "ernie4_5": ("Ernie4_5Config", "Ernie4_5ForCausalLM", dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16)),
+    "glm": ("GlmConfig", "GlmForCausalLM", dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16)),
 }
 
 TINY_ARCHS = tuple(TINY)

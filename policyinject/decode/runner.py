@@ -293,7 +293,8 @@ class DecodeRunner:
         for layer in self.layers:
             attn = getattr(layer, "attn", None)
             ok = (self.rotary is not None and self.layer_types is None and isinstance(attn, InjectedAttention)
-                  and getattr(attn, "rotary", None) in ("half", "interleaved"))
+                  and getattr(attn, "rotary", None) in ("half", "interleaved")
+                  and getattr(attn, "rotary_tables", None) is None)
             out.append(attn.rotary if ok else None)
         return out
 

@@ -214,7 +214,8 @@ class InjectedAttention(torch.nn.Module):
                  causal: bool = True, scaling: Optional[float] = None, layer_idx: Optional[int] = None,
                  backend: str = "auto", signature: Optional[CallSignature] = None, softcap: Optional[float] = None,
                  alibi: Optional[torch.Tensor] = None, clip_qkv: Optional[float] = None,
-                 qk_norm_scope: str = "head", qk_norm_layout: str = "bhtd", inverted_bool_mask: bool = False) -> None:
+                 qk_norm_scope: str = "head", qk_norm_layout: str = "bhtd", inverted_bool_mask: bool = False,
+                 rotary_tables: Optional[str] = None) -> None:
         super().__init__()
         self.qkv = qkv
         self.o = o
@@ -237,6 +238,8 @@ class InjectedAttention(torch.nn.Module):
         self.qk_norm_scope = QKNormScope(qk_norm_scope)
         self.qk_norm_layout = qk_norm_layout
         self.inverted_bool_mask = bool(inverted_bool_mask)
+        #: "half": the tables given are rotate-half ones; re-laid out for the interleaved rotation per call.
+        self.rotary_tables = rotary_tables
 
     # ------------------------------------------------------------------------------------------ building
     @classmethod
@@ -293,7 +296,7 @@ class InjectedAttention(torch.nn.Module):
                    layer_idx=layer_idx, backend=backend, signature=CallSignature.of(type(attn_module)),
                    softcap=read_value(cfg, spec.logit_softcap), alibi=slopes, clip_qkv=read_value(cfg, spec.clip_qkv),
                    qk_norm_scope=spec.qk_norm_scope, qk_norm_layout=spec.qk_norm_layout,
-                   inverted_bool_mask=spec.inverted_bool_mask)
+                   inverted_bool_mask=spec.inverted_bool_mask, rotary_tables=spec.rotary_tables)
 
     # ------------------------------------------------------------------------------------------- compute
     def split(self, fused: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -335,6 +338,9 @@ class InjectedAttention(torch.nn.Module):
         if self.k_norm is not None:
             k = self._qk_norm(self.k_norm, k)
         if self.rotary is not None and cos is not None:
+            if self.rotary_tables == "half" and self.rotary == "interleaved":
+                half = cos.shape[-1] // 2
+                cos, sin = cos[..., :half].repeat_interleave(2, -1), sin[..., :half].repeat_interleave(2, -1)
             q, k = _ops.rotary(q, k, cos, sin, self.rotary, self.backend)
         return q, k, v
 

@@ -139,6 +139,10 @@ class AttentionSpec:
     head_dim: SizeSource = ("head_dim",)
     #: Rotary embedding applied to q and k: ``"half"`` (rotate-half, Llama/NeoX), ``"interleaved"`` or None.
     rotary: Optional[str] = None
+    #: Layout of the model's rotary tables when it differs from the rotation's: ``"half"`` means the tables
+    #: are rotate-half ones (``[f_0 .. f_{R/2-1}, f_0 .. f_{R/2-1}]``) while the rotation is interleaved; the
+    #: attention then uses ``cos[..., :R/2].repeat_interleave(2)`` (Helium, GLM, ERNIE-4.5). None: as-is.
+    rotary_tables: Optional[str] = None
     #: Fraction of ``head_dim`` that is rotated (NeoX ``rotary_pct``, Phi ``partial_rotary_factor``).
     rotary_fraction: SizeSource = None
     #: Extra norms applied per head on q and k (Qwen3 ``q_norm``/``k_norm``), relative to ``module``.
@@ -183,6 +187,8 @@ class AttentionSpec:
             raise PolicyError("AttentionSpec takes either q/k/v or a fused qkv, not both")
         if self.rotary not in (None, "half", "interleaved"):
             raise PolicyError(f"AttentionSpec.rotary must be 'half', 'interleaved' or None, got {self.rotary!r}")
+        if self.rotary_tables not in (None, "half"):
+            raise PolicyError(f"AttentionSpec.rotary_tables must be 'half' or None, got {self.rotary_tables!r}")
         if self.qk_norm_layout not in ("bhtd", "bthd"):
             raise PolicyError(f"AttentionSpec.qk_norm_layout must be 'bhtd' or 'bthd', got {self.qk_norm_layout!r}")
         if self.alibi and self.rotary is not None:
