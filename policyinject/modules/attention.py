@@ -284,9 +284,17 @@ class InjectedAttention(torch.nn.Module):
         if spec.rotary_switch is not None and not getattr(attn_module, spec.rotary_switch, True):
             rotary = None
         slopes = None
-        if spec.alibi:
+        try:
             total = read_size(cfg, spec.num_heads) if cfg is not None else None
-            if total is not None and total != num_heads:
+        except (TypeError, ValueError, AttributeError):
+            total = None
+        sharded = total is not None and total != num_heads
+        if sharded and QKNormScope(spec.qk_norm_scope) is QKNormScope.FULL and spec.q_norm is not None:
+            raise PolicyError(f"{type(attn_module).__name__}: full-width q/k norms (qk_norm_scope='full') "
+                              f"normalise over all {total} heads; {num_heads} local heads (tensor parallelism) "
+                              "are not supported")
+        if spec.alibi:
+            if sharded:
                 raise PolicyError(f"{type(attn_module).__name__}: ALiBi slopes follow the global head index; "
                                   f"{num_heads} local heads of {total} (tensor parallelism) are not supported")
             slopes = alibi_slopes(num_heads, read_value(cfg, spec.alibi_max_bias) or 8.0)
