@@ -31,7 +31,7 @@ import torch
 
 from ..kernels import reference as _reference
 from ..kernels._common import cdiv, check_launch, load_kernel_module, next_pow2, use_triton
-from ..modules.attention import sdpa
+from ..modules.attention import alibi_bias, attention, sdpa
 from .kv_cache import decode_mask
 
 __all__ = ["decode_attention", "decode_attention_reference", "split_plan"]
@@ -41,9 +41,11 @@ def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                v_cache: torch.Tensor, cache_pos: torch.Tensor, kv_mask: torch.Tensor, span: int,
                                scale: Optional[float] = None, window: Optional[int] = None,
                                mask: Optional[torch.Tensor] = None, cos: Optional[torch.Tensor] = None,
-                               sin: Optional[torch.Tensor] = None, rotary: Optional[str] = None) -> torch.Tensor:
+                               sin: Optional[torch.Tensor] = None, rotary: Optional[str] = None,
+                               softcap: Optional[float] = None, alibi: Optional[torch.Tensor] = None) -> torch.Tensor:
     """PyTorch reference: (rotary,) ``index_copy_`` into rows ``[0, B)`` of the caches, SDPA over
-    ``[0, span)``.
+    ``[0, span)`` (explicit scores with ``softcap``; ALiBi slopes ``alibi [H]`` add
+    ``slope * (slot - cache_pos)``).
 
     ``mask`` (from :func:`~policyinject.decode.kv_cache.decode_mask`) may be given to share it between
     layers; it is built from ``kv_mask`` otherwise.
@@ -56,7 +58,13 @@ def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     v_rows.index_copy_(2, cache_pos, v)
     if mask is None:
         mask = decode_mask(kv_mask[:b], cache_pos, span, q.dtype, window)
-    return sdpa(q, k_rows[:, :, :span], v_rows[:, :, :span], mask, causal=False, scale=scale)
+    if softcap is None and alibi is None:
+        return sdpa(q, k_rows[:, :, :span], v_rows[:, :, :span], mask, causal=False, scale=scale)
+    bias = None
+    if alibi is not None:
+        bias = alibi_bias(alibi, cache_pos.reshape(1), torch.arange(span, device=q.device), q.dtype)
+    return attention(q, k_rows[:, :, :span], v_rows[:, :, :span], mask, causal=False, scale=scale, softcap=softcap,
+                     bias=bias)
 
 
 #: most splits of one (row, KV head); the combine reads them all
@@ -97,7 +105,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
                      scale: Optional[float] = None, window: Optional[int] = None, backend: str = "auto",
                      mask: Optional[torch.Tensor] = None, block_s: Optional[int] = None,
                      cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None,
-                     rotary: Optional[str] = None, num_splits: Optional[int] = None) -> torch.Tensor:
+                     rotary: Optional[str] = None, num_splits: Optional[int] = None,
+                     softcap: Optional[float] = None, alibi: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of one new token per row over the cache; returns ``[B, Hq, 1, D]``.
 
     ``q [B, Hq, 1, D]``, ``k``/``v [B, Hkv, 1, D]``; caches ``[B_cap, Hkv, L, D]`` (rows ``[0, B)`` used);
@@ -115,9 +124,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         raise ValueError(f"rotary must be None, 'half' or 'interleaved', got {rotary!r}")
     if rotary is not None and (cos is None or sin is None):
         raise ValueError("rotary needs cos and sin")
-    if not use_triton(backend, q, k, v, k_cache, v_cache):
+    if softcap is not None or alibi is not None or not use_triton(backend, q, k, v, k_cache, v_cache):
+        # soft-capping and ALiBi run on the PyTorch path: the Triton kernel implements neither
         return decode_attention_reference(q, k, v, k_cache, v_cache, cache_pos, kv_mask, span, scale, window, mask,
-                                          cos, sin, rotary)
+                                          cos, sin, rotary, softcap, alibi)
     kmod = load_kernel_module("_attention_triton", package="policyinject.decode")
 
     b, hq, t, d = q.shape

@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Optional
 
@@ -139,7 +140,7 @@ class Decoder:
         self.runner.prepare(self.max_len)
         dtype = self.runner.dtype
         masks = {w: prefill_mask(attention_mask, dtype, w) for w in set(self.runner.windows)}
-        attends = [self.cache.prefill_attend(i, masks[w], s)
+        attends = [self.cache.prefill_attend(i, masks[w], s, **self.runner.attend_extras[i])
                    for i, (w, s) in enumerate(zip(self.runner.windows, self.runner.scales))]
         pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         logits = self.runner.forward(input_ids, pos, attends, last_only=True)
@@ -165,7 +166,7 @@ class Decoder:
             pos = st.pos[:, None]
             cos, sin = runner.rotary_for(pos)
             attends = [cache.decode_attend(i, b, span, st.cache_pos, st.kv_mask, masks.get(w), s, w, backend,
-                                           fused[i], cos, sin)
+                                           fused[i], cos, sin, **runner.attend_extras[i])
                        for i, (w, s) in enumerate(zip(windows, scales))]
             logits = runner.forward(st.tokens[:, None], pos, attends, last_only=True, rotary_in_attend=fused,
                                     tables=(cos, sin))[:, -1]
@@ -330,6 +331,10 @@ def build_decoder(model: torch.nn.Module, plan: Any) -> Optional[Decoder]:
         True
     """
     d = plan.decode
-    if d is None or (d.problems and d.when_unsupported == "fallback"):
+    if d is None:
+        return None
+    if d.problems and d.when_unsupported == "fallback":
+        warnings.warn(f"engine.generate uses Hugging Face generate, not the decode engine: {d.problems[0]}",
+                      UserWarning, stacklevel=4)
         return None
     return Decoder.from_plan(model, plan)

@@ -41,7 +41,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from ..modules.attention import sdpa
+from ..modules.attention import alibi_bias, attention, sdpa
 
 __all__ = ["StaticKVCache", "prefill_mask", "decode_mask", "span_for"]
 
@@ -167,9 +167,11 @@ class StaticKVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
 
     # ---------------------------------------------------------------------------------------- attends
-    def prefill_attend(self, layer: int, mask: torch.Tensor, scale: Optional[float] = None) -> Attend:
+    def prefill_attend(self, layer: int, mask: torch.Tensor, scale: Optional[float] = None,
+                       softcap: Optional[float] = None, alibi: Optional[torch.Tensor] = None) -> Attend:
         """The ``attend`` of layer ``layer`` for a prompt of ``T`` tokens: writes slots ``[0, T)`` and attends
-        over the fresh k/v under ``mask`` (from :func:`prefill_mask`)."""
+        over the fresh k/v under ``mask`` (from :func:`prefill_mask`), with attention-score soft-capping
+        ``softcap`` and ALiBi ``alibi`` slopes ``[H]`` when given."""
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             b, _, t, _ = k.shape
@@ -178,20 +180,27 @@ class StaticKVCache:
             self._ensure(layer, k)
             self.k[layer][:b, :, :t].copy_(k)
             self.v[layer][:b, :, :t].copy_(v)
-            return sdpa(q, k, v, mask.to(q.dtype) if mask.dtype != q.dtype else mask, causal=False, scale=scale)
+            m = mask.to(q.dtype) if mask.dtype != q.dtype else mask
+            if softcap is None and alibi is None:
+                return sdpa(q, k, v, m, causal=False, scale=scale)
+            idx = torch.arange(t, device=q.device)
+            bias = alibi_bias(alibi, idx, idx, q.dtype) if alibi is not None else None
+            return attention(q, k, v, m, causal=False, scale=scale, softcap=softcap, bias=bias)
 
         return attend
 
     def decode_attend(self, layer: int, batch: int, span: int, cache_pos: torch.Tensor, kv_mask: torch.Tensor,
                       mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
                       window: Optional[int] = None, backend: str = "auto", rotary: Optional[str] = None,
-                      cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None) -> Attend:
+                      cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None,
+                      softcap: Optional[float] = None, alibi: Optional[torch.Tensor] = None) -> Attend:
         """The ``attend`` of layer ``layer`` for one decode step: writes slot ``cache_pos`` of rows
         ``[0, batch)`` and attends over the valid slots of ``[0, span)``
         (:func:`~policyinject.decode.attention.decode_attention`; ``mask`` from :func:`decode_mask` is shared
         between layers on the PyTorch path and unused by the Triton kernel). With ``rotary`` the q/k it
         receives are not rotated yet and it applies the rotary embedding (``cos``/``sin [B, 1, R]``) itself.
 
+        ``softcap`` and ``alibi`` (slopes ``[H]``) select the PyTorch path (the Triton kernel has neither).
         Every tensor it touches is fixed when the closure is made, so a CUDA graph can capture it."""
         from .attention import decode_attention
 
@@ -203,6 +212,7 @@ class StaticKVCache:
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return decode_attention(q, k, v, kc, vc, cache_pos, rows, span, scale=scale, window=window,
-                                    backend=backend, mask=mask, cos=cos, sin=sin, rotary=rotary)
+                                    backend=backend, mask=mask, cos=cos, sin=sin, rotary=rotary, softcap=softcap,
+                                    alibi=alibi)
 
         return attend

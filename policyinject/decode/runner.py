@@ -26,8 +26,18 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UnsupportedError
+from ..policy.model import read_value
 
-__all__ = ["DecodeRunner", "decode_problems", "layer_windows"]
+__all__ = ["DecodeRunner", "decode_problems", "layer_windows", "unrun_parts"]
+
+#: Model-level config keys whose non-neutral value changes the model's forward outside the layers, with the
+#: neutral values and the ModelPolicy field that must declare it for the decode engine to run it.
+_MODEL_LEVEL_KEYS = (
+    ("embedding_multiplier", (None, 1, 1.0), "embed_scale"),
+    ("logits_scaling", (None, 1, 1.0), "logit_scale"),
+    ("logit_scale", (None, 1, 1.0), "logit_scale"),
+    ("final_logit_softcapping", (None, 0, 0.0), "final_logit_softcap"),
+)
 
 
 def _get(model: torch.nn.Module, path: Optional[str]) -> Optional[torch.nn.Module]:
@@ -58,6 +68,38 @@ def layer_windows(model_config: Any, num_layers: int) -> List[Optional[int]]:
     return [int(window)] * num_layers
 
 
+def unrun_parts(model: torch.nn.Module, model_policy: Any) -> List[str]:
+    """Submodules holding parameters that the decode engine never runs: everything outside the parts the
+    model policy names (layers, embed, position_embed, embed_norm, final norm, lm_head, rotary_emb).
+
+    The decode engine runs exactly those parts; a model with anything else (OPT's ``project_in``/``project_out``
+    when ``word_embed_proj_dim != hidden_size``, a vision tower, an extra adapter) would generate wrong tokens
+    from it, so :func:`decode_problems` reports it and ``engine.generate`` falls back to Hugging Face.
+
+    Example:
+        >>> from policyinject.testing.presets import tiny_model
+        >>> from policyinject_plugins.opt import OPT_CAUSAL_LM
+        >>> unrun_parts(tiny_model("opt", word_embed_proj_dim=32), OPT_CAUSAL_LM)
+        ['model.decoder.project_out', 'model.decoder.project_in']
+        >>> unrun_parts(tiny_model("opt"), OPT_CAUSAL_LM)
+        []
+    """
+    run = [model_policy.layers, model_policy.embed, model_policy.position_embed, model_policy.lm_head,
+           model_policy.rotary_emb]
+    for spec in (model_policy.final_norm, getattr(model_policy, "embed_norm", None)):
+        if spec is not None:
+            run.append(spec.path)
+    prefixes = [p for p in run if p]
+    out = []
+    for name, module in model.named_modules():
+        if not any(True for _ in module.parameters(recurse=False)):
+            continue
+        if any(name == p or name.startswith(p + ".") for p in prefixes):
+            continue
+        out.append(name or "(the model itself)")
+    return out
+
+
 def decode_problems(model: torch.nn.Module, model_policy: Any, model_config: Any = None,
                     require_injected: bool = True) -> List[str]:
     """What the decode engine needs and this model lacks, one line each (empty: supported).
@@ -81,16 +123,27 @@ def decode_problems(model: torch.nn.Module, model_policy: Any, model_config: Any
         path = getattr(model_policy, field)
         if path and _get(model, path) is None:
             problems.append(f"ModelPolicy for {name}: `{field}` = {path!r} names no submodule")
-    if model_policy.final_norm is not None and _get(model, model_policy.final_norm.path) is None:
-        problems.append(f"ModelPolicy for {name}: `final_norm` = {model_policy.final_norm.path!r} names no submodule")
+    for field in ("final_norm", "embed_norm"):
+        spec = getattr(model_policy, field, None)
+        if spec is not None and _get(model, spec.path) is None:
+            problems.append(f"ModelPolicy for {name}: `{field}` = {spec.path!r} names no submodule")
     cfg = model_config if model_config is not None else getattr(model, "config", None)
-    if getattr(cfg, "alibi", False):
-        problems.append(f"{name} uses ALiBi position biases; the decode engine supports rotary and learned "
-                        "positions only")
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "attn_logit_softcapping", None):
-        problems.append(f"{name} uses logit soft-capping, which the decode engine does not implement")
+    if getattr(cfg, "alibi", False) is True:
+        problems.append(f"{name} uses ALiBi position biases inside its attention mask (config alibi=True); the "
+                        "decode engine runs ALiBi only for policies that declare AttentionSpec.alibi")
+    for key, neutral, field in _MODEL_LEVEL_KEYS:
+        value = getattr(cfg, key, None)
+        if value not in neutral and getattr(model_policy, field, None) is None:
+            problems.append(f"{name}: the config sets {key}={value!r}, which the ModelPolicy does not declare "
+                            f"(`{field}`); the decode engine would skip it")
     layers = _get(model, model_policy.layers) if model_policy.layers else None
     if layers is None or problems:
+        return problems
+    for part in unrun_parts(model, model_policy):
+        problems.append(f"{part} ({type(_get(model, part) if part != '(the model itself)' else model).__name__}) "
+                        f"holds parameters outside the parts ModelPolicy {name} names (layers, embed, "
+                        "position_embed, embed_norm, final_norm, lm_head); the decode engine would not run it")
+    if problems:
         return problems
     for i, layer in enumerate(layers):
         path = f"{model_policy.layers}.{i}"
@@ -103,6 +156,11 @@ def decode_problems(model: torch.nn.Module, model_policy: Any, model_config: Any
         if require_injected and attn is not None and getattr(attn, "causal", True) is False:
             problems.append(f"{path}: {type(layer).__name__} has bidirectional attention; generation needs a "
                             "causal decoder")
+            break
+        if require_injected and attn is not None and getattr(cfg, "attn_logit_softcapping", None) \
+                and getattr(attn, "softcap", None) is None:
+            problems.append(f"{path}: the config sets attn_logit_softcapping but the injected attention does not "
+                            "cap (the policy's AttentionSpec.logit_softcap is unset)")
             break
     return problems
 
@@ -143,11 +201,33 @@ class DecodeRunner:
         self.lm_head = model.get_submodule(model_policy.lm_head)
         self.rotary = _get(model, model_policy.rotary_emb)
         cfg = model_config if model_config is not None else getattr(model, "config", None)
+        embed_norm = getattr(model_policy, "embed_norm", None)
+        self.embed_norm = _get(model, embed_norm.path) if embed_norm is not None else None
+        self.embed_scale = read_value(cfg, getattr(model_policy, "embed_scale", None))
+        self.logit_scale = read_value(cfg, getattr(model_policy, "logit_scale", None))
+        self.final_softcap = read_value(cfg, getattr(model_policy, "final_logit_softcap", None)) or None
+        #: Per layer, its rotary table key (``config.layer_types[i]``) when the rotary module keeps one per type.
+        self.layer_types: Optional[List[str]] = None
+        if getattr(model_policy, "rotary_per_layer_type", False):
+            self.layer_types = list(getattr(cfg, "layer_types", None) or [])[:len(self.layers)]
+            if len(self.layer_types) != len(self.layers):
+                raise UnsupportedError(f"ModelPolicy for {model_policy.model_name} sets rotary_per_layer_type but "
+                                       "the config has no layer_types for every layer")
         self.windows = layer_windows(cfg, len(self.layers))
         self.scales: List[Optional[float]] = [getattr(getattr(layer, "attn", None), "scaling", None)
                                               for layer in self.layers]
-        self.cos: Optional[torch.Tensor] = None
-        self.sin: Optional[torch.Tensor] = None
+        #: Per layer, the keyword arguments its attends take beyond the mask: ``softcap`` and ``alibi`` slopes.
+        self.attend_extras: List[dict] = []
+        for layer in self.layers:
+            attn = getattr(layer, "attn", None)
+            extra = {}
+            if getattr(attn, "softcap", None) is not None:
+                extra["softcap"] = attn.softcap
+            if getattr(attn, "alibi", None) is not None:
+                extra["alibi"] = attn.alibi.to(self.device)
+            self.attend_extras.append(extra)
+        self.cos: Any = None
+        self.sin: Any = None
         self._tables_for: Optional[Tuple[int, torch.dtype, torch.device]] = None
 
     @property
@@ -170,8 +250,14 @@ class DecodeRunner:
             return
         x = torch.zeros(1, 1, 1, dtype=self.dtype, device=self.device)
         positions = torch.arange(max_len, device=self.device)[None]
-        cos, sin = self.rotary(x, positions)
-        self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
+        if self.layer_types is not None:
+            self.cos, self.sin = {}, {}
+            for t in dict.fromkeys(self.layer_types):
+                cos, sin = self.rotary(x, positions, t)
+                self.cos[t], self.sin[t] = cos[0].contiguous(), sin[0].contiguous()
+        else:
+            cos, sin = self.rotary(x, positions)
+            self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
         self._tables_for = key
 
     def rotary_for(self, pos: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -180,14 +266,20 @@ class DecodeRunner:
             return None, None
         if self.cos is None:
             raise RuntimeError("DecodeRunner.prepare(max_len) must run before the first forward")
+        if isinstance(self.cos, dict):  # one table per layer type: {type: [B, T, R]}
+            return ({t: c[pos] for t, c in self.cos.items()}, {t: s[pos] for t, s in self.sin.items()})
         return self.cos[pos], self.sin[pos]
 
     def embed_tokens(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Token embeddings plus learned position embeddings (when the policy names them)."""
         h = self.embed(ids)
+        if self.embed_scale is not None:
+            h = h * self.embed_scale
         if self.position_embed is not None:
             offset = int(getattr(self.position_embed, "offset", 0) or 0)
             h = h + F.embedding(pos + offset, self.position_embed.weight)
+        if self.embed_norm is not None:
+            h = self.embed_norm(h)
         return h
 
     def rotary_in_attend(self) -> List[Optional[str]]:
@@ -200,8 +292,9 @@ class DecodeRunner:
         out: List[Optional[str]] = []
         for layer in self.layers:
             attn = getattr(layer, "attn", None)
-            ok = (self.rotary is not None and isinstance(attn, InjectedAttention)
-                  and getattr(attn, "rotary", None) in ("half", "interleaved"))
+            ok = (self.rotary is not None and self.layer_types is None and isinstance(attn, InjectedAttention)
+                  and getattr(attn, "rotary", None) in ("half", "interleaved")
+                  and getattr(attn, "rotary_tables", None) is None)
             out.append(attn.rotary if ok else None)
         return out
 
@@ -225,6 +318,8 @@ class DecodeRunner:
         pending: Optional[torch.Tensor] = None
         for i, (layer, attend) in enumerate(zip(self.layers, attends)):
             c, s_ = (skip, None) if (skip is not None and rotary_in_attend[i]) else (cos, sin)
+            if isinstance(c, dict):
+                c, s_ = c[self.layer_types[i]], s_[self.layer_types[i]]
             if getattr(layer, "defers_residual", False):
                 pending, h = layer.run_deferred(h, pending, c, s_, attend)
                 continue
@@ -242,4 +337,9 @@ class DecodeRunner:
             if self.final_norm is not None:
                 h = self.final_norm(h)
         out = self.lm_head(h)
-        return out[0] if isinstance(out, tuple) else out
+        out = out[0] if isinstance(out, tuple) else out
+        if self.logit_scale is not None:
+            out = out * self.logit_scale
+        if self.final_softcap is not None:
+            out = torch.tanh(out / self.final_softcap) * self.final_softcap
+        return out

@@ -57,7 +57,7 @@ def gated_act(gate_up: torch.Tensor, act: str, backend: str) -> torch.Tensor:
 
 
 def activation(x: torch.Tensor, act: str) -> torch.Tensor:
-    """Element-wise activation of a plain (fc1/fc2) MLP: ``silu``, ``gelu`` (erf), ``gelu_tanh``, ``relu``.
+    """Element-wise activation of a plain (fc1/fc2) MLP: ``silu``, ``gelu`` (erf), ``gelu_tanh``, ``relu``, ``relu2`` (squared ReLU).
 
     Example:
         >>> activation(torch.tensor([-1.0, 2.0]), "relu")
@@ -65,6 +65,8 @@ def activation(x: torch.Tensor, act: str) -> torch.Tensor:
     """
     if act == "relu":
         return F.relu(x)
+    if act == "relu2":
+        return torch.square(F.relu(x))
     if act == "silu":
         return F.silu(x)
     if act == "gelu_tanh":
@@ -75,7 +77,8 @@ def activation(x: torch.Tensor, act: str) -> torch.Tensor:
 
 
 def make_norm(module: torch.nn.Module, kind: str = "rms", weight_offset: float = 0.0,
-              eps_attr: tuple = ("variance_epsilon", "eps", "epsilon"), backend: str = "auto") -> torch.nn.Module:
+              eps_attr: tuple = ("variance_epsilon", "eps", "epsilon"), backend: str = "auto",
+              default_eps: Optional[float] = None) -> torch.nn.Module:
     """The fused norm module for an HF norm: :class:`~policyinject.modules.norms.FusedRMSNorm` (scaled by
     ``weight_offset + weight``) or :class:`~policyinject.modules.norms.FusedLayerNorm`, sharing its parameters.
 
@@ -94,7 +97,9 @@ def make_norm(module: torch.nn.Module, kind: str = "rms", weight_offset: float =
     try:
         eps = find_eps(module, eps_attr)
     except ValueError as exc:
-        raise PolicyError(str(exc)) from None
+        if default_eps is None:
+            raise PolicyError(str(exc)) from None
+        eps = float(default_eps)
     if kind == "rms":
         return FusedRMSNorm.from_module(module, eps=eps, weight_offset=weight_offset, backend=backend)
     if kind == "layer":

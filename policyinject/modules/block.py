@@ -39,7 +39,7 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 
 from ..errors import PolicyError
-from ..policy.model import BlockKind, NormKind
+from ..policy.model import BlockKind, NormKind, read_value
 from ._hf import CallSignature, find_cache
 from ._ops import make_norm
 from .attention import InjectedAttention, _cache_kwargs, _rotary_tables
@@ -76,7 +76,7 @@ def norm_from_spec(root: torch.nn.Module, spec: Any, backend: str) -> torch.nn.M
     """The fused norm module for the norm a :class:`~policyinject.policy.NormSpec` names under ``root``."""
     module = root.get_submodule(spec.path)
     kind = "rms" if NormKind(spec.kind) is NormKind.RMS else "layer"
-    return make_norm(module, kind, spec.weight_offset, spec.eps_attr, backend)
+    return make_norm(module, kind, spec.weight_offset, spec.eps_attr, backend, default_eps=getattr(spec, "eps", None))
 
 
 def _norm_spec(policy: Any, name: Optional[str]) -> Any:
@@ -90,19 +90,30 @@ def _norm_spec(policy: Any, name: Optional[str]) -> Any:
 class InjectedBlock(torch.nn.Module):
     """A whole layer on fused modules; see the module docstring."""
 
-    def __init__(self, attn: InjectedAttention, mlp: torch.nn.Module, norm1: torch.nn.Module,
+    def __init__(self, attn: InjectedAttention, mlp: torch.nn.Module, norm1: Optional[torch.nn.Module],
                  norm2: Optional[torch.nn.Module], kind: BlockKind, signature: CallSignature,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", attn_out_norm: Optional[torch.nn.Module] = None,
+                 mlp_out_norm: Optional[torch.nn.Module] = None, residual_scale: Optional[float] = None) -> None:
         super().__init__()
         self.attn = attn
         self.mlp = mlp
         self.norm1 = norm1
         self.norm2 = norm2
+        #: Sandwich norms on the attention and MLP outputs (None: absent).
+        self.attn_out_norm = attn_out_norm
+        self.mlp_out_norm = mlp_out_norm
+        #: Factor on each branch before its residual add (None: 1).
+        self.residual_scale = float(residual_scale) if residual_scale is not None and residual_scale != 1.0 else None
         self.kind = BlockKind(kind)
         self.signature = signature
         self.backend = backend
-        if self.kind is not BlockKind.PARALLEL and norm2 is None:
+        sandwich = attn_out_norm is not None or mlp_out_norm is not None
+        if (sandwich or self.residual_scale is not None) and self.kind is not BlockKind.PRE_NORM:
+            raise PolicyError(f"sandwich norms and residual_scale need a pre_norm block, not {self.kind.value}")
+        if self.kind is not BlockKind.PARALLEL and not sandwich and (norm1 is None or norm2 is None):
             raise PolicyError(f"a {self.kind.value} block needs two norms")
+        if self.kind is BlockKind.PARALLEL and norm1 is None:
+            raise PolicyError("a parallel block needs an input norm")
 
     @property
     def layer_idx(self) -> Optional[int]:
@@ -122,24 +133,29 @@ class InjectedBlock(torch.nn.Module):
 
     @classmethod
     def build(cls, layer: torch.nn.Module, policy: Any, *, num_heads: int, num_kv_heads: int, head_dim: int,
-              backend: str = "auto") -> "InjectedBlock":
-        """Build from a layer instance and its policy (the layer itself is not modified)."""
+              backend: str = "auto", model_config: Any = None) -> "InjectedBlock":
+        """Build from a layer instance and its policy (the layer itself is not modified). ``model_config``
+        (default: the layer's ``config``) is what value sources such as ``residual_scale`` read."""
         kind = effective_block_kind(policy, layer)
         if kind is BlockKind.OPAQUE:
             raise PolicyError(f"policy for {policy.layer_name} has an opaque block; inject its submodules instead")
+        cfg = model_config if model_config is not None else getattr(layer, "config", None)
         a = policy.attention
-        n1 = _norm_spec(policy, policy.input_norm)
+        first = policy.input_norm or policy.attention_output_norm
+        offset = _norm_spec(policy, first).weight_offset if first is not None else 0.0
         attn_module = layer.get_submodule(a.module) if a.module else layer
         attn = InjectedAttention.build(attn_module, a, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                                       head_dim=head_dim, backend=backend, norm_offset=n1.weight_offset)
+                                       head_dim=head_dim, backend=backend, norm_offset=offset, model_config=cfg)
         m = policy.mlp
         mlp_root = layer.get_submodule(m.module) if m.module else layer
         mlp = InjectedMLP.build(mlp_root, m, backend)
-        norm1 = norm_from_spec(layer, n1, backend)
-        norm2 = None
-        if policy.post_attention_norm is not None:
-            norm2 = norm_from_spec(layer, _norm_spec(policy, policy.post_attention_norm), backend)
-        return cls(attn, mlp, norm1, norm2, kind, CallSignature.of(type(layer)), backend)
+
+        def norm(name: Optional[str]) -> Optional[torch.nn.Module]:
+            return None if name is None else norm_from_spec(layer, _norm_spec(policy, name), backend)
+
+        return cls(attn, mlp, norm(policy.input_norm), norm(policy.post_attention_norm), kind,
+                   CallSignature.of(type(layer)), backend, attn_out_norm=norm(policy.attention_output_norm),
+                   mlp_out_norm=norm(policy.mlp_output_norm), residual_scale=read_value(cfg, policy.residual_scale))
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         out = self.mlp(x)
@@ -149,6 +165,8 @@ class InjectedBlock(torch.nn.Module):
             attend: Attend) -> torch.Tensor:
         """The block on ``hidden [B, T, hidden]`` with rotary tables ``cos``/``sin`` and an ``attend``."""
         x = hidden
+        if self.kind is BlockKind.PRE_NORM and not self.defers_residual:
+            return self._run_general(x, cos, sin, attend)
         if self.kind is BlockKind.PRE_NORM:
             mlp_out, h = self.run_deferred(x, None, cos, sin, attend)
             return h + mlp_out
@@ -162,11 +180,29 @@ class InjectedBlock(torch.nn.Module):
         out, _ = self.norm2.forward_add(self._mlp(h), h)
         return out
 
+    def _run_general(self, x: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+                     attend: Attend) -> torch.Tensor:
+        """A pre-norm block with sandwich norms, missing input norms or a residual scale:
+        ``h = x + s * attn_out_norm(attn(norm1(x)))``; ``out = h + s * mlp_out_norm(mlp(norm2(h)))``."""
+        a = self.attn.run(self.norm1(x) if self.norm1 is not None else x, cos, sin, attend)
+        if self.attn_out_norm is not None:
+            a = self.attn_out_norm(a)
+        if self.residual_scale is not None:
+            a = a * self.residual_scale
+        h = x + a
+        m = self._mlp(self.norm2(h) if self.norm2 is not None else h)
+        if self.mlp_out_norm is not None:
+            m = self.mlp_out_norm(m)
+        if self.residual_scale is not None:
+            m = m * self.residual_scale
+        return h + m
+
     @property
     def defers_residual(self) -> bool:
-        """Whether :meth:`run_deferred` applies: a pre-norm block (its norms are fused ones, with
-        ``forward_add``, and it always has two)."""
-        return self.kind is BlockKind.PRE_NORM
+        """Whether :meth:`run_deferred` applies: a plain pre-norm block (two fused input norms with
+        ``forward_add``; no sandwich norms, no residual scale)."""
+        return (self.kind is BlockKind.PRE_NORM and self.norm1 is not None and self.norm2 is not None
+                and self.attn_out_norm is None and self.mlp_out_norm is None and self.residual_scale is None)
 
     def run_deferred(self, hidden: torch.Tensor, pending: Optional[torch.Tensor], cos: Optional[torch.Tensor],
                      sin: Optional[torch.Tensor], attend: Attend) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -209,4 +245,7 @@ class InjectedBlock(torch.nn.Module):
         return self.signature.wrap(self.run(x, cos, sin, attend))
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind.value}, backend={self.backend}"
+        extra = ", sandwich norms" if self.attn_out_norm is not None or self.mlp_out_norm is not None else ""
+        if self.residual_scale is not None:
+            extra += f", residual_scale={self.residual_scale}"
+        return f"kind={self.kind.value}, backend={self.backend}{extra}"

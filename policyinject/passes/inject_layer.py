@@ -36,11 +36,11 @@ NAME = "kernel_inject"
 _ACTIVATIONS = {
     "SiLUActivation": "silu", "SiLU": "silu",
     "GELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh", "FastGELUActivation": "gelu_tanh",
-    "PytorchGELUTanh": "gelu_tanh", "GELUActivation": "gelu", "ReLU": "relu",
+    "PytorchGELUTanh": "gelu_tanh", "GELUActivation": "gelu", "ReLU": "relu", "ReLUSquaredActivation": "relu2",
 }
 #: Activation classes the injected MLP cannot reproduce.
 _UNSUPPORTED_ACTIVATIONS = {
-    "QuickGELUActivation", "ClippedGELUActivation", "ReLUSquaredActivation", "AccurateGELUActivation",
+    "QuickGELUActivation", "ClippedGELUActivation", "AccurateGELUActivation",
     "MishActivation", "LaplaceActivation", "LinearActivation", "XIELUActivation", "ReLU6", "LeakyReLU",
 }
 
@@ -154,7 +154,8 @@ def _check_mlp(chk: _Checker, m: Any, attention_module: str) -> List[str]:
 def _check_norms(chk: _Checker, policy: Any) -> None:
     for spec in policy.norms:
         mod = chk.need("", spec.path, "norm")
-        if mod is not None and not any(isinstance(getattr(mod, e, None), (int, float)) for e in spec.eps_attr):
+        if (mod is not None and spec.eps is None
+                and not any(isinstance(getattr(mod, e, None), (int, float)) for e in spec.eps_attr)):
             chk.problems.append(f"{chk.where}: norm {spec.path!r} has none of the epsilon attributes "
                                 f"{list(spec.eps_attr)}")
 
@@ -279,8 +280,9 @@ def plan_layer(path: str, layer: torch.nn.Module, policy: Any, heads: Tuple[int,
     kind = effective_block_kind(policy, layer)
     uncovered = _uncovered_parameters(layer, policy)
     details = _common_details(policy, layer, heads, backend, fused, mlp_names)
-    block_ok = (kind is not BlockKind.OPAQUE and m is not None and policy.input_norm is not None
-                and (kind is BlockKind.PARALLEL or policy.post_attention_norm is not None))
+    sandwich = policy.attention_output_norm is not None and policy.mlp_output_norm is not None
+    block_ok = (kind is not BlockKind.OPAQUE and m is not None and (policy.input_norm is not None or sandwich)
+                and (kind is BlockKind.PARALLEL or policy.post_attention_norm is not None or sandwich))
     if block_ok and not uncovered:
         details = {"replace": "InjectedBlock", "kind": kind.value, **details}
         return Action(NAME, path, cls, "replace", details, LayerInjection("block", policy, *heads, backend, kind))

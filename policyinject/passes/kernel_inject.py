@@ -191,7 +191,8 @@ class KernelInjectPass(Pass):
             policy = plan.policy
             counts = dict(num_heads=plan.heads, num_kv_heads=plan.kv_heads, head_dim=plan.head_dim)
             if plan.mode == "block":
-                block = InjectedBlock.build(layer, policy, backend=plan.backend, **counts)
+                block = InjectedBlock.build(layer, policy, backend=plan.backend, model_config=ctx.model_config,
+                                            **counts)
                 _set(ctx.model, action.path, block)
                 summary.blocks[action.path] = InjectedLayerInfo(plan.heads, plan.kv_heads, plan.head_dim,
                                                                 plan.kind.value)
@@ -201,7 +202,7 @@ class KernelInjectPass(Pass):
                 if what == "attention":
                     a = policy.attention
                     new = InjectedAttention.build(layer.get_submodule(sub), a, backend=plan.backend,
-                                                  norm_offset=offset, **counts)
+                                                  norm_offset=offset, model_config=ctx.model_config, **counts)
                 elif what == "mlp":
                     new = InjectedMLP.build(layer.get_submodule(sub), policy.mlp, plan.backend)
                 else:

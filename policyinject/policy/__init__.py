@@ -10,14 +10,17 @@ from .model import (
     NormKind,
     NormSpec,
     Policy,
+    QKNormScope,
     QKVLayout,
     Style,
     is_linear_like,
     read_size,
+    read_value,
     resolve_qualified_name,
 )
 
 __all__ = [
     "Activation", "AttentionSpec", "BlockKind", "MLPSpec", "ModelPolicy", "NormKind", "NormSpec", "Policy",
-    "QKVLayout", "Style", "is_linear_like", "qkv_rows", "read_size", "resolve_qualified_name",
+    "QKNormScope", "QKVLayout", "Style", "is_linear_like", "qkv_rows", "read_size", "read_value",
+    "resolve_qualified_name",
 ]

@@ -36,6 +36,9 @@ from ..errors import PolicyError
 #: A head count (or other size) is read from the model config: an attribute name, a tuple of candidate
 #: attribute names (first present wins), or a callable ``config -> int``.
 SizeSource = Union[str, tuple, Callable[[Any], int], None]
+#: A real-valued setting (a scale, a cap): a number, a config attribute name (dotted paths allowed), a tuple of
+#: candidate names (first present and not None wins), or a callable ``config -> float | None``. None: unset.
+ValueSource = Union[float, int, str, tuple, Callable[[Any], Optional[float]], None]
 
 
 class Style(str, enum.Enum):
@@ -76,6 +79,17 @@ class Activation(str, enum.Enum):
     GELU = "gelu"
     GELU_TANH = "gelu_tanh"
     RELU = "relu"
+    #: ``relu(x) ** 2`` (Persimmon, Arcee, Nemotron ``relu2``).
+    RELU2 = "relu2"
+
+
+class QKNormScope(str, enum.Enum):
+    """What the q/k norms of an attention normalise over."""
+
+    #: Each head over ``head_dim`` (Qwen3, Gemma-3, Cohere, Persimmon, StableLM).
+    HEAD = "head"
+    #: All heads together over ``heads x head_dim``, before the split into heads (OLMo-2).
+    FULL = "full"
 
 
 class NormKind(str, enum.Enum):
@@ -126,12 +140,41 @@ class AttentionSpec:
     head_dim: SizeSource = ("head_dim",)
     #: Rotary embedding applied to q and k: ``"half"`` (rotate-half, Llama/NeoX), ``"interleaved"`` or None.
     rotary: Optional[str] = None
+    #: Layout of the model's rotary tables when it differs from the rotation's: ``"half"`` means the tables
+    #: are rotate-half ones (``[f_0 .. f_{R/2-1}, f_0 .. f_{R/2-1}]``) while the rotation is interleaved; the
+    #: attention then uses ``cos[..., :R/2].repeat_interleave(2)`` (Helium, GLM, ERNIE-4.5). None: as-is.
+    rotary_tables: Optional[str] = None
     #: Fraction of ``head_dim`` that is rotated (NeoX ``rotary_pct``, Phi ``partial_rotary_factor``).
     rotary_fraction: SizeSource = None
     #: Extra norms applied per head on q and k (Qwen3 ``q_norm``/``k_norm``), relative to ``module``.
     q_norm: Optional[str] = None
     k_norm: Optional[str] = None
+    #: What ``q_norm``/``k_norm`` normalise over (:class:`QKNormScope`): per head, or the full q/k width.
+    qk_norm_scope: QKNormScope = attrs.field(default=QKNormScope.HEAD, converter=QKNormScope)
+    #: Layout in which a per-head q/k norm module that is neither ``nn.LayerNorm`` nor an RMSNorm is called:
+    #: ``"bhtd"`` (after the heads move to dim 1: StableLM's per-head LayerNorm list) or ``"bthd"`` (before:
+    #: Cohere's ``CohereLayerNorm`` with a ``[heads, head_dim]`` weight). LayerNorm/RMSNorm q/k norms are
+    #: layout-free (they normalise the last dim).
+    qk_norm_layout: str = "bhtd"
     causal: bool = True
+    #: Attention score scale. None: the attention module's ``scaling`` attribute, else ``head_dim ** -0.5``.
+    #: Gemma-2's ``query_pre_attn_scalar ** -0.5`` and MPT's ``softmax_scale`` are given here.
+    scale: ValueSource = None
+    #: Soft-capping of the attention scores, ``cap * tanh(scores / cap)`` before the mask and softmax
+    #: (Gemma-2 ``attn_logit_softcapping``). None or 0: off.
+    logit_softcap: ValueSource = None
+    #: ALiBi linear position biases instead of rotary (BLOOM, MPT): score ``+= slope_h * (key - query)``
+    #: with the standard geometric slopes of the head count and maximal bias ``alibi_max_bias``.
+    alibi: bool = False
+    alibi_max_bias: ValueSource = 8.0
+    #: Clamp the q, k and v projections to ``[-c, c]`` before anything else (OLMo / MPT ``clip_qkv``).
+    clip_qkv: ValueSource = None
+    #: The layer receives a boolean mask that is True where attention is *blocked* (MPT, whose model turns
+    #: an additive mask into booleans); the usual convention (SDPA's) is True = attend.
+    inverted_bool_mask: bool = False
+    #: Attribute of the attention module that, when False, turns rotary off for that layer (SmolLM3
+    #: ``use_rope``: its NoPE layers). None: every layer uses ``rotary``.
+    rotary_switch: Optional[str] = None
     #: Attributes the module's own forward uses to reshape, rewritten per rank by tensor parallelism:
     #: attribute path (relative to ``module``) -> quantity, one of ``heads``, ``kv_heads``, ``hidden``
     #: (q heads x head_dim), ``kv_hidden``, ``kv_groups`` (q heads per kv head).
@@ -145,6 +188,12 @@ class AttentionSpec:
             raise PolicyError("AttentionSpec takes either q/k/v or a fused qkv, not both")
         if self.rotary not in (None, "half", "interleaved"):
             raise PolicyError(f"AttentionSpec.rotary must be 'half', 'interleaved' or None, got {self.rotary!r}")
+        if self.rotary_tables not in (None, "half"):
+            raise PolicyError(f"AttentionSpec.rotary_tables must be 'half' or None, got {self.rotary_tables!r}")
+        if self.qk_norm_layout not in ("bhtd", "bthd"):
+            raise PolicyError(f"AttentionSpec.qk_norm_layout must be 'bhtd' or 'bthd', got {self.qk_norm_layout!r}")
+        if self.alibi and self.rotary is not None:
+            raise PolicyError("AttentionSpec takes either ALiBi (alibi=True) or rotary, not both")
 
     def path(self, name: Optional[str]) -> Optional[str]:
         """Layer-relative path of one of this role's submodules."""
@@ -200,6 +249,9 @@ class NormSpec:
     weight_offset: float = 0.0
     #: Compute in fp32 and keep the weight in fp32 under a 16-bit dtype pass.
     keep_fp32: bool = False
+    #: Epsilon for a norm module that stores none (OLMo's parameter-free ``OlmoLayerNorm``: 1e-5); an
+    #: epsilon attribute on the module wins.
+    eps: Optional[float] = None
 
 
 @attrs.frozen
@@ -220,6 +272,14 @@ class Policy:
     #: after attention / after MLP (POST_NORM). Used by the block-level residual fusion.
     input_norm: Optional[str] = None
     post_attention_norm: Optional[str] = None
+    #: Sandwich norms: a norm applied to the attention output and one applied to the MLP output before each
+    #: residual add (Gemma-2/3 ``post_attention_layernorm``/``post_feedforward_layernorm``, OLMo-2). A
+    #: pre_norm block then runs ``h = x + attn_out_norm(attn(norm1(x)))``; ``out = h + mlp_out_norm(mlp(
+    #: norm2(h)))``, where ``input_norm``/``post_attention_norm`` may be None (OLMo-2 has no input norms).
+    attention_output_norm: Optional[str] = None
+    mlp_output_norm: Optional[str] = None
+    #: Scale of each branch before its residual add, ``x + s * branch`` (Granite ``residual_multiplier``).
+    residual_scale: ValueSource = None
     styles: Mapping[str, Style] = attrs.field(factory=dict, converter=lambda d: {k: Style(v) for k, v in dict(d).items()})
     #: Linear-like submodules (relative to the layer) that store weights as ``[in, out]`` (GPT-2 ``Conv1D``).
     transposed: tuple = attrs.field(default=(), converter=_tuple_of_str)
@@ -356,6 +416,18 @@ class ModelPolicy:
     lm_head: Optional[str] = None
     #: The module that computes rotary (cos, sin) once per forward (HF ``model.rotary_emb``).
     rotary_emb: Optional[str] = None
+    #: Norm applied right after the embedding (BLOOM ``word_embeddings_layernorm``).
+    embed_norm: Optional[NormSpec] = None
+    #: Factor on the token embeddings (Granite ``embedding_multiplier``). Gemma's ``sqrt(hidden)`` lives
+    #: in its embedding module and needs nothing here.
+    embed_scale: ValueSource = None
+    #: Factor on the logits (Cohere ``logit_scale``; Granite ``1 / logits_scaling``).
+    logit_scale: ValueSource = None
+    #: Soft-capping of the final logits, ``cap * tanh(logits / cap)`` (Gemma-2 ``final_logit_softcapping``).
+    final_logit_softcap: ValueSource = None
+    #: The rotary module takes the layer's type (``config.layer_types[i]``) as a third argument and keeps one
+    #: table per type (Gemma-3: local and global layers have different bases).
+    rotary_per_layer_type: bool = False
     #: Tensor-parallel styles of model-level modules (model-relative path -> Style); by default the
     #: embedding is VOCAB_EMBEDDING and the head VOCAB_HEAD.
     styles: Mapping[str, Style] = attrs.field(factory=dict, converter=lambda d: {k: Style(v) for k, v in dict(d).items()})
@@ -416,4 +488,37 @@ def read_size(model_config: Any, source: SizeSource, what: str = "size") -> Opti
                 break
         if obj is not None:
             return int(obj)
+    return None
+
+
+def read_value(model_config: Any, source: ValueSource) -> Optional[float]:
+    """Read a real-valued setting following a :data:`ValueSource`; None when unset (or the config is absent
+    and the source is not a number).
+
+    Example:
+        >>> class C: logits_scaling = 4.0; attn_config = type("A", (), {"clip_qkv": None})()
+        >>> read_value(C(), "logits_scaling"), read_value(None, 8), read_value(C(), "attn_config.clip_qkv")
+        (4.0, 8.0, None)
+        >>> read_value(C(), lambda c: 1 / c.logits_scaling)
+        0.25
+    """
+    if source is None:
+        return None
+    if isinstance(source, bool):
+        raise PolicyError(f"a value source must be a number, a config attribute or a callable, got {source!r}")
+    if isinstance(source, (int, float)):
+        return float(source)
+    if model_config is None:
+        return None
+    if callable(source) and not isinstance(source, str):
+        value = source(model_config)
+        return None if value is None else float(value)
+    for name in _tuple_of_str(source):
+        obj = model_config
+        for part in name.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if obj is not None:
+            return float(obj)
     return None

@@ -286,7 +286,7 @@ def test_streamer_on_cuda_graphs_gives_the_graph_tokens_and_reports_its_cost(cap
 
     from pi_testing import _init_inference
 
-    from policyinject.presets import tiny_model
+    from policyinject.testing.presets import tiny_model
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")

@@ -14,7 +14,9 @@ from policyinject.testing.presets import TINY_ARCHS, tiny_model
 from pi_testing import rel_err
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi", "phi3", "gpt2", "gpt_neox", "opt", "falcon",
-            "bert", "mixtral")
+            "bert", "mixtral", "ministral", "seed_oss", "cwm", "smollm3", "granite", "gemma2", "gemma3", "olmo", "olmo2",
+            "arcee", "starcoder2", "bloom", "mpt", "gpt_bigcode", "persimmon", "cohere", "stablelm", "helium",
+            "ernie4_5", "glm")
 
 
 def test_fuse_linears_concatenates_once_with_biases():

@@ -14,6 +14,10 @@ import pytest
 import torch
 
 from policyinject.testing.presets import TINY_ARCHS
+
+#: The tiny architectures whose tensor-parallel plans are verified here (the later kernel-injection families
+#: of TINY_ARCHS -- Gemma-2, BLOOM, MPT, ... -- are not yet checked under tensor parallelism).
+TP_ARCHS = TINY_ARCHS[:TINY_ARCHS.index("mixtral") + 1]
 from tp_workers import run_ranks
 
 pytestmark = pytest.mark.slow
@@ -26,7 +30,7 @@ CKPT_CONFIG = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=4,
                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=256)
 
 TASKS = {
-    2: [("hf_equal", dict(arch=a, tp=2)) for a in TINY_ARCHS] + [
+    2: [("hf_equal", dict(arch=a, tp=2)) for a in TP_ARCHS] + [
         ("hf_equal", dict(arch="preset:smollm2-135m", tp=2, overrides=SMOL, grain=64)),
         ("hf_equal", dict(arch="llama", tp=2, plugins="none")),
         ("hf_equal", dict(arch="gpt_neox", tp=2, plugins="none")),
