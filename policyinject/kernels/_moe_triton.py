@@ -19,6 +19,10 @@ Prefill (tokens sorted by expert, :func:`policyinject.kernels.moe.align_tokens`)
 - ``moe_gemm_down_kernel``: same grid over ``H``; writes ``Y[p, :] = w_p * (Hb[p] @ W2[e].T + b2)`` in
   float32; the caller sums the ``TOPK`` rows of each token.
 
+Expert weights (``WBITS``): 16 (float, as stored), 8 (int8) or 4 (int4, two per byte) in the format of
+:mod:`policyinject.kernels.quantize`, stacked per expert: ``S``/``Z`` ``[E, rows, K // G]``; each tile is
+dequantized to float32 in registers (:func:`_wload`), so only the quantized bytes travel from memory.
+
 Blocks past the used ones (``BLOCK_EXPERT == E``) and padding rows (``SORTED == T * TOPK``) do nothing.
 ``UPCAST``: operands are converted to float32 before ``tl.dot`` (fp32 inputs, and the interpreter, whose
 bf16 arithmetic is wrong); otherwise the dot runs on the 16-bit operands with a float32 accumulator.
@@ -54,11 +58,60 @@ def _act(g, u, alpha, limit, ACT: tl.constexpr, GATED: tl.constexpr):
 
 
 @triton.jit
+def _wload(W, S, Z, r2, k2, m2, stride_wn, stride_sn, G, WBITS: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """A float32 weight tile at rows ``r2``, input features ``k2`` (broadcast 2-D offsets), dequantized:
+    16-bit floats as they are; int8 ``W[r, k]``; int4 two per byte (``k`` even: low nibble), stored ``q + 8``;
+    then ``(q - Z[r, k // G]) * S[r, k // G]``."""
+    if WBITS == 16:
+        return tl.load(W + r2 * stride_wn + k2, mask=m2, other=0.0).to(tl.float32)
+    if WBITS == 8:
+        q = tl.load(W + r2 * stride_wn + k2, mask=m2, other=0).to(tl.float32)
+    else:
+        b = tl.load(W + r2 * stride_wn + k2 // 2, mask=m2, other=0).to(tl.int32)
+        q = tl.where(k2 % 2 == 0, b & 15, b >> 4).to(tl.float32) - 8.0
+    grp = k2 // G
+    sc = tl.load(S + r2 * stride_sn + grp, mask=m2, other=0.0).to(tl.float32)
+    if HAS_ZERO:
+        q = q - tl.load(Z + r2 * stride_sn + grp, mask=m2, other=0.0).to(tl.float32)
+    return q * sc
+
+
+@triton.jit
+def _gemv_part(w_base, s_base, z_base, x_row, rows, mask_n, k0, K, stride_wn, stride_sn, G,
+               WBITS: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``sum_k W[rows, k] * x[k]`` over ``k0 .. k0 + BLOCK_K`` (float32 ``[BLOCK_N]``). int4 reads whole bytes
+    (``BLOCK_K / 2`` per row, vectorised) and multiplies the low nibbles with the even ``x`` and the high
+    nibbles with the odd ``x``."""
+    if WBITS == 4:
+        kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        mk = kb * 2 < K
+        m2 = mask_n[:, None] & mk[None, :]
+        b = tl.load(w_base + rows[:, None] * stride_wn + kb[None, :], mask=m2, other=0).to(tl.int32)
+        lo = (b & 15).to(tl.float32) - 8.0
+        hi = (b >> 4).to(tl.float32) - 8.0
+        grp = (kb * 2 // G)[None, :]
+        sc = tl.load(s_base + rows[:, None] * stride_sn + grp, mask=m2, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(z_base + rows[:, None] * stride_sn + grp, mask=m2, other=0.0).to(tl.float32)
+            lo = lo - z
+            hi = hi - z
+        xe = tl.load(x_row + kb * 2, mask=mk, other=0.0).to(tl.float32)
+        xo = tl.load(x_row + kb * 2 + 1, mask=mk, other=0.0).to(tl.float32)
+        return tl.sum((lo * xe[None, :] + hi * xo[None, :]) * sc, axis=1)
+    ks = k0 + tl.arange(0, BLOCK_K)
+    mk = ks < K
+    xv = tl.load(x_row + ks, mask=mk, other=0.0).to(tl.float32)
+    w = _wload(w_base, s_base, z_base, rows[:, None], ks[None, :], mask_n[:, None] & mk[None, :], stride_wn,
+               stride_sn, G, WBITS, HAS_ZERO)
+    return tl.sum(w * xv[None, :], axis=1)
+
+
+@triton.jit
 def moe_gemv_up_kernel(
-    X, W13, B13, IDS, Hb, H, I, alpha, limit,
-    stride_xt, stride_we, stride_wn, stride_hp, stride_be,
+    X, W13, S13, Z13, B13, IDS, Hb, H, I, alpha, limit, G,
+    stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_hp, stride_be,
     TOPK: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    WBITS: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -67,20 +120,20 @@ def moe_gemv_up_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = cols < I
     w_base = W13 + e * stride_we
+    s_base = S13 + e * stride_se
+    z_base = Z13 + e * stride_se
     acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
+    x_row = X + t * stride_xt
     for k0 in range(0, H, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        mask_k = ks < H
-        xv = tl.load(X + t * stride_xt + ks, mask=mask_k, other=0.0).to(tl.float32)
-        m2 = mask_n[:, None] & mask_k[None, :]
         if GATED:
-            wg = tl.load(w_base + cols[:, None] * stride_wn + ks[None, :], mask=m2, other=0.0).to(tl.float32)
-            acc_g += tl.sum(wg * xv[None, :], axis=1)
-            wu = tl.load(w_base + (cols + I)[:, None] * stride_wn + ks[None, :], mask=m2, other=0.0).to(tl.float32)
+            acc_g += _gemv_part(w_base, s_base, z_base, x_row, cols, mask_n, k0, H, stride_wn, stride_sn, G, WBITS,
+                                HAS_ZERO, BLOCK_K)
+            acc_u += _gemv_part(w_base, s_base, z_base, x_row, cols + I, mask_n, k0, H, stride_wn, stride_sn, G,
+                                WBITS, HAS_ZERO, BLOCK_K)
         else:
-            wu = tl.load(w_base + cols[:, None] * stride_wn + ks[None, :], mask=m2, other=0.0).to(tl.float32)
-        acc_u += tl.sum(wu * xv[None, :], axis=1)
+            acc_u += _gemv_part(w_base, s_base, z_base, x_row, cols, mask_n, k0, H, stride_wn, stride_sn, G, WBITS,
+                                HAS_ZERO, BLOCK_K)
     if HAS_BIAS:
         if GATED:
             acc_g += tl.load(B13 + e * stride_be + cols, mask=mask_n, other=0.0).to(tl.float32)
@@ -93,9 +146,10 @@ def moe_gemv_up_kernel(
 
 @triton.jit
 def moe_gemv_down_kernel(
-    Hb, W2, B2, IDS, WTS, OUT, H, I,
-    stride_hp, stride_we, stride_wn, stride_ot, stride_be,
-    TOPK: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    Hb, W2, S2, Z2, B2, IDS, WTS, OUT, H, I, G,
+    stride_hp, stride_we, stride_wn, stride_se, stride_sn, stride_ot, stride_be,
+    TOPK: tl.constexpr, HAS_BIAS: tl.constexpr, WBITS: tl.constexpr, HAS_ZERO: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
@@ -107,14 +161,12 @@ def moe_gemv_down_kernel(
         e = tl.load(IDS + pair).to(tl.int64)
         wt = tl.load(WTS + pair)
         w_base = W2 + e * stride_we
+        s_base = S2 + e * stride_se
+        z_base = Z2 + e * stride_se
         part = tl.zeros([BLOCK_N], dtype=tl.float32)
         for k0 in range(0, I, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            mask_k = ks < I
-            hv = tl.load(Hb + pair * stride_hp + ks, mask=mask_k, other=0.0).to(tl.float32)
-            wd = tl.load(w_base + cols[:, None] * stride_wn + ks[None, :], mask=mask_n[:, None] & mask_k[None, :],
-                         other=0.0).to(tl.float32)
-            part += tl.sum(wd * hv[None, :], axis=1)
+            part += _gemv_part(w_base, s_base, z_base, Hb + pair * stride_hp, cols, mask_n, k0, I, stride_wn,
+                               stride_sn, G, WBITS, HAS_ZERO, BLOCK_K)
         if HAS_BIAS:
             part += tl.load(B2 + e * stride_be + cols, mask=mask_n, other=0.0).to(tl.float32)
         acc += wt * part
@@ -123,10 +175,10 @@ def moe_gemv_down_kernel(
 
 @triton.jit
 def moe_gemm_up_kernel(
-    X, W13, B13, SORTED, BLOCK_EXPERT, Hb, H, I, alpha, limit, NPAIRS, E,
-    stride_xt, stride_we, stride_wn, stride_hp, stride_be,
+    X, W13, S13, Z13, B13, SORTED, BLOCK_EXPERT, Hb, H, I, alpha, limit, NPAIRS, E, G,
+    stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_hp, stride_be,
     TOPK: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    WBITS: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -140,6 +192,8 @@ def moe_gemm_up_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = cols < I
     w_base = W13 + e * stride_we
+    s_base = S13 + e * stride_se
+    z_base = Z13 + e * stride_se
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
@@ -148,20 +202,23 @@ def moe_gemm_up_kernel(
         a = tl.load(X + tok[:, None] * stride_xt + ks[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
         mb = mask_k[:, None] & mask_n[None, :]
         if GATED:
-            bu = tl.load(w_base + (cols + I)[None, :] * stride_wn + ks[:, None], mask=mb, other=0.0)
+            bu = _wload(w_base, s_base, z_base, (cols + I)[None, :], ks[:, None], mb, stride_wn, stride_sn, G, WBITS,
+                        HAS_ZERO)
         else:
-            bu = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None], mask=mb, other=0.0)
+            bu = _wload(w_base, s_base, z_base, cols[None, :], ks[:, None], mb, stride_wn, stride_sn, G, WBITS,
+                        HAS_ZERO)
         if UPCAST:
             a = a.to(tl.float32)
-            acc_u += tl.dot(a, bu.to(tl.float32), input_precision="ieee")
+            acc_u += tl.dot(a, bu, input_precision="ieee")
         else:
-            acc_u += tl.dot(a, bu)
+            acc_u += tl.dot(a, bu.to(a.dtype))
         if GATED:
-            bg = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None], mask=mb, other=0.0)
+            bg = _wload(w_base, s_base, z_base, cols[None, :], ks[:, None], mb, stride_wn, stride_sn, G, WBITS,
+                        HAS_ZERO)
             if UPCAST:
-                acc_g += tl.dot(a, bg.to(tl.float32), input_precision="ieee")
+                acc_g += tl.dot(a, bg, input_precision="ieee")
             else:
-                acc_g += tl.dot(a, bg)
+                acc_g += tl.dot(a, bg.to(a.dtype))
     if HAS_BIAS:
         if GATED:
             acc_g += tl.load(B13 + e * stride_be + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -176,9 +233,9 @@ def moe_gemm_up_kernel(
 
 @triton.jit
 def moe_gemm_down_kernel(
-    Hb, W2, B2, SORTED, BLOCK_EXPERT, WTS, Y, H, I, NPAIRS, E,
-    stride_hp, stride_we, stride_wn, stride_yp, stride_be,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    Hb, W2, S2, Z2, B2, SORTED, BLOCK_EXPERT, WTS, Y, H, I, NPAIRS, E, G,
+    stride_hp, stride_we, stride_wn, stride_se, stride_sn, stride_yp, stride_be,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, WBITS: tl.constexpr, HAS_ZERO: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -193,17 +250,19 @@ def moe_gemm_down_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = cols < H
     w_base = W2 + e * stride_we
+    s_base = S2 + e * stride_se
+    z_base = Z2 + e * stride_se
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, I, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         mask_k = ks < I
         a = tl.load(Hb + rows[:, None] * stride_hp + ks[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None], mask=mask_k[:, None] & mask_n[None, :],
-                    other=0.0)
+        b = _wload(w_base, s_base, z_base, cols[None, :], ks[:, None], mask_k[:, None] & mask_n[None, :],
+                   stride_wn, stride_sn, G, WBITS, HAS_ZERO)
         if UPCAST:
-            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+            acc += tl.dot(a.to(tl.float32), b, input_precision="ieee")
         else:
-            acc += tl.dot(a, b)
+            acc += tl.dot(a, b.to(a.dtype))
     if HAS_BIAS:
         acc += tl.load(B2 + e * stride_be + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     wt = tl.load(WTS + pairs, mask=valid, other=0.0)

@@ -33,7 +33,9 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
+
+import attrs
 
 import torch
 import torch.nn.functional as F
@@ -41,12 +43,75 @@ import torch.nn.functional as F
 from policyinject.kernels._common import check_launch, device_guard, is_interpreted, load_kernel_module, use_triton
 
 __all__ = [
-    "ACT_CODES", "AlignedTokens", "MoEConfig", "align_tokens", "expert_act", "fused_moe", "moe_config",
+    "ACT_CODES", "AlignedTokens", "MoEConfig", "QuantizedExperts", "quantize_experts", "dequantize_experts", "align_tokens", "expert_act", "fused_moe", "moe_config",
     "moe_reference", "route",
 ]
 
 #: Activation codes of the Triton kernels (``swiglu_clamped`` is GPT-OSS's clamped SwiGLU).
 ACT_CODES = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3, "swiglu_clamped": 4}
+
+
+@attrs.frozen(eq=False)
+class QuantizedExperts:
+    """Every expert's ``[N, K]`` weight quantized in the format of :mod:`policyinject.kernels.quantize`,
+    stacked: ``qweight [E, N, K]`` int8 or ``[E, N, K // 2]`` uint8 (int4), ``scales``/``zeros``
+    ``[E, N, K // group_size]``."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: Optional[torch.Tensor]
+    num_bits: int
+    group_size: int
+    in_features: int
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        """The float weight's shape ``(E, N, K)``."""
+        return (self.qweight.shape[0], self.qweight.shape[1], self.in_features)
+
+    def nbytes(self) -> int:
+        parts = [self.qweight, self.scales] + ([] if self.zeros is None else [self.zeros])
+        return sum(t.numel() * t.element_size() for t in parts)
+
+
+def quantize_experts(w: torch.Tensor, num_bits: int = 8, group_size: Optional[int] = None,
+                     symmetric: bool = True) -> QuantizedExperts:
+    """Quantize ``w [E, N, K]`` expert by expert with :func:`policyinject.kernels.quantize.quantize_weight`.
+
+    Example:
+        >>> q = quantize_experts(torch.randn(3, 8, 64), num_bits=4, group_size=32)
+        >>> q.qweight.shape, q.scales.shape, q.shape
+        (torch.Size([3, 8, 32]), torch.Size([3, 8, 2]), (3, 8, 64))
+    """
+    from policyinject.kernels.quantize import quantize_weight
+
+    parts = [quantize_weight(w[e], num_bits, group_size, symmetric) for e in range(w.shape[0])]
+    zeros = None if parts[0].zeros is None else torch.stack([p.zeros for p in parts])
+    return QuantizedExperts(torch.stack([p.qweight for p in parts]), torch.stack([p.scales for p in parts]), zeros,
+                            num_bits, parts[0].group_size, w.shape[2])
+
+
+def dequantize_experts(q: QuantizedExperts, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The ``[E, N, K]`` float weights a :class:`QuantizedExperts` stands for.
+
+    Example:
+        >>> w = torch.randn(2, 4, 32)
+        >>> bool((dequantize_experts(quantize_experts(w)) - w).abs().max() < w.abs().max() / 100)
+        True
+    """
+    from policyinject.kernels.quantize import QuantizedWeight, dequantize_weight
+
+    e, n, k = q.shape
+    return torch.stack([dequantize_weight(QuantizedWeight(
+        q.qweight[i], q.scales[i], None if q.zeros is None else q.zeros[i], q.num_bits, q.group_size, k, n), dtype)
+        for i in range(e)])
+
+
+Weights = Union[torch.Tensor, QuantizedExperts]
+
+
+def _float(w: Weights, dtype: torch.dtype) -> torch.Tensor:
+    return dequantize_experts(w, dtype) if isinstance(w, QuantizedExperts) else w
 
 
 def route(logits: torch.Tensor, top_k: int, order: str = "softmax_topk",
@@ -220,13 +285,15 @@ def moe_config(tokens: int, hidden: int, inter: int, interpret: bool = False) ->
     return MoEConfig(gemv=False, block_m=64, block_n=64 if inter >= 64 else 32, block_k=64, num_warps=4)
 
 
-def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+def fused_moe(x: torch.Tensor, w13: Weights, w2: Weights, ids: torch.Tensor, weights: torch.Tensor,
               activation: str = "silu", *, gated: bool = True, b13: Optional[torch.Tensor] = None,
               b2: Optional[torch.Tensor] = None, alpha: float = 1.702, limit: float = 7.0,
               backend: str = "auto", dispatch: str = "dense", config: Optional[MoEConfig] = None) -> torch.Tensor:
     """The routed expert MLP ``[T, H] -> [T, H]`` (see the module docstring for layouts).
 
-    ``dispatch`` applies to the PyTorch path only (:func:`moe_reference`).
+    ``w13``/``w2`` are float tensors or :class:`QuantizedExperts` (int8/int4; the PyTorch path dequantizes
+    them to ``x.dtype`` per call, the Triton kernels read the quantized bytes). ``dispatch`` applies to the
+    PyTorch path only (:func:`moe_reference`).
 
     Example:
         >>> x, w13, w2 = torch.randn(2, 8), torch.randn(3, 12, 8), torch.randn(3, 8, 6)
@@ -238,23 +305,34 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: torch.T
         raise ValueError(f"unknown expert activation {activation!r}; expected one of {sorted(ACT_CODES)}")
     if activation == "swiglu_clamped" and not gated:
         raise ValueError("the 'swiglu_clamped' activation needs gated experts")
-    if not use_triton(backend, x, w13, w2):
-        return moe_reference(x, w13, w2, ids, weights, activation, gated, b13, b2, alpha, limit, dispatch)
+    quantized = isinstance(w13, QuantizedExperts) or isinstance(w2, QuantizedExperts)
+    if not use_triton(backend, x, *((x,) if quantized else (w13, w2))):
+        return moe_reference(x, _float(w13, x.dtype), _float(w2, x.dtype), ids, weights, activation, gated, b13, b2, alpha, limit, dispatch)
     return _launch(x, w13, w2, ids, weights, activation, gated, b13, b2, alpha, limit, config)
 
 
-def _launch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+def _wargs(w: Weights) -> tuple:
+    """``(W, S, Z, G, stride_e, stride_n, stride_se, stride_sn, WBITS, HAS_ZERO)`` for one weight."""
+    if isinstance(w, QuantizedExperts):
+        z = w.zeros if w.zeros is not None else w.scales
+        return (w.qweight, w.scales, z, w.group_size, w.qweight.stride(0), w.qweight.stride(1), w.scales.stride(0),
+                w.scales.stride(1), w.num_bits, w.zeros is not None)
+    w = w if w.stride(-1) == 1 else w.contiguous()
+    return (w, w, w, 1, w.stride(0), w.stride(1), 0, 0, 16, False)
+
+
+def _launch(x: torch.Tensor, w13: Weights, w2: Weights, ids: torch.Tensor, weights: torch.Tensor,
             activation: str, gated: bool, b13: Optional[torch.Tensor], b2: Optional[torch.Tensor], alpha: float,
             limit: float, config: Optional[MoEConfig]) -> torch.Tensor:
     mod = load_kernel_module("_moe_triton")
-    check_launch("fused_moe", mod.moe_gemv_up_kernel, x, w13, w2, b13, b2)
-
+    floats = [w.scales if isinstance(w, QuantizedExperts) else w for w in (w13, w2)]
+    check_launch("fused_moe", mod.moe_gemv_up_kernel, x, *floats, b13, b2)
     if x.dim() != 2:
         raise ValueError(f"fused_moe: x must be [tokens, hidden], got {tuple(x.shape)}")
     t, hidden = x.shape
     num_experts, rows, k_in = w13.shape
     inter = w2.shape[2]
-    if k_in != hidden or w2.shape[:2] != (num_experts, hidden) or rows != (2 * inter if gated else inter):
+    if k_in != hidden or tuple(w2.shape[:2]) != (num_experts, hidden) or rows != (2 * inter if gated else inter):
         raise ValueError(f"fused_moe: w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} do not fit x "
                          f"{tuple(x.shape)} ({'gated' if gated else 'plain'} experts)")
     if ids.shape != weights.shape or ids.dim() != 2 or ids.shape[0] != t:
@@ -263,42 +341,43 @@ def _launch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: torch.Ten
     interp = is_interpreted(mod.moe_gemv_up_kernel)
     cfg = config or moe_config(t, hidden, inter, interp)
     x = x if x.stride(-1) == 1 else x.contiguous()
-    w13 = w13 if w13.stride(-1) == 1 else w13.contiguous()
-    w2 = w2 if w2.stride(-1) == 1 else w2.contiguous()
+    W13, S13, Z13, G13, swe13, swn13, sse13, ssn13, bits13, zero13 = _wargs(w13)
+    W2, S2, Z2, G2, swe2, swn2, sse2, ssn2, bits2, zero2 = _wargs(w2)
     ids32 = ids.to(torch.int32).contiguous()
     wts = weights.to(torch.float32).contiguous()
     n_pairs = t * top_k
     h = torch.empty(n_pairs, inter, dtype=x.dtype, device=x.device)
-    dummy = w13  # never read when the HAS_* flag is off
-    common = dict(ACT=ACT_CODES[activation], GATED=gated, UPCAST=interp or x.dtype == torch.float32)
+    bias13 = b13 if b13 is not None else x  # never read when HAS_BIAS is off
+    bias2 = b2 if b2 is not None else x
+    sb13 = 0 if b13 is None else b13.stride(0)
+    sb2 = 0 if b2 is None else b2.stride(0)
+    up = dict(ACT=ACT_CODES[activation], GATED=gated, UPCAST=interp or x.dtype == torch.float32, WBITS=bits13,
+              HAS_ZERO=zero13, HAS_BIAS=b13 is not None)
+    down = dict(WBITS=bits2, HAS_ZERO=zero2, HAS_BIAS=b2 is not None)
     with device_guard(x.device):
         if cfg.gemv:
             mod.moe_gemv_up_kernel[(n_pairs, -(-inter // cfg.block_n))](
-                x, w13, b13 if b13 is not None else dummy, ids32, h, hidden, inter, alpha, limit,
-                x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), 0 if b13 is None else b13.stride(0),
-                TOPK=top_k, HAS_BIAS=b13 is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                num_warps=cfg.num_warps, **common)
+                x, W13, S13, Z13, bias13, ids32, h, hidden, inter, alpha, limit, G13,
+                x.stride(0), swe13, swn13, sse13, ssn13, h.stride(0), sb13,
+                TOPK=top_k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, **up)
             out = torch.empty_like(x)
             mod.moe_gemv_down_kernel[(t, -(-hidden // cfg.block_n))](
-                h, w2, b2 if b2 is not None else dummy, ids32, wts, out, hidden, inter,
-                h.stride(0), w2.stride(0), w2.stride(1), out.stride(0), 0 if b2 is None else b2.stride(0),
-                TOPK=top_k, HAS_BIAS=b2 is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                num_warps=cfg.num_warps)
+                h, W2, S2, Z2, bias2, ids32, wts, out, hidden, inter, G2,
+                h.stride(0), swe2, swn2, sse2, ssn2, out.stride(0), sb2,
+                TOPK=top_k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, **down)
             return out
         al = align_tokens(ids, num_experts, cfg.block_m)
         mod.moe_gemm_up_kernel[(al.max_blocks, -(-inter // cfg.block_n))](
-            x, w13, b13 if b13 is not None else dummy, al.sorted_ids, al.block_expert, h, hidden, inter, alpha,
-            limit, n_pairs, num_experts, x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
-            0 if b13 is None else b13.stride(0),
-            TOPK=top_k, HAS_BIAS=b13 is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, **common)
+            x, W13, S13, Z13, bias13, al.sorted_ids, al.block_expert, h, hidden, inter, alpha, limit, n_pairs,
+            num_experts, G13, x.stride(0), swe13, swn13, sse13, ssn13, h.stride(0), sb13,
+            TOPK=top_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+            **up)
         y = torch.empty(n_pairs, hidden, dtype=torch.float32, device=x.device)
         mod.moe_gemm_down_kernel[(al.max_blocks, -(-hidden // cfg.block_n))](
-            h, w2, b2 if b2 is not None else dummy, al.sorted_ids, al.block_expert, wts, y, hidden, inter,
-            n_pairs, num_experts, h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
-            0 if b2 is None else b2.stride(0),
-            HAS_BIAS=b2 is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            UPCAST=common["UPCAST"], num_warps=cfg.num_warps)
+            h, W2, S2, Z2, bias2, al.sorted_ids, al.block_expert, wts, y, hidden, inter, n_pairs, num_experts, G2,
+            h.stride(0), swe2, swn2, sse2, ssn2, y.stride(0), sb2,
+            UPCAST=up["UPCAST"], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, **down)
     return y.view(t, top_k, hidden).sum(dim=1).to(x.dtype)
 
 

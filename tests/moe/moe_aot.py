@@ -25,31 +25,41 @@ def variants(dt: str) -> Iterator[Tuple[str, Any, Dict, Dict, List[str], int]]:
     p = TY[dt]
     for shape, (hidden, inter, topk) in SHAPES.items():
         dec, pre = moe_config(1, hidden, inter), moe_config(512, hidden, inter)
-        for act, bias in (("silu", False), ("swiglu_clamped", True)):
-            tag = f"{shape}_{act}"
-            flags = dict(TOPK=topk, HAS_BIAS=bias, ACT=ACT_CODES[act], GATED=True, UPCAST=False)
-            sig = {"X": p, "W13": p, "B13": p, "IDS": "*i32", "Hb": p, "H": "i32", "I": "i32", "alpha": "fp32",
-                   "limit": "fp32", "stride_xt": "i32", "stride_we": "i32", "stride_wn": "i32", "stride_hp": "i32",
-                   "stride_be": "i32"}
+        for act, bias, bits, zero in (("silu", False, 16, False), ("swiglu_clamped", True, 16, False),
+                                      ("silu", False, 8, False), ("silu", False, 4, True)):
+            if (bits != 16 and dt != "bf16") or (act != "silu" and shape != "mixtral"):
+                continue  # quantized variants in bf16 only, GPT-OSS's activation at one shape
+            tag = f"{shape}_{act}" + ("" if bits == 16 else f"_int{bits}")
+            wt = {16: p, 8: "*i8", 4: "*u8"}[bits]
+            q = dict(WBITS=bits, HAS_ZERO=zero)
+            qsig = {"G": "i32", "stride_se": "i32", "stride_sn": "i32"}
+            flags = dict(TOPK=topk, HAS_BIAS=bias, ACT=ACT_CODES[act], GATED=True, UPCAST=False, **q)
+            sig = {"X": p, "W13": wt, "S13": "*fp16", "Z13": "*fp16", "B13": p, "IDS": "*i32", "Hb": p, "H": "i32",
+                   "I": "i32", "alpha": "fp32", "limit": "fp32", "stride_xt": "i32", "stride_we": "i32",
+                   "stride_wn": "i32", "stride_hp": "i32", "stride_be": "i32", **qsig}
             div = ["X", "W13", "B13", "Hb", "H", "I", "stride_xt", "stride_we", "stride_wn", "stride_hp", "stride_be"]
             yield (f"gemv_up_{tag}", k.moe_gemv_up_kernel, sig,
                    dict(flags, BLOCK_N=dec.block_n, BLOCK_K=dec.block_k), div, dec.num_warps)
-            sig = {"Hb": p, "W2": p, "B2": p, "IDS": "*i32", "WTS": "*fp32", "OUT": p, "H": "i32", "I": "i32",
-                   "stride_hp": "i32", "stride_we": "i32", "stride_wn": "i32", "stride_ot": "i32", "stride_be": "i32"}
+            sig = {"Hb": p, "W2": wt, "S2": "*fp16", "Z2": "*fp16", "B2": p, "IDS": "*i32", "WTS": "*fp32", "OUT": p,
+                   "H": "i32", "I": "i32", "stride_hp": "i32", "stride_we": "i32", "stride_wn": "i32",
+                   "stride_ot": "i32", "stride_be": "i32", **qsig}
             div = ["Hb", "W2", "B2", "OUT", "H", "I", "stride_hp", "stride_we", "stride_wn", "stride_ot", "stride_be"]
             yield (f"gemv_down_{tag}", k.moe_gemv_down_kernel, sig,
-                   dict(TOPK=topk, HAS_BIAS=bias, BLOCK_N=dec.block_n, BLOCK_K=dec.block_k), div, dec.num_warps)
-            sig = {"X": p, "W13": p, "B13": p, "SORTED": "*i32", "BLOCK_EXPERT": "*i32", "Hb": p, "H": "i32",
-                   "I": "i32", "alpha": "fp32", "limit": "fp32", "NPAIRS": "i32", "E": "i32", "stride_xt": "i32",
-                   "stride_we": "i32", "stride_wn": "i32", "stride_hp": "i32", "stride_be": "i32"}
+                   dict(TOPK=topk, HAS_BIAS=bias, BLOCK_N=dec.block_n, BLOCK_K=dec.block_k, **q), div,
+                   dec.num_warps)
+            sig = {"X": p, "W13": wt, "S13": "*fp16", "Z13": "*fp16", "B13": p, "SORTED": "*i32",
+                   "BLOCK_EXPERT": "*i32", "Hb": p, "H": "i32", "I": "i32", "alpha": "fp32", "limit": "fp32",
+                   "NPAIRS": "i32", "E": "i32", "stride_xt": "i32", "stride_we": "i32", "stride_wn": "i32",
+                   "stride_hp": "i32", "stride_be": "i32", **qsig}
             div = ["X", "W13", "B13", "Hb", "H", "I", "stride_xt", "stride_we", "stride_wn", "stride_hp", "stride_be"]
             tiles = dict(BLOCK_M=pre.block_m, BLOCK_N=pre.block_n, BLOCK_K=pre.block_k)
             yield f"gemm_up_{tag}", k.moe_gemm_up_kernel, sig, dict(flags, **tiles), div, pre.num_warps
-            sig = {"Hb": p, "W2": p, "B2": p, "SORTED": "*i32", "BLOCK_EXPERT": "*i32", "WTS": "*fp32",
-                   "Y": "*fp32", "H": "i32", "I": "i32", "NPAIRS": "i32", "E": "i32", "stride_hp": "i32",
-                   "stride_we": "i32", "stride_wn": "i32", "stride_yp": "i32", "stride_be": "i32"}
+            sig = {"Hb": p, "W2": wt, "S2": "*fp16", "Z2": "*fp16", "B2": p, "SORTED": "*i32",
+                   "BLOCK_EXPERT": "*i32", "WTS": "*fp32", "Y": "*fp32", "H": "i32", "I": "i32", "NPAIRS": "i32",
+                   "E": "i32", "stride_hp": "i32", "stride_we": "i32", "stride_wn": "i32", "stride_yp": "i32",
+                   "stride_be": "i32", **qsig}
             div = ["Hb", "W2", "B2", "Y", "H", "I", "stride_hp", "stride_we", "stride_wn", "stride_yp", "stride_be"]
-            yield (f"gemm_down_{tag}", k.moe_gemm_down_kernel, sig, dict(HAS_BIAS=bias, UPCAST=False, **tiles), div,
+            yield (f"gemm_down_{tag}", k.moe_gemm_down_kernel, sig, dict(HAS_BIAS=bias, UPCAST=False, **tiles, **q), div,
                    pre.num_warps)
 
 

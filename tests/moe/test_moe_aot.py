@@ -33,7 +33,8 @@ def test_moe_kernels_compile_for_sm90(aot_rows: list) -> None:
     for shape in ("mixtral", "qwen3_30b_a3b"):
         for kernel in ("gemv_up", "gemv_down", "gemm_up", "gemm_down"):
             for dt in ("bf16", "fp16"):
-                assert (f"{kernel}_{shape}_silu", dt) in names
+                for suffix in ("", "_int8", "_int4") if dt == "bf16" else ("",):
+                    assert (f"{kernel}_{shape}_silu{suffix}", dt) in names
 
 
 def test_moe_kernels_are_lean(aot_rows: list) -> None:

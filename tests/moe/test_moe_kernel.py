@@ -130,3 +130,23 @@ def test_shape_errors() -> None:
         fused_moe(x, w13, w2, ids, w, "tanh", backend="triton")
     with pytest.raises(ValueError, match=r"\[T, k\]"):
         fused_moe(x, w13, w2, ids[:, :1], w, backend="triton")
+
+
+@pytest.mark.parametrize("cfg", [GEMV, GEMM], ids=["gemv", "gemm"])
+@pytest.mark.parametrize("bits,group,symmetric", [(8, None, True), (8, None, False), (4, 16, True), (4, 32, False)],
+                         ids=["int8", "int8_asym", "int4_g16", "int4_g32_asym"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_quantized_experts_match_dequantized_reference(cfg: MoEConfig, bits: int, group, symmetric: bool,
+                                                       dtype: torch.dtype) -> None:
+    from policyinject.kernels.moe import dequantize_experts, quantize_experts
+
+    x, w13, w2, b13, b2, ids, w = _case(t=5, e=4, k=2, h=64, i=32, dtype=torch.float32, seed=11)
+    q13, q2 = (quantize_experts(v, bits, group, symmetric) for v in (w13, w2))
+    x = x.to(dtype)
+    with poisoned_alloc():
+        out = fused_moe(x, q13, q2, ids, w, backend="triton", config=cfg)
+    ref = moe_reference(x.float(), dequantize_experts(q13), dequantize_experts(q2), ids, w)
+    assert out.dtype == dtype
+    assert rel_err(out, ref) <= (1e-5 if dtype == torch.float32 else 3e-2)
+    # the torch path dequantizes the same bytes
+    assert rel_err(fused_moe(x.float(), q13, q2, ids, w, backend="torch"), ref) <= 1e-5
