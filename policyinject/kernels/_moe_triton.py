@@ -78,14 +78,22 @@ def _wload(W, S, Z, r2, k2, m2, stride_wn, stride_sn, G, WBITS: tl.constexpr, HA
 
 @triton.jit
 def _gemv_part(w_base, s_base, z_base, x_row, rows, mask_n, k0, K, stride_wn, stride_sn, G,
-               WBITS: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_K: tl.constexpr):
+               WBITS: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     """``sum_k W[rows, k] * x[k]`` over ``k0 .. k0 + BLOCK_K`` (float32 ``[BLOCK_N]``). int4 reads whole bytes
     (``BLOCK_K / 2`` per row, vectorised) and multiplies the low nibbles with the even ``x`` and the high
-    nibbles with the odd ``x``."""
+    nibbles with the odd ``x``. ``EVEN_K``: ``K`` is a multiple of ``BLOCK_K`` (no mask along K, so the
+    compiler can prove 16-byte loads)."""
     if WBITS == 4:
         kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        mk = kb * 2 < K
-        m2 = mask_n[:, None] & mk[None, :]
+        if EVEN_K:
+            m2 = mask_n[:, None]
+            xe = tl.load(x_row + kb * 2).to(tl.float32)
+            xo = tl.load(x_row + kb * 2 + 1).to(tl.float32)
+        else:
+            mk = kb * 2 < K
+            m2 = mask_n[:, None] & mk[None, :]
+            xe = tl.load(x_row + kb * 2, mask=mk, other=0.0).to(tl.float32)
+            xo = tl.load(x_row + kb * 2 + 1, mask=mk, other=0.0).to(tl.float32)
         b = tl.load(w_base + rows[:, None] * stride_wn + kb[None, :], mask=m2, other=0).to(tl.int32)
         lo = (b & 15).to(tl.float32) - 8.0
         hi = (b >> 4).to(tl.float32) - 8.0
@@ -95,14 +103,16 @@ def _gemv_part(w_base, s_base, z_base, x_row, rows, mask_n, k0, K, stride_wn, st
             z = tl.load(z_base + rows[:, None] * stride_sn + grp, mask=m2, other=0.0).to(tl.float32)
             lo = lo - z
             hi = hi - z
-        xe = tl.load(x_row + kb * 2, mask=mk, other=0.0).to(tl.float32)
-        xo = tl.load(x_row + kb * 2 + 1, mask=mk, other=0.0).to(tl.float32)
         return tl.sum((lo * xe[None, :] + hi * xo[None, :]) * sc, axis=1)
     ks = k0 + tl.arange(0, BLOCK_K)
-    mk = ks < K
-    xv = tl.load(x_row + ks, mask=mk, other=0.0).to(tl.float32)
-    w = _wload(w_base, s_base, z_base, rows[:, None], ks[None, :], mask_n[:, None] & mk[None, :], stride_wn,
-               stride_sn, G, WBITS, HAS_ZERO)
+    if EVEN_K:
+        m2 = mask_n[:, None]
+        xv = tl.load(x_row + ks).to(tl.float32)
+    else:
+        mk = ks < K
+        m2 = mask_n[:, None] & mk[None, :]
+        xv = tl.load(x_row + ks, mask=mk, other=0.0).to(tl.float32)
+    w = _wload(w_base, s_base, z_base, rows[:, None], ks[None, :], m2, stride_wn, stride_sn, G, WBITS, HAS_ZERO)
     return tl.sum(w * xv[None, :], axis=1)
 
 
@@ -112,6 +122,7 @@ def moe_gemv_up_kernel(
     stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_hp, stride_be,
     TOPK: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr,
     WBITS: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -128,12 +139,12 @@ def moe_gemv_up_kernel(
     for k0 in range(0, H, BLOCK_K):
         if GATED:
             acc_g += _gemv_part(w_base, s_base, z_base, x_row, cols, mask_n, k0, H, stride_wn, stride_sn, G, WBITS,
-                                HAS_ZERO, BLOCK_K)
+                                HAS_ZERO, BLOCK_K, EVEN_K)
             acc_u += _gemv_part(w_base, s_base, z_base, x_row, cols + I, mask_n, k0, H, stride_wn, stride_sn, G,
-                                WBITS, HAS_ZERO, BLOCK_K)
+                                WBITS, HAS_ZERO, BLOCK_K, EVEN_K)
         else:
             acc_u += _gemv_part(w_base, s_base, z_base, x_row, cols, mask_n, k0, H, stride_wn, stride_sn, G, WBITS,
-                                HAS_ZERO, BLOCK_K)
+                                HAS_ZERO, BLOCK_K, EVEN_K)
     if HAS_BIAS:
         if GATED:
             acc_g += tl.load(B13 + e * stride_be + cols, mask=mask_n, other=0.0).to(tl.float32)
@@ -149,7 +160,7 @@ def moe_gemv_down_kernel(
     Hb, W2, S2, Z2, B2, IDS, WTS, OUT, H, I, G,
     stride_hp, stride_we, stride_wn, stride_se, stride_sn, stride_ot, stride_be,
     TOPK: tl.constexpr, HAS_BIAS: tl.constexpr, WBITS: tl.constexpr, HAS_ZERO: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
@@ -166,7 +177,7 @@ def moe_gemv_down_kernel(
         part = tl.zeros([BLOCK_N], dtype=tl.float32)
         for k0 in range(0, I, BLOCK_K):
             part += _gemv_part(w_base, s_base, z_base, Hb + pair * stride_hp, cols, mask_n, k0, I, stride_wn,
-                               stride_sn, G, WBITS, HAS_ZERO, BLOCK_K)
+                               stride_sn, G, WBITS, HAS_ZERO, BLOCK_K, EVEN_K)
         if HAS_BIAS:
             part += tl.load(B2 + e * stride_be + cols, mask=mask_n, other=0.0).to(tl.float32)
         acc += wt * part

@@ -359,12 +359,14 @@ def _launch(x: torch.Tensor, w13: Weights, w2: Weights, ids: torch.Tensor, weigh
             mod.moe_gemv_up_kernel[(n_pairs, -(-inter // cfg.block_n))](
                 x, W13, S13, Z13, bias13, ids32, h, hidden, inter, alpha, limit, G13,
                 x.stride(0), swe13, swn13, sse13, ssn13, h.stride(0), sb13,
-                TOPK=top_k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, **up)
+                TOPK=top_k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=hidden % cfg.block_k == 0,
+                num_warps=cfg.num_warps, **up)
             out = torch.empty_like(x)
             mod.moe_gemv_down_kernel[(t, -(-hidden // cfg.block_n))](
                 h, W2, S2, Z2, bias2, ids32, wts, out, hidden, inter, G2,
                 h.stride(0), swe2, swn2, sse2, ssn2, out.stride(0), sb2,
-                TOPK=top_k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, **down)
+                TOPK=top_k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=inter % cfg.block_k == 0,
+                num_warps=cfg.num_warps, **down)
             return out
         al = align_tokens(ids, num_experts, cfg.block_m)
         mod.moe_gemm_up_kernel[(al.max_blocks, -(-inter // cfg.block_n))](

@@ -129,6 +129,38 @@ class InjectedMoE(torch.nn.Module):
         self.shared, self.shared_gate = shared, shared_gate
         self.returns_router_scores = bool(returns_router_scores)
         self.backend, self.dispatch = backend, dispatch
+        #: name -> (num_bits, group_size, in_features) of the expert weights quantized by quantize_experts
+        self._quantized: dict = {}
+
+    def quantize_experts(self, num_bits: int = 8, group_size: Optional[int] = None, symmetric: bool = True) -> None:
+        """Replace the float expert weights by int8/int4 ones (the format of
+        :mod:`policyinject.kernels.quantize`, per expert); the router and the shared expert stay as they are.
+
+        Example:
+            >>> m = InjectedMoE(torch.randn(4, 32), None, torch.randn(4, 16, 32), torch.randn(4, 32, 8), None, None,
+            ...                 top_k=2, order="softmax_topk", normalize=True, weights_dtype="input",
+            ...                 activation="silu", gated=True, backend="torch")
+            >>> m.quantize_experts(4, group_size=8)
+            >>> m.experts_weight("w13").qweight.shape, m(torch.randn(3, 32)).shape
+            (torch.Size([4, 16, 16]), torch.Size([3, 32]))
+        """
+        for name in ("w13", "w2"):
+            if name in self._quantized:
+                raise PolicyError(f"InjectedMoE: {name} is already quantized")
+            q = moe_kernels.quantize_experts(getattr(self, name).detach(), num_bits, group_size, symmetric)
+            delattr(self, name)
+            self.register_buffer(f"{name}_qweight", q.qweight)
+            self.register_buffer(f"{name}_scales", q.scales)
+            self.register_buffer(f"{name}_zeros", q.zeros)
+            self._quantized[name] = (q.num_bits, q.group_size, q.in_features)
+
+    def experts_weight(self, name: str) -> Union[torch.Tensor, "moe_kernels.QuantizedExperts"]:
+        """``w13`` or ``w2``: the float parameter, or the :class:`~policyinject.kernels.moe.QuantizedExperts`."""
+        if name not in self._quantized:
+            return getattr(self, name)
+        bits, group, k = self._quantized[name]
+        return moe_kernels.QuantizedExperts(getattr(self, f"{name}_qweight"), getattr(self, f"{name}_scales"),
+                                            getattr(self, f"{name}_zeros"), bits, group, k)
 
     @classmethod
     def build(cls, block: torch.nn.Module, spec: MoESpec, model_config: Any, backend: str = "auto",
@@ -185,7 +217,7 @@ class InjectedMoE(torch.nn.Module):
         x = hidden_states.reshape(-1, shape[-1])
         _, weights, ids = self.route(x)
         out = moe_kernels.fused_moe(
-            x, self.w13, self.w2, ids, weights, self.activation, gated=self.gated, b13=self.b13, b2=self.b2,
+            x, self.experts_weight("w13"), self.experts_weight("w2"), ids, weights, self.activation, gated=self.gated, b13=self.b13, b2=self.b2,
             alpha=self.alpha, limit=self.limit, backend=self.backend, dispatch=self._dispatch(x))
         if self.shared is not None:
             s = self.shared(x)
@@ -196,8 +228,10 @@ class InjectedMoE(torch.nn.Module):
         return (out, weights) if self.returns_router_scores else out
 
     def extra_repr(self) -> str:
-        e, two_i, h = self.w13.shape
-        return (f"experts={e}, top_k={self.top_k}, hidden={h}, intermediate={self.w2.shape[-1]}, "
+        e, _, h = self.experts_weight("w13").shape
+        quant = "".join(f", {n}=int{b}" for n, (b, _, _) in self._quantized.items())
+        return (f"experts={e}, top_k={self.top_k}, hidden={h}, intermediate={self.experts_weight('w2').shape[-1]}"
+                f"{quant}, "
                 f"{'gated ' if self.gated else ''}{self.activation}, order={self.order}, "
                 f"normalize={self.normalize}, backend={self.backend}")
 

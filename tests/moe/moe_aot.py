@@ -39,13 +39,14 @@ def variants(dt: str) -> Iterator[Tuple[str, Any, Dict, Dict, List[str], int]]:
                    "stride_wn": "i32", "stride_hp": "i32", "stride_be": "i32", **qsig}
             div = ["X", "W13", "B13", "Hb", "H", "I", "stride_xt", "stride_we", "stride_wn", "stride_hp", "stride_be"]
             yield (f"gemv_up_{tag}", k.moe_gemv_up_kernel, sig,
-                   dict(flags, BLOCK_N=dec.block_n, BLOCK_K=dec.block_k), div, dec.num_warps)
+                   dict(flags, BLOCK_N=dec.block_n, BLOCK_K=dec.block_k, EVEN_K=hidden % dec.block_k == 0), div, dec.num_warps)
             sig = {"Hb": p, "W2": wt, "S2": "*fp16", "Z2": "*fp16", "B2": p, "IDS": "*i32", "WTS": "*fp32", "OUT": p,
                    "H": "i32", "I": "i32", "stride_hp": "i32", "stride_we": "i32", "stride_wn": "i32",
                    "stride_ot": "i32", "stride_be": "i32", **qsig}
             div = ["Hb", "W2", "B2", "OUT", "H", "I", "stride_hp", "stride_we", "stride_wn", "stride_ot", "stride_be"]
             yield (f"gemv_down_{tag}", k.moe_gemv_down_kernel, sig,
-                   dict(TOPK=topk, HAS_BIAS=bias, BLOCK_N=dec.block_n, BLOCK_K=dec.block_k, **q), div,
+                   dict(TOPK=topk, HAS_BIAS=bias, BLOCK_N=dec.block_n, BLOCK_K=dec.block_k,
+                        EVEN_K=inter % dec.block_k == 0, **q), div,
                    dec.num_warps)
             sig = {"X": p, "W13": wt, "S13": "*fp16", "Z13": "*fp16", "B13": p, "SORTED": "*i32",
                    "BLOCK_EXPERT": "*i32", "Hb": p, "H": "i32", "I": "i32", "alpha": "fp32", "limit": "fp32",

@@ -174,3 +174,32 @@ def test_router_with_unnamed_bias_is_refused() -> None:
     no_bias = attrs.evolve(spec, router=attrs.evolve(spec.router, bias=None))
     with pytest.raises(PolicyError, match="has a bias"):
         InjectedMoE.build(block, no_bias, model.config)
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 16)])
+def test_quantized_experts_module(bits: int, group) -> None:
+    """quantize_experts: the module computes with exactly the dequantized weights (torch and Triton paths)."""
+    from policyinject.kernels.moe import dequantize_experts
+
+    model, spec = tiny_moe_model("qwen2_moe")
+    block = _blocks(model, spec)[0]
+    quant = InjectedMoE.build(block, spec, model.config, backend="torch")
+    quant.quantize_experts(bits, group)
+    assert "w13" not in dict(quant.named_parameters()) and "w13_qweight" in dict(quant.named_buffers())
+    import copy
+
+    floaty = InjectedMoE.build(copy.deepcopy(block), spec, model.config, backend="torch")  # not the HF weights
+    floaty.w13.data = dequantize_experts(quant.experts_weight("w13"))
+    floaty.w2.data = dequantize_experts(quant.experts_weight("w2"))
+    x = torch.randn(1, 12, 64)
+    with torch.no_grad():
+        ref = floaty(x)
+        assert rel_err(quant(x), ref) <= 1e-5
+        hf_err = rel_err(quant(x), block(x))  # quantization error against the float HF block
+        assert 0 < hf_err <= (2e-2 if bits == 8 else 2e-1)
+        pytest.importorskip("triton")
+        quant.backend = "triton"
+        for tokens in (1, 12):
+            assert rel_err(quant(x[:, :tokens]), floaty(x[:, :tokens])) <= 1e-5
+    with pytest.raises(PolicyError, match="already quantized"):
+        quant.quantize_experts(bits, group)
