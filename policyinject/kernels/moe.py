@@ -177,6 +177,8 @@ def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: tor
     ``torch.where`` (no host sync, no data-dependent control flow; ``E / k`` times the FLOPs).
     ``dispatch="grouped"``: tokens sorted by expert, each expert runs on its own rows (reads the counts on the
     host once). Each routed product is ``(expert(x) * weight).to(x.dtype)``, as Hugging Face's experts do.
+    Pairs whose id is outside ``[0, E)`` contribute nothing (expert parallelism marks experts held by other
+    ranks that way).
 
     Example:
         >>> x, w13, w2 = torch.randn(5, 8), torch.randn(3, 12, 8), torch.randn(3, 8, 6)
@@ -199,8 +201,10 @@ def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: tor
         raise ValueError(f"moe_reference: dispatch must be 'dense' or 'grouped', got {dispatch!r}")
     top_k = ids.shape[-1]
     flat = ids.reshape(-1)
+    valid = (flat >= 0) & (flat < num_experts)
+    flat = torch.where(valid, flat, torch.full_like(flat, num_experts))
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    counts = torch.bincount(flat, minlength=num_experts + 1).tolist()[:num_experts]
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
