@@ -239,7 +239,7 @@ def align_tokens(ids: torch.Tensor, num_experts: int, block_m: int) -> AlignedTo
     Example:
         >>> a = align_tokens(torch.tensor([[2, 0], [2, 1]]), num_experts=3, block_m=2)
         >>> a.sorted_ids.tolist(), a.block_expert.tolist()
-        ([1, 4, 3, 4, 0, 2, 4, 4], [0, 1, 2, 3])
+        ([1, 4, 3, 4, 0, 2, 4, 4, 4, 4], [0, 1, 2, 3, 3])
     """
     flat = ids.reshape(-1).to(torch.int64)
     n = flat.numel()
