@@ -6,13 +6,19 @@ Llama-style attention and RMSNorms; the MLP is a sparse mixture of experts (``ml
 ``opaque``: kernel injection replaces the attention and the two norms and keeps the layer's own forward and
 the MoE block as they are.
 
+``MIXTRAL_MOE`` describes the MoE block for :class:`policyinject.modules.moe.InjectedMoE`: softmax over the
+experts in float32, top-2, the two weights renormalised to sum to 1 and applied in float32.
+
 Example:
     >>> MIXTRAL_LAYER.mlp is None, MIXTRAL_LAYER.block.value
     (True, 'opaque')
+    >>> MIXTRAL_MOE.block_name, MIXTRAL_MOE.router.normalize
+    ('MixtralSparseMoeBlock', True)
 """
 
 from policyinject import hookimpl
 from policyinject.policy import AttentionSpec, ModelPolicy, NormSpec, Policy
+from policyinject.policy.moe import ExpertsSpec, MoESpec, RouterSpec
 
 _M = "transformers.models.mixtral.modeling_mixtral."
 
@@ -24,6 +30,14 @@ MIXTRAL_LAYER = Policy(
     block="opaque",
     input_norm="input_layernorm",
     post_attention_norm="post_attention_layernorm",
+)
+
+MIXTRAL_MOE = MoESpec(
+    block=_M + "MixtralSparseMoeBlock",
+    module="mlp",
+    router=RouterSpec(module="gate", top_k="num_experts_per_tok", num_experts="num_local_experts",
+                      order="softmax_topk", normalize=True, weights_dtype="float32"),
+    experts=ExpertsSpec(module="experts", gate_up="gate_up_proj", down="down_proj", activation="silu"),
 )
 
 MIXTRAL_CAUSAL_LM = ModelPolicy(model=_M + "MixtralForCausalLM", layers="model.layers", embed="model.embed_tokens",

@@ -101,6 +101,12 @@ def check_config(cfg: Any) -> list:
         problems.append(Problem(
             "min_out_tokens", f"must be <= `max_out_tokens` ({cfg.max_out_tokens}), got {cfg.min_out_tokens}"
         ))
+    ep = cfg.moe.ep_size
+    for count in cfg.moe.moe_experts:  # the default (1,) with ep_size 1 is always fine
+        if count % ep:
+            problems.append(Problem(
+                "moe.ep_size", f"{ep} does not divide `moe.moe_experts` {count}: experts are split evenly over the "
+                "expert-parallel ranks"))
     if cfg.dtype == "int8":
         weight = cfg.quant.weight
         if weight.num_bits != 8:

@@ -18,6 +18,7 @@ from .model import (
     read_value,
     resolve_qualified_name,
 )
+from .moe import ExpertsSpec, MoESpec, RouterSpec  # noqa: F401  (MoE vocabulary: policy/moe.py)
 
 __all__ = [
     "Activation", "AttentionSpec", "BlockKind", "MLPSpec", "ModelPolicy", "NormKind", "NormSpec", "Policy",

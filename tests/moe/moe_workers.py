@@ -1,0 +1,100 @@
+"""Per-rank work of the expert-parallel tests (gloo, spawned like ``tests/tp/tp_workers.py``)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tp"))
+
+
+def run_ranks(world: int, tasks: List[tuple], timeout: float = 240.0) -> List[List[Dict[str, Any]]]:
+    import torch.multiprocessing as mp
+    from tp_workers import free_port
+
+    port = free_port()
+    with tempfile.TemporaryDirectory() as out:
+        ctx = mp.start_processes(_main, args=(world, port, tasks, out), nprocs=world, join=False,
+                                 start_method="spawn")
+        while not ctx.join(timeout=timeout):
+            pass
+        results = []
+        for rank in range(world):
+            with open(os.path.join(out, f"{rank}.pkl"), "rb") as f:
+                results.append(pickle.load(f))
+    return results
+
+
+def _main(rank: int, world: int, port: int, tasks: List[tuple], out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    results = []
+    for name, kwargs in tasks:
+        try:
+            results.append(globals()[name](**kwargs))
+        except BaseException:  # noqa: BLE001 - reported to the parent test
+            results.append({"error": traceback.format_exc()})
+        dist.barrier()
+    with open(os.path.join(out, f"{rank}.pkl"), "wb") as f:
+        pickle.dump(results, f)
+    dist.destroy_process_group()
+
+
+def ep_block(family: str, tokens: str, dispatch: str) -> Dict[str, Any]:
+    """The EP block against the unsharded InjectedMoE and HF's block, on this rank's tokens."""
+    import torch.distributed as dist
+    from moe_models import tiny_moe_model
+
+    from policyinject.modules.moe import InjectedMoE
+    from policyinject.modules.moe_parallel import ExpertParallelMoE
+
+    model, spec = tiny_moe_model(family, num_local_experts=4, num_experts=4)
+    block = next(m for m in model.modules() if spec.matches(m))
+    rank = dist.get_rank()
+    seed = 100 + (rank if tokens == "sharded" else 0)
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(seed))
+    full = InjectedMoE.build(block, spec, model.config, backend="torch", dispatch=dispatch)
+    with torch.no_grad():
+        ref, hf = full(x), block(x)
+        ep = ExpertParallelMoE(InjectedMoE.build(block, spec, model.config, backend="torch", dispatch=dispatch),
+                               tokens=tokens)
+        out = ep(x)
+    main = lambda v: v[0] if isinstance(v, tuple) else v  # noqa: E731
+    err = ((main(out) - main(ref)).norm() / main(ref).norm()).item()
+    err_hf = ((main(out) - main(hf)).norm() / main(hf).norm()).item()
+    return {"err": err, "err_hf": err_hf, "local": [ep.start, ep.end], "w13": list(ep.w13.shape),
+            "finite": bool(torch.isfinite(main(out)).all())}
+
+
+def ep_model(family: str) -> Dict[str, Any]:
+    """Full-model logits and greedy tokens with every MoE block expert-parallel (tokens replicated)."""
+    from moe_models import tiny_moe_model
+
+    from policyinject.modules.moe import InjectedMoE, inject_moe
+    from policyinject.modules.moe_parallel import ExpertParallelMoE
+
+    model, spec = tiny_moe_model(family, num_local_experts=4, num_experts=4)
+    ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(ids).logits
+        paths = inject_moe(model, spec, backend="torch")
+        for p in paths:
+            parent, _, child = p.rpartition(".")
+            moe = model.get_submodule(p)
+            assert isinstance(moe, InjectedMoE)
+            setattr(model.get_submodule(parent), child, ExpertParallelMoE(moe))
+        out = model(ids).logits
+    err = ((out - ref).norm() / ref.norm()).item()
+    return {"err": err, "greedy_equal": bool(torch.equal(out.argmax(-1), ref.argmax(-1)))}
