@@ -20,6 +20,7 @@ from .model import (
     CheckpointConfig,
     InferenceConfig,
     MoEConfig,
+    CalibrationConfig,
     HeadQuantConfig,
     QKVQuantConfig,
     QuantizationConfig,
@@ -31,7 +32,7 @@ from .tp_plan import HF_TP_STYLES
 
 __all__ = [
     "ActivationQuantConfig", "CheckpointConfig", "ConfigError", "ConfigWarning", "DTYPE_NAMES", "HF_TP_STYLES",
-    "HeadQuantConfig", "InferenceConfig", "KEYS", "KeySpec", "LoadResult", "MoEConfig", "Problem", "QKVQuantConfig",
+    "CalibrationConfig", "HeadQuantConfig", "InferenceConfig", "KEYS", "KeySpec", "LoadResult", "MoEConfig", "Problem", "QKVQuantConfig",
     "QuantizationConfig", "Status", "TensorParallelConfig", "WeightQuantConfig", "json_schema", "load_config",
     "normalize_dtype", "parse_config", "read_config_file", "resolve_dtype", "torch_dtype",
 ]
