@@ -20,8 +20,8 @@ Example:
     >>> import torch
     >>> rows = calibration_rows(CalibrationSpec(data=[torch.arange(10), torch.arange(20).reshape(2, 10)],
     ...                                         num_samples=2, seq_len=8))
-    >>> [tuple(r.shape) for r in rows], rows[1].tolist()[:3]
-    ([(1, 8), (1, 8)], [[0, 1, 2]])
+    >>> [tuple(r.shape) for r in rows], rows[1][0, :3].tolist()
+    ([(1, 8), (1, 8)], [0, 1, 2])
 """
 
 from __future__ import annotations
