@@ -276,4 +276,4 @@ def test_tokenizer_and_checkpoint_keys():
         load_config(quant={"calibration": {"tokenizer": 3}})
     assert load_config(quant={"checkpoint": "a.safetensors"}).quant.checkpoint == "a.safetensors"
     d = load_config(quant={"calibration": {"data": [torch.arange(3)]}}).to_dict()["quant"]["calibration"]
-    assert "data" not in d and d["num_samples"] == 16  # a live value has no JSON form: left out, not mangled
+    assert "data" not in d and d["num_samples"] == 8  # a live value has no JSON form: left out, not mangled

@@ -335,7 +335,7 @@ KEYS: tuple = (
             convert=v.calibration_data, dump=v.dump_path_or_object,
             schema={"type": ["string", "null"], "description": "A text file path or null; lists of tensors and "
                     "callables are live Python objects."}, origin="policyinject"),
-    KeySpec("quant.calibration.num_samples", "int >= 1", 16,
+    KeySpec("quant.calibration.num_samples", "int >= 1", 8,
             "Calibration rows (text: windows drawn at seeded random offsets; tensors: the first rows).",
             convert=v.positive_int, schema=_POS_INT, origin="policyinject"),
     KeySpec("quant.calibration.seq_len", "int >= 2", 512, "Tokens per calibration row (longer rows are cut).",

@@ -178,7 +178,7 @@ class CalibrationConfig:
 
     Example:
         >>> CalibrationConfig().num_samples, CalibrationConfig().seq_len, CalibrationConfig().data is None
-        (16, 512, True)
+        (8, 512, True)
     """
 
     data: Any = _field("quant.calibration.data")

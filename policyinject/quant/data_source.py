@@ -47,7 +47,7 @@ class CalibrationSpec:
     """The ``quant.calibration`` settings as the calibration code reads them."""
 
     data: Any = None
-    num_samples: int = 16
+    num_samples: int = 8
     seq_len: int = 512
     seed: int = 0
     tokenizer: Any = None
