@@ -78,8 +78,12 @@ def main() -> int:
             t0 = time.perf_counter()
             c0 = time.process_time()
             if w is not None:
-                pi.init_inference(model, dtype="fp32", kernel_backend="torch",
-                                  quant={"enabled": True, "weight": w, "calibration": {"tokenizer": tok}})
+                try:
+                    pi.init_inference(model, dtype="fp32", kernel_backend="torch",
+                                      quant={"enabled": True, "weight": w, "calibration": {"tokenizer": tok}})
+                except (pi.PlanError, pi.ConfigError) as exc:  # e.g. group 128 does not divide SmolLM2's 576
+                    print(f"{label}: skipped: {str(exc).splitlines()[0][:160]}", flush=True)
+                    continue
             init_s, init_cpu = time.perf_counter() - t0, time.process_time() - c0
             ppl = perplexity(model, ids)
             gen = greedy(model, tok)

@@ -408,7 +408,7 @@ def section_specs(section: str) -> tuple:
 
     Example:
         >>> [s.name for s in section_specs("quant")]
-        ['enabled', 'activation', 'weight', 'qkv', 'lm_head']
+        ['enabled', 'activation', 'weight', 'qkv', 'lm_head', 'checkpoint', 'calibration']
     """
     return tuple(s for s in KEYS if s.parent == section)
 

@@ -201,8 +201,8 @@ class QuantizationConfig:
     weight: WeightQuantConfig = attrs.field(factory=WeightQuantConfig)
     qkv: QKVQuantConfig = attrs.field(factory=QKVQuantConfig)
     lm_head: HeadQuantConfig = attrs.field(factory=HeadQuantConfig)
-    calibration: CalibrationConfig = attrs.field(factory=CalibrationConfig)
     checkpoint: Optional[str] = _field("quant.checkpoint")
+    calibration: CalibrationConfig = attrs.field(factory=CalibrationConfig)
 
     def __attrs_post_init__(self) -> None:
         _validate(self, "quant")
