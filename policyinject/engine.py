@@ -85,6 +85,12 @@ class InferenceEngine(torch.nn.Module):
             return p.device
         return torch.device("cpu")
 
+    def save_quantized(self, path: Any) -> None:
+        """Write the quantized weights to a safetensors file: :func:`policyinject.quant.save_quantized`."""
+        from .quant.checkpoint import save_quantized
+
+        save_quantized(self.module, path)
+
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """Generate tokens; Hugging Face ``generate`` keyword names.
 

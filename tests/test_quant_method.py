@@ -40,7 +40,8 @@ def test_config_key_default_values_and_errors() -> None:
     assert load_config(None).quant.weight.method == "auto"
     assert load_config(None, quant={"weight": {"method": "hqq"}}).quant.weight.method == "hqq"
     with pytest.raises(ConfigError, match="expected one of"):
-        load_config(None, quant={"weight": {"method": "gptq"}})
+        load_config(None, quant={"weight": {"method": "gptq2"}})
+    assert load_config(None, quant={"weight": {"method": "gptq"}}).quant.weight.method == "gptq"  # calibrated
     assert quant_spec_from_config(load_config(None, quant={"weight": {"method": "rtn"}})).method == "rtn"
     assert load_config(load_config(None, quant={"weight": {"method": "rtn"}}).to_dict()).quant.weight.method == "rtn"
 
@@ -49,8 +50,9 @@ def test_resolve_method() -> None:
     assert [resolve_method(m, b) for m in ("auto", "rtn", "hqq") for b in (4, 8)] == ["hqq", "rtn", "rtn", "rtn",
                                                                                       "hqq", "hqq"]
     assert resolve_method("auto", 4, symmetric=True) == "rtn"
+    assert resolve_method("awq", 4) == "awq" and resolve_method("gptq", 8, symmetric=True) == "gptq"
     with pytest.raises(PlanError, match="quant.weight.method"):
-        resolve_method("awq", 4)
+        resolve_method("smoothquant", 4)
     with pytest.raises(PlanError, match="asymmetric"):
         resolve_method("hqq", 4, symmetric=True)
 

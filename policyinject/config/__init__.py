@@ -22,6 +22,7 @@ from .model import (
     CheckpointConfig,
     InferenceConfig,
     MoEConfig,
+    CalibrationConfig,
     HeadQuantConfig,
     QKVQuantConfig,
     QuantizationConfig,
@@ -32,8 +33,9 @@ from .schema import json_schema
 from .tp_plan import HF_TP_STYLES
 
 __all__ = [
-    "ActivationQuantConfig", "CheckpointConfig", "ClassRef", "ConfigError", "ConfigWarning", "DTYPE_NAMES", "HF_TP_STYLES",
-    "HeadQuantConfig", "InferenceConfig", "KEYS", "KeySpec", "LoadResult", "MoEConfig", "Problem", "QKVQuantConfig",
+    "ActivationQuantConfig", "CalibrationConfig", "CheckpointConfig", "ClassRef", "ConfigError", "ConfigWarning",
+    "DTYPE_NAMES", "HF_TP_STYLES", "HeadQuantConfig", "InferenceConfig", "KEYS", "KeySpec", "LoadResult", "MoEConfig",
+    "Problem", "QKVQuantConfig",
     "QuantizationConfig", "Status", "TensorParallelConfig", "WeightQuantConfig", "json_schema", "load_config",
     "PER_RANK_KEYS", "config_fingerprint", "diff_fingerprints", "normalize_dtype", "parse_config", "read_config_file", "resolve_dtype", "torch_dtype",
 ]

@@ -297,11 +297,14 @@ KEYS: tuple = (
             "Quantization group size along the input features; an alternative to q_groups "
             "(q_groups G == group_size in_features / G). Setting it with q_groups > 1 is an error.",
             convert=v.optional_positive_int, schema=_OPT_POS_INT, origin="policyinject"),
-    KeySpec("quant.weight.method", '"auto" | "rtn" | "hqq"', "auto",
-            "How each group's scale (and zero point) is chosen: rtn (round to nearest from absmax / min-max), "
+    KeySpec("quant.weight.method", '"auto" | "rtn" | "hqq" | "gptq" | "awq"', "auto",
+            "How the weights are rounded: rtn (round to nearest from absmax / min-max), "
             "hqq (half-quadratic search of each group's zero point, no calibration data; asymmetric only), "
+            "gptq (error-compensating, on calibration data: quant.calibration), awq (activation-aware input "
+            "scales folded into the preceding norm or linear, and clipping, on calibration data), "
             "auto (hqq for asymmetric 4 bits, else rtn). The stored format is the same.",
-            convert=v.choice("auto", "rtn", "hqq"), schema={"enum": ["auto", "rtn", "hqq"]}, origin="policyinject"),
+            convert=v.choice("auto", "rtn", "hqq", "gptq", "awq"),
+            schema={"enum": ["auto", "rtn", "hqq", "gptq", "awq"]}, origin="policyinject"),
     KeySpec("quant.weight.quantized_initialization", "mapping", _EMPTY,
             "DeepSpeed ZeRO-Inference: quantize while loading.", status=Status.WARNS,
             note="weights are quantized by the quantize pass", convert=v.mapping, schema=_OBJECT),
@@ -318,6 +321,35 @@ KEYS: tuple = (
             "Quantize the output head (lm_head) with quant.weight's bits, group size and type; embeddings stay "
             "16-bit (a tied head gets its own quantized copy).", convert=v.boolean, schema=_BOOL,
             origin="policyinject"),
+    KeySpec("quant.checkpoint", "str or null", None,
+            "Load the quantized weights from this safetensors file (written by policyinject.quant.save_quantized "
+            "or InferenceEngine.save_quantized) instead of quantizing: calibration runs once. The file's "
+            "quantization settings must equal this config's; any difference is an error naming the keys.",
+            convert=v.optional_text, schema=_OPT_STR, origin="policyinject"),
+    KeySpec("quant.calibration", "mapping", _EMPTY, "Calibration input of the calibrated methods (gptq, awq).",
+            status=Status.SECTION, cls="CalibrationConfig", origin="policyinject"),
+    KeySpec("quant.calibration.data", "null | text file path | list of token-id tensors | callable", None,
+            "Calibration input: null (the text shipped with the package: a snapshot of its own documentation), "
+            "a UTF-8 text file, a list of integer token-id tensors ([seq] or [rows, seq]), or a callable "
+            "returning an iterable of them. Text needs quant.calibration.tokenizer.",
+            convert=v.calibration_data, dump=v.dump_path_or_object,
+            schema={"type": ["string", "null"], "description": "A text file path or null; lists of tensors and "
+                    "callables are live Python objects."}, origin="policyinject"),
+    KeySpec("quant.calibration.num_samples", "int >= 1", 8,
+            "Calibration rows (text: windows drawn at seeded random offsets; tensors: the first rows).",
+            convert=v.positive_int, schema=_POS_INT, origin="policyinject"),
+    KeySpec("quant.calibration.seq_len", "int >= 2", 512, "Tokens per calibration row (longer rows are cut).",
+            convert=v.int_at_least(2), schema={"type": "integer", "minimum": 2}, origin="policyinject"),
+    KeySpec("quant.calibration.seed", "int >= 0", 0, "Seed of the text windows' offsets (same seed, same rows).",
+            convert=v.int_at_least(0), schema={"type": "integer", "minimum": 0}, origin="policyinject"),
+    KeySpec("quant.calibration.tokenizer", "tokenizer or null", None,
+            "Tokenizer for text calibration input (a Hugging Face tokenizer, or a callable text -> "
+            "{'input_ids': ...}, or an object with encode()).",
+            convert=v.tokenizer, dump=v.dump_object, schema=_LIVE, origin="policyinject"),
+    KeySpec("quant.calibration.act_order", "bool", True,
+            "gptq: quantize columns by decreasing activation (Hessian diagonal), with the contiguous groups the "
+            "kernels expect (static groups). Read by gptq only.",
+            convert=v.boolean, schema=_BOOL, origin="policyinject"),
     # ---- checkpoint_config -----------------------------------------------------------------------------
     KeySpec("checkpoint_config.checkpoint_dir", "str or null", None, "DeepSpeed: unused (TODO there).",
             status=Status.WARNS, note="use the top-level `checkpoint`", convert=v.optional_text,
@@ -376,7 +408,7 @@ def section_specs(section: str) -> tuple:
 
     Example:
         >>> [s.name for s in section_specs("quant")]
-        ['enabled', 'activation', 'weight', 'qkv', 'lm_head']
+        ['enabled', 'activation', 'weight', 'qkv', 'lm_head', 'checkpoint', 'calibration']
     """
     return _BY_SECTION.get(section, ())
 

@@ -173,6 +173,26 @@ class HeadQuantConfig:
 
 
 @attrs.frozen
+class CalibrationConfig:
+    """``quant.calibration``: the calibration input of the calibrated methods (gptq, awq).
+
+    Example:
+        >>> CalibrationConfig().num_samples, CalibrationConfig().seq_len, CalibrationConfig().data is None
+        (8, 512, True)
+    """
+
+    data: Any = _field("quant.calibration.data")
+    num_samples: int = _field("quant.calibration.num_samples")
+    seq_len: int = _field("quant.calibration.seq_len")
+    seed: int = _field("quant.calibration.seed")
+    tokenizer: Any = _field("quant.calibration.tokenizer")
+    act_order: bool = _field("quant.calibration.act_order")
+
+    def __attrs_post_init__(self) -> None:
+        _validate(self, "quant.calibration")
+
+
+@attrs.frozen
 class QuantizationConfig:
     """``quant``: weight quantization (off unless ``enabled`` or ``dtype="int8"``)."""
 
@@ -181,6 +201,8 @@ class QuantizationConfig:
     weight: WeightQuantConfig = attrs.field(factory=WeightQuantConfig)
     qkv: QKVQuantConfig = attrs.field(factory=QKVQuantConfig)
     lm_head: HeadQuantConfig = attrs.field(factory=HeadQuantConfig)
+    checkpoint: Optional[str] = _field("quant.checkpoint")
+    calibration: CalibrationConfig = attrs.field(factory=CalibrationConfig)
 
     def __attrs_post_init__(self) -> None:
         _validate(self, "quant")
@@ -283,5 +305,6 @@ class InferenceConfig:
 SECTION_CLASSES = MappingProxyType({
     "": InferenceConfig, "tensor_parallel": TensorParallelConfig, "moe": MoEConfig,
     "quant": QuantizationConfig, "quant.activation": ActivationQuantConfig, "quant.weight": WeightQuantConfig,
-    "quant.qkv": QKVQuantConfig, "quant.lm_head": HeadQuantConfig, "checkpoint_config": CheckpointConfig,
+    "quant.qkv": QKVQuantConfig, "quant.lm_head": HeadQuantConfig, "quant.calibration": CalibrationConfig,
+    "checkpoint_config": CheckpointConfig,
 })

@@ -89,7 +89,7 @@ def json_schema() -> dict:
 
     Example:
         >>> sorted(json_schema()["$defs"])[:2]
-        ['ActivationQuantConfig', 'CheckpointConfig']
+        ['ActivationQuantConfig', 'CalibrationConfig']
     """
     root = _object("")
     return {

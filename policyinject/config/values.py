@@ -84,6 +84,26 @@ def positive_int(value: Any) -> int:
     return number
 
 
+def int_at_least(low: int) -> Callable[[Any], int]:
+    """A converter accepting an int >= ``low`` (bools and floats rejected).
+
+    Example:
+        >>> int_at_least(0)(0), int_at_least(2)(512)
+        (0, 512)
+        >>> int_at_least(2)(1)
+        Traceback (most recent call last):
+        ...
+        policyinject.config.errors.InvalidValue: must be >= 2, got 1
+    """
+    def convert(value: Any) -> int:
+        number = _integer(value)
+        if number < low:
+            raise InvalidValue(f"must be >= {low}, got {number}")
+        return number
+
+    return convert
+
+
 def optional_positive_int(value: Any) -> Optional[int]:
     """None, or an int >= 1.
 
@@ -412,6 +432,55 @@ def injection_policy(value: Any) -> Optional[dict]:
     return out
 
 
+# -- quant.calibration ---------------------------------------------------------------------------------
+
+def calibration_data(value: Any) -> Any:
+    """``quant.calibration.data``: None (the packaged text), a text file path, a list/tuple of integer
+    token-id tensors (stored as a tuple), or a callable returning an iterable of them.
+
+    Example:
+        >>> calibration_data(None), calibration_data("calib.txt"), len(calibration_data([torch.arange(4)]))
+        (None, 'calib.txt', 1)
+        >>> calibration_data([torch.ones(3)])
+        Traceback (most recent call last):
+        ...
+        policyinject.config.errors.InvalidValue: item 0 must be an integer token-id tensor [seq] or [rows, seq], got a torch.float32 tensor of shape (3,)
+    """
+    if value is None:
+        return None
+    if isinstance(value, (str, os.PathLike)):
+        path = text(value)
+        if not path:
+            raise InvalidValue("expected a text file path, got an empty string")
+        return path
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise InvalidValue("expected at least one token-id tensor, got an empty list")
+        for i, t in enumerate(value):
+            if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dim() not in (1, 2):
+                got = (f"a {t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor)
+                       else short_repr(t))
+                raise InvalidValue(f"item {i} must be an integer token-id tensor [seq] or [rows, seq], got {got}")
+        return tuple(value)
+    if callable(value):
+        return value
+    raise InvalidValue("expected None (the packaged text), a text file path, a list of token-id tensors or a "
+                       f"callable yielding them, got {short_repr(value)}")
+
+
+def tokenizer(value: Any) -> Any:
+    """``quant.calibration.tokenizer``: None, or a callable tokenizer (text -> ``{"input_ids": ...}``) or an
+    object with ``encode``.
+
+    Example:
+        >>> tokenizer(None) is None, tokenizer(str.split) is str.split
+        (True, True)
+    """
+    if value is None or callable(value) or callable(getattr(value, "encode", None)):
+        return value
+    raise InvalidValue(f"expected a tokenizer (callable, or with an encode() method), got {short_repr(value)}")
+
+
 # -- dumpers -------------------------------------------------------------------------------------------
 
 def dump_plain(value: Any) -> Any:
@@ -459,6 +528,16 @@ def dump_object(value: Any) -> Any:
         (None, OMIT)
     """
     return None if value is None else OMIT
+
+
+def dump_path_or_object(value: Any) -> Any:
+    """A path (or None) as itself; a live object (tensors, a callable) is omitted.
+
+    Example:
+        >>> dump_path_or_object("a.txt"), dump_path_or_object((torch.arange(2),))
+        ('a.txt', OMIT)
+    """
+    return value if value is None or isinstance(value, str) else OMIT
 
 
 def dump_model_config(value: Any) -> Any:

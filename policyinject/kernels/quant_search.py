@@ -166,6 +166,7 @@ def gptq_quantize_weight(
     damp: float = 0.01,
     block_size: int = 128,
     scale_dtype: torch.dtype = torch.float16,
+    act_order: bool = False,
 ) -> QuantizedWeight:
     """GPTQ: quantize ``weight`` ``[N, K]`` minimising the output error on inputs with Hessian ``hessian`` ``[K, K]``.
 
@@ -173,6 +174,11 @@ def gptq_quantize_weight(
     walked in order (no reordering, so groups stay contiguous); a group's scale/zero come from the
     error-updated weights of the whole group when its first column is reached. ``block_size`` columns are
     updated lazily at a time (a speed knob only).
+
+    ``act_order``: walk the columns by decreasing Hessian diagonal (the most-activated inputs first, while the
+    most columns remain to absorb their error). The groups stay the contiguous ones the kernels expect: each
+    group's scale (and zero point) is fixed up front from the original weights ("static groups"), and every
+    column uses its own group's, whatever its place in the walk.
 
     Example:
         >>> w, x = torch.randn(8, 64), torch.randn(256, 64)
@@ -192,11 +198,20 @@ def gptq_quantize_weight(
     w[:, dead] = 0.0
     idx = torch.arange(k, device=w.device)
     h[idx, idx] += damp * torch.diagonal(h).mean()
+    groups = k // g
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        s_static, z_static = group_scale_zero(w.reshape(n, groups, g), num_bits, symmetric, scale_dtype)
+        w, h = w[:, perm], h[perm][:, perm]
     hinv = _inverse_cholesky_upper(h)
 
-    groups = k // g
     scales = torch.empty(n, groups, dtype=scale_dtype, device=w.device)
     zeros = None if symmetric else torch.empty(n, groups, dtype=torch.float32, device=w.device)
+    if perm is not None:
+        scales.copy_(s_static)
+        if zeros is not None:
+            zeros.copy_(z_static)
     q_all = torch.empty(n, k, dtype=torch.float32, device=w.device)
     bs = max(block_size // g, 1) * g if g <= block_size else block_size
     s_cur = z_cur = None
@@ -206,8 +221,11 @@ def gptq_quantize_weight(
         err1 = torch.empty_like(w1)
         hi = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = i1 + i
-            if col % g == 0:
+            col = i1 + i if perm is None else int(perm[i1 + i])
+            if perm is not None:
+                s_cur = scales[:, col // g].to(torch.float32)
+                z_cur = None if zeros is None else zeros[:, col // g]
+            elif col % g == 0:
                 grp = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :g]
                 s_q, z = group_scale_zero(grp[:, None, :], num_bits, symmetric, scale_dtype)
                 scales[:, col // g] = s_q[:, 0]

@@ -16,7 +16,7 @@ per-expert counts) and the sync-free dense form on CUDA and under ``torch.compil
 
 Example:
     >>> import torch
-    >>> from policyinject.presets import tiny_model
+    >>> from policyinject.testing.presets import tiny_model
     >>> from policyinject_plugins.mixtral import MIXTRAL_MOE
     >>> model = tiny_model("mixtral")
     >>> block = model.model.layers[0].mlp
@@ -243,7 +243,7 @@ def inject_moe(model: torch.nn.Module, spec: MoESpec, model_config: Any = None, 
     ``model_config`` defaults to ``model.config``. Raises :class:`PolicyError` when no module matches.
 
     Example:
-        >>> from policyinject.presets import tiny_model
+        >>> from policyinject.testing.presets import tiny_model
         >>> from policyinject_plugins.mixtral import MIXTRAL_MOE
         >>> inject_moe(tiny_model("mixtral"), MIXTRAL_MOE, backend="torch")
         ['model.layers.0.mlp', 'model.layers.1.mlp']

@@ -66,7 +66,7 @@ __all__ = ["QuantizePass", "QuantSpec", "quantize_linear", "quant_spec_from_conf
 NAME = "quantize"
 
 #: ``quant.weight.method`` values: ``auto`` resolves per bit width (:func:`resolve_method`).
-METHODS = ("auto", "rtn", "hqq")
+METHODS = ("auto", "rtn", "hqq", "gptq", "awq")
 
 
 def resolve_method(method: str, num_bits: int, symmetric: bool = False) -> str:
@@ -84,6 +84,8 @@ def resolve_method(method: str, num_bits: int, symmetric: bool = False) -> str:
         raise PlanError(f"quant.weight.method must be one of {', '.join(METHODS)}; got {method!r}")
     if method == "auto":
         return "hqq" if (num_bits == 4 and not symmetric) else "rtn"
+    if method in ("gptq", "awq") and num_bits not in (4, 8):
+        raise PlanError(f"quant.weight.method {method!r} quantizes to 4 or 8 bits, not {num_bits}")
     if method == "hqq" and symmetric:
         raise PlanError("quant.weight.method 'hqq' searches zero points: it needs quant.weight.q_type "
                         "'asymmetric' (symmetric weights use round to nearest)")
@@ -239,7 +241,11 @@ def quantize_linear(
         module.local = quantize_linear(local, num_bits, group_size, symmetric, backend, method=method)
         return module
     transposed = transposed or is_conv1d(module)
-    if resolve_method(method, num_bits, symmetric) == "rtn":
+    resolved = resolve_method(method, num_bits, symmetric)
+    if resolved in ("gptq", "awq"):
+        raise ValueError(f"quant.weight.method {resolved!r} needs calibration data and runs over the whole model "
+                         "(init_inference with quant.calibration), not one linear at a time")
+    if resolved == "rtn":
         return QuantLinear.from_linear(module, num_bits, group_size, symmetric, backend, transposed=transposed)
     weight = module.weight.detach()
     qw = hqq_quantize_weight(weight.t() if transposed else weight, num_bits, group_size)
@@ -390,6 +396,11 @@ class QuantizePass(Pass):
     def apply(self, ctx: PassContext, actions: list) -> None:
         before_model = _model_bytes(ctx.model)
         done = 0
+        # ---- calibrated methods (gptq, awq) and quant.checkpoint: policyinject.quant.hook -------------
+        from ..quant.hook import prepare_quantized
+
+        prepared = prepare_quantized(ctx, actions)
+        # ---------------------------------------------------------------------------------------------------
         for a in actions:
             if a.action != "quantize":
                 continue
@@ -400,8 +411,13 @@ class QuantizePass(Pass):
             if local_in % group:
                 raise PlanError(f"{a.path}: {local_in} input features on this rank are not a multiple of "
                                 f"group_size={group}")
-            new = quantize_linear(mod, p.num_bits, group, p.symmetric, p.backend, transposed=p.transposed,
-                                  method=p.method)
+            if a.path in prepared:  # policyinject.quant.hook
+                bias = getattr(mod, "bias", None)
+                new = QuantLinear.from_quantized(prepared[a.path], None if bias is None else bias.detach().clone(),
+                                                 p.backend)
+            else:
+                new = quantize_linear(mod, p.num_bits, group, p.symmetric, p.backend, transposed=p.transposed,
+                                      method=p.method)
             if new is not mod:
                 set_submodule(ctx.model, a.path, new)
             done += 1

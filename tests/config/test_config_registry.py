@@ -31,7 +31,9 @@ DS_NESTED = [
     "checkpoint_config.checkpoint_dir", "checkpoint_config.save_mp_checkpoint_path", "checkpoint_config.base_dir",
 ]
 OURS = ["kernel_backend", "max_batch_size", "cuda_graph_cache_size", "tensor_parallel.tp_plan", "quant.weight.group_size",
-        "quant.lm_head", "quant.lm_head.enabled", "quant.weight.method"]
+        "quant.lm_head", "quant.lm_head.enabled", "quant.weight.method", "quant.checkpoint", "quant.calibration",
+        "quant.calibration.data", "quant.calibration.num_samples", "quant.calibration.seq_len",
+        "quant.calibration.seed", "quant.calibration.tokenizer", "quant.calibration.act_order"]
 ALIASES = {
     "kernel_inject": "replace_with_kernel_inject", "tp": "tensor_parallel", "injection_dict": "injection_policy",
     "args": "config", "max_tokens": "max_out_tokens", "min_tokens": "min_out_tokens",
