@@ -95,7 +95,7 @@ def test_init_inference_imports_nothing_and_the_policy_applies(planted):
     config, marker = planted
     block = _block_class("evil_mod")
     model = Net(block)
-    _, ctx, _ = pi.plan_inference(model, load_config(config))
+    ctx = pi.plan_inference(model, load_config(config))
     assert [m.path for m in ctx.layers] == ["layers.0", "layers.1"]
     assert {m.policy.source for m in ctx.layers} == {"injection_policy"}
     assert all(m.policy.layer is block for m in ctx.layers)
@@ -146,7 +146,7 @@ def test_policy_entry_for_a_name_is_checked_against_the_class_it_names():
     block = _block_class("mylib.blocks")
     model = Net(block)
     good = pi.Policy("mylib.blocks.Block", styles={"fc2": "row"})
-    _, ctx, _ = pi.plan_inference(model, load_config(injection_policy={"mylib.Block": good}))
+    ctx = pi.plan_inference(model, load_config(injection_policy={"mylib.Block": good}))
     assert len(ctx.layers) == 2 and ctx.layers[0].policy.layer is block
     other = pi.Policy("mylib.Other", styles={"fc2": "row"})
     with pytest.raises(PolicyError, match="describes mylib.Other"):
