@@ -41,6 +41,9 @@ json_values = st.recursive(json_scalars, lambda c: st.lists(c, max_size=3) | st.
 json_objects = st.dictionaries(st.text(max_size=6), json_values, max_size=3)
 names = st.text(alphabet="abcdxyz_.", min_size=1, max_size=10).filter(lambda s: s.strip("."))
 opt_text = st.none() | st.text(max_size=8)
+#: Paths: any text but the NUL byte (a path holding one is a ConfigError, tested with the hostile inputs).
+path_text = st.text(alphabet=st.characters(blacklist_characters="\x00"), max_size=8)
+opt_path = st.none() | path_text
 
 
 def opt(**fields):
@@ -74,11 +77,11 @@ canonical_configs = opt(
                    **{**quant_params, "q_type": st.sampled_from(["auto", "symmetric", "asymmetric"])}),
         qkv=opt(enabled=st.booleans()),
     ),
-    checkpoint=st.none() | st.text(min_size=1, max_size=8) | json_objects,
-    base_dir=st.text(max_size=8),
+    checkpoint=st.none() | path_text.filter(bool) | json_objects,
+    base_dir=path_text,
     set_empty_params=st.booleans(),
-    save_mp_checkpoint_path=opt_text,
-    checkpoint_config=opt(checkpoint_dir=opt_text, save_mp_checkpoint_path=opt_text, base_dir=opt_text),
+    save_mp_checkpoint_path=opt_path,
+    checkpoint_config=opt(checkpoint_dir=opt_path, save_mp_checkpoint_path=opt_path, base_dir=opt_path),
     return_tuple=st.just(True),
     training_mp_size=st.integers(1, 8),
     injection_policy=st.none() | st.dictionaries(st.sampled_from(LAYERS), names | st.lists(names, min_size=1, max_size=3),
