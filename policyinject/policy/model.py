@@ -480,15 +480,8 @@ def read_size(model_config: Any, source: SizeSource, what: str = "size") -> Opti
     if callable(source) and not isinstance(source, str):
         value = source(model_config)
         return None if value is None else int(value)
-    for name in _tuple_of_str(source):
-        obj = model_config
-        for part in name.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if obj is not None:
-            return int(obj)
-    return None
+    value = _first_attribute(model_config, source)
+    return None if value is None else int(value)
 
 
 def read_value(model_config: Any, source: ValueSource) -> Optional[float]:
@@ -513,6 +506,12 @@ def read_value(model_config: Any, source: ValueSource) -> Optional[float]:
     if callable(source) and not isinstance(source, str):
         value = source(model_config)
         return None if value is None else float(value)
+    value = _first_attribute(model_config, source)
+    return None if value is None else float(value)
+
+
+def _first_attribute(model_config: Any, source: Any) -> Any:
+    """The first of the (dotted) attribute names in ``source`` that ``model_config`` sets; None if none."""
     for name in _tuple_of_str(source):
         obj = model_config
         for part in name.split("."):
@@ -520,5 +519,5 @@ def read_value(model_config: Any, source: ValueSource) -> Optional[float]:
             if obj is None:
                 break
         if obj is not None:
-            return float(obj)
+            return obj
     return None
