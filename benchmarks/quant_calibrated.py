@@ -61,7 +61,7 @@ def main() -> int:
     import transformers
 
     import policyinject as pi
-    from policyinject import models
+    from policyinject.testing import models
 
     text = open(GPL3, encoding="utf-8").read()
     result = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "transformers": transformers.__version__,
