@@ -109,6 +109,12 @@ class Decoder:
         return self.runner.device
 
     @property
+    def vocab_size(self) -> int:
+        """The global vocabulary (a vocabulary-parallel embedding holds a shard but keeps ``num_embeddings``)."""
+        embed = self.runner.embed
+        return int(getattr(embed, "num_embeddings", None) or embed.weight.shape[0])
+
+    @property
     def stats(self) -> dict:
         """Graph captures, replays and evictions; graphs held; KV-cache bytes."""
         return {**self.graphs.stats, "graphs": len(self.graphs), "kv_cache_bytes": self.cache.nbytes()}
@@ -237,13 +243,13 @@ class Decoder:
         if input_ids is None:  # Hugging Face names the first argument ``inputs``
             input_ids = kwargs.pop("inputs", None)
         streamer = check_streamer(kwargs.pop("streamer", None))
-        ids, mask = check_inputs(input_ids, attention_mask, self.runner.embed.weight.shape[0])
+        ids, mask = check_inputs(input_ids, attention_mask, self.vocab_size)
         device = self.device
         ids = ids.to(device=device)
         b, t = ids.shape
         model_gc = getattr(self.model, "generation_config", None)
         params = resolve_params(t, kwargs, model_gc, generation_config, device,
-                                vocab_size=self.runner.embed.weight.shape[0])
+                                vocab_size=self.vocab_size)
         if mask is None:
             try:
                 mask = check_mask(_default_mask(ids, params), ids)
