@@ -138,15 +138,20 @@ def _default_store() -> Any:
         return None
 
 
-def _wait_for(store: Any, keys: Mapping[int, str], timeout_s: float) -> List[int]:
-    """Poll until every key exists or the time is up; the ranks whose key is still missing."""
+def _wait_for(store: Any, keys: Mapping[int, str], timeout_s: float) -> Tuple[List[int], str]:
+    """Poll until every key exists or the time is up: the ranks whose key is still missing, and why the store
+    stopped answering ("" if it did not: the host of a TCP store, rank 0, may give up and exit first)."""
     deadline = time.monotonic() + timeout_s
     missing = sorted(keys)
     delay = 0.005
     while True:
-        missing = [r for r in missing if not store.check([keys[r]])]
+        try:
+            missing = [r for r in missing if not store.check([keys[r]])]
+        except Exception as exc:  # noqa: BLE001 - the store's host is gone
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return missing, f"; the store stopped answering ({first}): its host, rank 0, gave up or exited"
         if not missing or time.monotonic() >= deadline:
-            return missing
+            return missing, ""
         time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
         delay = min(delay * 2, 0.25)
 
@@ -211,10 +216,10 @@ def agree(info: Any, model: torch.nn.Module, config: Any, timeout_s: Optional[fl
     round_ = int(store.add(f"{ns}/round/{me}", 1))
     keys = {r: f"{ns}/{round_}/{r}" for r in group}
     store.set(keys[me], mine.to_json())
-    missing = _wait_for(store, {r: k for r, k in keys.items() if r != me}, timeout)
+    missing, lost = _wait_for(store, {r: k for r, k in keys.items() if r != me}, timeout)
     if missing:
-        raise _timeout_error(store, me, missing, group, timeout, "tensor-parallel setup",
-                             f" to exchange config and model fingerprints (setup #{round_})")
+        raise _timeout_error(None if lost else store, me, missing, group, timeout, "tensor-parallel setup",
+                             f" to exchange config and model fingerprints (setup #{round_}){lost}")
     records = {r: (mine if r == me else Fingerprint.from_json(store.get(keys[r]))) for r in group}
     if round_ > 2:  # every rank has read round - 2 (it has finished round - 1): drop this rank's key
         try:
@@ -266,9 +271,9 @@ def init_default_group(backend: str, timeout_s: float, environ: Optional[Mapping
                              f"answer: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
     ns = f"{_NS}/{_restart()}/setup"
     store.set(f"{ns}/{rank}", "1")
-    missing = _wait_for(store, {r: f"{ns}/{r}" for r in everyone if r != rank}, float(timeout_s))
+    missing, lost = _wait_for(store, {r: f"{ns}/{r}" for r in everyone if r != rank}, float(timeout_s))
     if missing:
-        raise _timeout_error(store, rank, missing, everyone, float(timeout_s), "process-group setup",
-                             f" at the rendezvous on {host}:{port}")
+        raise _timeout_error(None if lost else store, rank, missing, everyone, float(timeout_s),
+                             "process-group setup", f" at the rendezvous on {host}:{port}{lost}")
     dist.init_process_group(backend=backend, store=dist.PrefixStore("default_pg", store), rank=rank,
                             world_size=world)
