@@ -110,7 +110,8 @@ def test_section_must_be_a_mapping(section):
 def test_cuda_graph_with_tensor_parallel_is_accepted_by_validation():
     # whether the all-reduces can be captured depends on the process group's backend, known only at init:
     # the refusal (gloo / CPU) happens at plan time (tests/tp/test_rank_agreement.py, tests/decode)
-    assert problems({"enable_cuda_graph": True, "tensor_parallel": {"tp_size": 2}}) == []
+    cfg = load_config({"enable_cuda_graph": True, "tensor_parallel": {"tp_size": 2}})
+    assert cfg.enable_cuda_graph and cfg.tensor_parallel.tp_size == 2
 
 
 def test_cuda_graph_with_tp_size_one_is_fine():
