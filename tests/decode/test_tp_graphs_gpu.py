@@ -54,18 +54,23 @@ def test_graph_cache_captures_and_replays_an_nccl_all_reduce(nccl_world_one):
 
 def test_graphed_decode_with_an_nccl_group_matches_eager(nccl_world_one):
     from policyinject.decode.generate import Decoder
+    from policyinject.decode.graphs import GraphCache
     from policyinject.pipeline import init_inference
     from policyinject.testing.presets import tiny_model
 
     torch.manual_seed(0)
     model = tiny_model("llama")
     ids = torch.randint(3, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1)).cuda()
-    # tp_size 1 on an initialised NCCL group, with its group given: the tensor-parallel setup path runs
-    # (group resolution, announcement) and the graphs are captured with an initialised NCCL group alive
+    # tp_size 1 with an initialised NCCL default group and that group given: the rank announces itself through
+    # the group's store, and graphs are captured while the NCCL group (and its watchdog thread) is alive
     engine = init_inference(model, dtype="bf16", replace_with_kernel_inject=True, enable_cuda_graph=True,
-                            max_out_tokens=64, checkpoint=None,
-                            tensor_parallel={"tp_size": 1, "tp_group": nccl_world_one})
+                            max_out_tokens=64, tensor_parallel={"tp_size": 1, "tp_group": nccl_world_one})
     graphed = engine.generate(ids, max_new_tokens=12)
     eager = Decoder.from_engine(engine, use_graphs=False).generate(ids, max_new_tokens=12)
     assert torch.equal(graphed, eager)
     assert engine._get_decoder().stats["captures"] >= 1
+    # the capture path tensor parallelism uses (device synchronised, thread_local capture mode)
+    tp_path = Decoder.from_engine(engine, use_graphs=True)
+    tp_path.graphs = GraphCache(4, collectives=True)
+    assert torch.equal(tp_path.generate(ids, max_new_tokens=12), eager)
+    assert tp_path.stats["captures"] >= 1
