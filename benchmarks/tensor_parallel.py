@@ -263,7 +263,7 @@ def run(args: argparse.Namespace) -> None:
         peak = torch.cuda.max_memory_allocated(device) if cuda else float("nan")
         rel = float((got - ref).norm() / ref.norm())
         row = {
-            "tp": tp, "mode": mode, "replicas": world // tp, "decode_ms_per_token": round(ms, 3),
+            "tp": tp, "mode": mode if cuda or mode != "graphed" else "injected", "replicas": world // tp, "decode_ms_per_token": round(ms, 3),
             "weights_gb_per_gpu": round(local_bytes / 2**30, 3), "allocated_gb": round(allocated / 2**30, 3),
             "peak_decode_gb": round(peak / 2**30, 3) if cuda else None,
             "roofline_ms_per_token": round(local_bytes / bw * 1e3, 3) if bw == bw else None,
@@ -298,12 +298,16 @@ def run(args: argparse.Namespace) -> None:
                   f"{r['weights_gb_per_gpu']:>10.2f} {r['allocated_gb']:>9.2f} {str(r['peak_decode_gb']):>8} "
                   f"{r['logits_max_abs_err']:>9.4f} {r['logits_rel_err']:>9.5f} {r['top1_agree']:>6.3f} "
                   f"{r['rel_err_vs_fp32']:>9.5f} {r['top1_agree_vs_fp32']:>9.3f}")
+        if not cuda:
+            print("mode injected: kernel injection and the decode engine, eager (CUDA graphs need a GPU)")
         print("rel err / top1: against the tp=1 model in the same dtype; vs fp32: against the same weights "
               "computed in fp32 (the tp=1 row is the dtype's own noise floor); speedup: against the first tp=1 row")
         for tp, sweep in sweeps.items():
             layers = int(getattr(build_config(args), "num_hidden_layers", 0))
+            elt = torch.tensor([], dtype={"bf16": torch.bfloat16, "fp16": torch.float16,
+                                          "fp32": torch.float32}[args.dtype]).element_size()
             print(f"all-reduce latency, tp {tp} ({args.dtype}); a decode step holds {2 * layers + 1} all-reduces of "
-                  f"{hidden * args.batch * 2 // 1024} KB (2 per layer + the embedding) and 1 all-gather")
+                  f"{hidden * args.batch * elt / 1024:.1f} KB (2 per layer + the embedding) and 1 all-gather")
             print(f"{'KB':>5} {'eager us':>9} {'graphed us':>11}")
             for r in sweep:
                 print(f"{r['kb']:>5} {r['eager_us']:>9} {str(r['graphed_us']):>11}")
