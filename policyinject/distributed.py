@@ -86,10 +86,13 @@ def _from_mpu(mpu: Any) -> tuple:
 
 
 def resolve_tp(tp_size: int, *, tp_group: Any = None, mpu: Any = None, device: Optional[torch.device] = None,
-               allow_planning_only: bool = True) -> TPInfo:
+               allow_planning_only: bool = True, timeout_s: float = 300.0) -> TPInfo:
     """Find or create this rank's TP group.
 
-    Order: ``tp_group`` (used as given), ``mpu``, an initialised default group, the torchrun environment.
+    Order: ``tp_group`` (used as given), ``mpu``, an initialised default group, the torchrun environment
+    (every rank must reach the rendezvous within ``timeout_s``, else
+    :class:`~policyinject.errors.RankTimeoutError` names the ranks that did not; see
+    :func:`policyinject.rank_agreement.init_default_group`).
     Without any of them, returns a planning-only :class:`TPInfo` for rank 0 when ``allow_planning_only``,
     else raises :class:`PlanError` explaining how to launch.
 
@@ -127,7 +130,9 @@ def resolve_tp(tp_size: int, *, tp_group: Any = None, mpu: Any = None, device: O
         backend = default_backend(device)
         if backend == "nccl" and device is not None and torch.device(device).index is not None:
             torch.cuda.set_device(torch.device(device))
-        dist.init_process_group(backend=backend)
+        from .rank_agreement import init_default_group
+
+        init_default_group(backend, timeout_s)
     world, g = dist.get_world_size(), dist.get_rank()
     groups = tp_group_ranks(world, tp_size)
     dp = g // tp_size

@@ -44,3 +44,18 @@ class NonFiniteLogitsError(PolicyInjectError, FloatingPointError):
     Raised once generation ends (the check is a device flag, read once), instead of returning tokens chosen
     from garbage; the message names the steps' range and what to look at (dtype overflow, the weights).
     """
+
+
+class RankTimeoutError(PolicyInjectError, TimeoutError):
+    """Ranks of a tensor-parallel group did not all arrive within ``tensor_parallel.setup_timeout_s``.
+
+    Raised on every rank that did arrive; ``missing`` holds the global ranks that did not, and the message
+    names them (with what each last started, when known).
+    """
+
+    def __init__(self, message: str, missing: "tuple[int, ...]" = ()) -> None:
+        self.missing = tuple(missing)
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.missing))

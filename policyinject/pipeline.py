@@ -40,6 +40,7 @@ from .passes.tensor_parallel import TensorParallelPass
 from .plan import Plan
 from ._plugin_manager import PluginManager
 from .policy.resolve import resolve_policies
+from .rank_agreement import announce
 
 __all__ = ["PASSES", "Planned", "enabled_passes", "init_inference", "plan_inference", "prepare", "target_device"]
 
@@ -94,6 +95,8 @@ def prepare(model: torch.nn.Module, config: InferenceConfig, plugins: Optional[P
     ctx = PassContext(model=model, config=config, layers=resolved.layers, model_policy=resolved.model_policy,
                       model_config=resolved.model_config, device=target_device(model, config),
                       autotp_model_policy=resolved.autotp_model_policy, plan=plan)
+    if not TensorParallelPass.enabled(config):  # no group to agree with; say what this rank builds
+        announce(model, config)
     problems: list = []
     per_pass: list = []
     for p in enabled_passes(config):

@@ -14,7 +14,7 @@ Example:
 from .dtypes import DTYPE_NAMES, normalize_dtype, resolve_dtype, torch_dtype
 from .class_ref import ClassRef
 from .errors import ConfigError, ConfigWarning, Problem
-from .fingerprint import PER_RANK_KEYS, config_fingerprint, diff_fingerprints
+from .fingerprint import PER_RANK_KEYS, config_fingerprint, config_values, diff_fingerprints
 from .keys import KEYS, KeySpec, Status
 from .loader import LoadResult, load_config, parse_config, read_config_file
 from .model import (
@@ -37,5 +37,5 @@ __all__ = [
     "DTYPE_NAMES", "HF_TP_STYLES", "HeadQuantConfig", "InferenceConfig", "KEYS", "KeySpec", "LoadResult", "MoEConfig",
     "Problem", "QKVQuantConfig",
     "QuantizationConfig", "Status", "TensorParallelConfig", "WeightQuantConfig", "json_schema", "load_config",
-    "PER_RANK_KEYS", "config_fingerprint", "diff_fingerprints", "normalize_dtype", "parse_config", "read_config_file", "resolve_dtype", "torch_dtype",
+    "PER_RANK_KEYS", "config_fingerprint", "config_values", "diff_fingerprints", "normalize_dtype", "parse_config", "read_config_file", "resolve_dtype", "torch_dtype",
 ]

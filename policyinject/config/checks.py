@@ -6,11 +6,11 @@ dotted from the top for :func:`check_config`. A key named inside a message is wr
 the loader can respell it the way the user wrote it.
 
 Example:
-    >>> from policyinject.config.model import InferenceConfig, TensorParallelConfig
-    >>> InferenceConfig(enable_cuda_graph=True, tensor_parallel=TensorParallelConfig(tp_size=2))
+    >>> from policyinject.config.model import InferenceConfig
+    >>> InferenceConfig(min_out_tokens=8, max_out_tokens=4)
     Traceback (most recent call last):
     ...
-    policyinject.config.errors.ConfigError: enable_cuda_graph: cannot be combined with `tensor_parallel.tp_size` = 2 (DeepSpeed's rule, kept: graphs are captured per process and replaying collectives across ranks is not supported)
+    policyinject.config.errors.ConfigError: min_out_tokens: must be <= `max_out_tokens` (4), got 8
 """
 
 from __future__ import annotations
@@ -90,13 +90,6 @@ def check_section(obj: Any, section: str) -> list:
 def check_config(cfg: Any) -> list:
     """Rules of the top level and between sections (problem paths dotted from the top)."""
     problems = _unsupported(cfg, "")
-    tp_size = cfg.tensor_parallel.tp_size
-    if cfg.enable_cuda_graph and tp_size > 1:
-        problems.append(Problem(
-            "enable_cuda_graph",
-            f"cannot be combined with `tensor_parallel.tp_size` = {tp_size} (DeepSpeed's rule, kept: graphs are "
-            "captured per process and replaying collectives across ranks is not supported)",
-        ))
     if cfg.min_out_tokens > cfg.max_out_tokens:
         problems.append(Problem(
             "min_out_tokens", f"must be <= `max_out_tokens` ({cfg.max_out_tokens}), got {cfg.min_out_tokens}"

@@ -9,7 +9,8 @@ Keys left out (:data:`PER_RANK_KEYS`), because they may legitimately differ betw
 
 - the filesystem locations ``base_dir``, ``save_mp_checkpoint_path`` and the three ``checkpoint_config``
   keys: a node-local copy of the same checkpoint has another path on each node;
-- ``checkpoint`` when it is a path, for the same reason; a checkpoint *description* (a mapping) is
+- ``tensor_parallel.setup_timeout_s``: how long a rank waits for the others changes no result;
+- ``checkpoint`` when it is a path, for the same reason as the paths above; a checkpoint *description* (a mapping) is
   fingerprinted without its ``base_dir`` and with each file of ``checkpoints`` reduced to its base name.
   That the checkpoints hold the same tensors is for the model fingerprint (shapes) to check.
 
@@ -46,6 +47,7 @@ from .values import OMIT, jsonable
 PER_RANK_KEYS = frozenset({
     "base_dir", "save_mp_checkpoint_path", "checkpoint_config.checkpoint_dir",
     "checkpoint_config.save_mp_checkpoint_path", "checkpoint_config.base_dir",
+    "tensor_parallel.setup_timeout_s",
 })
 _LIVE_KEYS = frozenset({"tensor_parallel.mpu", "tensor_parallel.tp_group", "moe.ep_group", "moe.ep_mp_group"})
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+|0x[0-9a-fA-F]{6,}")
@@ -109,6 +111,24 @@ def config_fingerprint(config: Any) -> Mapping[str, str]:
         if path in PER_RANK_KEYS:
             continue
         out[path] = _digest(_form(path, value))
+    return MappingProxyType(dict(sorted(out.items())))
+
+
+def config_values(config: Any, limit: int = 60) -> Mapping[str, str]:
+    """``{canonical dotted key: the compared form of its value as short text}`` (the keys of
+    :func:`config_fingerprint`), for error messages that show which rank had which value.
+
+    Example:
+        >>> from policyinject.config import load_config
+        >>> config_values(load_config(tp={"tp_size": 2, "tp_grain_size": 32}))["tensor_parallel.tp_grain_size"]
+        '32'
+    """
+    out = {}
+    for path, value in _leaves(config, ""):
+        if path in PER_RANK_KEYS:
+            continue
+        text = json.dumps(_form(path, value), sort_keys=True, allow_nan=True, default=_fallback)
+        out[path] = text if len(text) <= limit else text[:limit - 3] + "..."
     return MappingProxyType(dict(sorted(out.items())))
 
 

@@ -146,7 +146,9 @@ KEYS: tuple = (
             status=Status.SECTION, cls="TensorParallelConfig"),
     KeySpec("enable_cuda_graph", "bool", False,
             "Capture the decode step / forward in CUDA graphs and replay them.",
-            note="Rejected together with tensor_parallel.tp_size > 1 (DeepSpeed's rule, kept on purpose).",
+            note="With tensor_parallel.tp_size > 1 (DeepSpeed rejects every such config): accepted where the "
+                 "all-reduces can be captured (NCCL on CUDA); on any other backend (gloo, the CPU) init_inference "
+                 "refuses it while planning, before the model is changed.",
             convert=v.boolean, schema=_BOOL),
     KeySpec("use_triton", "bool", False, "DeepSpeed: use its Triton kernels (BERT container only).",
             status=Status.WARNS,
@@ -258,6 +260,11 @@ KEYS: tuple = (
             auto_value=True, convert=check_tp_plan, origin="policyinject",
             schema={"anyOf": [{"type": "null"}, {"const": "auto"},
                               {"type": "object", "additionalProperties": {"enum": list(HF_TP_STYLES)}}]}),
+    KeySpec("tensor_parallel.setup_timeout_s", "number > 0", 300.0,
+            "Seconds each rank waits for the other ranks of its tensor-parallel group at setup (process-group "
+            "rendezvous and the config/model agreement check) before raising an error naming the ranks that did "
+            "not arrive.", convert=v.positive_seconds, schema={"type": "number", "exclusiveMinimum": 0},
+            origin="policyinject"),
     # ---- moe -----------------------------------------------------------------------------------------
     KeySpec("moe.enabled", "bool", True, "MoE handling on (DeepSpeed never reads it).", status=Status.WARNS,
             note="MoE layers are handled as their policy describes", convert=v.boolean, schema=_BOOL),

@@ -55,6 +55,7 @@ class TensorParallelConfig:
     mpu: Any = _field("tensor_parallel.mpu")
     tp_group: Any = _field("tensor_parallel.tp_group")
     tp_plan: Optional[Union[str, Mapping[str, str]]] = _field("tensor_parallel.tp_plan")
+    setup_timeout_s: float = _field("tensor_parallel.setup_timeout_s")
 
     def __attrs_post_init__(self) -> None:
         _validate(self, "tensor_parallel")

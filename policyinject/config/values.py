@@ -104,6 +104,25 @@ def int_at_least(low: int) -> Callable[[Any], int]:
     return convert
 
 
+def positive_seconds(value: Any) -> float:
+    """A finite number of seconds > 0 (an int or a float; bools, strings, NaN and infinity rejected).
+
+    Example:
+        >>> positive_seconds(300), positive_seconds(2.5)
+        (300.0, 2.5)
+        >>> positive_seconds(0)
+        Traceback (most recent call last):
+        ...
+        policyinject.config.errors.InvalidValue: must be > 0 seconds, got 0
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidValue(f"expected a number of seconds, got {short_repr(value)}")
+    number = float(int.__int__(value)) if isinstance(value, int) else float.__float__(value)
+    if not math.isfinite(number) or number <= 0:
+        raise InvalidValue(f"must be > 0 seconds, got {short_repr(value, typed=False)}")
+    return number
+
+
 def optional_positive_int(value: Any) -> Optional[int]:
     """None, or an int >= 1.
 

@@ -55,12 +55,14 @@ class Decoder:
 
     ``max_len`` is the cache length (the config's ``max_out_tokens``: prompt plus new tokens);
     ``batch_capacity`` the config's ``max_batch_size`` (None: sized by the first call, grown on demand);
-    ``graph_cache_size`` bounds the captured graphs (least recently used evicted).
+    ``graph_cache_size`` bounds the captured graphs (least recently used evicted); ``collectives`` says that
+    the steps hold tensor-parallel all-reduces (captured with them; see :mod:`policyinject.decode.graphs`).
     """
 
     def __init__(self, model: torch.nn.Module, model_policy: Any, *, model_config: Any = None, max_len: int = 1024,
                  batch_capacity: Optional[int] = None, use_graphs: bool = False, graph_cache_size: int = 8,
-                 eos_check_interval: int = 16, min_span: int = 256, backend: str = "auto") -> None:
+                 eos_check_interval: int = 16, min_span: int = 256, backend: str = "auto",
+                 collectives: bool = False) -> None:
         self.runner = DecodeRunner(model, model_policy, model_config)
         self.model = model
         self.max_len = int(max_len)
@@ -73,7 +75,7 @@ class Decoder:
                 raise UnsupportedError(
                     f"enable_cuda_graph=True needs the model on a CUDA device; it is on {self.runner.device} "
                     "(keep_module_on_host=True keeps it on the host)")
-        self.graphs = GraphCache(graph_cache_size)
+        self.graphs = GraphCache(graph_cache_size, collectives=collectives)
         self.eos_check_interval = max(int(eos_check_interval), 1)
         self.min_span = int(min_span)
         #: Kernel backend of the decode attention ("auto": the Triton kernel on CUDA, PyTorch elsewhere).
@@ -100,13 +102,21 @@ class Decoder:
             from ..plan_fields import DecodeDescription
 
             d = DecodeDescription(use_graphs=bool(use_graphs))
+        tp = plan.tensor_parallel
         return cls(model, plan.model_policy, model_config=plan.model_config, max_len=d.max_len,
                    batch_capacity=d.batch_capacity, use_graphs=d.use_graphs if use_graphs is None else use_graphs,
-                   graph_cache_size=d.graph_cache_size, backend=d.backend)
+                   graph_cache_size=d.graph_cache_size, backend=d.backend,
+                   collectives=tp is not None and tp.tp_size > 1)
 
     @property
     def device(self) -> torch.device:
         return self.runner.device
+
+    @property
+    def vocab_size(self) -> int:
+        """The global vocabulary (a vocabulary-parallel embedding holds a shard but keeps ``num_embeddings``)."""
+        embed = self.runner.embed
+        return int(getattr(embed, "num_embeddings", None) or embed.weight.shape[0])
 
     @property
     def stats(self) -> dict:
@@ -237,13 +247,13 @@ class Decoder:
         if input_ids is None:  # Hugging Face names the first argument ``inputs``
             input_ids = kwargs.pop("inputs", None)
         streamer = check_streamer(kwargs.pop("streamer", None))
-        ids, mask = check_inputs(input_ids, attention_mask, self.runner.embed.weight.shape[0])
+        ids, mask = check_inputs(input_ids, attention_mask, self.vocab_size)
         device = self.device
         ids = ids.to(device=device)
         b, t = ids.shape
         model_gc = getattr(self.model, "generation_config", None)
         params = resolve_params(t, kwargs, model_gc, generation_config, device,
-                                vocab_size=self.runner.embed.weight.shape[0])
+                                vocab_size=self.vocab_size)
         if mask is None:
             try:
                 mask = check_mask(_default_mask(ids, params), ids)

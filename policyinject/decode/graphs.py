@@ -11,6 +11,13 @@ seen for the first time, :meth:`GraphCache.run`
 2. captures one call into a ``torch.cuda.CUDAGraph`` (capture does not execute anything),
 3. replays it.
 
+With tensor parallelism (``collectives=True``) the step holds NCCL all-reduces, which are captured like any
+other kernel: every rank captures and replays the same keys in the same order (the same calls on every rank,
+as tensor parallelism needs anyway). Before such a capture the device is synchronised, so no eager collective
+is still in flight, and the capture is ``thread_local``: the process group's watchdog thread keeps polling
+its own events while this thread captures (the default global mode would invalidate the capture). The NCCL
+communicator already exists then (the eager prefill and the warm-up calls ran the same collectives).
+
 Every graph of one cache shares one memory pool: the steps never run concurrently, and each graph's outputs
 live in the state buffers, not in the pool. When more than ``capacity`` graphs exist, the least recently used
 one is dropped. Outputs: a step writes into the state buffers it was built on; the graph cache returns
@@ -65,14 +72,26 @@ def require_cuda(what: str = "enable_cuda_graph=True") -> None:
 class GraphCache:
     """Captured step graphs keyed by signature, bounded, least recently used evicted; see the module docstring."""
 
-    def __init__(self, capacity: int = 8, warmup: int = 2) -> None:
+    def __init__(self, capacity: int = 8, warmup: int = 2, collectives: bool = False) -> None:
         if int(capacity) < 1:
             raise ValueError(f"cuda_graph_cache_size must be at least 1, got {capacity}")
         self.capacity = int(capacity)
         self.warmup = int(warmup)
+        #: The captured steps contain collectives (tensor parallelism): see the module docstring.
+        self.collectives = bool(collectives)
         self._graphs: "OrderedDict[Hashable, Any]" = OrderedDict()
         self._pool: Any = None
         self.stats = {"captures": 0, "replays": 0, "evictions": 0}
+
+    @property
+    def capture_mode(self) -> str:
+        """``torch.cuda.graph``'s ``capture_error_mode``: ``thread_local`` with collectives, else ``global``.
+
+        Example:
+            >>> GraphCache(collectives=True).capture_mode, GraphCache().capture_mode
+            ('thread_local', 'global')
+        """
+        return "thread_local" if self.collectives else "global"
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -125,7 +144,9 @@ class GraphCache:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        if self.collectives:
+            torch.cuda.synchronize()  # no eager all-reduce still in flight when the capture starts
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode=self.capture_mode):
             fn()
         # capture records without executing; the state is as the snapshot left it
         self.stats["captures"] += 1

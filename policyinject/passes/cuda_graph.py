@@ -12,7 +12,9 @@ Planning checks, before anything is touched:
 
 - CUDA is available (else :class:`~policyinject.errors.UnsupportedError` naming ``enable_cuda_graph`` and
   the torch build) and the model goes to a CUDA device;
-- ``tensor_parallel.tp_size`` is 1 (the configuration already rejects the combination);
+- with ``tensor_parallel.tp_size`` > 1, the group's all-reduces can be captured: NCCL on a CUDA device
+  (:func:`tp_capture_problem`; a gloo / CPU group is refused with the reason). The captured decode step then
+  holds each layer's all-reduces, replayed like every other kernel;
 - ``replace_with_kernel_inject`` is on and every decoder layer is covered by a policy with a block wiring
   (the decode path runs ``InjectedBlock.run``);
 - the model-level policy gives what the decode path needs (layers, embed, lm_head, rotary module).
@@ -31,6 +33,7 @@ import torch
 
 from ..decode.graphs import require_cuda
 from ..decode.runner import decode_problems
+from ..distributed import default_backend
 from ..errors import PlanError, UnsupportedError
 from ..plan import Action
 from ..modules.block import effective_block_kind
@@ -38,7 +41,7 @@ from ..policy.model import BlockKind
 from .base import Pass, PassContext
 from .kernel_inject import decode_description
 
-__all__ = ["CudaGraphPass", "plan_problems"]
+__all__ = ["CudaGraphPass", "plan_problems", "tp_backend", "tp_capture_problem"]
 
 
 def plan_problems(ctx: PassContext) -> List[str]:
@@ -54,9 +57,9 @@ def plan_problems(ctx: PassContext) -> List[str]:
     """
     cfg = ctx.config
     problems: List[str] = []
-    tp = cfg.tensor_parallel.tp_size
-    if tp > 1:
-        problems.append(f"`enable_cuda_graph` cannot be combined with `tensor_parallel.tp_size` = {tp}")
+    tp_problem = tp_capture_problem(ctx)
+    if tp_problem:
+        problems.append(tp_problem)
     if not cfg.replace_with_kernel_inject:
         problems.append("`enable_cuda_graph` needs `replace_with_kernel_inject` = True: the decode graphs run the "
                         "injected blocks")
@@ -85,6 +88,45 @@ def plan_problems(ctx: PassContext) -> List[str]:
     return problems
 
 
+def tp_backend(ctx: PassContext) -> str:
+    """The backend of this rank's tensor-parallel group: the group's own, or -- when only planning (no group
+    yet) -- the one ``init_inference`` would create for the target device (NCCL on CUDA, gloo otherwise)."""
+    info = ctx.tp
+    if info is not None and not info.planning_only and info.backend:
+        return str(info.backend)
+    return default_backend(ctx.device)
+
+
+def tp_capture_problem(ctx: PassContext) -> str:
+    """Why the decode graphs could not capture this config's tensor-parallel all-reduces ("" if they can).
+
+    Collectives can be captured into a CUDA graph only when they are NCCL kernels on the capturing stream: a
+    gloo all-reduce runs on the host, outside any graph. DeepSpeed rejects ``enable_cuda_graph`` with
+    ``tp_size > 1`` outright; policyinject refuses it only there, at plan time (the backend is known only
+    once the group exists), before the model is changed.
+
+    Example:
+        >>> import torch
+        >>> from policyinject.config import load_config
+        >>> from policyinject.passes.base import PassContext
+        >>> ctx = PassContext(model=torch.nn.Linear(2, 2), device=torch.device("cpu"),
+        ...                   config=load_config(None, enable_cuda_graph=True, tp={"tp_size": 2}))
+        >>> tp_capture_problem(ctx).split(":")[0]
+        '`enable_cuda_graph` with `tensor_parallel.tp_size` = 2 needs NCCL on CUDA'
+    """
+    tp = ctx.config.tensor_parallel.tp_size
+    if tp <= 1:
+        return ""
+    backend = tp_backend(ctx)
+    on_cuda = ctx.device is not None and torch.device(ctx.device).type == "cuda"
+    if "nccl" in backend.lower() and on_cuda:
+        return ""
+    where = f"backend {backend!r} on {ctx.device}"
+    return (f"`enable_cuda_graph` with `tensor_parallel.tp_size` = {tp} needs NCCL on CUDA: this group's "
+            f"all-reduces run on {where}, and only NCCL collectives on a CUDA stream can be captured in a CUDA "
+            "graph. Use NCCL on GPUs, or set enable_cuda_graph=False (the same decode steps run eagerly)")
+
+
 class CudaGraphPass(Pass):
     """Install the graph-replaying decoder; see the module docstring."""
 
@@ -96,6 +138,9 @@ class CudaGraphPass(Pass):
         return bool(config.enable_cuda_graph)
 
     def plan(self, ctx: PassContext) -> list:
+        tp_problem = tp_capture_problem(ctx)
+        if tp_problem:  # before the CUDA check: on a gloo group, the backend is the reason
+            raise PlanError([tp_problem])
         require_cuda("`enable_cuda_graph` = True")
         if ctx.device is not None and torch.device(ctx.device).type != "cuda":
             raise UnsupportedError(f"`enable_cuda_graph` = True needs the model on a CUDA device; it goes to "

@@ -217,11 +217,9 @@ class KernelInjectPass(Pass):
 
         Records a :class:`DecodeDescription` whose ``problems`` say why the decode engine cannot run the
         transformed model (then ``generate`` falls back to the model's own); the ``cuda_graph`` pass
-        replaces it with the graphed one. Under tensor parallelism the model's own ``generate`` stays in
-        charge (no description).
+        replaces it with the graphed one. Under tensor parallelism the decode engine runs the sharded blocks
+        (each rank its heads; the all-reduces of the row-parallel linears inside each step).
         """
-        if ctx.config.tensor_parallel.tp_size != 1:
-            return
         from ..decode.runner import decode_problems
 
         ctx.plan.decode = decode_description(ctx.config, use_graphs=False, when_unsupported="fallback",

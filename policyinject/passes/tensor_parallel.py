@@ -45,6 +45,7 @@ from .._nn import set_submodule
 from ..distributed import TPInfo, resolve_tp
 from ..errors import PlanError, UnsupportedError
 from ..plan import Action
+from ..rank_agreement import agree
 from ..plan_fields import LocalHeads, TensorParallelLayout
 from .base import Pass, PassContext
 from .tp_apply import build_parallel, shard_tensors
@@ -71,9 +72,11 @@ class TensorParallelPass(Pass):
     def plan(self, ctx: PassContext) -> List[Action]:
         tpc = ctx.config.tensor_parallel
         tp = int(tpc.tp_size)
-        info = ctx.tp if isinstance(ctx.tp, TPInfo) else resolve_tp(tp, tp_group=tpc.tp_group, mpu=tpc.mpu,
-                                                                    device=ctx.device)
-        ctx.tp = info
+        if not isinstance(ctx.tp, TPInfo):
+            ctx.tp = resolve_tp(tp, tp_group=tpc.tp_group, mpu=tpc.mpu, device=ctx.device,
+                                timeout_s=tpc.setup_timeout_s)
+            agree(ctx.tp, ctx.model, ctx.config)  # every rank here, same config and model, before any change
+        info = ctx.tp
         splitter = LinearSplitter(tp, int(tpc.tp_grain_size or 1), info.rank)
         layout = TensorParallelLayout(tp_size=tp, rank=info.rank, grain=splitter.grain)
         problems: List[str] = []

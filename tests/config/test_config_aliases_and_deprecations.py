@@ -83,7 +83,7 @@ def test_alias_stays_in_error_paths():
 
 def test_alias_respelled_inside_messages():
     with pytest.raises(ConfigError) as e:
-        load_config({"tp": {"tp_size": 2}, "enable_cuda_graph": True})
+        load_config({"tp": {"tp_size": 2, "enabled": False}})
     assert "`tp.tp_size`" in str(e.value)
 
 

@@ -113,8 +113,8 @@ def test_inference_config_source():
 
 
 def test_merge_rules_apply_across_sources():
-    with pytest.raises(ConfigError, match="enable_cuda_graph"):
-        load_config({"enable_cuda_graph": True}, tp={"tp_size": 2})
+    with pytest.raises(ConfigError, match="min_out_tokens"):
+        load_config({"min_out_tokens": 9}, max_out_tokens=8)
 
 
 def test_objects_in_kwargs_compare_by_identity():
@@ -214,8 +214,8 @@ def test_equality_and_evolve():
     assert a != load_config(dtype="fp16", tp={"tp_size": 2})
     b = attrs.evolve(a, max_out_tokens=8)
     assert b.max_out_tokens == 8 and b.dtype == "bf16"
-    with pytest.raises(ConfigError):
-        attrs.evolve(a, enable_cuda_graph=True)
+    with pytest.raises(ConfigError):  # evolve re-runs the cross-field rules
+        attrs.evolve(a, min_out_tokens=2048)
 
 
 # -- dtype resolution ------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ DS_NESTED = [
     "quant.weight.quantized_initialization", "quant.weight.post_init_quant", "quant.qkv.enabled",
     "checkpoint_config.checkpoint_dir", "checkpoint_config.save_mp_checkpoint_path", "checkpoint_config.base_dir",
 ]
-OURS = ["kernel_backend", "max_batch_size", "cuda_graph_cache_size", "tensor_parallel.tp_plan", "quant.weight.group_size",
+OURS = ["kernel_backend", "max_batch_size", "cuda_graph_cache_size", "tensor_parallel.tp_plan",
+        "tensor_parallel.setup_timeout_s", "quant.weight.group_size",
         "quant.lm_head", "quant.lm_head.enabled", "quant.weight.method", "quant.checkpoint", "quant.calibration",
         "quant.calibration.data", "quant.calibration.num_samples", "quant.calibration.seq_len",
         "quant.calibration.seed", "quant.calibration.tokenizer", "quant.calibration.act_order"]

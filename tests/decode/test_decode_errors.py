@@ -33,11 +33,18 @@ def test_decoder_with_graphs_without_cuda_raises():
         Decoder.from_engine(engine, use_graphs=True)
 
 
-def test_cuda_graphs_with_tensor_parallel_is_a_config_error():
-    from policyinject.config import ConfigError, load_config
+def test_cuda_graphs_with_tensor_parallel_refused_at_plan_time_where_not_capturable():
+    from policyinject.config import load_config
+    from policyinject.errors import PlanError
+    from policyinject.pipeline import plan_inference
 
-    with pytest.raises(ConfigError, match="enable_cuda_graph"):
-        load_config(enable_cuda_graph=True, tensor_parallel={"tp_size": 2})
+    cfg = load_config(enable_cuda_graph=True, tensor_parallel={"tp_size": 2})  # validation accepts it
+    model = tiny_model("llama")
+    before = [type(m).__name__ for m in model.modules()]
+    # planning only (no process group): the group init_inference would create on the CPU is gloo
+    with pytest.raises(PlanError, match=r"needs NCCL on CUDA.*backend 'gloo' on cpu"):
+        plan_inference(model, cfg, replace_with_kernel_inject=True, dtype="fp32", keep_module_on_host=True)
+    assert [type(m).__name__ for m in model.modules()] == before
 
 
 def _ctx(arch: str, **config):
