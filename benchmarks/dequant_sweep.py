@@ -3,7 +3,7 @@
 :data:`policyinject.kernels.quant_heuristics.DEQUANT_MIN_M`.
 
 Run on a GPU:  python benchmarks/dequant_sweep.py [--m 16 64 128 256 512 2048]
-Prints one line per (bits, shape, M) with microseconds per call (triton.testing.do_bench, median).
+Prints one line per (bits, shape, M) with microseconds per call (CUDA-graph replays, steady_state_seconds).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 
 def main() -> None:
-    import triton.testing
+    from policyinject.testing.roofline import steady_state_seconds
 
     from policyinject.kernels import quant_matmul as qm
     from policyinject.kernels._common import sm_count
@@ -45,7 +45,7 @@ def main() -> None:
                     ("dequant", lambda: qm.quant_matmul(x, qw, config={"kernel": "dequant"})),
                 ):
                     outs[label] = fn()
-                    times[label] = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+                    times[label] = steady_state_seconds(fn, [()], device=dev) * 1e6  # graph replays: no host
                 err = {k_: float((v.float() - y_ref.float()).norm() / y_ref.float().norm()) for k_, v in outs.items()}
                 for k_, v in times.items():
                     totals[(bits, m, k_)] = totals.get((bits, m, k_), 0.0) + v

@@ -24,30 +24,68 @@ __all__ = ["dequantize_into", "launch_dequant_matmul"]
 
 
 @triton.jit
-def _dequant_kernel(Q, S, Z, OUT, N, K, G, s_qn, s_sn, s_on,
+def _dequant_kernel(Q, S, Z, OUT, N, K, s_qn, s_sn, s_on, G: tl.constexpr,
                     BITS: tl.constexpr, HAS_Z: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """``OUT[n, c] = (q[n, c] - z[n, c // G]) * s[n, c // G]`` over a ``[BN, BK]`` tile."""
+    """``OUT[n, c] = (q[n, c] - z[n, c // G]) * s[n, c // G]`` over a ``[BN, BK]`` tile.
+
+    The scales of a tile are loaded once per row and group and broadcast in registers: ``G % BK == 0`` (or one
+    scale per row, ``G >= K``): one per row; ``BK % G == 0``: ``BK // G`` per row. int4 works on the packed
+    bytes (both nibbles of a byte share a group) and interleaves the low (even column) and high nibbles last.
+    """
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    cols = tl.program_id(1) * BK + tl.arange(0, BK)
     row_ok = rows < N
-    ok = row_ok[:, None] & (cols < K)[None, :]
-    if BITS == 8:
-        q = tl.load(Q + rows[:, None] * s_qn + cols[None, :], mask=ok, other=0).to(tl.float32)
+    k0 = tl.program_id(1) * BK
+    PER: tl.constexpr = 1 if BITS == 8 else 2  # values per stored byte
+    W: tl.constexpr = BK // PER  # bytes of a row per tile
+    NG: tl.constexpr = BK // G if BK >= G else 1  # groups per tile
+    byte = k0 // PER + tl.arange(0, W)
+    ok = row_ok[:, None] & (byte < K // PER)[None, :]
+    if NG == 1:
+        s = tl.load(S + rows * s_sn + k0 // G, mask=row_ok, other=0).to(tl.float32)[:, None]
+        if HAS_Z:
+            z = tl.load(Z + rows * s_sn + k0 // G, mask=row_ok, other=0).to(tl.float32)[:, None]
     else:
-        half = tl.program_id(1) * (BK // 2) + tl.arange(0, BK // 2)
-        hok = row_ok[:, None] & (half < K // 2)[None, :]
-        b = tl.load(Q + rows[:, None] * s_qn + half[None, :], mask=hok, other=0).to(tl.int32)
-        lo = (b & 15) - 8
-        hi = ((b >> 4) & 15) - 8
-        q = tl.reshape(tl.join(lo, hi), (BN, BK)).to(tl.float32)  # low nibble = even column
-    grp = cols // G
-    s = tl.load(S + rows[:, None] * s_sn + grp[None, :], mask=ok, other=0).to(tl.float32)
-    if HAS_Z:
-        q = q - tl.load(Z + rows[:, None] * s_sn + grp[None, :], mask=ok, other=0).to(tl.float32)
-    tl.store(OUT + rows[:, None] * s_on + cols[None, :], (q * s).to(OUT.dtype.element_ty), mask=ok)
+        grp = k0 // G + tl.arange(0, NG)
+        g_ok = row_ok[:, None] & (grp < tl.cdiv(K, G))[None, :]
+        s2 = tl.load(S + rows[:, None] * s_sn + grp[None, :], mask=g_ok, other=0).to(tl.float32)
+        s = tl.reshape(tl.broadcast_to(s2[:, :, None], (BN, NG, W // NG)), (BN, W))
+        if HAS_Z:
+            z2 = tl.load(Z + rows[:, None] * s_sn + grp[None, :], mask=g_ok, other=0).to(tl.float32)
+            z = tl.reshape(tl.broadcast_to(z2[:, :, None], (BN, NG, W // NG)), (BN, W))
+    b = tl.load(Q + rows[:, None] * s_qn + byte[None, :], mask=ok, other=0)
+    if BITS == 8:
+        q = b.to(tl.float32)
+        if HAS_Z:
+            q = q - z
+        tl.store(OUT + rows[:, None] * s_on + byte[None, :], (q * s).to(OUT.dtype.element_ty), mask=ok)
+    else:
+        b = b.to(tl.int32)
+        lo = ((b & 15) - 8).to(tl.float32)
+        hi = (((b >> 4) & 15) - 8).to(tl.float32)
+        if HAS_Z:
+            lo = lo - z
+            hi = hi - z
+        out = tl.reshape(tl.join(lo * s, hi * s), (BN, BK)).to(OUT.dtype.element_ty)  # low nibble = even column
+        cols = k0 + tl.arange(0, BK)
+        tl.store(OUT + rows[:, None] * s_on + cols[None, :], out, mask=row_ok[:, None] & (cols < K)[None, :])
 
 
-def dequantize_into(qw: QuantizedWeight, out: torch.Tensor, bn: int = 32, bk: int = 256) -> torch.Tensor:
+#: The group constant of a per-channel weight: larger than any K, so every tile has one scale per row.
+PER_CHANNEL = 1 << 30
+
+
+def _tile_k(k: int, group: int, want: int) -> int:
+    """A K tile (power of two, at most ``want``) that never splits a group across tiles unevenly: a divisor of
+    the group, or a multiple of it (``group`` a power of two dividing ``want``); per channel, any."""
+    if group >= k:  # one scale per row
+        return want
+    bk = want
+    while bk > 1 and group % bk and bk % group:
+        bk //= 2
+    return bk
+
+
+def dequantize_into(qw: QuantizedWeight, out: torch.Tensor, bn: int = 16, bk: int = 512) -> torch.Tensor:
     """Write the weight ``qw`` stands for into ``out`` (``[out_features, in_features]``, row-major); returns
     ``out``. Equal to :func:`~policyinject.kernels.quantize.dequantize_weight` rounded to ``out``'s dtype."""
     n, k = qw.out_features, qw.in_features
@@ -59,9 +97,13 @@ def dequantize_into(qw: QuantizedWeight, out: torch.Tensor, bn: int = 32, bk: in
     if q.stride(-1) != 1 or s.stride(-1) != 1 or (qw.zeros is not None and qw.zeros.stride() != s.stride()):
         raise ValueError("dequantize_into needs row-major qweight/scales (and zeros laid out as the scales)")
     triton_launchable(_dequant_kernel, q, s, out)
+    group = qw.group_size
+    bk = _tile_k(k, group, bk)
+    if qw.num_bits == 4 and (bk < 2 or (group < k and group % 2)):
+        raise ValueError(f"int4 group_size={group} cannot be tiled (it must be even)")
     z = qw.zeros if qw.zeros is not None else s
     _dequant_kernel[(cdiv(n, bn), cdiv(k, bk))](
-        q, s, z, out, n, k, qw.group_size, q.stride(0), s.stride(0), out.stride(0),
+        q, s, z, out, n, k, q.stride(0), s.stride(0), out.stride(0), G=group if group < k else PER_CHANNEL,
         BITS=qw.num_bits, HAS_Z=qw.zeros is not None, BN=bn, BK=bk, num_warps=4)
     return out
 

@@ -26,7 +26,7 @@ QGEMV_MAX_M = 4
 #: From this many activation rows on (per bit width), the weight is dequantized into a scratch matrix and
 #: cuBLAS multiplies (kernel ``"dequant"``): the extra write + read of the weight costs less than the
 #: dequantize-in-tile kernel loses to cuBLAS there (``benchmarks/dequant_sweep.py``, NOTES "H200 prefill").
-DEQUANT_MIN_M = {8: 256, 4: 256}
+DEQUANT_MIN_M = {8: 256, 4: 128}
 
 
 def quant_matmul_config(
