@@ -25,8 +25,13 @@ QGEMV_MAX_M = 4
 
 #: From this many activation rows on (per bit width), the weight is dequantized into a scratch matrix and
 #: cuBLAS multiplies (kernel ``"dequant"``): the extra write + read of the weight costs less than the
-#: dequantize-in-tile kernel loses to cuBLAS there (``benchmarks/dequant_sweep.py``, NOTES "H200 prefill").
-DEQUANT_MIN_M = {8: 256, 4: 128}
+#: dequantize-in-tile kernel loses to cuBLAS there. Weights of fewer than :data:`DEQUANT_TALL_N` rows switch
+#: from :data:`DEQUANT_MIN_M_SHORT` rows on. Measured on an H200 (``benchmarks/dequant_sweep.py``, Llama-3-8B
+#: shapes, CUDA-graph timing, 2026-12-03): at M = 128 dequantize + cuBLAS wins on qkv, o and down (int8 38 /
+#: 28 / 89 us against 40 / 30 / 118) and loses on gate|up (166 against 82); at 256 it wins on every shape.
+DEQUANT_MIN_M = {8: 256, 4: 256}
+DEQUANT_MIN_M_SHORT = 128
+DEQUANT_TALL_N = 16384
 
 
 def quant_matmul_config(
@@ -52,7 +57,8 @@ def quant_matmul_config(
         {'kernel': 'dequant'}
     """
     per_channel = group_size == k
-    if not interpret and m >= DEQUANT_MIN_M.get(num_bits, 1 << 62):
+    if not interpret and num_bits in DEQUANT_MIN_M and (
+            m >= DEQUANT_MIN_M[num_bits] or (m >= DEQUANT_MIN_M_SHORT and n < DEQUANT_TALL_N)):
         return {"kernel": "dequant"}
     if num_bits == 8 and per_channel and m == 1 and not interpret:
         return _q8gemv_config(n, k, sm_count)

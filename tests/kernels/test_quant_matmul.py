@@ -107,13 +107,13 @@ def test_gemm_k_steps_spanning_several_groups(bits: int, symmetric: bool, group:
 
 
 def test_gemm_heuristic_takes_several_groups_per_k_step() -> None:
-    assert qm.quant_matmul_config(128, 4096, 4096, 4, 32, 132, False)["BK"] == 128  # 4 groups per step
+    assert _quant_matmul_config(128, 4096, 4096, 4, 32, 132, False)["BK"] == 128  # 4 groups per step
     assert qm.quant_matmul_config(16, 4096, 4096, 4, 32, 132, False)["BK"] == 256
-    assert qm.quant_matmul_config(128, 4096, 4096, 4, 128, 132, False)["BK"] == 128  # one group
+    assert _quant_matmul_config(128, 4096, 4096, 4, 128, 132, False)["BK"] == 128  # one group
     # M = 512 takes the dequantize + cuBLAS path now; the gemm tiles it would have had:
     assert _quant_matmul_config(512, 4096, 4096, 8, 128, 132, False)["BK"] == 64  # inside one group
     assert _quant_matmul_config(512, 4096, 4096, 8, 32, 132, False)["BK"] == 64  # two int8 groups
-    assert qm.quant_matmul_config(128, 3072, 3072, 4, 96, 132, False)["BK"] == 32  # 96: no power-of-two multiple
+    assert _quant_matmul_config(128, 3072, 3072, 4, 96, 132, False)["BK"] == 32  # 96: no power-of-two multiple
 
 
 def test_prefill_gemm_tiles() -> None:
@@ -121,7 +121,7 @@ def test_prefill_gemm_tiles() -> None:
     SMs idle (then 64); K steps of 128 (int4) or 64 (int8)."""
     big = _quant_matmul_config(512, 28672, 4096, 4, 32, 132, False)  # the tile below the dequant threshold
     assert (big["BM"], big["BN"], big["BK"], big["num_warps"]) == (128, 64, 128, 4)
-    small_grid = qm.quant_matmul_config(128, 4096, 14336, 8, 14336, 132, False)
+    small_grid = _quant_matmul_config(128, 4096, 14336, 8, 14336, 132, False)  # dequant takes it now
     assert (small_grid["BM"], small_grid["BN"], small_grid["BK"]) == (64, 64, 64)
     wide_int8 = qm.quant_matmul_config(128, 28672, 4096, 8, 4096, 132, False)
     assert (wide_int8["BM"], wide_int8["BN"]) == (128, 128)
@@ -149,11 +149,14 @@ def test_dequant_then_cublas(bits: int, symmetric: bool, m: int, n: int, k: int,
 def test_dequant_threshold() -> None:
     for bits in (8, 4):
         t = DEQUANT_MIN_M[bits]
-        assert qm.quant_matmul_config(t, 4096, 4096, bits, 4096 if bits == 8 else 32, 132, False) == \
+        assert qm.quant_matmul_config(t, 28672, 4096, bits, 4096 if bits == 8 else 32, 132, False) == \
             {"kernel": "dequant"}
-        assert qm.quant_matmul_config(t - 1, 4096, 4096, bits, 4096 if bits == 8 else 32, 132, False)["kernel"] \
+        assert qm.quant_matmul_config(t - 1, 28672, 4096, bits, 4096 if bits == 8 else 32, 132, False)["kernel"] \
             == "gemm"
         assert qm.quant_matmul_config(t, 4096, 4096, bits, 64, 132, True)["kernel"] != "dequant"  # interpreter
+    # short weights switch earlier than tall ones (gate|up keeps the tiled kernel at M = 128)
+    assert qm.quant_matmul_config(128, 4096, 14336, 8, 14336, 132, False) == {"kernel": "dequant"}
+    assert qm.quant_matmul_config(128, 28672, 4096, 8, 4096, 132, False)["kernel"] == "gemm"
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
