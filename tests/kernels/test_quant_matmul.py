@@ -497,3 +497,22 @@ def test_gpu_real_shapes(bits: int, group, shape: tuple) -> None:
             out = qm.quant_matmul(x, qw, backend="triton")
         ref = quant_matmul_reference(x, qw)
         assert rel_err(out, ref) < 1e-2, (m, shape, bits, group)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits, group, symmetric", [(8, None, True), (8, None, False), (4, 32, False),
+                                                     (4, 128, True), (4, None, False)], ids=str)
+@pytest.mark.parametrize("n, k", [(6144, 4096), (4096, 14336), (1000, 2048), (300, 1152)], ids=str)
+def test_gpu_dequant_then_cublas(bits: int, group, symmetric: bool, n: int, k: int) -> None:
+    """The large-M path at real shapes: the heuristic takes it at M = 512, the scratch weight equals the
+    reference dequantization, the product equals dequantize-then-matmul (outputs poisoned first)."""
+    from policyinject.kernels._dequant_triton import dequantize_into
+
+    qw = quantize_weight(randn(n, k, device="cuda", scale=0.02), bits, group or k, symmetric=symmetric)
+    assert qm.quant_matmul_config(512, n, k, bits, qw.group_size, 132, False) == {"kernel": "dequant"}
+    with poisoned_alloc():
+        w = dequantize_into(qw, torch.empty(n, k, device="cuda"))
+    assert torch.equal(w, dequantize_weight(qw, torch.float32))
+    for dtype in (torch.bfloat16, torch.float16):
+        x = randn(512, k, dtype=dtype, device="cuda")
+        _check(x, qw, randn(n, dtype=dtype, device="cuda"))
