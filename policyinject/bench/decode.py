@@ -8,7 +8,11 @@ folder) and each system:
   (no host synchronisation per token, so the difference of two whole calls); for Hugging Face, from
   per-token timestamps taken by a stopping criterion (Hugging Face's loop synchronises every token anyway);
 - ``tok/s``: decode throughput, ``batch / (ms/token)``;
-- ``prefill ms``: time to the first token (prompt of ``--prompt`` tokens);
+- ``prefill ms``: time to the first token (prompt of ``--prompt`` tokens, at each batch);
+- ``ttft``: time to the first token at batch 1 for each ``--ttft`` prompt length (default 128 and 2048),
+  against its floor ``max(2 * layer params * prompt / matmul rate, bytes read / copy bandwidth)``, the bf16
+  matmul rate measured at start (:mod:`policyinject.bench.metrics`);
+- per batch: the roofline of the weight bytes plus the KV-cache bytes a step reads, and the fraction reached;
 - ``peak GiB``: ``torch.cuda.max_memory_allocated`` while that system was built and ran;
 - ``roofline``: all weight bytes (as stored: int8/int4 count as such; the definition of
   ``policyinject.testing.roofline.weight_bytes``) / the copy bandwidth measured at start (bytes read + written by a large
@@ -17,7 +21,8 @@ folder) and each system:
   which a step reads one row, left out (Llama-3-8B: 1.05 GB, 0.35 ms at 3 TB/s). The plain roofline flatters
   configurations whose other weights are small (quantized ones): judge those by this one.
 
-The output: a compact table on the terminal (printed last), ``--json`` with every number, ``--plot`` a PNG.
+The output: a compact table on the terminal (printed last), ``--json`` with every number, ``--plot`` a PNG
+with one panel per metric.
 Budget: ``--budget-s`` (default 400 s) -- a system that would start after the budget is skipped and marked
 so. torch.compile of Hugging Face's static-cache generate recompiles per batch size (a minute or more per
 shape), so it runs at ``--hf-compile-batches`` only (default: batch 1).

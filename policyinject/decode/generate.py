@@ -1,4 +1,5 @@
-"""The decode engine's ``generate``: an eager prefill, then one decode step per token over a static KV cache,
+"""The decode engine's ``generate``: a prefill (on a GPU padded to a length bucket and, with
+``enable_cuda_graph``, replayed from a CUDA graph), then one decode step per token over a static KV cache,
 replayed from CUDA graphs when ``enable_cuda_graph`` is on.
 
 One step function serves both modes, so ``enable_cuda_graph=False`` runs the very same kernels with the same
@@ -140,7 +141,9 @@ class Decoder:
     # ------------------------------------------------------------------------------------------ compute
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Run the prompt (left-padded ``[B, T]``), fill cache slots ``[0, T)``; logits of the last
-        position, ``[B, V]`` float32."""
+        position, ``[B, V]`` float32, a new tensor. With :attr:`prefill_buckets` (the GPU default) the prompt is
+        right-padded to a length bucket and, with graphs on, replayed from a CUDA graph
+        (:mod:`policyinject.decode.prefill`; slots up to the bucket hold pad K/V that decoding overwrites)."""
         b, t = input_ids.shape
         self.cache.reserve(b)
         self.runner.prepare(self.max_len)
