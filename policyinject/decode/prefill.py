@@ -114,6 +114,21 @@ class BucketedPrefill:
     ``capacity`` bounds the graphs (and their buffers) held at once; ``minimum`` is the smallest bucket.
     ``stats`` counts graph captures and replays, eager runs, and captures that failed (a step that
     synchronises with the host cannot be captured: that signature then runs eagerly, with a warning).
+
+    Example (on the CPU: eager, padded to the 16-token bucket):
+        >>> import torch
+        >>> from policyinject.pipeline import init_inference
+        >>> from policyinject.decode.generate import Decoder
+        >>> from policyinject.testing.presets import tiny_model
+        >>> decoder = Decoder.from_engine(init_inference(tiny_model("llama"), replace_with_kernel_inject=True,
+        ...                                              dtype="fp32"))
+        >>> ids = torch.tensor([[5, 6, 7]]); mask = torch.ones_like(ids)
+        >>> decoder.cache.reserve(1); decoder.runner.prepare(decoder.max_len)
+        >>> p = BucketedPrefill(decoder.runner, decoder.cache, use_graphs=False)
+        >>> with torch.inference_mode():
+        ...     logits = p.run(ids, mask)
+        >>> logits.shape[0], p.causal_only(mask), p.stats["eager"]
+        (1, True, 1)
     """
 
     def __init__(self, runner: DecodeRunner, cache: StaticKVCache, use_graphs: bool, capacity: int = 4,

@@ -98,3 +98,12 @@ def test_graphed_prefill_matches_hugging_face_fp32(injected):
         expected = reference.generate(ids, max_new_tokens=10, do_sample=False)
         assert torch.equal(engine.generate(ids, max_new_tokens=10), expected)
     assert engine._get_decoder().stats["prefill_replays"] >= 1
+
+
+@pytest.mark.parametrize("name", ["policyinject.decode.prefill", "policyinject.bench.metrics"])
+def test_doctests(name: str) -> None:
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
