@@ -32,6 +32,21 @@ def tiles(bits: int, group: int, k: int):
                "num_stages": stages}
 
 
+def small_m_tiles(m: int, n: int, k: int, bits: int, group: int):
+    """Batched-decode tiles (M <= 64): BM = next power of two of M (at least 16), BN 64-256, BK 128/256, split K
+    chosen as the heuristic does (the grid covers the SMs about twice)."""
+    from policyinject.kernels._common import cdiv, next_pow2
+    from policyinject.kernels.gemv import pick_split_k
+
+    bm = max(16, next_pow2(m))
+    for bn, bk, (warps, stages) in itertools.product((64, 128, 256), (128, 256), ((4, 4), (8, 4), (4, 6))):
+        if bits == 4 and group and bk % group and group % bk:
+            continue
+        split = pick_split_k(cdiv(m, bm) * cdiv(n, bn), cdiv(k, bk), 132)
+        yield {"kernel": "gemm", "BM": bm, "BN": bn, "BK": bk, "split_k": split, "num_warps": warps,
+               "num_stages": stages}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--m", nargs="+", type=int, default=[128, 512])
@@ -71,7 +86,8 @@ def main(argv=None) -> int:
                 ref = quant_matmul_reference(x.float(), qw)
                 heur = quant_matmul_config(m, n, k, bits, qw.group_size)
                 found = []
-                grid = [] if args.heuristic_only else [("tile", c) for c in tiles(bits, group or k, k)]
+                pick = small_m_tiles(m, n, k, bits, group or k) if m <= 64 else tiles(bits, group or k, k)
+                grid = [] if args.heuristic_only else [("tile", c) for c in pick]
                 for name, cfg in [("heuristic", heur)] + grid:
                     try:
                         out = quant_matmul(x, qw, backend="triton", config=cfg)

@@ -8,7 +8,11 @@ folder) and each system:
   (no host synchronisation per token, so the difference of two whole calls); for Hugging Face, from
   per-token timestamps taken by a stopping criterion (Hugging Face's loop synchronises every token anyway);
 - ``tok/s``: decode throughput, ``batch / (ms/token)``;
-- ``prefill ms``: time to the first token (prompt of ``--prompt`` tokens);
+- ``prefill ms``: time to the first token (prompt of ``--prompt`` tokens, at each batch);
+- ``ttft``: time to the first token at batch 1 for each ``--ttft`` prompt length (default 128 and 2048),
+  against its floor ``max(2 * layer params * prompt / matmul rate, bytes read / copy bandwidth)``, the bf16
+  matmul rate measured at start (:mod:`policyinject.bench.metrics`);
+- per batch: the roofline of the weight bytes plus the KV-cache bytes a step reads, and the fraction reached;
 - ``peak GiB``: ``torch.cuda.max_memory_allocated`` while that system was built and ran;
 - ``roofline``: all weight bytes (as stored: int8/int4 count as such; the definition of
   ``policyinject.testing.roofline.weight_bytes``) / the copy bandwidth measured at start (bytes read + written by a large
@@ -17,7 +21,8 @@ folder) and each system:
   which a step reads one row, left out (Llama-3-8B: 1.05 GB, 0.35 ms at 3 TB/s). The plain roofline flatters
   configurations whose other weights are small (quantized ones): judge those by this one.
 
-The output: a compact table on the terminal (printed last), ``--json`` with every number, ``--plot`` a PNG.
+The output: a compact table on the terminal (printed last), ``--json`` with every number, ``--plot`` a PNG
+with one panel per metric.
 Budget: ``--budget-s`` (default 400 s) -- a system that would start after the budget is skipped and marked
 so. torch.compile of Hugging Face's static-cache generate recompiles per batch size (a minute or more per
 shape), so it runs at ``--hf-compile-batches`` only (default: batch 1).
@@ -47,6 +52,7 @@ import torch
 from policyinject.testing.roofline import copy_bandwidth, weight_bytes
 
 from .._extras import require
+from .metrics import kv_bytes_per_step, layer_params, matmul_rate, plot_panels, ttft_roofline_s
 
 ALL_CONFIGS = ("hf-eager", "hf-compile", "kernels", "graphs", "int8", "int4", "int8-head", "int4-head", "int4-g128",
                "int4-g128-head")
@@ -87,8 +93,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's options (shared with ``policyinject bench``)."""
     parser.add_argument("--preset", nargs="+", default=["llama-3.2-1b", "llama-3-8b"],
                         help="presets (llama-3.2-1b, llama-3-8b, smollm2-135m, tiny:ARCH) or checkpoint folders")
-    parser.add_argument("--batch", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--batch", nargs="+", type=int, default=[1, 16, 64])
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens")
+    parser.add_argument("--ttft", nargs="*", type=int, default=[128, 2048],
+                        help="prompt lengths at which time to first token is measured (batch 1)")
     parser.add_argument("--new", type=int, default=128, help="new tokens")
     parser.add_argument("--configs", nargs="+", default=list(ALL_CONFIGS), choices=ALL_CONFIGS)
     parser.add_argument("--hf-compile-batches", nargs="*", type=int, default=[1],
@@ -207,6 +215,15 @@ def pi_decoder(engine: Any, use_graphs: bool) -> Any:
     return Decoder.from_engine(engine, use_graphs=use_graphs)
 
 
+def pi_ttft(decoder: Any, ids: torch.Tensor, repeats: int, device: torch.device) -> float:
+    """Time to the first token of a ``[1, T]`` prompt: a whole ``generate`` call with one new token, after
+    two warm-up calls (the first allocates the cache, the second captures the prefill graph)."""
+    run1 = lambda: decoder.generate(ids, max_new_tokens=1, eos_token_id=[])  # noqa: E731
+    run1()
+    run1()
+    return median_time(run1, max(repeats, 3), device)
+
+
 def pi_measure(decoder: Any, ids: torch.Tensor, new: int, repeats: int, device: torch.device) -> Dict[str, float]:
     """Prefill = a call with one new token; step = (call with ``new`` tokens - prefill) / (new - 1)."""
     run1 = lambda: decoder.generate(ids, max_new_tokens=1, eos_token_id=[])  # noqa: E731
@@ -222,7 +239,7 @@ def pi_measure(decoder: Any, ids: torch.Tensor, new: int, repeats: int, device: 
 def bench_preset(spec: str, args: argparse.Namespace, device: torch.device, bandwidth: float,
                  started: float, log: Callable[[str], None]) -> Dict[str, Any]:
     dtype = _DTYPES[args.dtype]
-    max_len = max(256, args.prompt + args.new)
+    max_len = max(256, args.prompt + args.new, max(args.ttft or [0]) + 1)
     gen = torch.Generator().manual_seed(0)
     out: Dict[str, Any] = {"systems": {}}
     configs = [c for c in ALL_CONFIGS if c in args.configs]
@@ -269,11 +286,18 @@ def bench_preset(spec: str, args: argparse.Namespace, device: torch.device, band
         vocab = model.config.vocab_size
         out["weights"] = weight_bytes(model)
         out["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
+        out["layer_params"] = layer_params(model)
+        out["model_config"] = model.config
         if "hf-eager" in hf_systems and start_system("hf-eager"):
             reference_tokens = hf_tokens(model, prompts(1, vocab), 16)
             hf_tokens(model, prompts(1, vocab), 2)
             for b in args.batch:
                 record("hf-eager", b, hf_measure(model, prompts(b, vocab), args.new, max(args.repeats - 1, 1), device))
+            for p in args.ttft:
+                if not over_budget():
+                    ids = torch.randint(3, vocab, (1, p), generator=gen).to(device)
+                    out["systems"]["hf-eager"].setdefault("ttft_ms", {})[str(p)] = round(
+                        hf_measure(model, ids, 2, max(args.repeats - 1, 1), device)["prefill_s"] * 1e3, 3)
             peak("hf-eager")
         if "hf-compile" in hf_systems and start_system("hf-compile"):
             for b in [b for b in args.batch if b in set(args.hf_compile_batches)]:
@@ -284,8 +308,11 @@ def bench_preset(spec: str, args: argparse.Namespace, device: torch.device, band
                 hf_measure(model, ids, args.new, 1, device, cache_implementation="static")  # compiles
                 out["systems"].setdefault("hf-compile", {"batches": {}})["compile_s_batch%d" % b] = round(
                     time.perf_counter() - t0, 1)
-                record("hf-compile", b, hf_measure(model, ids, args.new, args.repeats, device,
-                                                   cache_implementation="static"))
+                m = hf_measure(model, ids, args.new, args.repeats, device, cache_implementation="static")
+                record("hf-compile", b, m)
+                if b == 1 and args.prompt in args.ttft:  # other prompt lengths would recompile
+                    out["systems"]["hf-compile"].setdefault("ttft_ms", {})[str(args.prompt)] = round(
+                        m["prefill_s"] * 1e3, 3)
             peak("hf-compile")
         del model
         try:
@@ -311,6 +338,8 @@ def bench_preset(spec: str, args: argparse.Namespace, device: torch.device, band
         if "weights" not in out:
             out["weights"] = weight_bytes(model)
             out["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
+            out["layer_params"] = layer_params(model)
+            out["model_config"] = model.config
         try:
             engine = pi_engine(model, wanted[-1], args.dtype, max_len)
         except Exception as exc:  # a config this build cannot run: record it, go on
@@ -332,6 +361,13 @@ def bench_preset(spec: str, args: argparse.Namespace, device: torch.device, band
                         break
                     record(system, b, pi_measure(decoder, prompts(b, vocab), args.new, args.repeats, device))
                 row = out["systems"].setdefault(system, {"batches": {}})
+                for p in args.ttft:
+                    if not over_budget():
+                        ids = torch.randint(3, vocab, (1, p), generator=gen).to(device)
+                        row.setdefault("ttft_ms", {})[str(p)] = round(pi_ttft(decoder, ids, args.repeats, device)
+                                                                      * 1e3, 3)
+                        log(f"  {spec} {LABELS[system]:>18} time to first token, prompt {p}: "
+                            f"{row['ttft_ms'][str(p)]:8.2f} ms")
                 row["setup_s"] = setup_s
                 row["weights"] = wbytes
                 if reference_tokens is not None:
@@ -351,6 +387,26 @@ def bench_preset(spec: str, args: argparse.Namespace, device: torch.device, band
 
     # roofline per system (weights as that system stores them)
     default_w = out.get("weights", {})
+    cfg = out.pop("model_config", None)
+    dtype_bytes = torch.tensor([], dtype=dtype).element_size()
+    flops = args.matmul_flops
+    if default_w.get("read_per_token") and out.get("layer_params"):
+        out["ttft_roofline_ms"] = {str(p): round(ttft_roofline_s(out["layer_params"], default_w["read_per_token"],
+                                                                 p, flops, bandwidth) * 1e3, 3) for p in args.ttft}
+    for system, row in out["systems"].items():
+        if not isinstance(row, dict):
+            continue
+        wb = row.get("weights", default_w)
+        for b, cell in row.get("batches", {}).items():  # batch-B roofline: weights + the KV bytes a step reads
+            if cfg is None or not wb.get("read_per_token") or not cell.get("ms_per_token"):
+                continue
+            kv = kv_bytes_per_step(cfg, int(b), args.prompt + args.new // 2, dtype_bytes)
+            roof = (wb["read_per_token"] + kv) / bandwidth * 1e3
+            cell["roofline_ms"] = round(roof, 3)
+            cell["roofline_fraction"] = round(roof / cell["ms_per_token"], 3)
+        for p, ms in row.get("ttft_ms", {}).items():
+            if out.get("ttft_roofline_ms", {}).get(p) and ms:
+                row.setdefault("ttft_roofline_fraction", {})[p] = round(out["ttft_roofline_ms"][p] / ms, 3)
     for key, name in (("all", "roofline_ms"), ("read_per_token", "roofline_read_ms")):
         out[name] = round(default_w[key] / bandwidth * 1e3, 3) if default_w.get(key) else None
     compiled = out["systems"].get("hf-compile", {}).get("batches", {}).get("1", {}).get("ms_per_token")
@@ -374,7 +430,9 @@ def format_table(result: Dict[str, Any]) -> str:
     """The compact final table: one row per (model, system)."""
     batches = result["batch"]
     head = ["model", "system", "ms/tok b1", "roofline", "frac", "read roof", "frac", "vs compiled", "prefill ms"]
-    head += [f"tok/s b{b}" for b in batches if b != 1] + ["peak GiB"]
+    ttft = [str(p) for p in result.get("ttft_prompts", [])]
+    head += [f"ttft {p}" for p in ttft]
+    head += [f"tok/s b{b} (frac)" for b in batches if b != 1] + ["peak GiB"]
     rows = [head]
     for spec, preset in result["presets"].items():
         for system in ALL_CONFIGS:
@@ -390,49 +448,29 @@ def format_table(result: Dict[str, Any]) -> str:
                      _f(row.get("roofline_fraction"), "{:.0%}"), _f(row.get("roofline_read_ms")),
                      _f(row.get("roofline_read_fraction"), "{:.0%}"), _f(row.get("speedup_vs_hf_compile"), "{:.2f}x"),
                      _f(b1.get("prefill_ms"), "{:.1f}")]
-            cells += [_f(row["batches"].get(str(b), {}).get("tokens_per_s"), "{:.0f}") for b in batches if b != 1]
+            cells += [_f(row.get("ttft_ms", {}).get(p), "{:.1f}") for p in ttft]
+            for b in [b for b in batches if b != 1]:
+                cell = row["batches"].get(str(b), {})
+                frac = cell.get("roofline_fraction")
+                cells.append(_f(cell.get("tokens_per_s"), "{:.0f}") + (f" ({frac:.0%})" if frac else ""))
             cells.append(_f(row.get("peak_gib"), "{:.1f}"))
             rows.append(cells)
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
     lines = ["  ".join(str(c).rjust(w) if i > 1 else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in rows]
     info = (f"{result['card']} | {result['dtype']} | prompt {result['prompt']} | new {result['new']} | "
-            f"copy {result['copy_tb_s']:.2f} TB/s | torch {result['torch']} | transformers {result['transformers']}")
-    return info + "\n" + "\n".join(lines)
+            f"copy {result['copy_tb_s']:.2f} TB/s | matmul {result.get('matmul_tflops', 0):.0f} TFLOP/s | "
+            f"torch {result['torch']} | triton {result.get('triton')} | transformers {result['transformers']}")
+    roofs = [f"{spec}: ttft roofline " + ", ".join(f"{p} -> {ms:.2f} ms" for p, ms in
+                                                   pre.get("ttft_roofline_ms", {}).items())
+             for spec, pre in result["presets"].items() if pre.get("ttft_roofline_ms")]
+    return info + "\n" + "\n".join(lines + roofs)
 
 
 def _f(value: Any, fmt: str = "{:.3f}") -> str:
     if value is None:
         return "-"
     return fmt.format(value)
-
-
-def plot(result: Dict[str, Any], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    presets = list(result["presets"])
-    fig, axes = plt.subplots(1, len(presets), figsize=(6 * len(presets), 4.5), squeeze=False)
-    for ax, spec in zip(axes[0], presets):
-        systems = result["presets"][spec]["systems"]
-        names, values = [], []
-        for system in ALL_CONFIGS:
-            b1 = systems.get(system, {}).get("batches", {}).get("1")
-            if b1:
-                names.append(LABELS[system])
-                values.append(b1["ms_per_token"])
-        ax.bar(names, values, color="tab:blue")
-        roof = result["presets"][spec].get("roofline_ms")
-        if roof:
-            ax.axhline(roof, color="tab:red", linestyle="--", label=f"bf16 roofline {roof:.2f} ms")
-            ax.legend()
-        ax.set_title(f"{spec}: ms/token, batch 1 ({result['card']})")
-        ax.set_ylabel("ms per token")
-        ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Dict[str, Any]:
@@ -458,9 +496,11 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Dict[st
     except ImportError:  # pragma: no cover
         triton_version = None
     bandwidth = copy_bandwidth(device)
+    args.matmul_flops = matmul_rate(device, dtype=_DTYPES[args.dtype] if device.type == "cuda" else torch.float32)
     result: Dict[str, Any] = {
         "card": card, "dtype": args.dtype, "prompt": args.prompt, "new": args.new, "batch": list(args.batch),
         "copy_tb_s": round(bandwidth / 1e12, 3), "torch": torch.__version__,
+        "matmul_tflops": round(args.matmul_flops / 1e12, 1), "ttft_prompts": list(args.ttft),
         "transformers": transformers.__version__, "triton": triton_version, "presets": {},
         "method": "ms/token: policyinject (T(new)-T(1))/(new-1) over whole calls; HF per-token timestamps; "
                   "roofline = all weight bytes / copy bandwidth; read roofline = the bytes a step reads (no untied input "
@@ -475,7 +515,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Dict[st
             json.dump(result, fh, indent=2)
     if args.plot_path:
         try:
-            plot(result, args.plot_path)
+            plot_panels(result, args.plot_path, LABELS, list(ALL_CONFIGS))
         except ImportError:
             log("matplotlib is not installed: no plot")
     log("")

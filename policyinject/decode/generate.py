@@ -1,4 +1,5 @@
-"""The decode engine's ``generate``: an eager prefill, then one decode step per token over a static KV cache,
+"""The decode engine's ``generate``: a prefill (on a GPU padded to a length bucket and, with
+``enable_cuda_graph``, replayed from a CUDA graph), then one decode step per token over a static KV cache,
 replayed from CUDA graphs when ``enable_cuda_graph`` is on.
 
 One step function serves both modes, so ``enable_cuda_graph=False`` runs the very same kernels with the same
@@ -42,6 +43,7 @@ from .concurrency import CallLock
 from .graphs import GraphCache, require_cuda
 from .kv_cache import StaticKVCache, decode_mask, prefill_mask, span_for
 from .params import GenerateParams, resolve_params
+from .prefill import BucketedPrefill
 from .runner import DecodeRunner, decode_problems
 from .sampling import flag_nonfinite, greedy, penalize
 from .state import DecodeState
@@ -82,6 +84,10 @@ class Decoder:
         self.backend = str(backend or "auto")
         #: Apply rotary inside the Triton decode attention (instead of the block's own rotary launch).
         self.fuse_rotary = True
+        #: Prefill right-padded to length buckets (on a GPU): the same function eager or replayed from a graph
+        #: (``decode/prefill.py``); False: the prompt runs at its own length, eagerly.
+        self.prefill_buckets = self.runner.device.type == "cuda"
+        self._prefill = BucketedPrefill(self.runner, self.cache, self.use_graphs)
         self._states: "OrderedDict[int, DecodeState]" = OrderedDict()
         self._state_generation = self.cache.generation
         #: Serialises ``generate`` calls: the cache and state buffers are shared by every call.
@@ -121,7 +127,8 @@ class Decoder:
     @property
     def stats(self) -> dict:
         """Graph captures, replays and evictions; graphs held; KV-cache bytes."""
-        return {**self.graphs.stats, "graphs": len(self.graphs), "kv_cache_bytes": self.cache.nbytes()}
+        return {**self.graphs.stats, "graphs": len(self.graphs), "kv_cache_bytes": self.cache.nbytes(),
+                **self._prefill.stats_dict()}
 
     # -------------------------------------------------------------------------------------------- state
     def _state(self, batch: int, vocab: int) -> DecodeState:
@@ -144,10 +151,14 @@ class Decoder:
     # ------------------------------------------------------------------------------------------ compute
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Run the prompt (left-padded ``[B, T]``), fill cache slots ``[0, T)``; logits of the last
-        position, ``[B, V]`` float32."""
+        position, ``[B, V]`` float32, a new tensor. With :attr:`prefill_buckets` (the GPU default) the prompt is
+        right-padded to a length bucket and, with graphs on, replayed from a CUDA graph
+        (:mod:`policyinject.decode.prefill`; slots up to the bucket hold pad K/V that decoding overwrites)."""
         b, t = input_ids.shape
         self.cache.reserve(b)
         self.runner.prepare(self.max_len)
+        if self.prefill_buckets:
+            return self._prefill.run(input_ids, attention_mask)
         dtype = self.runner.dtype
         masks = {w: prefill_mask(attention_mask, dtype, w) for w in set(self.runner.windows)}
         attends = [self.cache.prefill_attend(i, masks[w], s, **self.runner.attend_extras[i])

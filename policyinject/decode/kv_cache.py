@@ -167,10 +167,11 @@ class StaticKVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
 
     # ---------------------------------------------------------------------------------------- attends
-    def prefill_attend(self, layer: int, mask: torch.Tensor, scale: Optional[float] = None,
+    def prefill_attend(self, layer: int, mask: Optional[torch.Tensor], scale: Optional[float] = None,
                        softcap: Optional[float] = None, alibi: Optional[torch.Tensor] = None) -> Attend:
         """The ``attend`` of layer ``layer`` for a prompt of ``T`` tokens: writes slots ``[0, T)`` and attends
-        over the fresh k/v under ``mask`` (from :func:`prefill_mask`), with attention-score soft-capping
+        over the fresh k/v under ``mask`` (from :func:`prefill_mask`; None: plain causal attention, for a
+        prompt without padding, which lets SDPA take its flash kernel), with attention-score soft-capping
         ``softcap`` and ALiBi ``alibi`` slopes ``[H]`` when given."""
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -180,12 +181,12 @@ class StaticKVCache:
             self._ensure(layer, k)
             self.k[layer][:b, :, :t].copy_(k)
             self.v[layer][:b, :, :t].copy_(v)
-            m = mask.to(q.dtype) if mask.dtype != q.dtype else mask
+            m = mask.to(q.dtype) if (mask is not None and mask.dtype != q.dtype) else mask
             if softcap is None and alibi is None:
-                return sdpa(q, k, v, m, causal=False, scale=scale)
+                return sdpa(q, k, v, m, causal=m is None, scale=scale)
             idx = torch.arange(t, device=q.device)
             bias = alibi_bias(alibi, idx, idx, q.dtype) if alibi is not None else None
-            return attention(q, k, v, m, causal=False, scale=scale, softcap=softcap, bias=bias)
+            return attention(q, k, v, m, causal=m is None, scale=scale, softcap=softcap, bias=bias)
 
         return attend
 

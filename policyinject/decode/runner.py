@@ -300,12 +300,15 @@ class DecodeRunner:
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, attends: Sequence[Any],
                 last_only: bool = False, rotary_in_attend: Optional[Sequence[Optional[str]]] = None,
-                tables: Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = None) -> torch.Tensor:
+                tables: Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = None,
+                last_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits ``[B, T, V]`` (``[B, 1, V]`` with ``last_only``) for tokens ``ids [B, T]`` at rotary
         positions ``pos [B, T]``, one ``attend`` per layer.
 
         ``rotary_in_attend`` marks layers whose ``attend`` applies rotary itself (the block gets the
-        ``NO_ROTARY`` marker instead of the tables); ``tables`` passes precomputed ``(cos, sin)`` rows."""
+        ``NO_ROTARY`` marker instead of the tables); ``tables`` passes precomputed ``(cos, sin)`` rows;
+        ``last_index`` (a one-element device tensor, with ``last_only``) names the position whose logits are
+        returned instead of the last one (a right-padded prompt, :mod:`policyinject.decode.prefill`)."""
         h = self.embed_tokens(ids, pos)
         cos, sin = tables if tables is not None else self.rotary_for(pos)
         skip = None
@@ -326,7 +329,10 @@ class DecodeRunner:
             if pending is not None:
                 h, pending = h + pending, None
             h = layer.run(h, c, s_, attend)
-        if last_only and h.shape[1] > 1:
+        if last_only and last_index is not None:
+            h = h.index_select(1, last_index)
+            pending = pending.index_select(1, last_index) if pending is not None else None
+        elif last_only and h.shape[1] > 1:
             h = h[:, -1:]
             pending = pending[:, -1:] if pending is not None else None
         if pending is not None and hasattr(self.final_norm, "forward_add"):

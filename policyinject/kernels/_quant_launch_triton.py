@@ -133,9 +133,13 @@ def launch_q8gemv(x2, qw, bias, cfg, gated: bool = False) -> torch.Tensor:
 
 def launch(x2: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor], cfg: Mapping) -> torch.Tensor:
     """``x2 @ dequant(qw).T + bias`` for ``[M, K]`` rows through the kernel ``cfg["kernel"]`` names
-    (``q8gemv``, ``q4mma``, ``q4gemv``, ``gemv`` or ``gemm``) with the block sizes of ``cfg``; a ``q4gemv``
+    (``q8gemv``, ``q4mma``, ``q4gemv``, ``gemv``, ``gemm`` or ``dequant``) with the block sizes of ``cfg``; a ``q4gemv``
     config falls back to the byte kernel where the word kernel cannot read the weight's layout."""
     kernel_name = cfg.get("kernel", "gemv")
+    if kernel_name == "dequant":  # large M: a dequantized scratch copy of the weight, then cuBLAS
+        from ._dequant_triton import launch_dequant_matmul
+
+        return launch_dequant_matmul(x2, qw, bias)
     if kernel_name == "q8gemv":
         if qw.num_bits != 8 or not qw.per_channel:
             raise ValueError("the q8gemv kernel takes int8 weights with one scale per output channel")

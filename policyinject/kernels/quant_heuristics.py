@@ -1,6 +1,7 @@
 """Launch-config heuristics of the quantized matmul kernels: which kernel and which tile for a shape.
 
-:func:`quant_matmul_config` picks one of five kernels (``q8gemv``, ``q4mma``, ``q4gemv``, ``gemv``, ``gemm``;
+:func:`quant_matmul_config` picks one of six kernels (``q8gemv``, ``q4mma``, ``q4gemv``, ``gemv``, ``gemm``,
+``dequant``;
 see :mod:`policyinject.kernels.quant_matmul`) and its block sizes, K split and warps from ``(m, n, k)``, the
 bit width, the group size and the GPU's SM count. Pure functions of their arguments; no Triton needed.
 
@@ -17,10 +18,20 @@ from ._common import cdiv, floor_pow2, next_pow2, pow2_divisor
 from ._q4mma_gluon import q4mma_layout_lanes
 from .gemv import pick_split_k
 
-__all__ = ["quant_matmul_config", "QGEMV_MAX_M"]
+__all__ = ["quant_matmul_config", "QGEMV_MAX_M", "DEQUANT_MIN_M"]
 
 #: Batches up to this many rows take the GEMV kernel; larger ones the tl.dot kernel.
 QGEMV_MAX_M = 4
+
+#: From this many activation rows on (per bit width), the weight is dequantized into a scratch matrix and
+#: cuBLAS multiplies (kernel ``"dequant"``): the extra write + read of the weight costs less than the
+#: dequantize-in-tile kernel loses to cuBLAS there. Weights of fewer than :data:`DEQUANT_TALL_N` rows switch
+#: from :data:`DEQUANT_MIN_M_SHORT` rows on. Measured on an H200 (``benchmarks/dequant_sweep.py``, Llama-3-8B
+#: shapes, CUDA-graph timing, 2026-12-03): at M = 128 dequantize + cuBLAS wins on qkv, o and down (int8 38 /
+#: 28 / 89 us against 40 / 30 / 118) and loses on gate|up (166 against 82); at 256 it wins on every shape.
+DEQUANT_MIN_M = {8: 256, 4: 256}
+DEQUANT_MIN_M_SHORT = 128
+DEQUANT_TALL_N = 16384
 
 
 def quant_matmul_config(
@@ -42,8 +53,13 @@ def quant_matmul_config(
         'q8gemv'
         >>> quant_matmul_config(64, 4096, 4096, 8, 4096)["kernel"]
         'gemm'
+        >>> quant_matmul_config(2048, 4096, 4096, 4, 32)  # prefill: dequantize, then cuBLAS
+        {'kernel': 'dequant'}
     """
     per_channel = group_size == k
+    if not interpret and num_bits in DEQUANT_MIN_M and (
+            m >= DEQUANT_MIN_M[num_bits] or (m >= DEQUANT_MIN_M_SHORT and n < DEQUANT_TALL_N)):
+        return {"kernel": "dequant"}
     if num_bits == 8 and per_channel and m == 1 and not interpret:
         return _q8gemv_config(n, k, sm_count)
     if num_bits == 4:

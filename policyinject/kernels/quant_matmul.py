@@ -2,14 +2,17 @@
 
 The weight format is :class:`policyinject.kernels.quantize.QuantizedWeight`. ``backend="torch"`` (and
 ``"auto"`` off CUDA or without triton) runs the dequantize-then-matmul reference
-(:func:`~policyinject.kernels.quant_reference.quant_matmul_reference`); the Triton path picks one of five
+(:func:`~policyinject.kernels.quant_reference.quant_matmul_reference`); the Triton path picks one of six
 kernels by shape (:func:`~policyinject.kernels.quant_heuristics.quant_matmul_config`), all dequantizing in
 registers (no dequantized copy of the weight is ever written) and accumulating in float32:
 
 * decode (``M <= 4`` rows): ``q8gemv`` (int8, one scale per output channel), ``q4mma`` (int4 on the tensor
   cores, one bf16 row, Gluon), ``q4gemv`` (int4 on packed int32 words) or the byte GEMV ``gemv``
   (:mod:`._quant_gemv_triton`, :mod:`._q4mma_gluon`);
-* prefill and batched decode: ``gemm``, tiles with ``tl.dot`` (:mod:`._quant_gemm_triton`).
+* batched decode and short prefills: ``gemm``, tiles with ``tl.dot`` (:mod:`._quant_gemm_triton`);
+* long prefills (``M >=`` :data:`~policyinject.kernels.quant_heuristics.DEQUANT_MIN_M`): ``dequant``, the one
+  exception to "never written": the weight dequantized into a scratch matrix of the activation dtype, then
+  cuBLAS (:mod:`._dequant_triton`).
 
 Launchers: :mod:`._quant_launch_triton`. Module layout: ``docs/kernels.md``.
 

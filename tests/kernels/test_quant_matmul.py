@@ -15,6 +15,7 @@ from kernel_checks import assert_close, poisoned_alloc, randn, rel_err
 from policyinject.errors import UnsupportedError
 from policyinject.kernels import quant_matmul as qm
 from policyinject.kernels._common import triton_launchable
+from policyinject.kernels.quant_heuristics import DEQUANT_MIN_M, _quant_matmul_config
 from policyinject.kernels.quant_reference import quant_matmul_reference
 from policyinject.kernels.quantize import QuantizedWeight, dequantize_weight, quantize_weight
 
@@ -106,23 +107,56 @@ def test_gemm_k_steps_spanning_several_groups(bits: int, symmetric: bool, group:
 
 
 def test_gemm_heuristic_takes_several_groups_per_k_step() -> None:
-    assert qm.quant_matmul_config(128, 4096, 4096, 4, 32, 132, False)["BK"] == 128  # 4 groups per step
+    assert _quant_matmul_config(128, 4096, 4096, 4, 32, 132, False)["BK"] == 128  # 4 groups per step
     assert qm.quant_matmul_config(16, 4096, 4096, 4, 32, 132, False)["BK"] == 256
-    assert qm.quant_matmul_config(128, 4096, 4096, 4, 128, 132, False)["BK"] == 128  # one group
-    assert qm.quant_matmul_config(512, 4096, 4096, 8, 128, 132, False)["BK"] == 64  # inside one group
-    assert qm.quant_matmul_config(512, 4096, 4096, 8, 32, 132, False)["BK"] == 64  # two int8 groups
-    assert qm.quant_matmul_config(128, 3072, 3072, 4, 96, 132, False)["BK"] == 32  # 96: no power-of-two multiple
+    assert _quant_matmul_config(128, 4096, 4096, 4, 128, 132, False)["BK"] == 128  # one group
+    # M = 512 takes the dequantize + cuBLAS path now; the gemm tiles it would have had:
+    assert _quant_matmul_config(512, 4096, 4096, 8, 128, 132, False)["BK"] == 64  # inside one group
+    assert _quant_matmul_config(512, 4096, 4096, 8, 32, 132, False)["BK"] == 64  # two int8 groups
+    assert _quant_matmul_config(128, 3072, 3072, 4, 96, 132, False)["BK"] == 32  # 96: no power-of-two multiple
 
 
 def test_prefill_gemm_tiles() -> None:
     """64 weight rows per tile (int8: 128 while that fills the SMs); 128 activation rows unless that leaves
     SMs idle (then 64); K steps of 128 (int4) or 64 (int8)."""
-    big = qm.quant_matmul_config(512, 28672, 4096, 4, 32, 132, False)
+    big = _quant_matmul_config(512, 28672, 4096, 4, 32, 132, False)  # the tile below the dequant threshold
     assert (big["BM"], big["BN"], big["BK"], big["num_warps"]) == (128, 64, 128, 4)
-    small_grid = qm.quant_matmul_config(128, 4096, 14336, 8, 14336, 132, False)
+    small_grid = _quant_matmul_config(128, 4096, 14336, 8, 14336, 132, False)  # dequant takes it now
     assert (small_grid["BM"], small_grid["BN"], small_grid["BK"]) == (64, 64, 64)
     wide_int8 = qm.quant_matmul_config(128, 28672, 4096, 8, 4096, 132, False)
     assert (wide_int8["BM"], wide_int8["BN"]) == (128, 128)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("m, n, k, group", [(5, 24, 576, 64), (3, 40, 200, None), (7, 33, 384, 32), (2, 8, 512, 128)])
+def test_dequant_then_cublas(bits: int, symmetric: bool, m: int, n: int, k: int, group) -> None:
+    """The large-M path: the weight dequantized into a scratch matrix (``_dequant_kernel``: ragged N and K,
+    groups, zero points), then ``F.linear``."""
+    if bits == 4 and group is not None and group % 32:
+        pytest.skip("int4 takes groups that are a multiple of 32")
+    qw = quantize_weight(randn(n, k) + 0.2, bits, group, symmetric).to(DEVICE)
+    for dtype in (torch.float32, torch.bfloat16):
+        _check(randn(m, k, dtype=dtype, device=DEVICE), qw, randn(n, dtype=dtype, device=DEVICE),
+               {"kernel": "dequant"})
+    from policyinject.kernels._dequant_triton import dequantize_into
+
+    with poisoned_alloc():
+        out = dequantize_into(qw, torch.empty(n, k, device=DEVICE), bn=8, bk=64)
+    assert torch.equal(out, dequantize_weight(qw, torch.float32).to(out.device))
+
+
+def test_dequant_threshold() -> None:
+    for bits in (8, 4):
+        t = DEQUANT_MIN_M[bits]
+        assert qm.quant_matmul_config(t, 28672, 4096, bits, 4096 if bits == 8 else 32, 132, False) == \
+            {"kernel": "dequant"}
+        assert qm.quant_matmul_config(t - 1, 28672, 4096, bits, 4096 if bits == 8 else 32, 132, False)["kernel"] \
+            == "gemm"
+        assert qm.quant_matmul_config(t, 4096, 4096, bits, 64, 132, True)["kernel"] != "dequant"  # interpreter
+    # short weights switch earlier than tall ones (gate|up keeps the tiled kernel at M = 128)
+    assert qm.quant_matmul_config(128, 4096, 14336, 8, 14336, 132, False) == {"kernel": "dequant"}
+    assert qm.quant_matmul_config(128, 28672, 4096, 8, 4096, 132, False)["kernel"] == "gemm"
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
@@ -463,3 +497,22 @@ def test_gpu_real_shapes(bits: int, group, shape: tuple) -> None:
             out = qm.quant_matmul(x, qw, backend="triton")
         ref = quant_matmul_reference(x, qw)
         assert rel_err(out, ref) < 1e-2, (m, shape, bits, group)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits, group, symmetric", [(8, None, True), (8, None, False), (4, 32, False),
+                                                     (4, 128, True), (4, None, False)], ids=str)
+@pytest.mark.parametrize("n, k", [(6144, 4096), (4096, 14336), (1000, 2048), (300, 1152)], ids=str)
+def test_gpu_dequant_then_cublas(bits: int, group, symmetric: bool, n: int, k: int) -> None:
+    """The large-M path at real shapes: the heuristic takes it at M = 512, the scratch weight equals the
+    reference dequantization, the product equals dequantize-then-matmul (outputs poisoned first)."""
+    from policyinject.kernels._dequant_triton import dequantize_into
+
+    qw = quantize_weight(randn(n, k, device="cuda", scale=0.02), bits, group or k, symmetric=symmetric)
+    assert qm.quant_matmul_config(512, n, k, bits, qw.group_size, 132, False) == {"kernel": "dequant"}
+    with poisoned_alloc():
+        w = dequantize_into(qw, torch.empty(n, k, device="cuda"))
+    assert torch.equal(w, dequantize_weight(qw, torch.float32))
+    for dtype in (torch.bfloat16, torch.float16):
+        x = randn(512, k, dtype=dtype, device="cuda")
+        _check(x, qw, randn(n, dtype=dtype, device="cuda"))
