@@ -30,7 +30,14 @@ from .config import (
     load_config,
 )
 from .engine import InferenceEngine
-from .errors import PlanError, PluginError, PolicyError, PolicyInjectError, UnsupportedError
+from .errors import (
+    NothingInjectedWarning,
+    PlanError,
+    PluginError,
+    PolicyError,
+    PolicyInjectError,
+    UnsupportedError,
+)
 from .hooks import hookimpl
 from .pipeline import init_inference, plan_inference
 from .plan import Plan
@@ -55,7 +62,7 @@ _USER_API = (
     "InferenceConfig", "TensorParallelConfig", "QuantizationConfig", "WeightQuantConfig", "ActivationQuantConfig",
     "QKVQuantConfig", "MoEConfig", "CheckpointConfig",
     "PolicyInjectError", "ConfigError", "PlanError", "PolicyError", "PluginError", "UnsupportedError",
-    "PluginConflictWarning",
+    "PluginConflictWarning", "NothingInjectedWarning",
 )
 #: The policy-author tier: describe an architecture, ship it as a plugin.
 _AUTHOR_API = (

@@ -188,3 +188,65 @@ def test_paths_that_exist_are_accepted_as_before():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pi.plan_inference(model, plugins=pi.PluginManager.empty(), injection_policy={Block: BUILTIN})
+
+
+# ------------------------------------------------------------------------------ nothing to inject: warned
+
+
+def _nothing_injected(model, **kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = pi.init_inference(model, dtype="fp32", replace_with_kernel_inject=True, **kwargs)
+    found = [w for w in caught if issubclass(w.category, pi.NothingInjectedWarning)]
+    return engine, found
+
+
+class Custom(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)])
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def test_kernel_injection_on_a_custom_module_no_policy_matches_warns():
+    assert issubclass(pi.NothingInjectedWarning, UserWarning) and "NothingInjectedWarning" in pi.__all__
+    engine, found = _nothing_injected(Custom())
+    assert len(found) == 1
+    text = str(found[0].message)
+    assert "nothing will be injected into Custom" in text and "no policy matches any of its layers" in text
+    for model_type in ("llama", "gpt2", "mistral"):
+        assert model_type in text
+    assert "policyinject inspect" in text
+    assert found[0].filename == __file__  # points at the caller's line
+    assert text in engine.plan.lint
+    assert engine(torch.ones(1, 8)).shape == (1, 8)
+
+
+def test_kernel_injection_on_a_transformers_model_type_without_plugin_warns():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("xglm", d_model=64, num_layers=2, attention_heads=4, ffn_dim=128, vocab_size=256,
+                                  max_position_embeddings=64)
+    _, found = _nothing_injected(AutoModelForCausalLM.from_config(config))
+    assert len(found) == 1
+    assert "XGLMForCausalLM (model_type 'xglm')" in str(found[0].message)
+
+
+def test_matched_layers_that_cannot_be_injected_warn_with_the_reason():
+    model = torch.nn.Sequential(Block(), Block())
+    _, found = _nothing_injected(model, plugins=pi.PluginManager.empty(), injection_policy={Block: ("o", "fc2")})
+    assert len(found) == 1
+    text = str(found[0].message)
+    assert "2 layers matched (Block) but none can be injected: the policy describes no attention role" in text
+
+
+def test_no_warning_when_layers_are_injected_or_injection_is_not_asked_for():
+    _, found = _nothing_injected(tiny_model("llama"))
+    assert found == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pi.NothingInjectedWarning)
+        pi.init_inference(Custom(), dtype="fp32")
