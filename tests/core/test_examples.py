@@ -212,6 +212,11 @@ def test_markdown_block(block: Block, _docs_cwd) -> None:
 
 def test_markdown_examples_are_collected():
     ids = {b.id for b in BLOCKS}
+    # Every Python-looking fence is a collected block: none is written so that it silently escapes the run.
+    for f in _markdown_files():
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            if re.match(r"^\s*```\s*(python|py|pycon|python3)\b", line):
+                assert f"{f.relative_to(ROOT)}:{n}" in ids, f"{f.relative_to(ROOT)}:{n}: write it as ```python"
     assert any(i.startswith("docs/architecture.md:") for i in ids)
     skipped = [b for b in BLOCKS if b.skip]
     # Skip markers stay rare: most examples run.
