@@ -30,7 +30,15 @@ from .config import (
     load_config,
 )
 from .engine import InferenceEngine
-from .errors import PlanError, PluginError, PolicyError, PolicyInjectError, RankTimeoutError, UnsupportedError
+from .errors import (
+    NothingInjectedWarning,
+    PlanError,
+    PluginError,
+    PolicyError,
+    PolicyInjectError,
+    RankTimeoutError,
+    UnsupportedError,
+)
 from .hooks import hookimpl
 from .pipeline import init_inference, plan_inference
 from .plan import Plan
@@ -56,7 +64,7 @@ _USER_API = (
     "QKVQuantConfig", "MoEConfig", "CheckpointConfig",
     "PolicyInjectError", "ConfigError", "PlanError", "PolicyError", "PluginError", "UnsupportedError",
     "RankTimeoutError",
-    "PluginConflictWarning",
+    "PluginConflictWarning", "NothingInjectedWarning",
 )
 #: The policy-author tier: describe an architecture, ship it as a plugin.
 _AUTHOR_API = (

@@ -38,6 +38,12 @@ class UnsupportedError(PolicyInjectError, NotImplementedError):
     """A feature was asked for that cannot run here (for example CUDA graphs without CUDA)."""
 
 
+class NothingInjectedWarning(UserWarning):
+    """``replace_with_kernel_inject=True`` but no layer of the model will be injected (no policy matches, or
+    the matched layers cannot be injected); the model runs as it was. The message names the model class, the
+    model types the registered plugins describe, and ``policyinject inspect``."""
+
+
 class NonFiniteLogitsError(PolicyInjectError, FloatingPointError):
     """Generation met logits it cannot choose a token from (NaN, ``+inf``, or a row of all ``-inf``).
 

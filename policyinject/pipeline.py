@@ -29,6 +29,7 @@ import attrs
 import torch
 
 from .config import InferenceConfig, load_config
+from .coverage import warn_if_nothing_injected
 from .engine import InferenceEngine
 from .errors import PlanError
 from .passes.base import Pass, PassContext
@@ -109,6 +110,7 @@ def prepare(model: torch.nn.Module, config: InferenceConfig, plugins: Optional[P
         per_pass.append((p, actions))
     if problems:
         raise PlanError(problems)
+    warn_if_nothing_injected(plan, model, config, manager, stacklevel=3)
     plan.summary["layers matched"] = len(resolved.layers)
     by: dict = {}
     for layer in resolved.layers:

@@ -1,7 +1,8 @@
 """Every policy resolved before any pass runs, in one place.
 
 Sources, in order of precedence for a layer class: the user's ``injection_policy`` (DeepSpeed short forms or
-``Policy`` values), a ``tensor_parallel.tp_plan`` mapping in the config, the plugins (built-in and entry
+``Policy`` values; every path they name is checked, and a short form is merged with the plugin policy of its
+class, :mod:`policyinject.policy.user_input`), a ``tensor_parallel.tp_plan`` mapping in the config, the plugins (built-in and entry
 points), and -- only when tensor parallelism is asked for -- AutoTP (:mod:`policyinject.policy.autotp`: the
 model's own Hugging Face plan, else name and structure heuristics). The result is the typed list of
 :class:`~policyinject.policy.resolved.ResolvedLayer` that every pass sees, in model order. Nothing here
@@ -25,16 +26,17 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, List, Mapping, Optional
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
 import attrs
 import torch
 
 from ..errors import PlanError
 from .autotp import auto_layers, hf_plan_policies, model_hf_plan
-from .matching import lint_linears, match_layers
+from .matching import find_policy, lint_linears, match_layers
 from .model import ModelPolicy, Policy
 from .resolved import ResolvedLayer
+from .user_input import check_policy_paths, check_short_form, merge_short_form
 
 __all__ = ["ResolvedPolicies", "resolve_policies", "user_policies"]
 
@@ -54,8 +56,14 @@ class ResolvedPolicies:
     lint: List[str] = attrs.field(factory=list)
 
 
-def user_policies(config: Any, model: Optional[torch.nn.Module] = None) -> List[Policy]:
+def user_policies(config: Any, model: Optional[torch.nn.Module] = None, plugin_policies: Sequence[Policy] = (),
+                  select: Optional[Callable[[Any, str, list], Optional[Policy]]] = None) -> List[Policy]:
     """``injection_policy`` entries as :class:`Policy` values (a short form is converted; they win over plugins).
+
+    With ``model``, every path an entry names is checked against the first instance of its class
+    (:class:`~policyinject.errors.PolicyError` naming the class, the path and the closest existing children),
+    and a DeepSpeed short form for a class that one of ``plugin_policies`` describes is merged with that
+    policy (:func:`policyinject.policy.user_input.merge_short_form`; ``select`` picks among several).
 
     Example:
         >>> import torch
@@ -74,8 +82,36 @@ def user_policies(config: Any, model: Optional[torch.nn.Module] = None) -> List[
             policy = value if value.layer == layer else attrs.evolve(value, layer=layer)
         else:
             policy = from_deepspeed(layer, value)
-        out.append(policy.with_source("injection_policy"))
+        policy = policy.with_source("injection_policy")
+        instance = _first_instance(model, layer) if model is not None else None
+        if instance is not None:
+            policy = _checked(policy, value, instance, plugin_policies, select)
+        out.append(policy)
     return out
+
+
+def _first_instance(model: torch.nn.Module, layer: Any) -> Optional[Tuple[str, torch.nn.Module]]:
+    if not isinstance(layer, type):
+        return None
+    return next(((path, m) for path, m in model.named_modules() if type(m) is layer), None)
+
+
+def _checked(policy: Policy, value: Any, instance: Tuple[str, torch.nn.Module], plugin_policies: Sequence[Policy],
+             select: Optional[Callable[[Any, str, list], Optional[Policy]]]) -> Policy:
+    """Check the paths of one user entry; merge a short form with the built-in policy of its class."""
+    path, module = instance
+    written = f"injection_policy[{policy.layer_name}]"
+    if isinstance(value, Policy):
+        check_policy_paths(policy, module, written)
+        return policy
+    names = (value,) if isinstance(value, str) else tuple(value)
+    candidates = find_policy(type(module), plugin_policies)
+    builtin = (select(module, path, candidates) if select is not None and len(candidates) > 1 else None) or \
+        (candidates[0] if candidates else None)
+    if builtin is None:
+        check_short_form(names, module, written)
+        return policy
+    return merge_short_form(type(module), names, builtin, module, written)
 
 
 def _config_plan_policies(model: torch.nn.Module, tp_plan: Any) -> tuple:
@@ -96,7 +132,7 @@ def resolve_policies(model: torch.nn.Module, config: Any, plugins: Any, autotp: 
     extra_user, extra_model = _config_plan_policies(model, tp_plan)
     matched = match_layers(
         model,
-        user=user_policies(config, model) + extra_user,
+        user=user_policies(config, model, collected.layer_policies, plugins.select_policy) + extra_user,
         plugins=list(collected.layer_policies),
         model_policies=list(extra_model) + list(collected.model_policies),
         select=plugins.select_policy,

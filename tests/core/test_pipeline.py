@@ -105,7 +105,16 @@ def test_lint_reports_uncovered_layer_classes_and_unmatched_rules():
     policy = Policy(Other, styles={"nothing_here": "row"})
     plan = pi.plan_inference(Net(), pi.load_config({}))
     assert "no policy covers layer class Other (2 instances)" in plan.lint
-    plan = pi.plan_inference(Net(), pi.load_config({"injection_policy": {Other: policy}}))
+    # A plugin's rule that names nothing is lint; the same rule given by the user is a PolicyError
+    # (tests/core/test_policy_input.py).
+    class Plugin:
+        @pi.hookimpl
+        def policyinject_register_policies(self, register):
+            register(policy)
+
+    pm = pi.PluginManager.empty()
+    pm.register(Plugin, name="other")
+    plan = pi.plan_inference(Net(), pi.load_config({}), plugins=pm)
     assert any("'nothing_here' matched no submodule" in m for m in plan.lint)
     assert any("linear 'lin' is covered by no rule" in m for m in plan.lint)
 
@@ -127,7 +136,7 @@ def test_failed_plan_leaves_the_model_untouched():
         "transformers.models.llama.modeling_llama.LlamaDecoderLayer",
         attention=AttentionSpec(module="self_attn", q="q_proj", k="k_proj", v="no_such_proj", o="o_proj"),
     )
-    with pytest.raises(PlanError) as info:
+    with pytest.raises(pi.PolicyError) as info:  # a path that names nothing: PolicyError at plan time
         pi.init_inference(model, dtype="bf16", replace_with_kernel_inject=True,
                           injection_policy={type(model.model.layers[0]): bad})
     assert "no_such_proj" in str(info.value)
