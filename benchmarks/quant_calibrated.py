@@ -1,8 +1,10 @@
 """Perplexity and greedy-text agreement of every weight-quantization method, calibrated ones included.
 
 Evaluation text: Debian's GPL-3 (``/usr/share/common-licenses/GPL-3``), the first 2048 tokens in 512-token
-windows. Calibration text: the package's default (``policyinject/quant/data/calibration.txt``, this project's
-own documentation and code), so the calibration text is not the evaluation text. Greedy agreement: the share of
+windows. Calibration text (``--calibration``): ``shipped``, the package's default
+(``policyinject/quant/data/calibration.txt``, this project's own documentation and code: out of domain), or
+``heldout``, the same license text's tokens after the evaluated 2048 (in domain, disjoint tokens). Either way the
+calibration tokens are not the evaluation tokens. Greedy agreement: the share of
 32 greedily generated tokens (after each of two fixed prompts) equal, position by position, to the unquantized
 model's. CPU, fp32, reference (PyTorch) kernels: it measures the format and the rounding, not the kernels.
 
@@ -56,6 +58,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["smollm2"], choices=["smollm2", "qwen"])
     ap.add_argument("--rows", nargs="+", default=[])
+    ap.add_argument("--calibration", choices=["shipped", "heldout"], default="shipped",
+                    help="shipped: the package's default text (out of domain); heldout: the evaluation text's tokens "
+                         "after the evaluated 2048, in 512-token rows (same text, disjoint tokens)")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
     import transformers
@@ -68,7 +73,14 @@ def main() -> int:
               "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "models": {}}
     for name in args.models:
         base, tok = models.load_smollm2() if name == "smollm2" else models.load_qwen25_coder()
-        ids = tok(text, return_tensors="pt").input_ids[:, :2048]
+        all_ids = tok(text, return_tensors="pt").input_ids
+        ids = all_ids[:, :2048]
+        calibration = {"tokenizer": tok}
+        if args.calibration == "heldout":
+            held = all_ids[0, 2048:]
+            rows_ = [held[i:i + 512] for i in range(0, held.numel() - 511, 512)]
+            calibration = {"data": rows_, "num_samples": len(rows_), "seq_len": 512}
+        result["calibration"] = args.calibration
         ref_ppl, ref_gen, table = None, None, []
         result["models"][name] = table
         for label, w in rows():
@@ -80,7 +92,7 @@ def main() -> int:
             if w is not None:
                 try:
                     pi.init_inference(model, dtype="fp32", kernel_backend="torch",
-                                      quant={"enabled": True, "weight": w, "calibration": {"tokenizer": tok}})
+                                      quant={"enabled": True, "weight": w, "calibration": calibration})
                 except (pi.PlanError, pi.ConfigError) as exc:  # e.g. group 128 does not divide SmolLM2's 576
                     print(f"{label}: skipped: {str(exc).splitlines()[0][:160]}", flush=True)
                     continue
