@@ -32,6 +32,7 @@ from .config import (
 from .engine import InferenceEngine
 from .errors import PlanError, PluginError, PolicyError, PolicyInjectError, UnsupportedError
 from .hooks import hookimpl
+from .passes.quantize import NothingQuantizedWarning
 from .pipeline import init_inference, plan_inference
 from .plan import Plan
 from .policy import (
@@ -55,7 +56,7 @@ _USER_API = (
     "InferenceConfig", "TensorParallelConfig", "QuantizationConfig", "WeightQuantConfig", "ActivationQuantConfig",
     "QKVQuantConfig", "MoEConfig", "CheckpointConfig",
     "PolicyInjectError", "ConfigError", "PlanError", "PolicyError", "PluginError", "UnsupportedError",
-    "PluginConflictWarning",
+    "PluginConflictWarning", "NothingQuantizedWarning",
 )
 #: The policy-author tier: describe an architecture, ship it as a plugin.
 _AUTHOR_API = (
