@@ -52,7 +52,7 @@ def module_patterns(value: Any) -> Optional[Tuple[str, ...]]:
         ...     module_patterns(["re:(a+)+$"])
         ... except ValueError as e:
         ...     print(e)
-        [0]: the regex 're:(a+)+$' nests a quantifier or an alternation inside a repeated group (catastrophic backtracking); write it without the nesting
+        the regex 're:(a+)+$' nests a quantifier or an alternation inside a repeated group (catastrophic backtracking); write it without the nesting
     """
     if value is None:
         return None

@@ -515,7 +515,7 @@ def takes_layer(source: Callable[..., Any]) -> bool:
 
     Example:
         >>> takes_layer(lambda config: 1), takes_layer(lambda layer, config: 1), takes_layer(max)
-        (False, False, False)
+        (False, True, False)
     """
     import inspect
 
