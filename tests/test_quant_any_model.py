@@ -111,7 +111,7 @@ def test_patterns_apply_on_top_of_a_known_models_policy():
     model = transformers.LlamaForCausalLM(cfg).eval()
     default = pi.plan_inference(model, dtype="int8")
     assert default.quantize.linears == 14 and default.quantize.skipped == {
-        "lm_head": "the output head (the model policy's lm_head); quant.lm_head.enabled quantizes it"}
+        "lm_head": "the output head (the model policy's lm_head), kept unless quant.lm_head.enabled"}
     excluded = pi.plan_inference(model, dtype="int8", quant={"weight": {"exclude": "*.down_proj"}})
     assert excluded.quantize.linears == 12 and all(not p.endswith("down_proj") for p in excluded.quantize.quantized)
     only = pi.plan_inference(model, dtype="int8", quant={"weight": {"include": "re:model\\.layers\\.0\\..*"}})

@@ -24,7 +24,7 @@ Example:
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     >>> sel = select_linears(model, [], None, lm_head=False, qkv=True, include=None, exclude=None)
     >>> [c.path for c in sel.selected], sel.skipped
-    (['0'], {'2': "the output head (the model's last linear); quant.lm_head.enabled quantizes it"})
+    (['0'], {'2': "the output head (the model's last linear), kept unless quant.lm_head.enabled"})
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def select_linears(model: nn.Module, layers: Sequence[Any], model_policy: Any, *
         transposed = transposed or is_conv1d(mod)
         if path in heads:
             chosen = lm_head
-            reason = f"the output head ({heads[path]}); quant.lm_head.enabled quantizes it"
+            reason = f"the output head ({heads[path]}), kept unless quant.lm_head.enabled"
         elif include is not None:
             chosen, reason = first_match(include, path) is not None, "matches no quant.weight.include pattern"
         elif layer_rel is not None:
