@@ -16,7 +16,10 @@ The model-level final norm (``ModelPolicy.final_norm``) becomes a fused norm too
 path, head counts against projection shapes, activations against the policy, and the model's attention
 implementation, and raises :class:`~policyinject.errors.PlanError` listing every problem, before anything is
 touched. Head counts come from the tensor-parallel layout (``plan.tensor_parallel.heads[layer_path]``) when
-tensor parallelism planned first, else from the model config. Apply records an
+tensor parallelism planned first, else from the layer's geometry
+(:func:`~policyinject.policy.geometry.layer_geometry`: the policy's size sources read against the layer's config
+-- the text sub-config inside a vision-language wrapper --, the layer's own attributes, projection shapes), so a
+model without any config injects too. Apply records an
 :class:`~policyinject.plan_fields.InjectionSummary` in ``plan.injection`` and, without tensor parallelism, a
 :class:`~policyinject.plan_fields.DecodeDescription` in ``plan.decode`` (the engine's decoder, falling back
 to the model's own ``generate`` when the decode engine cannot run the transformed model).
