@@ -32,6 +32,7 @@ from .config import (
 from .engine import InferenceEngine
 from .errors import (
     NothingInjectedWarning,
+    NothingQuantizedWarning,
     PlanError,
     PluginError,
     PolicyError,
@@ -64,7 +65,7 @@ _USER_API = (
     "QKVQuantConfig", "MoEConfig", "CheckpointConfig",
     "PolicyInjectError", "ConfigError", "PlanError", "PolicyError", "PluginError", "UnsupportedError",
     "RankTimeoutError",
-    "PluginConflictWarning", "NothingInjectedWarning",
+    "PluginConflictWarning", "NothingInjectedWarning", "NothingQuantizedWarning",
 )
 #: The policy-author tier: describe an architecture, ship it as a plugin.
 _AUTHOR_API = (

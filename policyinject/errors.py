@@ -44,6 +44,12 @@ class NothingInjectedWarning(UserWarning):
     model types the registered plugins describe, and ``policyinject inspect``."""
 
 
+class NothingQuantizedWarning(UserWarning):
+    """Weight quantization was asked for and the plan quantizes no linear at all (the model has none, or the
+    ``quant.weight.include`` / ``exclude`` patterns, ``quant.qkv.enabled`` and ``quant.lm_head.enabled`` leave
+    none); the message names the model class and the patterns."""
+
+
 class NonFiniteLogitsError(PolicyInjectError, FloatingPointError):
     """Generation met logits it cannot choose a token from (NaN, ``+inf``, or a row of all ``-inf``).
 

@@ -119,6 +119,8 @@ def prepare(model: torch.nn.Module, config: InferenceConfig, plugins: Optional[P
         plan.summary["policies from"] = ", ".join(f"{k} {n}" for k, n in by.items())
     if plan.quantize is not None:
         plan.summary["weight bytes (planned)"] = plan.quantize.describe()
+        if plan.quantize.skipped:
+            plan.summary["linears not quantized"] = plan.quantize.describe_skipped()
     if resolved.model_policy is not None:
         plan.summary["model policy"] = f"{resolved.model_policy.model_name} ({resolved.model_policy.source})"
     plan.summary["device"] = str(ctx.device)

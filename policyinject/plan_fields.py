@@ -88,6 +88,30 @@ class QuantizeSummary(_Json):
     linear_bytes_before: int = 0
     linear_bytes_after: int = 0
     planned: bool = True
+    #: Paths of the linears quantized (planned), in model order.
+    quantized: Tuple[str, ...] = ()
+    #: Every other linear of the model: path -> why it is not quantized.
+    skipped: Dict[str, str] = attrs.field(factory=dict)
+    #: The ``quant.weight.include`` / ``exclude`` patterns the selection used (None: not given).
+    include: Optional[Tuple[str, ...]] = None
+    exclude: Optional[Tuple[str, ...]] = None
+
+    def selection_fields(self) -> dict:
+        """What was selected and why (carried from the planned summary to the measured one)."""
+        return {"quantized": self.quantized, "skipped": dict(self.skipped), "include": self.include,
+                "exclude": self.exclude}
+
+    def skip_reasons(self) -> Dict[str, int]:
+        """How many linears were skipped for each reason.
+
+        Example:
+            >>> QuantizeSummary(0, 8, 1, 1, skipped={"a": "x", "b": "x", "c": "y"}).skip_reasons()
+            {'x': 2, 'y': 1}
+        """
+        out: Dict[str, int] = {}
+        for reason in self.skipped.values():
+            out[reason] = out.get(reason, 0) + 1
+        return out
 
     @property
     def ratio(self) -> float:
@@ -101,6 +125,10 @@ class QuantizeSummary(_Json):
         linear = self.linear_bytes_after / max(self.linear_bytes_before, 1)
         return (f"{self.model_bytes_before / 2**30:.3f} GiB -> {self.model_bytes_after / 2**30:.3f} GiB "
                 f"({self.ratio:.2f}x; the {self.linears} quantized linears {linear:.2f}x at {self.bits} bits)")
+
+    def describe_skipped(self) -> str:
+        """One line: the linears not quantized, counted by reason (``-`` for none)."""
+        return "; ".join(f"{n} x {r}" for r, n in self.skip_reasons().items()) or "-"
 
 
 @attrs.frozen

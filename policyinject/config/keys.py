@@ -33,6 +33,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import attrs
 
+from . import patterns as pat
 from . import values as v
 from .dtypes import DTYPE_SPELLINGS, normalize_dtype
 from .tp_plan import HF_TP_STYLES, check_tp_plan
@@ -103,6 +104,9 @@ _OPT_STR = {"type": ["string", "null"]}
 _OBJECT = {"type": "object"}
 _LIVE = {"type": "null", "description": "A live Python object (only null can be written in JSON)."}
 _QTYPE = v.choice("symmetric", "asymmetric")
+_PATTERNS = {"anyOf": [{"type": "null"}, {"type": "string", "minLength": 1, "maxLength": 256},
+                       {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 256},
+                        "minItems": 1, "maxItems": 256}]}
 _NAMES = {"anyOf": [{"type": "string", "minLength": 1},
                     {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1}]}
 
@@ -312,6 +316,17 @@ KEYS: tuple = (
             "auto (hqq for asymmetric 4 bits, else rtn). The stored format is the same.",
             convert=v.choice("auto", "rtn", "hqq", "gptq", "awq"),
             schema={"enum": ["auto", "rtn", "hqq", "gptq", "awq"]}, origin="policyinject"),
+    KeySpec("quant.weight.include", "null | pattern | list of patterns", None,
+            "Quantize only the linears (nn.Linear, Conv1D) whose full module path matches one of these patterns "
+            "(anywhere in the model, policy or not); null: the default selection (the policies' linears of "
+            "matched layers; every linear of a model no policy covers). A glob (fnmatch: '*.mlp.*') or a regex "
+            "prefixed 're:' ('re:.*\\.(q|k|v)_proj'), matched against the whole path. A pattern matching no "
+            "linear is a plan error. The output head stays governed by quant.lm_head.",
+            convert=pat.module_patterns, dump=v.dump_plain, schema=_PATTERNS, origin="policyinject"),
+    KeySpec("quant.weight.exclude", "null | pattern | list of patterns", None,
+            "Never quantize the linears whose full module path matches one of these patterns (same syntax as "
+            "quant.weight.include; applied after it). A pattern matching no linear warns.",
+            convert=pat.module_patterns, dump=v.dump_plain, schema=_PATTERNS, origin="policyinject"),
     KeySpec("quant.weight.quantized_initialization", "mapping", _EMPTY,
             "DeepSpeed ZeRO-Inference: quantize while loading.", status=Status.WARNS,
             note="weights are quantized by the quantize pass", convert=v.mapping, schema=_OBJECT),

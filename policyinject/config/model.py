@@ -119,6 +119,8 @@ class WeightQuantConfig:
     q_groups: int = _field("quant.weight.q_groups")
     group_size: Optional[int] = _field("quant.weight.group_size")
     method: str = _field("quant.weight.method")
+    include: Optional[Tuple[str, ...]] = _field("quant.weight.include")
+    exclude: Optional[Tuple[str, ...]] = _field("quant.weight.exclude")
     quantized_initialization: Mapping[str, Any] = _field("quant.weight.quantized_initialization")
     post_init_quant: Mapping[str, Any] = _field("quant.weight.post_init_quant")
 

@@ -57,6 +57,15 @@ class CallSignature:
         bound.update(kwargs)
         return bound
 
+    def hidden(self, bound: dict) -> Any:
+        """The hidden states among the bound arguments: ``hidden_states``, else the first positional parameter
+        (a plain ``forward(self, x)``)."""
+        if "hidden_states" in bound:
+            return bound["hidden_states"]
+        if self.names and self.names[0] in bound:
+            return bound[self.names[0]]
+        raise TypeError(f"the replaced forward takes {self.names}; no hidden states were given")
+
     def wrap(self, hidden: Any, extra: Any = None) -> Any:
         """Return ``hidden`` in the replaced module's result shape (``extra`` fills the second slot)."""
         if not self.tuple_len:

@@ -410,7 +410,7 @@ class InjectedAttention(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Hugging Face attention call: same arguments as the replaced module; returns ``(output, None)``."""
         bound = self.signature.bind(args, kwargs)
-        x = bound["hidden_states"]
+        x = self.signature.hidden(bound)
         cos, sin = _rotary_tables(bound)
         cache = find_cache(bound)
         attend = self.attend_fn(bound.get("attention_mask"), cache, _cache_kwargs(bound, cos, sin))

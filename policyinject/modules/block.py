@@ -239,7 +239,7 @@ class InjectedBlock(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Hugging Face layer call: same arguments and result shape as the replaced layer."""
         bound = self.signature.bind(args, kwargs)
-        x = bound["hidden_states"]
+        x = self.signature.hidden(bound)
         cos, sin = _rotary_tables(bound)
         attend = self.attn.attend_fn(bound.get("attention_mask"), find_cache(bound), _cache_kwargs(bound, cos, sin))
         return self.signature.wrap(self.run(x, cos, sin, attend))

@@ -16,7 +16,10 @@ The model-level final norm (``ModelPolicy.final_norm``) becomes a fused norm too
 path, head counts against projection shapes, activations against the policy, and the model's attention
 implementation, and raises :class:`~policyinject.errors.PlanError` listing every problem, before anything is
 touched. Head counts come from the tensor-parallel layout (``plan.tensor_parallel.heads[layer_path]``) when
-tensor parallelism planned first, else from the model config. Apply records an
+tensor parallelism planned first, else from the layer's geometry
+(:func:`~policyinject.policy.geometry.layer_geometry`: the policy's size sources read against the layer's config
+-- the text sub-config inside a vision-language wrapper --, the layer's own attributes, projection shapes), so a
+model without any config injects too. Apply records an
 :class:`~policyinject.plan_fields.InjectionSummary` in ``plan.injection`` and, without tensor parallelism, a
 :class:`~policyinject.plan_fields.DecodeDescription` in ``plan.decode`` (the engine's decoder, falling back
 to the model's own ``generate`` when the decode engine cannot run the transformed model).
@@ -54,7 +57,7 @@ from .._nn import submodule_or_none as _sub
 from ..errors import PlanError, PolicyError
 from ..plan import Action
 from ..plan_fields import DecodeDescription, InjectedLayerInfo, InjectionSummary
-from ..policy.geometry import config_heads, hidden_size
+from ..policy.geometry import config_for_layer, hidden_size, layer_geometry
 
 from .base import Pass, PassContext
 from .inject_layer import LayerInjection, norm_class, plan_layer
@@ -130,19 +133,26 @@ class KernelInjectPass(Pass):
                       {"max_rows": DECODE_GEMV_MAX_ROWS, "min_elements": DECODE_GEMV_MIN_ELEMENTS,
                        "lm_head": head or "-"}, DecodeGemv(backend, head))
 
-    def _heads(self, ctx: PassContext, path: str, policy: Any, where: str) -> tuple:
+    def _heads(self, ctx: PassContext, path: str, layer: Any, policy: Any, where: str) -> tuple:
         """(heads, kv heads, head_dim) of one layer on this rank: the TP layout's local counts when tensor
-        parallelism planned first, else the model config's."""
+        parallelism planned first, else the layer's geometry (:func:`~policyinject.policy.geometry.layer_geometry`:
+        the policy's size sources, the layer's own attributes, projection shapes)."""
         try:
-            counts = config_heads(ctx.model_config, policy.attention)
+            counts = layer_geometry(layer, policy.attention, ctx.model_config)
         except (PolicyError, AttributeError, TypeError, ValueError) as exc:
-            raise PlanError(f"{where}: reading head counts from the model config failed: {exc}") from None
+            raise PlanError(f"{where}: reading head counts failed: {exc}") from None
         heads, kv, head_dim = counts.heads, counts.kv_heads, counts.head_dim
         if heads is None:
-            raise PlanError(f"{where}: the model config gives no head count ({policy.attention.num_heads!r})")
+            cfg = config_for_layer(layer, policy.attention, ctx.model_config)
+            raise PlanError(f"{where}: no head count: the policy's num_heads source "
+                            f"({policy.attention.num_heads!r}) gives none from "
+                            f"{'no model config' if cfg is None else type(cfg).__name__}, and no module of the "
+                            "layer has a num_heads / num_attention_heads / n_head attribute; give num_heads in the "
+                            "AttentionSpec (an int, or a callable (layer, config) -> int)")
         if head_dim is None:
-            raise PlanError(f"{where}: cannot derive head_dim (hidden size {hidden_size(ctx.model_config)}, "
-                            f"{heads} heads)")
+            cfg = config_for_layer(layer, policy.attention, ctx.model_config)
+            raise PlanError(f"{where}: cannot derive head_dim (hidden size {hidden_size(cfg)}, "
+                            f"{heads} heads); give head_dim in the AttentionSpec")
         layout = ctx.plan.tensor_parallel
         local = layout.heads.get(path) if layout is not None else None
         if local is not None:
@@ -155,7 +165,7 @@ class KernelInjectPass(Pass):
             return Action(self.name, path, type(layer).__name__, "keep",
                           {"reason": "the policy describes no attention role"})
         where = f"{path} ({type(layer).__name__}, policy from {policy.source or 'user'})"
-        heads = self._heads(ctx, path, policy, where)
+        heads = self._heads(ctx, path, layer, policy, where)
         return plan_layer(path, layer, policy, heads, backend, ctx.plan.tensor_parallel)
 
     def _plan_final_norm(self, ctx: PassContext, backend: str) -> Optional[Action]:
@@ -190,8 +200,9 @@ class KernelInjectPass(Pass):
             layer = ctx.module(action.path)
             policy = plan.policy
             counts = dict(num_heads=plan.heads, num_kv_heads=plan.kv_heads, head_dim=plan.head_dim)
+            layer_config = config_for_layer(layer, policy.attention, ctx.model_config)
             if plan.mode == "block":
-                block = InjectedBlock.build(layer, policy, backend=plan.backend, model_config=ctx.model_config,
+                block = InjectedBlock.build(layer, policy, backend=plan.backend, model_config=layer_config,
                                             **counts)
                 _set(ctx.model, action.path, block)
                 summary.blocks[action.path] = InjectedLayerInfo(plan.heads, plan.kv_heads, plan.head_dim,
@@ -202,7 +213,7 @@ class KernelInjectPass(Pass):
                 if what == "attention":
                     a = policy.attention
                     new = InjectedAttention.build(layer.get_submodule(sub), a, backend=plan.backend,
-                                                  norm_offset=offset, model_config=ctx.model_config, **counts)
+                                                  norm_offset=offset, model_config=layer_config, **counts)
                 elif what == "mlp":
                     new = InjectedMLP.build(layer.get_submodule(sub), policy.mlp, plan.backend)
                 else:

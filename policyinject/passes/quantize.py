@@ -45,14 +45,15 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import warnings
+from typing import Any, Optional, Tuple
 
 import attrs
 import torch
 from torch import nn
 
 from ..config.model import resolve_q_type
-from ..errors import PlanError
+from ..errors import NothingQuantizedWarning, PlanError
 from ..kernels.quant_search import hqq_quantize_weight
 from ..kernels.quantize import default_group_size, resolve_group_size
 from ..modules.quant_linear import QuantLinear
@@ -60,8 +61,10 @@ from .._nn import is_conv1d, set_submodule, shape_out_in
 from ..plan import Action
 from ..plan_fields import QuantizeSummary
 from .base import Pass, PassContext
+from .quant_select import select_linears
 
-__all__ = ["QuantizePass", "QuantSpec", "quantize_linear", "quant_spec_from_config", "resolve_method", "METHODS"]
+__all__ = ["QuantizePass", "QuantSpec", "quantize_linear", "quant_spec_from_config", "resolve_method", "METHODS",
+           "NothingQuantizedWarning", "nothing_quantized_message"]
 
 NAME = "quantize"
 
@@ -92,6 +95,25 @@ def resolve_method(method: str, num_bits: int, symmetric: bool = False) -> str:
     return method
 
 
+def nothing_quantized_message(model: nn.Module, spec: "QuantSpec", skipped: dict) -> str:
+    """The one-line message of :class:`NothingQuantizedWarning`.
+
+    Example:
+        >>> nothing_quantized_message(torch.nn.Identity(), QuantSpec(exclude=("*",)), {})
+        "quantization (8 bits) asked for, but nothing in Identity is quantized: the model has no linear (nn.Linear or Conv1D); quant.weight.include=None, quant.weight.exclude=('*',); see `policyinject inspect`"
+    """
+    if skipped:
+        reasons: dict = {}
+        for reason in skipped.values():
+            reasons[reason] = reasons.get(reason, 0) + 1
+        why = "; ".join(f"{n} skipped: {r}" for r, n in list(reasons.items())[:4])
+    else:
+        why = "the model has no linear (nn.Linear or Conv1D)"
+    return (f"quantization ({spec.num_bits} bits) asked for, but nothing in {type(model).__name__} is quantized: "
+            f"{why}; quant.weight.include={spec.include!r}, quant.weight.exclude={spec.exclude!r}; "
+            "see `policyinject inspect`")
+
+
 @attrs.frozen
 class QuantSpec:
     """What the config asks for, independent of any one linear."""
@@ -104,6 +126,9 @@ class QuantSpec:
     backend: str = "auto"
     lm_head: bool = False
     method: str = "auto"
+    #: ``quant.weight.include`` / ``exclude`` module-name patterns (None: not given).
+    include: Optional[Tuple[str, ...]] = None
+    exclude: Optional[Tuple[str, ...]] = None
 
 
 def quant_spec_from_config(config: Any) -> QuantSpec:
@@ -137,7 +162,8 @@ def quant_spec_from_config(config: Any) -> QuantSpec:
     method = str(weight.method).lower()
     resolve_method(method, num_bits, symmetric)  # raises PlanError for an unknown or impossible method
     return QuantSpec(num_bits, symmetric, None if q_groups is None else int(q_groups),
-                     None if group_size is None else int(group_size), qkv, backend, lm_head, method)
+                     None if group_size is None else int(group_size), qkv, backend, lm_head, method,
+                     weight.include, weight.exclude)
 
 
 def plan_group_size(spec: QuantSpec, in_features: int, local_in: Optional[int] = None, where: str = "") -> int:
@@ -174,15 +200,6 @@ def plan_group_size(spec: QuantSpec, in_features: int, local_in: Optional[int] =
             f"group_size={g}; choose a group size that divides the tensor-parallel shard"
         )
     return g
-
-
-def _is_linear_like(module: nn.Module) -> bool:
-    if isinstance(module, QuantLinear):
-        return False
-    w = getattr(module, "weight", None)
-    if hasattr(module, "local") and isinstance(getattr(module, "local"), nn.Module):
-        return _is_linear_like(module.local)
-    return isinstance(w, torch.Tensor) and w.dim() == 2 and w.is_floating_point()
 
 
 @attrs.frozen
@@ -253,13 +270,6 @@ def quantize_linear(
     return QuantLinear.from_quantized(qw, None if bias is None else bias.detach().clone(), backend)
 
 
-def _qkv_paths(policy: Any) -> set:
-    a = getattr(policy, "attention", None)
-    if a is None:
-        return set()
-    return {a.path(n) for n in (a.q, a.k, a.v, a.qkv) if n is not None}
-
-
 def _model_bytes(model: nn.Module, float_size: Optional[int] = None) -> int:
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
@@ -318,39 +328,35 @@ class QuantizePass(Pass):
         on_cuda = ctx.device is not None and torch.device(ctx.device).type == "cuda"
         actions: list = []
         problems: list = []
-        seen: set = set()
         before_total = after_total = 0
-        for layer in ctx.layers:
-            qkv = _qkv_paths(layer.policy)
-            transposed = set(layer.policy.transposed)
-            for rel in layer.policy.styles_for(layer.module)[0]:
-                try:
-                    mod = layer.module.get_submodule(rel)
-                except AttributeError:
-                    continue
-                full = f"{layer.path}.{rel}" if layer.path else rel
-                if id(mod) in seen:
-                    continue
-                seen.add(id(mod))
-                cls = type(mod).__name__
-                if rel in qkv and not spec.qkv:
-                    actions.append(Action(NAME, full, cls, "keep", {"reason": "quant.qkv.enabled is false"}))
-                    continue
-                if isinstance(mod, QuantLinear):
-                    actions.append(Action(NAME, full, cls, "keep", {"reason": "already quantized"}))
-                    continue
-                if not _is_linear_like(mod):
-                    continue
-                out_f, in_f = shape_out_in(mod, rel in transposed)
-                local_out, local_in = layout.local_shape(full, (out_f, in_f)) if layout is not None else (out_f, in_f)
-                size = float_size or getattr(mod, "local", mod).weight.element_size()
-                action = _quantize_action(spec, full, cls, (out_f, in_f), (local_out, local_in), size,
-                                          rel in transposed, on_cuda, problems)
-                if action is not None:
-                    before_total += action.details["bytes_before"]
-                    after_total += action.details["bytes_after"]
-                    actions.append(action)
-        head = self._plan_head(ctx, spec, float_size, on_cuda, problems)
+        head_by_policy = spec.lm_head and ctx.model_policy is not None and bool(ctx.model_policy.lm_head)
+        selection = select_linears(ctx.model, ctx.layers, ctx.model_policy, lm_head=spec.lm_head, qkv=spec.qkv,
+                                   include=spec.include, exclude=spec.exclude, head_by_policy=head_by_policy)
+        chosen = {c.path: c for c in selection.selected}
+        for path, mod in ctx.model.named_modules():
+            if path in selection.requested_skips:
+                actions.append(Action(NAME, path, type(mod).__name__, "keep",
+                                      {"reason": selection.requested_skips[path]}))
+                continue
+            candidate = chosen.get(path)
+            if candidate is None:
+                continue
+            cls = type(mod).__name__
+            out_f, in_f = shape_out_in(mod, candidate.transposed)
+            local_out, local_in = layout.local_shape(path, (out_f, in_f)) if layout is not None else (out_f, in_f)
+            size = float_size or getattr(mod, "local", mod).weight.element_size()
+            action = _quantize_action(spec, path, cls, (out_f, in_f), (local_out, local_in), size,
+                                      candidate.transposed, on_cuda, problems)
+            if action is not None:
+                before_total += action.details["bytes_before"]
+                after_total += action.details["bytes_after"]
+                actions.append(action)
+        for pattern in selection.unused_excludes:
+            ctx.plan.warn(f"quant.weight.exclude: {pattern!r} matches no linear of {type(ctx.model).__name__}")
+            warnings.warn(f"quant.weight.exclude: {pattern!r} matches no linear of {type(ctx.model).__name__}",
+                          UserWarning, stacklevel=2)
+        head = self._plan_head(ctx, spec, float_size, on_cuda, problems) if head_by_policy and \
+            ctx.model_policy.lm_head not in selection.skipped else None
         if head is not None:
             actions.append(head)
             if head.action == "quantize":
@@ -359,10 +365,19 @@ class QuantizePass(Pass):
         if problems:
             raise PlanError(problems)
         model_before = _model_bytes(ctx.model, float_size) // tp if tp > 1 else _model_bytes(ctx.model, float_size)
+        quantized = tuple(a.path for a in actions if a.action == "quantize")
+        skipped = dict(selection.skipped)
+        if head is not None and head.action != "quantize":
+            skipped[head.path] = head.details.get("reason", "kept")
         ctx.plan.quantize = QuantizeSummary(
-            linears=sum(1 for a in actions if a.action == "quantize"), bits=spec.num_bits,
+            linears=len(quantized), bits=spec.num_bits,
             model_bytes_before=model_before, model_bytes_after=model_before - before_total + after_total,
-            linear_bytes_before=before_total, linear_bytes_after=after_total, planned=True)
+            linear_bytes_before=before_total, linear_bytes_after=after_total, planned=True,
+            quantized=quantized, skipped=skipped, include=spec.include, exclude=spec.exclude)
+        if not quantized:
+            message = nothing_quantized_message(ctx.model, spec, skipped)
+            ctx.plan.warn(message)
+            warnings.warn(message, NothingQuantizedWarning, stacklevel=2)
         return actions
 
     @staticmethod
@@ -427,4 +442,5 @@ class QuantizePass(Pass):
             linears=done, bits=planned.bits if planned is not None else 0, model_bytes_before=before_model,
             model_bytes_after=after_model,
             linear_bytes_before=planned.linear_bytes_before if planned is not None else 0,
-            linear_bytes_after=planned.linear_bytes_after if planned is not None else 0, planned=False)
+            linear_bytes_after=planned.linear_bytes_after if planned is not None else 0, planned=False,
+            **(planned.selection_fields() if planned is not None else {}))

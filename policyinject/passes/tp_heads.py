@@ -1,6 +1,8 @@
 """Tensor-parallel planning, attention heads: each layer's head geometry and this rank's share of it.
 
-Head counts come from the model config (:func:`policyinject.policy.geometry.config_heads`), corrected by the
+Head counts come from the layer's geometry (:func:`policyinject.policy.geometry.layer_geometry`: the policy's
+size sources read against the layer's config -- the text sub-config inside a vision-language wrapper --, else
+the layer's own attributes), corrected by the
 projection shapes (Falcon multi-query keeps ``num_kv_heads = num_heads`` in its config), and are split by
 :func:`policyinject.tp_split.split_heads`: whole KV groups per rank, or KV heads replicated when ``tp_size``
 exceeds them.
@@ -28,7 +30,7 @@ from torch import nn
 from .._nn import shape_out_in
 from ..errors import PlanError
 from ..policy import qkv_rows
-from ..policy.geometry import config_heads, heads_from_attributes, hidden_size
+from ..policy.geometry import config_for_layer, hidden_size, layer_geometry
 from ..policy.model import AttentionSpec, QKVLayout
 from ..tp_split import HeadShard, head_rows, runs, split_heads
 
@@ -58,13 +60,11 @@ class LayerHeads:
 def layer_heads(path: str, layer: nn.Module, attn: Optional[AttentionSpec], model_config: object, tp: int,
                 rank: int) -> Optional[LayerHeads]:
     """The head geometry of ``layer`` split over ``tp`` ranks (None when the layer has no head counts)."""
-    counts = config_heads(model_config, attn, derive=False)
+    counts = layer_geometry(layer, attn, model_config, derive=False)
     heads, kv, hd = counts.heads, counts.kv_heads, counts.head_dim
     if heads is None:
-        heads, kv = heads_from_attributes(layer)
-    if heads is None:
         return None
-    hidden = hidden_size(model_config)
+    hidden = hidden_size(config_for_layer(layer, attn, model_config))
     # shapes win over the config (Falcon multi-query keeps num_kv_heads = num_heads in its config)
     if attn is not None:
         if attn.q is not None:

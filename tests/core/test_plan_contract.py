@@ -87,9 +87,12 @@ def test_every_pass_sees_the_layers_autotp_heuristics_resolve():
     assert tp == {"layers.0.fc1": "column", "layers.0.fc2": "row", "layers.1.fc1": "column", "layers.1.fc2": "row"}
     assert {a.path for a in plan.for_pass("quantize") if a.action == "quantize"} == set(tp)
     assert {a.path: a.action for a in plan.for_pass("kernel_inject")} == {"layers.0": "keep", "layers.1": "keep"}
-    # without tensor parallelism, no heuristics: the layers stay unresolved
+    # without tensor parallelism, no heuristics: the layers stay unresolved, and int8 quantizes every linear of
+    # the model no policy covers except its output head (here its last linear)
     plain = prepare(Net(2), pi.load_config(None, dtype="int8"), PluginManager.empty()).plan
-    assert plain.layers == [] and plain.for_pass("quantize") == []
+    assert plain.layers == []
+    assert [a.path for a in plain.for_pass("quantize")] == ["layers.0.fc1", "layers.0.fc2", "layers.1.fc1"]
+    assert list(plain.quantize.skipped) == ["layers.1.fc2"] and "output head" in plain.quantize.skipped["layers.1.fc2"]
 
 
 def test_plan_inference_returns_the_typed_plan_unchanged_model():
