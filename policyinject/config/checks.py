@@ -107,6 +107,16 @@ def check_config(cfg: Any) -> list:
             problems.append(Problem(
                 "moe.ep_size", f"{ep} does not divide `moe.moe_experts` {count}: experts are split evenly over the "
                 "expert-parallel ranks"))
+    if ep > 1 and not cfg.moe.enabled:
+        problems.append(Problem("moe.enabled", f"is false but `moe.ep_size` is {ep}; give one of them"))
+    if ep > 1 and not cfg.replace_with_kernel_inject:
+        problems.append(Problem(
+            "moe.ep_size", f"{ep} needs `replace_with_kernel_inject` true: the expert-parallel MoE block is the "
+            "injected one"))
+    if ep > 1 and cfg.enable_cuda_graph:
+        problems.append(Problem(
+            "enable_cuda_graph", f"cannot be combined with `moe.ep_size` = {ep} (graphs are captured per process "
+            "and replaying collectives across ranks is not supported)"))
     if cfg.dtype == "int8":
         weight = cfg.quant.weight
         if weight.num_bits != 8:
