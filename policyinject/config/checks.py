@@ -102,7 +102,8 @@ def check_config(cfg: Any) -> list:
             "min_out_tokens", f"must be <= `max_out_tokens` ({cfg.max_out_tokens}), got {cfg.min_out_tokens}"
         ))
     ep = cfg.moe.ep_size
-    for count in cfg.moe.moe_experts:  # the default (1,) with ep_size 1 is always fine
+    given = () if tuple(cfg.moe.moe_experts) == (1,) else cfg.moe.moe_experts  # (1,): read from the model
+    for count in given:
         if count % ep:
             problems.append(Problem(
                 "moe.ep_size", f"{ep} does not divide `moe.moe_experts` {count}: experts are split evenly over the "

@@ -288,13 +288,12 @@ def test_choices():
 
 NON_DEFAULT = {
     "use_triton": True, "triton_autotune": True, "zero": {"stage": 3}, "triangular_masking": False,
-    "set_empty_params": True, "training_mp_size": 2, "transposed_mode": True, "moe.enabled": False,
-    "moe.moe_experts": [8], "moe.ep_group": object(), "moe.ep_mp_group": object(),
+    "set_empty_params": True, "training_mp_size": 2, "transposed_mode": True,
     "quant.activation.enabled": True, "quant.activation.num_bits": 4, "quant.activation.q_type": "asymmetric",
     "quant.activation.q_groups": 2, "quant.weight.quantized_initialization": {"a": 1},
     "quant.weight.post_init_quant": {"a": 1}, "checkpoint_config.checkpoint_dir": "/c",
     "checkpoint_config.save_mp_checkpoint_path": "/c", "checkpoint_config.base_dir": "/c",
-    "return_tuple": False, "moe.ep_size": 2, "moe.type": "residual",
+    "return_tuple": False, "moe.type": "residual",
 }
 
 
