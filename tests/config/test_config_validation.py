@@ -319,8 +319,9 @@ def test_warns_keys_warn_with_their_name(path):
 def test_warning_uses_the_users_spelling():
     with pytest.warns(UserWarning, match="`tm` = False"):
         load_config(tm=False)
-    with pytest.warns(UserWarning, match="`moe.num_experts`"):
-        load_config(moe={"num_experts": 8})
+    # a problem under an alias is reported with the alias (moe.num_experts is moe.moe_experts)
+    with pytest.raises(ConfigError, match="moe.num_experts"):
+        load_config(replace_with_kernel_inject=True, moe={"num_experts": 6, "ep_size": 4})
 
 
 @pytest.mark.parametrize("path", sorted(s.path for s in KEYS if s.field and s.status is Status.ERROR))
