@@ -61,10 +61,10 @@ def expert_group_ranks(world: int, tp: int, ep: int) -> ExpertGroups:
         [[0, 1]]
         >>> expert_group_ranks(world=4, tp=4, ep=2)
         ExpertGroups(ep=[[0, 1], [2, 3]], slicing=[[0, 2], [1, 3]], tokens='replicated')
-        >>> expert_group_ranks(world=6, tp=2, ep=2)
+        >>> expert_group_ranks(world=9, tp=3, ep=2)
         Traceback (most recent call last):
         ...
-        policyinject.errors.PlanError: moe.ep_size=2 fits neither the 3 data-parallel replicas (world 6 / tensor_parallel.tp_size 2) nor the tensor-parallel group of 2 ranks: it must divide one of them
+        policyinject.errors.PlanError: moe.ep_size=2 fits neither the 3 data-parallel replicas (world 9 / tensor_parallel.tp_size 3) nor the tensor-parallel group of 3 ranks: it must divide one of them
     """
     if world % tp:
         raise PlanError(f"tensor_parallel.tp_size={tp} does not divide the world size {world}")

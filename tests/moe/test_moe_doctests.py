@@ -12,6 +12,7 @@ MODULES = [
     "policyinject.kernels.moe",
     "policyinject.modules.moe",
     "policyinject.modules.moe_parallel",
+    "policyinject.passes.moe_inject",
     "policyinject_plugins.mixtral",
     "policyinject_plugins.qwen_moe",
     "policyinject_plugins.olmoe",
