@@ -254,4 +254,16 @@ def build_moe(build: MoEBuild, block: torch.nn.Module, model_config: Any) -> tor
     if build.quant is not None:
         q = build.quant
         module.quantize_experts(q.num_bits, dict(q.groups), q.symmetric)
+    if lay.sharded or build.quant is not None:
+        _release_experts(block, build.spec)
     return module
+
+
+def _release_experts(block: torch.nn.Module, spec: Any) -> None:
+    """Drop the replaced block's float expert weights once the new module holds its own (a shard or quantized
+    copy), so the full set and the new one are not both alive until the pipeline ends (the block is discarded:
+    its forward is never called again)."""
+    experts = block.get_submodule(spec.experts.module) if spec.experts.module else block
+    for mod in experts.modules():
+        for name in list(mod._parameters):
+            mod._parameters[name] = None
