@@ -8,10 +8,10 @@ Roofline bytes per decode step, for a batch of ``B`` sequences at context ``L``:
 attention weights (q, k, v, o) + norms + router + shared expert + the output head (every layer, read once),
 the KV cache read (``2 * layers * kv_heads * head_dim * L * B`` elements), and the routed experts that the
 batch's tokens select: per layer ``D`` distinct experts of ``3 * H * I`` weights each (plus scales when
-quantized). ``D`` is the expected number of distinct experts over ``B`` tokens with ``k`` picks each under
-uniform routing, ``E * (1 - C(E - k, k)... )`` approximated as ``E * (1 - (1 - k / E) ** B)`` (exact for
-``B == 1``: ``k``), and, where the eager model runs, also counted from the router's choices of a measured step
-(``distinct_measured``). The bandwidth is a copy measured in the same run.
+quantized). ``D`` is the expected number of distinct experts over ``B`` tokens that each pick ``k`` distinct
+experts of ``E`` uniformly and independently, ``E * (1 - (1 - k / E) ** B)`` (``k`` at ``B == 1``); the
+number the random router actually picks on one step is counted too (``distinct_measured``, from the Hugging
+Face model's router on the prompt's last positions). The bandwidth is a copy measured in the same run.
 
 Run:  python benchmarks/moe_decode.py --preset mixtral-8x7b qwen3-30b-a3b --json moe.json --log moe.log
       python benchmarks/moe_decode.py --preset tiny            # CPU check

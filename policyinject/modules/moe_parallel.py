@@ -15,8 +15,14 @@ Scheme (all-gather + all-reduce, no data-dependent message sizes, so it is CUDA-
 An all-to-all dispatch (send each pair only to its expert's rank) moves less data at large batch but needs
 per-step sizes on the host; the choice between them is a measurement for multi-GPU runs.
 
-The local experts run on the PyTorch path (:func:`policyinject.kernels.moe.moe_reference`): the Triton kernels
-do not take out-of-range expert ids yet, so ``backend="triton"`` is refused.
+Expert slicing (``slice_group``, DeepSpeed's expert model parallelism): each local expert's intermediate
+dimension is split over a group of ranks holding the same tokens (:func:`slice_experts`), and the partial
+outputs are summed over it as well. With ``split_experts=False`` only the slicing applies: the
+tensor-parallel sharding of the experts.
+
+With expert parallelism the local experts run on the PyTorch path
+(:func:`policyinject.kernels.moe.moe_reference`): the Triton kernels do not take out-of-range expert ids
+yet, so ``backend="triton"`` is refused; slicing alone keeps the block's backend.
 
 Example:
     >>> expert_range(num_experts=8, ep_size=4, ep_rank=1)
