@@ -162,15 +162,20 @@ class ExpertParallelMoE(torch.nn.Module):
             dist.all_gather(parts, x.contiguous(), group=self.group)
             rows = torch.cat(parts)
         _, weights, ids = m.route(rows)
+        dispatch = m._dispatch(rows)
         if self.split_experts:
             local = (ids >= self.start) & (ids < self.end)
             ids = torch.where(local, ids - self.start, torch.full_like(ids, -1))
             backend = "torch"  # the Triton kernels take no out-of-range ids yet
+            if m.dispatch == "auto" and not torch.compiler.is_compiling():
+                # CUDA graphs are refused with expert parallelism: run only the routed local experts (one
+                # host read of the counts) rather than every local expert on every row
+                dispatch = "grouped"
         else:
             backend = m.backend
         partial = moe_kernels.fused_moe(rows, m.experts_weight("w13"), m.experts_weight("w2"), ids, weights,
                                         m.activation, gated=m.gated, b13=m.b13, b2=m.b2, alpha=m.alpha,
-                                        limit=m.limit, backend=backend, dispatch=m._dispatch(rows))
+                                        limit=m.limit, backend=backend, dispatch=dispatch)
         if self.slice_size > 1:
             dist.all_reduce(partial, group=self.slice_group)
         if self.split_experts:
