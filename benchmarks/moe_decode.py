@@ -164,57 +164,73 @@ def measured_distinct(model: torch.nn.Module, ids: torch.Tensor) -> Optional[flo
 
 
 def run_preset(preset: str, args: argparse.Namespace, device: torch.device, bw: Optional[float], fh: Any) -> list:
+    """Every variant of one preset: the model is built once per variant and serves every batch size."""
     import policyinject as pi
 
     rows = []
     float_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    for batch in args.batch:
-        ids = torch.randint(3, PRESETS[preset]["config"]["vocab_size"], (batch, args.prompt),
-                            generator=torch.Generator().manual_seed(1)).to(device)
-        context = args.prompt + args.new_tokens // 2
-        hf_ms = distinct_hf = None
-        for variant in args.variants:
-            row: Dict[str, Any] = dict(preset=preset, batch=batch, prompt=args.prompt, variant=variant,
+    vocab = PRESETS[preset]["config"]["vocab_size"]
+    prompts = {b: torch.randint(3, vocab, (b, args.prompt), generator=torch.Generator().manual_seed(1)).to(device)
+               for b in args.batch}
+    context = args.prompt + args.new_tokens // 2
+    hf_ms: Dict[int, Optional[float]] = {b: None for b in args.batch}
+    distinct_hf: Dict[int, Optional[float]] = {b: None for b in args.batch}
+    for variant in args.variants:
+        model = engine = None
+        try:
+            model = build(preset, device, float_dtype)
+            if variant == args.variants[0] and not args.no_hf:
+                for b, ids in prompts.items():
+                    distinct_hf[b] = measured_distinct(model, ids)
+                    with torch.no_grad():
+                        hf_ms[b] = time_generate(model.generate, ids, args.hf_tokens, device, 1)
+                    log(f"{preset} B={b} HF eager: {hf_ms[b]:.2f} ms/token", fh)
+            kwargs = dict(VARIANTS[variant])
+            kwargs.setdefault("dtype", "bf16" if device.type == "cuda" else "fp32")
+            engine = pi.init_inference(model, replace_with_kernel_inject=True,
+                                       enable_cuda_graph=device.type == "cuda",
+                                       max_out_tokens=args.prompt + args.new_tokens + 8, **kwargs)
+        except torch.cuda.OutOfMemoryError as exc:
+            for b in args.batch:
+                rows.append(dict(preset=preset, batch=b, prompt=args.prompt, variant=variant,
+                                 skipped=f"out of memory: {str(exc).splitlines()[0]}"))
+            log(f"{preset} {variant}: skipped (out of memory)", fh)
+            model = engine = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        bits = {"bf16": 16, "int8": 8, "int4": 4}[variant]
+        cfgm = model.config
+        experts = getattr(cfgm, "num_local_experts", None) or cfgm.num_experts
+        for b, ids in prompts.items():
+            row: Dict[str, Any] = dict(preset=preset, batch=b, prompt=args.prompt, variant=variant,
                                        float_dtype=str(float_dtype))
             try:
-                model = build(preset, device, float_dtype)
-                if variant == args.variants[0] and not args.no_hf:
-                    distinct_hf = measured_distinct(model, ids)
-                    with torch.no_grad():
-                        hf_ms = time_generate(model.generate, ids, args.hf_tokens, device, 1)
-                    log(f"{preset} B={batch} HF eager: {hf_ms:.2f} ms/token", fh)
-                kwargs = dict(VARIANTS[variant])
-                kwargs.setdefault("dtype", "bf16" if device.type == "cuda" else "fp32")
-                engine = pi.init_inference(model, replace_with_kernel_inject=True,
-                                           enable_cuda_graph=device.type == "cuda",
-                                           max_out_tokens=args.prompt + args.new_tokens + 8, **kwargs)
                 with torch.no_grad():
                     ms = time_generate(engine.generate, ids, args.new_tokens, device, args.repeats)
-                bits = {"bf16": 16, "int8": 8, "int4": 4}[variant]
-                cfgm = model.config
-                experts = getattr(cfgm, "num_local_experts", None) or cfgm.num_experts
-                dist_exp = expected_distinct(experts, cfgm.num_experts_per_tok, batch)
-                nbytes = step_bytes(model, preset, batch, context, bits, dist_exp)
-                roof = 1e3 * nbytes["total"] / bw if bw else None
-                row.update(ms_per_token=ms, hf_eager_ms_per_token=hf_ms,
-                           speedup_vs_hf=(hf_ms / ms) if hf_ms else None, roofline_ms=roof,
-                           fraction_of_roofline=(roof / ms) if roof else None, bytes=nbytes,
-                           distinct_expected=dist_exp, distinct_measured=distinct_hf,
-                           decoder="engine" if engine.plan.decode and not engine.plan.decode.problems else "hf")
-                log(f"{preset} B={batch} {variant}: {ms:.2f} ms/token, roofline "
-                    f"{'-' if roof is None else f'{roof:.2f}'} ms ({row['fraction_of_roofline'] or 0:.0%}), "
-                    f"{row['speedup_vs_hf'] or 0:.1f}x HF eager, distinct experts {dist_exp:.2f} "
-                    f"(measured {distinct_hf}), decoder {row['decoder']}", fh)
-                del engine
             except torch.cuda.OutOfMemoryError as exc:
                 row["skipped"] = f"out of memory: {str(exc).splitlines()[0]}"
-                log(f"{preset} B={batch} {variant}: skipped ({row['skipped']})", fh)
-            finally:
-                model = None
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                log(f"{preset} B={b} {variant}: skipped ({row['skipped']})", fh)
+                rows.append(row)
+                continue
+            dist_exp = expected_distinct(experts, cfgm.num_experts_per_tok, b)
+            nbytes = step_bytes(model, preset, b, context, bits, dist_exp)
+            roof = 1e3 * nbytes["total"] / bw if bw else None
+            row.update(ms_per_token=ms, hf_eager_ms_per_token=hf_ms[b],
+                       speedup_vs_hf=(hf_ms[b] / ms) if hf_ms[b] else None, roofline_ms=roof,
+                       fraction_of_roofline=(roof / ms) if roof else None, bytes=nbytes,
+                       distinct_expected=dist_exp, distinct_measured=distinct_hf[b],
+                       decoder="engine" if engine.plan.decode and not engine.plan.decode.problems else "hf")
+            log(f"{preset} B={b} {variant}: {ms:.2f} ms/token, roofline "
+                f"{'-' if roof is None else f'{roof:.2f}'} ms ({row['fraction_of_roofline'] or 0:.0%}), "
+                f"{row['speedup_vs_hf'] or 0:.1f}x HF eager, distinct experts {dist_exp:.2f} "
+                f"(measured {distinct_hf[b]}), decoder {row['decoder']}", fh)
             rows.append(row)
+        model = engine = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 

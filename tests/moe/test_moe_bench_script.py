@@ -24,7 +24,7 @@ def test_tiny_preset_runs_and_records(tmp_path: Path) -> None:
                        "--log", str(tmp_path / "moe.log")]) == 0
     data = json.loads(out.read_text())
     rows = data["rows"]
-    assert [r["variant"] for r in rows] == ["bf16", "int8"]
+    assert [(r["variant"], r["batch"]) for r in rows] == [("bf16", 2), ("int8", 2)]
     for r in rows:
         assert r["decoder"] == "engine" and r["hf_eager_ms_per_token"] is not None
         assert r["distinct_measured"] is not None and 1 <= r["distinct_measured"] <= 4
