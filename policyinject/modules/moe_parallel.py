@@ -20,9 +20,8 @@ dimension is split over a group of ranks holding the same tokens (:func:`slice_e
 outputs are summed over it as well. With ``split_experts=False`` only the slicing applies: the
 tensor-parallel sharding of the experts.
 
-With expert parallelism the local experts run on the PyTorch path
-(:func:`policyinject.kernels.moe.moe_reference`): the Triton kernels do not take out-of-range expert ids
-yet, so ``backend="triton"`` is refused; slicing alone keeps the block's backend.
+The local experts run on the block's backend: the fused Triton kernels and the PyTorch path both skip the
+pairs marked ``-1`` (experts of other ranks).
 
 Example:
     >>> expert_range(num_experts=8, ep_size=4, ep_rank=1)
@@ -116,9 +115,6 @@ class ExpertParallelMoE(torch.nn.Module):
 
         if tokens not in ("replicated", "sharded"):
             raise ValueError(f"ExpertParallelMoE: tokens must be 'replicated' or 'sharded', got {tokens!r}")
-        if split_experts and moe.backend == "triton":
-            raise UnsupportedError("expert parallelism runs the local experts on the PyTorch path; "
-                                   "backend='triton' is not supported yet")
         if moe._quantized:
             raise UnsupportedError("expert parallelism of quantized experts is not supported yet: shard first")
         self.group, self.tokens, self.split_experts = group, tokens, bool(split_experts)
@@ -166,13 +162,11 @@ class ExpertParallelMoE(torch.nn.Module):
         if self.split_experts:
             local = (ids >= self.start) & (ids < self.end)
             ids = torch.where(local, ids - self.start, torch.full_like(ids, -1))
-            backend = "torch"  # the Triton kernels take no out-of-range ids yet
             if m.dispatch == "auto" and not torch.compiler.is_compiling():
-                # CUDA graphs are refused with expert parallelism: run only the routed local experts (one
-                # host read of the counts) rather than every local expert on every row
+                # PyTorch path: CUDA graphs are refused with expert parallelism, so run only the routed local
+                # experts (one host read of the counts) rather than every local expert on every row
                 dispatch = "grouped"
-        else:
-            backend = m.backend
+        backend = m.backend
         partial = moe_kernels.fused_moe(rows, m.experts_weight("w13"), m.experts_weight("w2"), ids, weights,
                                         m.activation, gated=m.gated, b13=m.b13, b2=m.b2, alpha=m.alpha,
                                         limit=m.limit, backend=backend, dispatch=dispatch)
