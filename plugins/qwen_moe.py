@@ -2,15 +2,12 @@
 
 Both: Llama-style attention (Qwen2-MoE with q/k/v biases, Qwen3-MoE with per-head ``q_norm``/``k_norm``),
 RMSNorms, and an ``mlp`` that is a sparse MoE block (``Qwen2MoeSparseMoeBlock`` / ``Qwen3MoeSparseMoeBlock``)
-or, in ``mlp_only_layers`` and layers off ``decoder_sparse_step``, a dense MLP. The layer policies therefore
-name no MLP and keep the block ``opaque``; the MoE specs apply only where ``mlp`` is the MoE class.
+or, in ``mlp_only_layers`` and layers off ``decoder_sparse_step``, a dense MLP. The pre-norm layer policies
+name both: ``moe`` where ``mlp`` is the MoE class, the dense ``mlp`` role elsewhere.
 
 Routing (transformers 5.24): softmax over all experts in float32, top-k (``num_experts_per_tok``), the k
 weights renormalised when ``norm_topk_prob``, then cast to the hidden states' dtype. Qwen2-MoE adds a shared
 expert (``shared_expert``, a gated MLP) scaled by ``sigmoid(shared_expert_gate(x))``.
-
-Not registered as an entry point: add ``qwen_moe = "policyinject_plugins.qwen_moe"`` to
-``[project.entry-points.policyinject]`` to activate the hook below.
 
 Example:
     >>> QWEN2_MOE.shared_gate, QWEN3_MOE.shared is None
@@ -36,13 +33,15 @@ QWEN2_MOE = MoESpec(
 QWEN3_MOE = MoESpec(block=_Q3 + "Qwen3MoeSparseMoeBlock", module="mlp", router=_ROUTER, experts=_EXPERTS)
 
 
-def _layer(module: str, prefix: str, **attention_extra) -> Policy:
+def _layer(module: str, prefix: str, moe: MoESpec, **attention_extra) -> Policy:
     return Policy(
         layer=f"{module}{prefix}DecoderLayer",
         attention=AttentionSpec(module="self_attn", q="q_proj", k="k_proj", v="v_proj", o="o_proj", rotary="half",
                                 tp_attributes={"num_key_value_groups": "kv_groups"}, **attention_extra),
         norms=(NormSpec("input_layernorm", "rms"), NormSpec("post_attention_layernorm", "rms")),
-        block="opaque",
+        block="pre_norm",
+        mlp=MLPSpec(module="mlp", gate="gate_proj", up="up_proj", down="down_proj", activation="silu"),
+        moe=moe,
         input_norm="input_layernorm",
         post_attention_norm="post_attention_layernorm",
     )
@@ -55,8 +54,8 @@ def _models(module: str, prefix: str) -> tuple:
                         final_norm=NormSpec("norm", "rms"), rotary_emb="rotary_emb"))
 
 
-QWEN2_MOE_LAYER = _layer(_Q2, "Qwen2Moe")
-QWEN3_MOE_LAYER = _layer(_Q3, "Qwen3Moe", q_norm="q_norm", k_norm="k_norm")
+QWEN2_MOE_LAYER = _layer(_Q2, "Qwen2Moe", QWEN2_MOE)
+QWEN3_MOE_LAYER = _layer(_Q3, "Qwen3Moe", QWEN3_MOE, q_norm="q_norm", k_norm="k_norm")
 QWEN2_MOE_CAUSAL_LM, QWEN2_MOE_MODEL = _models(_Q2, "Qwen2Moe")
 QWEN3_MOE_CAUSAL_LM, QWEN3_MOE_MODEL = _models(_Q3, "Qwen3Moe")
 

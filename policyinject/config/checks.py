@@ -95,11 +95,22 @@ def check_config(cfg: Any) -> list:
             "min_out_tokens", f"must be <= `max_out_tokens` ({cfg.max_out_tokens}), got {cfg.min_out_tokens}"
         ))
     ep = cfg.moe.ep_size
-    for count in cfg.moe.moe_experts:  # the default (1,) with ep_size 1 is always fine
+    given = () if tuple(cfg.moe.moe_experts) == (1,) else cfg.moe.moe_experts  # (1,): read from the model
+    for count in given:
         if count % ep:
             problems.append(Problem(
                 "moe.ep_size", f"{ep} does not divide `moe.moe_experts` {count}: experts are split evenly over the "
                 "expert-parallel ranks"))
+    if ep > 1 and not cfg.moe.enabled:
+        problems.append(Problem("moe.enabled", f"is false but `moe.ep_size` is {ep}; give one of them"))
+    if ep > 1 and not cfg.replace_with_kernel_inject:
+        problems.append(Problem(
+            "moe.ep_size", f"{ep} needs `replace_with_kernel_inject` true: the expert-parallel MoE block is the "
+            "injected one"))
+    if ep > 1 and cfg.enable_cuda_graph:
+        problems.append(Problem(
+            "enable_cuda_graph", f"cannot be combined with `moe.ep_size` = {ep} (graphs are captured per process "
+            "and replaying collectives across ranks is not supported)"))
     if cfg.dtype == "int8":
         weight = cfg.quant.weight
         if weight.num_bits != 8:

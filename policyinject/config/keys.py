@@ -270,23 +270,26 @@ KEYS: tuple = (
             "not arrive.", convert=v.positive_seconds, schema={"type": "number", "exclusiveMinimum": 0},
             origin="policyinject"),
     # ---- moe -----------------------------------------------------------------------------------------
-    KeySpec("moe.enabled", "bool", True, "MoE handling on (DeepSpeed never reads it).", status=Status.WARNS,
-            note="MoE layers are handled as their policy describes", convert=v.boolean, schema=_BOOL),
-    KeySpec("moe.ep_size", "int >= 1", 1, "Expert-parallel group size.", status=Status.ERROR,
-            note="expert parallelism is not implemented; experts follow tensor parallelism",
+    KeySpec("moe.enabled", "bool", True, "MoE handling on (DeepSpeed never reads it).",
+            note="False keeps every MoE block as the model has it (no injection, no expert parallelism, no "
+                 "expert quantization).", convert=v.boolean, schema=_BOOL),
+    KeySpec("moe.ep_size", "int >= 1", 1, "Expert-parallel group size.",
+            note="Needs replace_with_kernel_inject. Experts are split over the EP group (see docs/moe.md for the "
+                 "group layout with tensor parallelism); the model's expert count must be a multiple.",
             convert=v.positive_int, schema=_POS_INT),
     KeySpec("moe.moe_experts", "list of int >= 1", (1,), "Global expert count(s).", aliases=("num_experts",),
-            status=Status.WARNS, note="the expert count is read from the model", convert=v.experts,
-            schema={"anyOf": [_POS_INT, {"type": "array", "items": _POS_INT, "minItems": 1}]}),
+            note="The expert count is read from the model; a given list must include it (checked at plan time).",
+            convert=v.experts, schema={"anyOf": [_POS_INT, {"type": "array", "items": _POS_INT, "minItems": 1}]}),
     KeySpec("moe.type", '"standard" | "residual"', "standard", "MoE type.", status=Status.ERROR,
-            note="residual MoE (PR-MoE) is not implemented", convert=v.choice("standard", "residual"),
-            schema={"enum": ["standard", "residual"]}),
+            note="residual MoE (DeepSpeed's PR-MoE) is not implemented: no supported model family has one",
+            convert=v.choice("standard", "residual"), schema={"enum": ["standard", "residual"]}),
     KeySpec("moe.ep_group", "process group", None, "Expert-parallel group.", aliases=("expert_group",),
-            status=Status.WARNS, note="there is no expert parallelism", convert=v.process_group,
-            dump=v.dump_object, schema=_LIVE),
+            note="Used as given (its size must equal moe.ep_size); default: built from the world, tp_size and "
+                 "ep_size.", convert=v.process_group, dump=v.dump_object, schema=_LIVE),
     KeySpec("moe.ep_mp_group", "process group", None, "Expert model-parallel group.", aliases=("expert_mp_group",),
-            status=Status.WARNS, note="there is no expert parallelism", convert=v.process_group,
-            dump=v.dump_object, schema=_LIVE),
+            note="The ranks over which each expert's intermediate dimension is sliced (they must hold the same "
+                 "tokens); default: the tensor-parallel group.", convert=v.process_group, dump=v.dump_object,
+            schema=_LIVE),
     # ---- quant -----------------------------------------------------------------------------------------
     KeySpec("quant.enabled", "bool", False, "Quantize weights (see quant.weight).",
             note="Default False (DeepSpeed: True, but never read). dtype int8 turns it on.",

@@ -127,9 +127,12 @@ def moe_gemv_up_kernel(
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(IDS + pair).to(tl.int64)
+    valid = e >= 0  # a negative id: an expert held by another rank (expert parallelism) -- h is zero
+    e = tl.where(valid, e, 0)
     t = (pair // TOPK).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = cols < I
+    mask_out = cols < I
+    mask_n = mask_out & valid
     w_base = W13 + e * stride_we
     s_base = S13 + e * stride_se
     z_base = Z13 + e * stride_se
@@ -152,7 +155,8 @@ def moe_gemv_up_kernel(
         else:
             acc_u += tl.load(B13 + e * stride_be + cols, mask=mask_n, other=0.0).to(tl.float32)
     a = _act(acc_g, acc_u, alpha, limit, ACT, GATED)
-    tl.store(Hb + pair.to(tl.int64) * stride_hp + cols, a.to(Hb.dtype.element_ty), mask=mask_n)
+    a = tl.where(valid, a, 0.0)
+    tl.store(Hb + pair.to(tl.int64) * stride_hp + cols, a.to(Hb.dtype.element_ty), mask=mask_out)
 
 
 @triton.jit
@@ -170,16 +174,19 @@ def moe_gemv_down_kernel(
     for j in tl.static_range(TOPK):
         pair = t * TOPK + j
         e = tl.load(IDS + pair).to(tl.int64)
+        valid = e >= 0
+        e = tl.where(valid, e, 0)
+        mask_j = mask_n & valid
         wt = tl.load(WTS + pair)
         w_base = W2 + e * stride_we
         s_base = S2 + e * stride_se
         z_base = Z2 + e * stride_se
         part = tl.zeros([BLOCK_N], dtype=tl.float32)
         for k0 in range(0, I, BLOCK_K):
-            part += _gemv_part(w_base, s_base, z_base, Hb + pair * stride_hp, cols, mask_n, k0, I, stride_wn,
+            part += _gemv_part(w_base, s_base, z_base, Hb + pair * stride_hp, cols, mask_j, k0, I, stride_wn,
                                stride_sn, G, WBITS, HAS_ZERO, BLOCK_K, EVEN_K)
         if HAS_BIAS:
-            part += tl.load(B2 + e * stride_be + cols, mask=mask_n, other=0.0).to(tl.float32)
+            part += tl.load(B2 + e * stride_be + cols, mask=mask_j, other=0.0).to(tl.float32)
         acc += wt * part
     tl.store(OUT + t * stride_ot + cols, acc.to(OUT.dtype.element_ty), mask=mask_n)
 

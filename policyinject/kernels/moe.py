@@ -12,7 +12,9 @@ with optional biases ``b13 [E, 2I]`` and ``b2 [E, H]``. Expert ``e`` computes
 ``down(act(gate) * up)`` (or ``down(act(up))``), and token ``t``'s output is ``sum_j weights[t, j] *
 expert_{ids[t, j]}(x[t])``.
 
-Nothing here synchronises with the host or branches on data (CUDA-graph safe), except
+Pairs whose id is outside ``[0, E)`` contribute nothing on every path (expert parallelism marks the experts
+of other ranks with ``-1``). Nothing here synchronises with the host or branches on data (CUDA-graph safe),
+except
 ``fused_moe(..., dispatch="grouped")`` on the PyTorch path, which reads the per-expert token counts once to run
 each expert on its own tokens only (the fast eager path on a CPU). The Triton path picks, from the static
 shape alone, a GEMV per (token, expert) pair that reads only the selected experts' weights (few tokens:
@@ -243,17 +245,24 @@ def align_tokens(ids: torch.Tensor, num_experts: int, block_m: int) -> AlignedTo
     """
     flat = ids.reshape(-1).to(torch.int64)
     n = flat.numel()
-    ones = torch.ones_like(flat)
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, ones)
+    # ids outside [0, E) (experts of other ranks under expert parallelism) are left out: key E sorts them last
+    key = torch.where((flat >= 0) & (flat < num_experts), flat, torch.full_like(flat, num_experts))
+    ones = torch.ones_like(key)
+    counts_all = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device).scatter_add_(0, key, ones)
+    counts = counts_all[:num_experts]
     padded = (counts + block_m - 1) // block_m * block_m
     ends = torch.cumsum(padded, 0)
     starts = ends - padded
-    order = torch.argsort(flat, stable=True)
-    sorted_e = flat[order]
-    rank = torch.arange(n, device=flat.device) - (torch.cumsum(counts, 0) - counts)[sorted_e]
+    order = torch.argsort(key, stable=True)
+    sorted_e = key[order]
+    rank = torch.arange(n, device=flat.device) - (torch.cumsum(counts_all, 0) - counts_all)[sorted_e]
     max_blocks = -(-n // block_m) + min(n, num_experts)
-    sorted_ids = torch.full((max_blocks * block_m,), n, dtype=torch.int32, device=flat.device)
-    sorted_ids[starts[sorted_e] + rank] = order.to(torch.int32)
+    # one spare slot past the end takes every left-out pair; it is cut off below
+    sorted_ids = torch.full((max_blocks * block_m + 1,), n, dtype=torch.int32, device=flat.device)
+    dest = torch.where(sorted_e < num_experts, starts[sorted_e.clamp(max=num_experts - 1)] + rank,
+                       torch.full_like(rank, max_blocks * block_m))
+    sorted_ids[dest] = order.to(torch.int32)
+    sorted_ids = sorted_ids[:max_blocks * block_m]
     block_starts = torch.arange(max_blocks, device=flat.device) * block_m
     block_expert = torch.searchsorted(ends, block_starts, right=True).to(torch.int32)
     return AlignedTokens(sorted_ids, block_expert, block_m, max_blocks)
@@ -378,7 +387,8 @@ def _launch(x: torch.Tensor, w13: Weights, w2: Weights, ids: torch.Tensor, weigh
             num_experts, G13, x.stride(0), swe13, swn13, sse13, ssn13, h.stride(0), sb13,
             TOPK=top_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
             **up)
-        y = torch.empty(n_pairs, hidden, dtype=torch.float32, device=x.device)
+        # zeros: pairs left out of the alignment (ids outside [0, E)) are never written and add nothing
+        y = torch.zeros(n_pairs, hidden, dtype=torch.float32, device=x.device)
         mod.moe_gemm_down_kernel[(al.max_blocks, -(-hidden // cfg.block_n))](
             h, W2, S2, Z2, bias2, al.sorted_ids, al.block_expert, wts, y, hidden, inter, n_pairs, num_experts, G2,
             h.stride(0), swe2, swn2, sse2, ssn2, y.stride(0), sb2,

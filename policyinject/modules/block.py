@@ -133,9 +133,12 @@ class InjectedBlock(torch.nn.Module):
 
     @classmethod
     def build(cls, layer: torch.nn.Module, policy: Any, *, num_heads: int, num_kv_heads: int, head_dim: int,
-              backend: str = "auto", model_config: Any = None) -> "InjectedBlock":
+              backend: str = "auto", model_config: Any = None,
+              mlp_module: Optional[torch.nn.Module] = None) -> "InjectedBlock":
         """Build from a layer instance and its policy (the layer itself is not modified). ``model_config``
-        (default: the layer's ``config``) is what value sources such as ``residual_scale`` read."""
+        (default: the layer's ``config``) is what value sources such as ``residual_scale`` read.
+        ``mlp_module``: the module for the MLP slot, already built (an injected MoE block); otherwise the
+        policy's MLP role is built."""
         kind = effective_block_kind(policy, layer)
         if kind is BlockKind.OPAQUE:
             raise PolicyError(f"policy for {policy.layer_name} has an opaque block; inject its submodules instead")
@@ -146,9 +149,11 @@ class InjectedBlock(torch.nn.Module):
         attn_module = layer.get_submodule(a.module) if a.module else layer
         attn = InjectedAttention.build(attn_module, a, num_heads=num_heads, num_kv_heads=num_kv_heads,
                                        head_dim=head_dim, backend=backend, norm_offset=offset, model_config=cfg)
-        m = policy.mlp
-        mlp_root = layer.get_submodule(m.module) if m.module else layer
-        mlp = InjectedMLP.build(mlp_root, m, backend)
+        if mlp_module is not None:
+            mlp = mlp_module
+        else:
+            m = policy.mlp
+            mlp = InjectedMLP.build(layer.get_submodule(m.module) if m.module else layer, m, backend)
 
         def norm(name: Optional[str]) -> Optional[torch.nn.Module]:
             return None if name is None else norm_from_spec(layer, _norm_spec(policy, name), backend)

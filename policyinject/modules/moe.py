@@ -132,9 +132,11 @@ class InjectedMoE(torch.nn.Module):
         #: name -> (num_bits, group_size, in_features) of the expert weights quantized by quantize_experts
         self._quantized: dict = {}
 
-    def quantize_experts(self, num_bits: int = 8, group_size: Optional[int] = None, symmetric: bool = True) -> None:
+    def quantize_experts(self, num_bits: int = 8, group_size: Any = None, symmetric: bool = True) -> None:
         """Replace the float expert weights by int8/int4 ones (the format of
         :mod:`policyinject.kernels.quantize`, per expert); the router and the shared expert stay as they are.
+        ``group_size``: one size for both weights, or a mapping ``{"w13": g, "w2": g}`` (None: the default
+        of :func:`~policyinject.kernels.quantize.quantize_weight`).
 
         Example:
             >>> m = InjectedMoE(torch.randn(4, 32), None, torch.randn(4, 16, 32), torch.randn(4, 32, 8), None, None,
@@ -147,7 +149,8 @@ class InjectedMoE(torch.nn.Module):
         for name in ("w13", "w2"):
             if name in self._quantized:
                 raise PolicyError(f"InjectedMoE: {name} is already quantized")
-            q = moe_kernels.quantize_experts(getattr(self, name).detach(), num_bits, group_size, symmetric)
+            group = group_size.get(name) if isinstance(group_size, dict) else group_size
+            q = moe_kernels.quantize_experts(getattr(self, name).detach(), num_bits, group, symmetric)
             delattr(self, name)
             self.register_buffer(f"{name}_qweight", q.qweight)
             self.register_buffer(f"{name}_scales", q.scales)

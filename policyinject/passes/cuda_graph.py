@@ -82,6 +82,11 @@ def plan_problems(ctx: PassContext) -> List[str]:
             problems.append(f"{path}: the policy for {type(layer).__name__} ({matched.policy.source or 'unnamed'}) "
                             "is `opaque`, so the layer keeps its own forward; the decode engine needs a block "
                             "wiring (pre_norm, parallel or post_norm)")
+        elif matched.policy.mlp is None and (matched.policy.moe_for(matched.module) is None or not cfg.moe.enabled):
+            why = "`moe.enabled` is false" if matched.policy.moe_for(matched.module) is not None else \
+                "the policy names no MLP for it"
+            problems.append(f"{path}: {type(layer).__name__} keeps its own MLP slot ({why}), so it stays a "
+                            "submodule-level injection; the decode engine needs a whole injected block")
         elif matched.policy.attention is not None and not matched.policy.attention.causal:
             problems.append(f"{path}: {type(layer).__name__} has bidirectional attention; generation needs a "
                             "causal decoder")

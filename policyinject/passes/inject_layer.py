@@ -56,8 +56,10 @@ class LayerInjection:
     head_dim: int
     backend: str
     kind: Optional[BlockKind] = None
-    #: submodule mode: layer-relative path -> what replaces it ("attention", "mlp", "norm:<index>")
+    #: submodule mode: layer-relative path -> what replaces it ("attention", "mlp", "moe", "norm:<index>")
     replace: tuple = ()
+    #: The layer's MoE block plan (:class:`~policyinject.passes.moe_inject.MoEBuild`), None for a dense layer.
+    moe: Any = None
 
 
 def norm_class(kind: Any) -> str:
@@ -191,9 +193,12 @@ def _check_activation(where: str, root: torch.nn.Module, spec: Any, exclude: Opt
     return []
 
 
-def _role_paths(policy: Any) -> set:
+def _role_paths(policy: Any, moe: Any = None) -> set:
     a, m = policy.attention, policy.mlp
     out = {n.path for n in policy.norms}
+    if moe is not None:  # the MoE block takes the MLP slot
+        m = None
+        out.add(moe.module)
     if a is not None:
         out |= {a.path(n) for n in (a.q, a.k, a.v, a.qkv, a.o, a.q_norm, a.k_norm) if n is not None}
     if m is not None:
@@ -206,9 +211,9 @@ def _under(prefix: str, names: Sequence[str]) -> list:
     return [n for n in names if n == prefix or n.startswith(prefix + ".")]
 
 
-def _uncovered_parameters(layer: torch.nn.Module, policy: Any) -> list:
+def _uncovered_parameters(layer: torch.nn.Module, policy: Any, moe: Any = None) -> list:
     """Layer-relative names of parameter-holding submodules that no role of the policy names."""
-    roles = _role_paths(policy)
+    roles = _role_paths(policy, moe)
     owners = [n for n, m in layer.named_modules() if any(True for _ in m.parameters(recurse=False))]
     return [n for n in owners if not any(n == p or n.startswith(p + ".") for p in roles if p)]
 
@@ -230,9 +235,11 @@ def _common_details(policy: Any, layer: torch.nn.Module, heads: Tuple[int, int, 
 
 
 def _submodule_action(path: str, cls: str, policy: Any, heads: Tuple[int, int, int], backend: str, kind: BlockKind,
-                      uncovered: list, details: dict) -> Action:
-    """Submodule-level injection: the attention (q/k/v/o direct children), the named MLP, each norm."""
+                      uncovered: list, details: dict, moe: Any = None) -> Action:
+    """Submodule-level injection: the attention (q/k/v/o direct children), the named MLP or MoE, each norm."""
     a, m = policy.attention, policy.mlp
+    if moe is not None:
+        m = None
     replace: list = []
     kept: list = []
     attn_direct = a.module and all("." not in n for n in (a.q, a.k, a.v, a.qkv, a.o) if n is not None)
@@ -245,11 +252,13 @@ def _submodule_action(path: str, cls: str, policy: Any, heads: Tuple[int, int, i
             kept.append(m.module)
         else:
             replace.append((m.module, "mlp"))
+    if moe is not None:
+        replace.append((moe.spec.module, "moe"))
     for i, spec in enumerate(policy.norms):
         replace.append((spec.path, f"norm:{i}"))
     if not replace:
         return Action(NAME, path, cls, "keep", {"reason": "nothing this policy describes can be replaced"})
-    names = {"attention": "InjectedAttention", "mlp": "InjectedMLP"}
+    names = {"attention": "InjectedAttention", "mlp": "InjectedMLP", "moe": moe.module_class if moe else ""}
     details = {"replace": {p: names.get(what) or norm_class(policy.norms[int(what[5:])].kind) for p, what in replace},
                **details}
     if kind is BlockKind.OPAQUE:
@@ -258,15 +267,18 @@ def _submodule_action(path: str, cls: str, policy: Any, heads: Tuple[int, int, i
         details["reason"] = f"parameters outside the policy's roles: {uncovered[:4]}"
     if kept:
         details["kept"] = kept
-    payload = LayerInjection("submodules", policy, *heads, backend, kind, tuple(replace))
+    payload = LayerInjection("submodules", policy, *heads, backend, kind, tuple(replace), moe)
     return Action(NAME, path, cls, "replace_submodules", details, payload)
 
 
 def plan_layer(path: str, layer: torch.nn.Module, policy: Any, heads: Tuple[int, int, int], backend: str,
-               layout: Any, source: str = "") -> Action:
-    """The injection action of one layer (``heads``: this rank's heads, kv heads, head_dim)."""
+               layout: Any, source: str = "", moe: Any = None) -> Action:
+    """The injection action of one layer (``heads``: this rank's heads, kv heads, head_dim; ``moe``: the
+    plan of the layer's MoE block, which then takes the MLP slot)."""
     cls = type(layer).__name__
     a, m = policy.attention, policy.mlp
+    if moe is not None:
+        m = None
     if a is None:
         return Action(NAME, path, cls, "keep", {"reason": "the policy describes no attention role"})
     chk = _Checker(path, layer, f"{path} ({cls}, policy from {policy.source or 'user'})", layout)
@@ -278,12 +290,15 @@ def plan_layer(path: str, layer: torch.nn.Module, policy: Any, heads: Tuple[int,
     from ..modules.block import effective_block_kind
 
     kind = effective_block_kind(policy, layer)
-    uncovered = _uncovered_parameters(layer, policy)
+    uncovered = _uncovered_parameters(layer, policy, None if moe is None else moe.spec)
     details = _common_details(policy, layer, heads, backend, fused, mlp_names)
+    if moe is not None:
+        details["moe"] = moe.describe()
     sandwich = policy.attention_output_norm is not None and policy.mlp_output_norm is not None
-    block_ok = (kind is not BlockKind.OPAQUE and m is not None and (policy.input_norm is not None or sandwich)
+    block_ok = (kind is not BlockKind.OPAQUE and (m is not None or moe is not None) and (policy.input_norm is not None or sandwich)
                 and (kind is BlockKind.PARALLEL or policy.post_attention_norm is not None or sandwich))
     if block_ok and not uncovered:
         details = {"replace": "InjectedBlock", "kind": kind.value, **details}
-        return Action(NAME, path, cls, "replace", details, LayerInjection("block", policy, *heads, backend, kind))
-    return _submodule_action(path, cls, policy, heads, backend, kind, uncovered, details)
+        return Action(NAME, path, cls, "replace", details,
+                      LayerInjection("block", policy, *heads, backend, kind, moe=moe))
+    return _submodule_action(path, cls, policy, heads, backend, kind, uncovered, details, moe)

@@ -101,6 +101,7 @@ class KernelInjectPass(Pass):
             problems.append(
                 f"the model uses attn_implementation={impl!r}, whose masks the injected attention cannot read; "
                 f"load it with attn_implementation='sdpa' (or 'eager')")
+        self._experts = None  # the expert layout, resolved once when the first MoE layer is planned
         for matched in ctx.layers:
             try:
                 action = self._plan_layer(ctx, matched, backend)
@@ -166,7 +167,14 @@ class KernelInjectPass(Pass):
                           {"reason": "the policy describes no attention role"})
         where = f"{path} ({type(layer).__name__}, policy from {policy.source or 'user'})"
         heads = self._heads(ctx, path, layer, policy, where)
-        return plan_layer(path, layer, policy, heads, backend, ctx.plan.tensor_parallel)
+        moe = None
+        if policy.moe_for(layer) is not None and ctx.config.moe.enabled:
+            from .moe_inject import plan_moe, resolve_expert_layout
+
+            if self._experts is None:
+                self._experts = resolve_expert_layout(ctx.config, ctx.tp)
+            moe = plan_moe(ctx, path, layer, policy, self._experts, backend)
+        return plan_layer(path, layer, policy, heads, backend, ctx.plan.tensor_parallel, moe=moe)
 
     def _plan_final_norm(self, ctx: PassContext, backend: str) -> Optional[Action]:
         mp = ctx.model_policy
@@ -201,9 +209,14 @@ class KernelInjectPass(Pass):
             policy = plan.policy
             counts = dict(num_heads=plan.heads, num_kv_heads=plan.kv_heads, head_dim=plan.head_dim)
             layer_config = config_for_layer(layer, policy.attention, ctx.model_config)
+            moe = None
+            if plan.moe is not None:
+                from .moe_inject import build_moe
+
+                moe = build_moe(plan.moe, layer.get_submodule(plan.moe.spec.module), layer_config)
             if plan.mode == "block":
                 block = InjectedBlock.build(layer, policy, backend=plan.backend, model_config=layer_config,
-                                            **counts)
+                                            mlp_module=moe, **counts)
                 _set(ctx.model, action.path, block)
                 summary.blocks[action.path] = InjectedLayerInfo(plan.heads, plan.kv_heads, plan.head_dim,
                                                                 plan.kind.value)
@@ -216,6 +229,8 @@ class KernelInjectPass(Pass):
                                                   norm_offset=offset, model_config=layer_config, **counts)
                 elif what == "mlp":
                     new = InjectedMLP.build(layer.get_submodule(sub), policy.mlp, plan.backend)
+                elif what == "moe":
+                    new = moe
                 else:
                     new = norm_from_spec(layer, policy.norms[int(what[5:])], plan.backend)
                 _set(layer, sub, new)

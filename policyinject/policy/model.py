@@ -291,6 +291,33 @@ class Policy:
     #: Style of every linear inside the layer that neither a role nor ``styles`` covers (DeepSpeed's short
     #: form sets COLUMN: "every other linear is column-parallel"). None leaves such linears to the lint.
     default_style: Optional[Style] = attrs.field(default=None, converter=attrs.converters.optional(Style))
+    #: The layer's sparse mixture-of-experts block (:class:`~policyinject.policy.moe.MoESpec`), in the MLP
+    #: slot: in a layer whose submodule at ``moe.module`` is of ``moe.block``'s class it is the MLP and
+    #: ``mlp`` is ignored; in other layers of the class (Qwen2-MoE ``mlp_only_layers``) ``mlp`` applies.
+    moe: Any = attrs.field(default=None)
+
+    @moe.validator
+    def _check_moe(self, attribute: Any, value: Any) -> None:
+        from .moe import MoESpec
+
+        if value is not None and not isinstance(value, MoESpec):
+            raise PolicyError(f"Policy.moe must be a MoESpec, got {type(value).__name__}")
+
+    def moe_for(self, layer: Any) -> Any:
+        """The :class:`~policyinject.policy.moe.MoESpec` when ``layer`` holds this policy's MoE block, else None.
+
+        Example:
+            >>> import torch
+            >>> Policy("x.Layer").moe_for(torch.nn.Module()) is None
+            True
+        """
+        if self.moe is None:
+            return None
+        try:
+            block = layer.get_submodule(self.moe.module) if self.moe.module else layer
+        except AttributeError:
+            return None
+        return self.moe if self.moe.matches(block) else None
 
     @property
     def layer_name(self) -> str:
@@ -317,8 +344,12 @@ class Policy:
             return module_class is self.layer
         return qualname(module_class) == self.layer
 
-    def linear_styles(self) -> dict:
-        """Every linear this policy names, with its tensor-parallel style (layer-relative path -> Style)."""
+    def linear_styles(self, moe_layer: bool = False) -> dict:
+        """Every linear this policy names, with its tensor-parallel style (layer-relative path -> Style).
+
+        ``moe_layer``: the layer holds the MoE block (:meth:`moe_for`), which takes the MLP slot: the MoE's
+        shared expert is split as an MLP and its gate replicated; the router and the routed experts are not
+        linears (the MoE builder of the kernel-injection pass shards them)."""
         out: dict = {}
         a = self.attention
         if a is not None:
@@ -330,6 +361,14 @@ class Policy:
             if a.o is not None:
                 out[a.path(a.o)] = Style.ROW
         m = self.mlp
+        if moe_layer:
+            m = None
+            mo = self.moe
+            if mo.shared is not None:
+                out.update(attrs.evolve(self, attention=None, mlp=attrs.evolve(
+                    mo.shared, module=_join(mo.module, mo.shared.module)), styles={}, moe=None).linear_styles())
+            if mo.shared_gate is not None:
+                out[_join(mo.module, mo.shared_gate)] = Style.REPLICATE
         if m is not None:
             if m.gated:
                 if m.gate_up is not None:
@@ -367,7 +406,7 @@ class Policy:
         """
         linears = {name: mod for name, mod in layer.named_modules() if name and is_linear_like(mod)}
         modules = dict(layer.named_modules())
-        derived = self.linear_styles()
+        derived = self.linear_styles(moe_layer=self.moe_for(layer) is not None)
         explicit = set(self.styles)
         out: dict = {}
         unmatched: list = []
@@ -395,6 +434,10 @@ class Policy:
             else:
                 uncovered.append(name)
         return out, unmatched, uncovered
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
 def is_linear_like(module: Any) -> bool:

@@ -305,13 +305,12 @@ def test_choices():
 
 NON_DEFAULT = {
     "use_triton": True, "triton_autotune": True, "zero": {"stage": 3}, "triangular_masking": False,
-    "set_empty_params": True, "training_mp_size": 2, "transposed_mode": True, "moe.enabled": False,
-    "moe.moe_experts": [8], "moe.ep_group": object(), "moe.ep_mp_group": object(),
+    "set_empty_params": True, "training_mp_size": 2, "transposed_mode": True,
     "quant.activation.enabled": True, "quant.activation.num_bits": 4, "quant.activation.q_type": "asymmetric",
     "quant.activation.q_groups": 2, "quant.weight.quantized_initialization": {"a": 1},
     "quant.weight.post_init_quant": {"a": 1}, "checkpoint_config.checkpoint_dir": "/c",
     "checkpoint_config.save_mp_checkpoint_path": "/c", "checkpoint_config.base_dir": "/c",
-    "return_tuple": False, "moe.ep_size": 2, "moe.type": "residual",
+    "return_tuple": False, "moe.type": "residual",
 }
 
 
@@ -337,8 +336,9 @@ def test_warns_keys_warn_with_their_name(path):
 def test_warning_uses_the_users_spelling():
     with pytest.warns(UserWarning, match="`tm` = False"):
         load_config(tm=False)
-    with pytest.warns(UserWarning, match="`moe.num_experts`"):
-        load_config(moe={"num_experts": 8})
+    # a problem under an alias is reported with the alias (moe.num_experts is moe.moe_experts)
+    with pytest.raises(ConfigError, match="moe.num_experts"):
+        load_config(replace_with_kernel_inject=True, moe={"num_experts": 6, "ep_size": 4})
 
 
 @pytest.mark.parametrize("path", sorted(s.path for s in KEYS if s.field and s.status is Status.ERROR))

@@ -65,12 +65,22 @@ def test_plan_problems_without_kernel_injection():
 
 
 def test_plan_problems_name_opaque_layers():
+    import attrs
     from policyinject.passes.cuda_graph import plan_problems
 
-    ctx = _ctx("mixtral", replace_with_kernel_inject=True)
+    ctx = _ctx("llama", replace_with_kernel_inject=True)
+    assert plan_problems(ctx) == []
+    ctx.layers = [attrs.evolve(m, policy=attrs.evolve(m.policy, block="opaque")) for m in ctx.layers]
     problems = plan_problems(ctx)
-    assert problems and all("MixtralDecoderLayer" in p and "opaque" in p for p in problems)
-    assert plan_problems(_ctx("llama", replace_with_kernel_inject=True)) == []
+    assert problems and all("LlamaDecoderLayer" in p and "opaque" in p for p in problems)
+
+
+def test_plan_problems_name_moe_layers_with_moe_disabled():
+    from policyinject.passes.cuda_graph import plan_problems
+
+    assert plan_problems(_ctx("mixtral", replace_with_kernel_inject=True)) == []  # the MoE block is injected
+    problems = plan_problems(_ctx("mixtral", replace_with_kernel_inject=True, moe={"enabled": False}))
+    assert problems and all("MixtralDecoderLayer" in p and "`moe.enabled` is false" in p for p in problems)
 
 
 def test_plan_problems_name_the_model_policy_gap():
@@ -88,9 +98,9 @@ def test_cuda_graph_pass_plan_raises_plan_error_on_gpu_machines_too(monkeypatch)
     from policyinject.passes import cuda_graph
 
     monkeypatch.setattr(cuda_graph, "require_cuda", lambda what="": None)
-    ctx = _ctx("mixtral", replace_with_kernel_inject=True)
+    ctx = _ctx("mixtral", replace_with_kernel_inject=True, moe={"enabled": False})
     ctx.device = torch.device("cuda", 0)
-    with pytest.raises(PlanError, match="opaque"):
+    with pytest.raises(PlanError, match="moe.enabled"):
         cuda_graph.CudaGraphPass().plan(ctx)
 
 
@@ -100,7 +110,7 @@ def test_eager_decoder_falls_back_for_unsupported_models_and_serves_supported_on
     from policyinject.decode.generate import Decoder, build_decoder
 
     init = _init_inference()
-    unsupported = init(tiny_model("mixtral"), replace_with_kernel_inject=True, dtype="fp32")
+    unsupported = init(tiny_model("mixtral"), replace_with_kernel_inject=True, dtype="fp32", moe={"enabled": False})
     decode = unsupported.plan.decode
     assert decode is not None and not decode.supported and decode.when_unsupported == "fallback"
     assert any("MixtralDecoderLayer" in p for p in decode.problems)

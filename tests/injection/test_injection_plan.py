@@ -75,9 +75,18 @@ def test_gpt2_cross_attention_falls_back_to_submodules(inject):
     _check(model, original, encoder_hidden_states=enc)
 
 
-def test_mixtral_keeps_moe_forward(inject):
+def test_mixtral_injects_the_moe_block(inject):
     model = tiny_model("mixtral")
     original, engine = inject(model, kernel_backend="torch")
+    layer = model.model.layers[0]
+    assert type(layer).__name__ == "InjectedBlock"
+    assert type(layer.mlp).__name__ == "InjectedMoE"
+    _check(model, original)
+
+
+def test_mixtral_with_moe_disabled_keeps_moe_forward(inject):
+    model = tiny_model("mixtral")
+    original, engine = inject(model, kernel_backend="torch", moe={"enabled": False})
     layer = model.model.layers[0]
     assert type(layer).__name__ == "MixtralDecoderLayer"
     assert type(layer.self_attn).__name__ == "InjectedAttention"

@@ -39,8 +39,7 @@ def test_logits_match_reference_path(arch, inject):
     with torch.no_grad():
         err = rel_err(output_tensor(model(ids)), output_tensor(original(ids)))
     assert err < TOL_REF, f"{arch}: rel error {err:.2e}"
-    if arch != "mixtral":
-        assert _blocks(model) == model.config.num_hidden_layers
+    assert _blocks(model) == model.config.num_hidden_layers
 
 
 @pytest.mark.parametrize("arch", DECODERS)

@@ -98,3 +98,35 @@ def ep_model(family: str) -> Dict[str, Any]:
         out = model(ids).logits
     err = ((out - ref).norm() / ref.norm()).item()
     return {"err": err, "greedy_equal": bool(torch.equal(out.argmax(-1), ref.argmax(-1)))}
+
+
+def pipeline_equal(family: str, tp: int = 1, ep: int = 1, ep_group: str = "") -> Dict[str, Any]:
+    """``init_inference`` with kernel injection, ``tensor_parallel.tp_size`` and ``moe.ep_size``: logits and
+    greedy tokens against the unsharded Hugging Face model (same weights on every rank, same prompt).
+
+    ``ep_group="tp"``: pass the tensor-parallel group (all ranks) as ``moe.ep_group``."""
+    import torch.distributed as dist
+    from moe_models import tiny_moe_model
+
+    import policyinject as pi
+    from policyinject.modules.moe_parallel import ExpertParallelMoE
+
+    ref_model, _ = tiny_moe_model(family)
+    model, spec = tiny_moe_model(family)
+    ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = ref_model(ids).logits
+        ref_tokens = ref_model.generate(ids, max_new_tokens=5, do_sample=False)
+    moe: Dict[str, Any] = {"ep_size": ep}
+    if ep_group == "tp":
+        moe["ep_group"] = dist.group.WORLD
+    engine = pi.init_inference(model, dtype="fp32", replace_with_kernel_inject=True, kernel_backend="torch",
+                               tensor_parallel={"tp_size": tp, "tp_grain_size": 8}, moe=moe)
+    blocks = [m for m in model.modules() if isinstance(m, ExpertParallelMoE)]
+    with torch.no_grad():
+        out = engine(ids).logits
+        tokens = engine.generate(ids, max_new_tokens=5, do_sample=False)
+    return {"err": ((out - ref).norm() / ref.norm()).item(), "finite": bool(torch.isfinite(out).all()),
+            "greedy_equal": bool(torch.equal(tokens, ref_tokens)), "ep_blocks": len(blocks),
+            "local": [list(b.w13.shape) for b in blocks][:1], "repr": repr(blocks[0]) if blocks else "",
+            "engine_decoder": engine.plan.decode is not None and not engine.plan.decode.problems}

@@ -150,3 +150,20 @@ def test_quantized_experts_match_dequantized_reference(cfg: MoEConfig, bits: int
     assert rel_err(out, ref) <= (1e-5 if dtype == torch.float32 else 3e-2)
     # the torch path dequantizes the same bytes
     assert rel_err(fused_moe(x.float(), q13, q2, ids, w, backend="torch"), ref) <= 1e-5
+
+
+@pytest.mark.parametrize("cfg", [GEMV, GEMM], ids=["gemv", "gemm"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_out_of_range_ids_contribute_nothing(cfg: MoEConfig, bias: bool) -> None:
+    """Expert parallelism marks the experts of other ranks with -1: the kernels skip those pairs."""
+    x, w13, w2, b13, b2, ids, w = _case(t=6, e=4, k=2, h=32, i=16, dtype=torch.float32, bias=bias, seed=5)
+    ids = ids.clone()
+    ids[0, 0] = -1
+    ids[2] = -1           # a token with no local expert at all
+    ids[4, 1] = -1
+    with poisoned_alloc():
+        out = fused_moe(x, w13, w2, ids, w, "silu", b13=b13, b2=b2, backend="triton", config=cfg)
+    ref = moe_reference(x, w13, w2, ids, w, "silu", True, b13, b2)
+    assert torch.isfinite(out).all()
+    assert out[2].abs().max() == 0
+    assert rel_err(out, ref) <= 1e-5
