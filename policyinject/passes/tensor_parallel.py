@@ -46,7 +46,8 @@ from ..distributed import TPInfo, resolve_tp
 from ..errors import PlanError, UnsupportedError
 from ..plan import Action
 from ..plan_fields import LocalHeads, TensorParallelLayout
-from .base import Pass, PassContext
+from .base import Pass, PassContext, owner_of
+from .quantize import quantize_action
 from .tp_apply import build_parallel, shard_tensors
 from .tp_attributes import AttrRewrite, apply_attributes
 from .tp_linears import LinearSplitter, Shard
@@ -114,24 +115,46 @@ class TensorParallelPass(Pass):
         source, meter = ckpt.open_source(ctx, load_action)
         saved: Dict[str, torch.Tensor] = {}
         built: Dict[str, nn.Module] = {}
+        layer_paths = [m.path for m in ctx.layers]
+        pending: List[tuple] = []  # (path, shard, new) of the layer being built
+
+        save_path = ctx.config.save_mp_checkpoint_path
+
+        def swap_in() -> None:  # the whole layer is built: swap its modules in, release the originals
+            if save_path:
+                for _, shard, new in pending:
+                    saved.update(shard_tensors(shard, new))
+            for path, shard, new in pending:
+                set_submodule(ctx.model, path, new)
+                built[path] = new
+                release = getattr(source, "release", None)
+                if release is not None:
+                    release(shard.weight.name, shard.bias.name if shard.bias else None)
+            pending.clear()
+
         with meter:
             for a in actions:
                 if isinstance(a.payload, AttrRewrite):
+                    swap_in()
                     apply_attributes(ctx.model, a.payload)
                     continue
                 if not isinstance(a.payload, Shard):  # replicate, lint, load_checkpoint: nothing to build
                     continue
+                owner = owner_of(a.path, layer_paths)
+                if pending and ctx.building != owner:
+                    swap_in()
+                ctx.building = owner
                 shard: Shard = a.payload
-                new = build_parallel(ctx.model, a.path, shard, source, info, built)
-                set_submodule(ctx.model, a.path, new)
-                built[a.path] = new
-                release = getattr(source, "release", None)
-                if release is not None:
-                    release(shard.weight.name, shard.bias.name if shard.bias else None)
-                saved.update(shard_tensors(shard, new))
+                new = build_parallel(ctx.model, a.path, shard, source, info, {**built, **{p: n for p, _, n in pending}})
+                on_load = ctx.quantize_on_load.get(a.path)
+                if on_load is not None:  # quantized as read: one linear of 16-bit weights alive at a time
+                    new = quantize_action(a.path, new, on_load)
+                pending.append((a.path, shard, new))
+            swap_in()
+            ctx.building = "(tensors outside the parallel modules)"
             ckpt.materialize_rest(ctx, source, built)
+            ctx.building = None
         if meter.report and ctx.plan.tensor_parallel is not None:
             ctx.plan.tensor_parallel.load = dict(meter.report)
-        save_path = ctx.config.save_mp_checkpoint_path
         if save_path:
             ckpt.save_sharded(ctx, save_path, saved, built)
