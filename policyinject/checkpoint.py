@@ -270,7 +270,7 @@ def safetensors_files(directory: str) -> List[str]:
 class CheckpointSpec:
     """What the ``checkpoint`` config resolved to."""
 
-    kind: str  # "safetensors" | "pre_sharded"
+    kind: str  # "safetensors" | "pre_sharded" | "random"
     files: Tuple[str, ...]
     directory: str = ""
     manifest: Optional[Mapping[str, Any]] = None
@@ -304,6 +304,8 @@ def resolve_checkpoint(value: Any, base_dir: str = "") -> Optional[CheckpointSpe
         base_dir = desc.get("base_dir") or base_dir or os.path.dirname(path)
     else:
         desc = dict(value)
+        if desc.get("type") == "random":
+            return _random_spec(desc)
         base_dir = desc.get("base_dir") or base_dir
     names = desc.get("checkpoints")
     if isinstance(names, Mapping):
@@ -317,22 +319,152 @@ def resolve_checkpoint(value: Any, base_dir: str = "") -> Optional[CheckpointSpe
     return CheckpointSpec("safetensors", files, base_dir)
 
 
-def plan_checkpoint(ctx: Any, tp_size: int) -> Optional[Action]:
-    """The ``load_checkpoint`` action when ``config.checkpoint`` is set (checks a pre-sharded tp_size)."""
+def plan_checkpoint(ctx: Any, tp_size: int, shards: Sequence[Any] = ()) -> Optional[Action]:
+    """The ``load_checkpoint`` action when ``config.checkpoint`` is set.
+
+    Checks a pre-sharded ``tp_size``, then -- from the safetensors headers alone, before anything changes --
+    that every tensor apply will read exists with the model's shape and kind (:func:`check_checkpoint`);
+    ``shards`` are the planned :class:`~policyinject.passes.tp_linears.Shard` payloads.
+    """
     cfg = ctx.config
     spec = resolve_checkpoint(cfg.checkpoint, cfg.base_dir or "")
     if spec is None:
         return None
     details: Dict[str, Any] = {"format": spec.kind, "dir": spec.directory}
+    if spec.kind == "random":
+        details.update(seed=spec.manifest["seed"], std=spec.manifest["std"])
+        return Action("tensor_parallel", "", type(ctx.model).__name__, "load_checkpoint", details, spec)
     if spec.kind == "pre_sharded":
         saved = int(spec.manifest.get("tp_size", -1))
         if saved != tp_size:
             raise PlanError(f"checkpoint {spec.directory!r} was saved with tensor_parallel.tp_size={saved}; this run "
                             f"asks for tp_size={tp_size}. Load the original checkpoint to re-shard")
         details["tp_size"] = saved
+        man = spec.manifest
+        rank = getattr(ctx.tp, "rank", 0) or 0
+        files = [os.path.join(spec.directory, man["files"]["non_tp"]),
+                 os.path.join(spec.directory, man["files"]["ranks"][rank])]
+        sharded = set(man.get("sharded", []))
+        extra_aliases = dict(man.get("aliases", {}))
     else:
         details["files"] = len(spec.files)
+        files, sharded, extra_aliases = list(spec.files), set(), {}
+    headers: Dict[str, Tuple[str, Tuple[int, ...]]] = {}
+    for path in files:
+        if not os.path.exists(path):
+            raise PlanError(f"checkpoint file {path!r} does not exist")
+        headers.update(read_header(path))
+    required = {ps.name for sh in shards if sh.tie_to is None for ps in (sh.weight, sh.bias) if ps is not None}
+    problems, unexpected = check_checkpoint(ctx.model, headers, required, sharded, extra_aliases)
+    if problems:
+        raise PlanError([f"checkpoint {spec.directory or files[0]!r}: {p}" for p in problems])
+    if unexpected:
+        ctx.plan.warn(f"checkpoint {spec.directory or files[0]!r} has {len(unexpected)} tensors the model does not "
+                      f"use (not loaded): {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else ""))
+        details["unexpected"] = len(unexpected)
     return Action("tensor_parallel", "", type(ctx.model).__name__, "load_checkpoint", details, spec)
+
+
+_FLOAT_CODES = {"F16", "BF16", "F32", "F64"}
+
+
+def read_header(path: str) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
+    """Tensor name -> (safetensors dtype code, shape) from a file's header, reading no tensor data.
+
+    Example:
+        >>> import os, tempfile
+        >>> from safetensors.torch import save_file
+        >>> f = os.path.join(tempfile.mkdtemp(), "m.safetensors"); save_file({"w": torch.zeros(2, 3)}, f)
+        >>> read_header(f)
+        {'w': ('F32', (2, 3))}
+    """
+    import struct
+
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise PlanError(f"checkpoint file {path!r} is not a safetensors file (shorter than its header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100 << 20:
+            raise PlanError(f"checkpoint file {path!r}: header of {n} bytes; not a safetensors file")
+        try:
+            meta = json.loads(f.read(n))
+        except ValueError as exc:
+            raise PlanError(f"checkpoint file {path!r}: unreadable safetensors header ({exc})") from None
+    meta.pop("__metadata__", None)
+    return {k: (str(v.get("dtype")), tuple(int(x) for x in v.get("shape", ()))) for k, v in meta.items()}
+
+
+def check_checkpoint(model: nn.Module, headers: Mapping[str, Tuple[str, Tuple[int, ...]]], required: Iterable[str] = (),
+                     sharded: Iterable[str] = (), aliases: Optional[Mapping[str, str]] = None) -> Tuple[List[str], List[str]]:
+    """Problems (missing tensors, wrong shapes, integer data for float tensors) and unexpected names.
+
+    A tensor is needed when apply reads it: a ``required`` name (a tensor-parallel shard), or any tensor still
+    on the meta device (a meta buffer the checkpoint lacks is fine when it can be recomputed from its module's
+    ``config``). Tensors present are checked against the model's shape, except ``sharded`` ones (pre-sharded).
+
+    Example:
+        >>> m = torch.nn.Linear(3, 2)
+        >>> check_checkpoint(m, {"weight": ("F32", (2, 4)), "extra": ("F32", (1,))}, required=["bias"])
+        (['weight: shape (2, 4) in the checkpoint, the model expects (2, 3)', 'missing 1 tensors the model needs: bias'], ['extra'])
+    """
+    alias = {**_aliases(model), **dict(aliases or {})}
+    required, sharded = set(required), set(sharded)
+    problems: List[str] = []
+    missing: List[str] = []
+    known = set()
+
+    def lookup(name: str) -> Optional[str]:
+        if name in headers:
+            return name
+        other = alias.get(name)
+        return other if other in headers else None
+
+    tensors = list(model.state_dict(keep_vars=True).items())
+    for mpath, mod in model.named_modules():
+        for bname in getattr(mod, "_non_persistent_buffers_set", ()):
+            b = mod._buffers.get(bname)
+            if b is not None:
+                tensors.append((f"{mpath}.{bname}" if mpath else bname, b))
+    for name, t in tensors:
+        if t is None:
+            continue
+        known.add(name)
+        key = lookup(name)
+        if key is not None:
+            known.add(key)
+            code, shape = headers[key]
+            if key not in sharded and shape != tuple(t.shape):
+                problems.append(f"{name}: shape {shape} in the checkpoint, the model expects {tuple(t.shape)}")
+            if t.is_floating_point() and code not in _FLOAT_CODES and not code.startswith("F8"):
+                problems.append(f"{name}: stored as {code}, the model's tensor is {t.dtype} (a quantized "
+                                "checkpoint? use quant.checkpoint for policyinject's own)")
+            continue
+        if name in required:
+            missing.append(name)
+        elif t.device.type == "meta":
+            owner, _, bname = name.rpartition(".")
+            mod = model.get_submodule(owner) if owner else model
+            if bname in mod._buffers and _recompute_buffer(mod, bname) is not None:
+                continue
+            missing.append(name)
+    if missing:
+        problems.append(f"missing {len(missing)} tensors the model needs: {', '.join(missing[:8])}"
+                        + (" ..." if len(missing) > 8 else ""))
+    unexpected = sorted(k for k in headers if k not in known)
+    return problems, unexpected
+
+
+def _random_spec(desc: Mapping[str, Any]) -> CheckpointSpec:
+    """``{"type": "random", "seed": 0, "std": 0.02}``: seeded random tensors made on the device, per name."""
+    unknown = sorted(set(desc) - {"type", "seed", "std"})
+    if unknown:
+        raise PlanError(f"checkpoint {{'type': 'random'}} takes the keys seed and std; unknown: {unknown}")
+    seed, std = desc.get("seed", 0), desc.get("std", 0.02)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not isinstance(std, (int, float)) or std <= 0:
+        raise PlanError(f"checkpoint {{'type': 'random'}}: seed must be an int and std a positive number; "
+                        f"got seed={seed!r}, std={std!r}")
+    return CheckpointSpec("random", (), "", {"seed": int(seed), "std": float(std)})
 
 
 def _aliases(model: nn.Module) -> Dict[str, str]:
@@ -359,6 +491,11 @@ def open_source(ctx: Any, action: Optional[Action]) -> Tuple[Any, PeakMemory]:
     if ctx.config.keep_module_on_host:
         device = torch.device("cpu")
     aliases = _aliases(ctx.model)
+    if spec.kind == "random":
+        from .testing.random_weights import RandomSource
+
+        src = RandomSource.for_model(ctx.model, device, seed=spec.manifest["seed"], std=spec.manifest["std"])
+        return src, src.meter
     if spec.kind == "pre_sharded":
         tp = ctx.tp
         man = spec.manifest

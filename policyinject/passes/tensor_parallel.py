@@ -98,7 +98,7 @@ class TensorParallelPass(Pass):
             if isinstance(a.payload, Shard) and "local" in a.details:
                 layout.local_shapes[a.path] = (int(a.details["local"][0]), int(a.details["local"][1]))
         ctx.plan.tensor_parallel = layout
-        load = ckpt.plan_checkpoint(ctx, tp)
+        load = ckpt.plan_checkpoint(ctx, tp, [a.payload for a in actions if isinstance(a.payload, Shard)])
         if load is not None:
             actions.append(load)
         return actions
