@@ -101,10 +101,13 @@ class RandomSource:
 
 
 def write_random_checkpoint(model: nn.Module, directory: str, seed: int = 0, std: float = 0.02,
-                            dtype: Optional[torch.dtype] = None, shard_bytes: int = 4 << 30) -> Dict[str, str]:
+                            dtype: Optional[torch.dtype] = None, shard_bytes: int = 4 << 30,
+                            device: Any = "cpu") -> Dict[str, str]:
     """Write ``model``'s tensors (a meta model is fine) as seeded random values to a sharded safetensors
     checkpoint in ``directory`` (``model-0000i-of-0000n.safetensors`` and ``model.safetensors.index.json``),
     holding at most one shard in host memory. Tied tensors are written once. Returns name -> file.
+    ``device``: where the values are drawn (a GPU is faster; the values then match
+    ``RandomSource`` on that device type, not the CPU's).
 
     Example:
         >>> import tempfile
@@ -115,7 +118,7 @@ def write_random_checkpoint(model: nn.Module, directory: str, seed: int = 0, std
     from safetensors.torch import save_file
 
     os.makedirs(directory, exist_ok=True)
-    src = RandomSource.for_model(model, "cpu", seed, std)
+    src = RandomSource.for_model(model, device, seed, std)
     if dtype is not None:
         src.shapes = {n: (s, dtype if d.is_floating_point else d) for n, (s, d) in src.shapes.items()}
     seen: set = set()
@@ -138,7 +141,7 @@ def write_random_checkpoint(model: nn.Module, directory: str, seed: int = 0, std
     weight_map: Dict[str, str] = {}
     for i, group in enumerate(groups):
         fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        save_file({n: src.make(n) for n in group}, os.path.join(directory, fname), metadata={"format": "pt"})
+        save_file({n: src.make(n).cpu() for n in group}, os.path.join(directory, fname), metadata={"format": "pt"})
         weight_map.update({n: fname for n in group})
     with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
