@@ -177,6 +177,8 @@ def init_inference(model: torch.nn.Module, config: Any = None, *, plugins: Optio
     planned = prepare(model, cfg, plugins, memory_probe)
     plan, ctx = planned.plan, planned.context
     planned_at = time.perf_counter()
+    for p, _ in planned.passes:  # e.g. tensor parallelism planned without a process group: nothing changed yet
+        p.check_can_apply(ctx)
     timings = {}
     completed: List[str] = []
     layer_paths = [m.path for m in ctx.layers]

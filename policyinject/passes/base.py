@@ -96,5 +96,9 @@ class Pass:
     def plan(self, ctx: PassContext) -> list:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def check_can_apply(self, ctx: PassContext) -> None:
+        """Raise (before any pass applies, the model untouched) when this pass cannot apply here; the default
+        finds nothing."""
+
     def apply(self, ctx: PassContext, actions: list) -> None:  # pragma: no cover - interface
         raise NotImplementedError

@@ -104,13 +104,18 @@ class TensorParallelPass(Pass):
         return actions
 
     # ------------------------------------------------------------------------------------------ apply
-    def apply(self, ctx: PassContext, actions: List[Action]) -> None:
+    def check_can_apply(self, ctx: PassContext) -> None:
+        """Raise before any pass applies when this one cannot (planned without a process group)."""
         info: TPInfo = ctx.tp
         if info is None or (info.planning_only and info.world_size > 1):
             raise UnsupportedError(
                 f"tensor_parallel.tp_size={info.world_size if info else '?'} was planned without a process group; "
                 f"launch with `torchrun --nproc-per-node {info.world_size if info else 'N'} ...` or pass "
                 f"tensor_parallel.tp_group")
+
+    def apply(self, ctx: PassContext, actions: List[Action]) -> None:
+        self.check_can_apply(ctx)
+        info: TPInfo = ctx.tp
         load_action = next((a for a in actions if a.action == "load_checkpoint"), None)
         source, meter = ckpt.open_source(ctx, load_action)
         saved: Dict[str, torch.Tensor] = {}
