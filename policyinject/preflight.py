@@ -24,7 +24,7 @@ Example:
     >>> check_memory(est, lambda device: (4 << 30, 80 << 30), torch.device("cuda", 0))
     Traceback (most recent call last):
     ...
-    policyinject.errors.PlanError: device memory: applying this plan needs about 11.00 GiB on cuda:0 (final weights 10.00 GiB - 0.00 GiB already there + 1.00 GiB for one layer being built), but 4.00 GiB of 80.00 GiB are free; lower the footprint (dtype='int8', quant.weight.num_bits=4, tensor_parallel.tp_size) or free device memory
+    policyinject.errors.PlanError: device memory: applying this plan needs about 11.00 GiB (final weights 10.00 GiB - 0.00 GiB already there + 1.00 GiB for one layer being built) on cuda:0, but 4.00 GiB of 80.00 GiB are free; lower the footprint (dtype='int8', quant.weight.num_bits=4, tensor_parallel.tp_size) or free device memory
 """
 
 from __future__ import annotations
