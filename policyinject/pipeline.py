@@ -116,10 +116,12 @@ def prepare(model: torch.nn.Module, config: InferenceConfig, plugins: Optional[P
     if problems:
         raise PlanError(problems)
     device = ctx.device or torch.device("cpu")
-    estimate = preflight.estimate_memory(model, plan, ctx.layers, device, int(config.tensor_parallel.tp_size))
-    memory = preflight.check_memory(estimate, memory_probe, device)
-    if memory is not None:
-        plan.summary["device memory (planned)"] = memory
+    on_meta = any(t.device.type == "meta" for t in model.parameters())
+    if config.checkpoint or not on_meta:  # a meta model without a checkpoint materialises nothing
+        estimate = preflight.estimate_memory(model, plan, ctx.layers, device, int(config.tensor_parallel.tp_size))
+        memory = preflight.check_memory(estimate, memory_probe, device)
+        if memory is not None:
+            plan.summary["device memory (planned)"] = memory
     ctx.quantize_on_load = _quantize_on_load(config, per_pass)
     plan.summary["layers matched"] = len(resolved.layers)
     by: dict = {}
