@@ -102,7 +102,8 @@ def big(bits: int, args: Any, bandwidth: float) -> Dict[str, Any]:
                                method=args.int4_method)
     t0 = time.perf_counter()
     engine = pi.init_inference(meta, quant=quant, checkpoint={"type": "random", "seed": 0},
-                               replace_with_kernel_inject=True, max_out_tokens=256)
+                               replace_with_kernel_inject=True, max_out_tokens=256,
+                               enable_cuda_graph=args.cuda_graph)
     torch.cuda.synchronize()
     build = time.perf_counter() - t0
     final = torch.cuda.memory_allocated()
@@ -111,7 +112,7 @@ def big(bits: int, args: Any, bandwidth: float) -> Dict[str, Any]:
     layer_bf16 = sum(p.numel() * 2 for p in meta_model(cfg).model.layers[0].parameters())
     ms = decode_ms(engine, cfg.vocab_size)
     roof = pbytes / bandwidth * 1e3
-    out = {"bits": bits, "build_s": round(build, 1), "parameter_gib": pbytes / GIB, "final_gib": final / GIB,
+    out = {"bits": bits, "cuda_graph": args.cuda_graph, "build_s": round(build, 1), "parameter_gib": pbytes / GIB, "final_gib": final / GIB,
            "peak_gib": peak / GIB, "one_layer_bf16_gib": layer_bf16 / GIB,
            "peak_within_quantized_plus_layer": peak <= final + layer_bf16,
            "ms_per_token": round(ms, 3), "roofline_ms": round(roof, 3), "fraction_of_roofline": round(roof / ms, 3),
@@ -146,11 +147,11 @@ def ckpt_8b(args: Any, bandwidth: float) -> Dict[str, Any]:
     host0 = rss_status()["rss"]
     t0 = time.perf_counter()
     engine = pi.init_inference(meta_model(cfg), dtype="int8", checkpoint=directory, replace_with_kernel_inject=True,
-                               max_out_tokens=256)
+                               max_out_tokens=256, enable_cuda_graph=args.cuda_graph)
     torch.cuda.synchronize()
     build = time.perf_counter() - t0
     host_peak = rss_status()["hwm"] - host0
-    out = {"checkpoint_gib": disk / GIB, "shards": len(set(files.values())), "largest_shard_gib": largest_shard / GIB,
+    out = {"cuda_graph": args.cuda_graph, "checkpoint_gib": disk / GIB, "shards": len(set(files.values())), "largest_shard_gib": largest_shard / GIB,
            "write_s": round(write_s, 1), "gpu_cap_gib": cap / GIB, "build_s": round(build, 1),
            "final_gib": torch.cuda.memory_allocated() / GIB, "peak_gib": torch.cuda.max_memory_allocated() / GIB,
            "host_peak_above_start_gib": host_peak / GIB}
@@ -167,6 +168,8 @@ def main(argv: Any = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", nargs="+", default=["70b-int8", "70b-int4", "build-8b", "ckpt-8b-int8"])
     ap.add_argument("--int4-method", default="rtn", choices=["rtn", "hqq"])
+    ap.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                    help="eager decode steps (default: CUDA graphs, enable_cuda_graph=True)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--tmp", default=None, help="where the 8B checkpoint is written (16 GB)")
     args = ap.parse_args(argv)

@@ -87,7 +87,7 @@ class RandomSource:
 
     def read(self, name: str, dim: int = 0, index: Optional[Sequence[int]] = None) -> torch.Tensor:
         t = self.make(name)
-        if index is not None:
+        if index is not None and list(index) != list(range(t.shape[dim])):  # no copy of a whole tensor
             t = t.index_select(dim, torch.as_tensor(list(index), dtype=torch.long, device=t.device))
         self.meter.bytes_read += t.numel() * t.element_size()
         return t
