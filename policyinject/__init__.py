@@ -30,7 +30,8 @@ from .config import (
     load_config,
 )
 from .engine import InferenceEngine
-from .errors import PlanError, PluginError, PolicyError, PolicyInjectError, UnsupportedError
+from .errors import (ApplyError, PlanError, PluginError, PoisonedModelError, PolicyError, PolicyInjectError,
+                     UnsupportedError)
 from .hooks import hookimpl
 from .pipeline import init_inference, plan_inference
 from .plan import Plan
@@ -55,6 +56,7 @@ _USER_API = (
     "InferenceConfig", "TensorParallelConfig", "QuantizationConfig", "WeightQuantConfig", "ActivationQuantConfig",
     "QKVQuantConfig", "MoEConfig", "CheckpointConfig",
     "PolicyInjectError", "ConfigError", "PlanError", "PolicyError", "PluginError", "UnsupportedError",
+    "ApplyError", "PoisonedModelError",
     "PluginConflictWarning",
 )
 #: The policy-author tier: describe an architecture, ship it as a plugin.
