@@ -60,6 +60,8 @@ class ApplyError(PolicyInjectError, RuntimeError):
         >>> e = ApplyError("quantize", ["dtype"], ["model.layers.0"], ["model.layers.1"], "model.layers.1", "boom")
         >>> e.converted, e.unconverted
         (['model.layers.0'], ['model.layers.1'])
+        >>> import pickle; pickle.loads(pickle.dumps(e)).failed_at
+        'model.layers.1'
     """
 
     def __init__(self, failed_pass: str, completed_passes: "list[str]", converted: "list[str]",
@@ -82,6 +84,10 @@ class ApplyError(PolicyInjectError, RuntimeError):
             f"  converted by {failed_pass!r}: {names(self.converted)}\n"
             f"  not converted by {failed_pass!r}: {names(self.unconverted)}\n"
             "  The model is partly converted; its forward now raises. Reload the model to try again.")
+
+    def __reduce__(self) -> tuple:  # picklable (errors cross process boundaries under tensor parallelism)
+        return (type(self), (self.failed_pass, self.completed_passes, self.converted, self.unconverted,
+                             self.failed_at, self.reason))
 
 
 class PoisonedModelError(PolicyInjectError, RuntimeError):
