@@ -2,12 +2,15 @@
 
 ``init_inference`` applies the passes in order. Before each pass, :func:`snapshot` records a fingerprint of
 every unit the pass may change (each resolved layer, and each model-level module the pass acts on: the
-identity, type, dtype and device of its submodules and tensors). If the pass raises, the units whose
+identity, type, dtype, device and version counter -- bumped by in-place writes -- of its submodules and
+tensors). If the pass raises, the units whose
 fingerprint changed are the *converted* ones; the others are *unconverted* (each pass builds a layer's
 replacements before swapping any of them in, so the layer being built when it failed is among these).
 :func:`fail` then poisons the model -- a forward pre-hook on the root module raises
 :class:`~policyinject.errors.PoisonedModelError` -- and returns the :class:`~policyinject.errors.ApplyError`
-to raise. A poisoned model is refused by planning (:func:`check_not_poisoned`).
+to raise. A poisoned model is refused by planning (:func:`check_not_poisoned`). A
+:class:`~policyinject.errors.PlanError` raised during apply while no unit of any pass has changed yet (a check
+a pass makes as it starts) is raised as it is, and the model is not poisoned (:func:`unchanged`).
 
 Example:
     >>> import torch
@@ -33,7 +36,7 @@ import torch
 
 from .errors import ApplyError, PlanError, PoisonedModelError
 
-__all__ = ["units_of", "snapshot", "fail", "check_not_poisoned", "POISON_ATTR"]
+__all__ = ["units_of", "snapshot", "unchanged", "fail", "check_not_poisoned", "POISON_ATTR"]
 
 #: Attribute set on the root module of a poisoned model (the ApplyError).
 POISON_ATTR = "_policyinject_apply_error"
@@ -64,9 +67,17 @@ def _fingerprint(model: torch.nn.Module, path: str) -> Any:
     except AttributeError:
         return None
     mods = tuple((n, id(m), type(m)) for n, m in mod.named_modules(remove_duplicate=False))
-    tensors = tuple((n, id(t), t.dtype, t.device) for n, t in mod.named_parameters(remove_duplicate=False))
-    buffers = tuple((n, id(t), t.dtype, t.device) for n, t in mod.named_buffers(remove_duplicate=False))
+    tensors = tuple((n, id(t), t.dtype, t.device, _version(t)) for n, t in mod.named_parameters(remove_duplicate=False))
+    buffers = tuple((n, id(t), t.dtype, t.device, _version(t)) for n, t in mod.named_buffers(remove_duplicate=False))
     return mods, tensors, buffers
+
+
+def _version(t: torch.Tensor) -> int:
+    """The tensor's version counter (bumped by every in-place write, ``copy_`` included); -1 where it has none."""
+    try:
+        return int(t._version)
+    except RuntimeError:  # inference tensors have no version counter
+        return -1
 
 
 def snapshot(model: torch.nn.Module, units: Sequence[str]) -> Dict[str, Any]:
@@ -92,6 +103,11 @@ def fail(model: torch.nn.Module, pass_name: str, completed: List[str], units: Se
         model.register_forward_pre_hook(_poison_hook, with_kwargs=True)
     object.__setattr__(model, POISON_ATTR, err)
     return err
+
+
+def unchanged(model: torch.nn.Module, before: Dict[str, Any]) -> bool:
+    """Whether every unit of ``before`` (a :func:`snapshot`) still has the same fingerprint."""
+    return all(_fingerprint(model, u) == fp for u, fp in before.items())
 
 
 def check_not_poisoned(model: torch.nn.Module) -> None:

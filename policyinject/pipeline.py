@@ -28,7 +28,7 @@ from typing import Any, List, Optional, Tuple
 import attrs
 import torch
 
-from .apply_guard import check_not_poisoned, fail, snapshot, units_of
+from .apply_guard import check_not_poisoned, fail, snapshot, unchanged, units_of
 from .config import InferenceConfig, load_config
 from . import preflight
 from .engine import InferenceEngine
@@ -184,6 +184,7 @@ def init_inference(model: torch.nn.Module, config: Any = None, *, plugins: Optio
     timings = {}
     completed: List[str] = []
     layer_paths = [m.path for m in ctx.layers]
+    start = snapshot(model, [""])  # the whole model: every module and tensor
     for p, actions in planned.passes + [(None, [])]:
         name = p.name if p is not None else "place"
         units = units_of(layer_paths, (a.path for a in actions))
@@ -196,6 +197,8 @@ def init_inference(model: torch.nn.Module, config: Any = None, *, plugins: Optio
             if p is not None:
                 p.apply(ctx, actions)
         except BaseException as exc:  # poison the model whatever stopped apply, then say what is left
+            if isinstance(exc, PlanError) and unchanged(model, start):
+                raise  # a check as a pass started, nothing changed yet: the PlanError's promise holds
             err = fail(model, name, completed, units, before, ctx.building, exc)
             if not isinstance(exc, Exception):
                 raise

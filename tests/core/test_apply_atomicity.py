@@ -174,3 +174,30 @@ def test_triton_backend_unavailable_is_a_plan_error(monkeypatch):
     model = _model(2)
     with pytest.raises(PlanError, match="kernel_backend='triton' on cpu"):
         pi.plan_inference(model, replace_with_kernel_inject=True, kernel_backend="triton")
+
+
+def test_plan_error_during_apply_is_kept_only_while_nothing_changed(monkeypatch):
+    import policyinject.quant.hook as hook
+
+    def refuse(ctx, actions):  # a check as the quantize pass starts: nothing changed yet
+        raise PlanError("quant.checkpoint: refused (injected)")
+
+    monkeypatch.setattr(hook, "prepare_quantized", refuse)
+    model = _model(2)
+    state, types = _state(model), [type(m).__name__ for m in model.modules()]
+    with pytest.raises(PlanError, match="refused"):
+        pi.init_inference(model, dtype="int8", kernel_backend="torch")
+    assert _same(model, state, types)
+    model(IDS)  # usable: not poisoned
+
+    def write_then_refuse(ctx, actions):  # an in-place write, then a PlanError: the model has changed
+        with torch.no_grad():
+            ctx.model.model.norm.weight.mul_(2.0)
+        raise PlanError("refused after a write (injected)")
+
+    monkeypatch.setattr(hook, "prepare_quantized", write_then_refuse)
+    with pytest.raises(ApplyError) as info:
+        pi.init_inference(model, dtype="int8", kernel_backend="torch")
+    assert "refused after a write" in str(info.value) and info.value.failed_pass == "quantize"
+    with pytest.raises(PoisonedModelError):
+        model(IDS)
