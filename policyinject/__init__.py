@@ -31,10 +31,12 @@ from .config import (
 )
 from .engine import InferenceEngine
 from .errors import (
+    ApplyError,
     NothingInjectedWarning,
     NothingQuantizedWarning,
     PlanError,
     PluginError,
+    PoisonedModelError,
     PolicyError,
     PolicyInjectError,
     RankTimeoutError,
@@ -64,7 +66,7 @@ _USER_API = (
     "InferenceConfig", "TensorParallelConfig", "QuantizationConfig", "WeightQuantConfig", "ActivationQuantConfig",
     "QKVQuantConfig", "MoEConfig", "CheckpointConfig",
     "PolicyInjectError", "ConfigError", "PlanError", "PolicyError", "PluginError", "UnsupportedError",
-    "RankTimeoutError",
+    "RankTimeoutError", "ApplyError", "PoisonedModelError",
     "PluginConflictWarning", "NothingInjectedWarning", "NothingQuantizedWarning",
 )
 #: The policy-author tier: describe an architecture, ship it as a plugin.

@@ -39,6 +39,7 @@ import attrs
 import torch
 from torch import nn
 
+from .checkpoint_headers import check_checkpoint, read_header
 from .errors import PlanError
 from .plan import Action
 from .tp_split import runs
@@ -270,7 +271,7 @@ def safetensors_files(directory: str) -> List[str]:
 class CheckpointSpec:
     """What the ``checkpoint`` config resolved to."""
 
-    kind: str  # "safetensors" | "pre_sharded"
+    kind: str  # "safetensors" | "pre_sharded" | "random"
     files: Tuple[str, ...]
     directory: str = ""
     manifest: Optional[Mapping[str, Any]] = None
@@ -304,6 +305,8 @@ def resolve_checkpoint(value: Any, base_dir: str = "") -> Optional[CheckpointSpe
         base_dir = desc.get("base_dir") or base_dir or os.path.dirname(path)
     else:
         desc = dict(value)
+        if desc.get("type") == "random":
+            return _random_spec(desc)
         base_dir = desc.get("base_dir") or base_dir
     names = desc.get("checkpoints")
     if isinstance(names, Mapping):
@@ -317,22 +320,62 @@ def resolve_checkpoint(value: Any, base_dir: str = "") -> Optional[CheckpointSpe
     return CheckpointSpec("safetensors", files, base_dir)
 
 
-def plan_checkpoint(ctx: Any, tp_size: int) -> Optional[Action]:
-    """The ``load_checkpoint`` action when ``config.checkpoint`` is set (checks a pre-sharded tp_size)."""
+def plan_checkpoint(ctx: Any, tp_size: int, shards: Sequence[Any] = ()) -> Optional[Action]:
+    """The ``load_checkpoint`` action when ``config.checkpoint`` is set.
+
+    Checks a pre-sharded ``tp_size``, then -- from the safetensors headers alone, before anything changes --
+    that every tensor apply will read exists with the model's shape and kind (:func:`check_checkpoint`);
+    ``shards`` are the planned :class:`~policyinject.passes.tp_linears.Shard` payloads.
+    """
     cfg = ctx.config
     spec = resolve_checkpoint(cfg.checkpoint, cfg.base_dir or "")
     if spec is None:
         return None
     details: Dict[str, Any] = {"format": spec.kind, "dir": spec.directory}
+    if spec.kind == "random":
+        details.update(seed=spec.manifest["seed"], std=spec.manifest["std"])
+        return Action("tensor_parallel", "", type(ctx.model).__name__, "load_checkpoint", details, spec)
     if spec.kind == "pre_sharded":
         saved = int(spec.manifest.get("tp_size", -1))
         if saved != tp_size:
             raise PlanError(f"checkpoint {spec.directory!r} was saved with tensor_parallel.tp_size={saved}; this run "
                             f"asks for tp_size={tp_size}. Load the original checkpoint to re-shard")
         details["tp_size"] = saved
+        man = spec.manifest
+        rank = getattr(ctx.tp, "rank", 0) or 0
+        files = [os.path.join(spec.directory, man["files"]["non_tp"]),
+                 os.path.join(spec.directory, man["files"]["ranks"][rank])]
+        sharded = set(man.get("sharded", []))
+        extra_aliases = dict(man.get("aliases", {}))
     else:
         details["files"] = len(spec.files)
+        files, sharded, extra_aliases = list(spec.files), set(), {}
+    headers: Dict[str, Tuple[str, Tuple[int, ...]]] = {}
+    for path in files:
+        if not os.path.exists(path):
+            raise PlanError(f"checkpoint file {path!r} does not exist")
+        headers.update(read_header(path))
+    required = {ps.name for sh in shards if sh.tie_to is None for ps in (sh.weight, sh.bias) if ps is not None}
+    problems, unexpected = check_checkpoint(ctx.model, headers, required, sharded, extra_aliases)
+    if problems:
+        raise PlanError([f"checkpoint {spec.directory or files[0]!r}: {p}" for p in problems])
+    if unexpected:
+        ctx.plan.warn(f"checkpoint {spec.directory or files[0]!r} has {len(unexpected)} tensors the model does not "
+                      f"use (not loaded): {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else ""))
+        details["unexpected"] = len(unexpected)
     return Action("tensor_parallel", "", type(ctx.model).__name__, "load_checkpoint", details, spec)
+
+
+def _random_spec(desc: Mapping[str, Any]) -> CheckpointSpec:
+    """``{"type": "random", "seed": 0, "std": 0.02}``: seeded random tensors made on the device, per name."""
+    unknown = sorted(set(desc) - {"type", "seed", "std"})
+    if unknown:
+        raise PlanError(f"checkpoint {{'type': 'random'}} takes the keys seed and std; unknown: {unknown}")
+    seed, std = desc.get("seed", 0), desc.get("std", 0.02)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not isinstance(std, (int, float)) or std <= 0:
+        raise PlanError(f"checkpoint {{'type': 'random'}}: seed must be an int and std a positive number; "
+                        f"got seed={seed!r}, std={std!r}")
+    return CheckpointSpec("random", (), "", {"seed": int(seed), "std": float(std)})
 
 
 def _aliases(model: nn.Module) -> Dict[str, str]:
@@ -359,6 +402,11 @@ def open_source(ctx: Any, action: Optional[Action]) -> Tuple[Any, PeakMemory]:
     if ctx.config.keep_module_on_host:
         device = torch.device("cpu")
     aliases = _aliases(ctx.model)
+    if spec.kind == "random":
+        from .testing.random_weights import RandomSource
+
+        src = RandomSource.for_model(ctx.model, device, seed=spec.manifest["seed"], std=spec.manifest["std"])
+        return src, src.meter
     if spec.kind == "pre_sharded":
         tp = ctx.tp
         man = spec.manifest

@@ -71,3 +71,56 @@ class RankTimeoutError(PolicyInjectError, TimeoutError):
 
     def __reduce__(self):
         return (type(self), (str(self), self.missing))
+
+
+class ApplyError(PolicyInjectError, RuntimeError):
+    """Applying a plan failed part-way: the model is partly converted and will not compute.
+
+    Raised by ``init_inference`` when a pass fails after it started changing the model (out of memory, a
+    kernel error). ``failed_pass`` is the pass that failed, ``completed_passes`` those that finished,
+    ``converted`` / ``unconverted`` the qualified names of the layers (and model-level modules) that pass
+    had / had not converted, ``failed_at`` the layer being built when it failed (left as it was). The
+    original exception is ``__cause__``. The model is poisoned: every later forward raises
+    :class:`PoisonedModelError`; reload it to try again.
+
+    Example:
+        >>> e = ApplyError("quantize", ["dtype"], ["model.layers.0"], ["model.layers.1"], "model.layers.1", "boom")
+        >>> e.converted, e.unconverted
+        (['model.layers.0'], ['model.layers.1'])
+        >>> import pickle; pickle.loads(pickle.dumps(e)).failed_at
+        'model.layers.1'
+    """
+
+    def __init__(self, failed_pass: str, completed_passes: "list[str]", converted: "list[str]",
+                 unconverted: "list[str]", failed_at: "str | None", reason: str) -> None:
+        self.failed_pass = failed_pass
+        self.completed_passes = list(completed_passes)
+        self.converted = list(converted)
+        self.unconverted = list(unconverted)
+        self.failed_at = failed_at
+        self.reason = reason
+        where = f" at {failed_at}" if failed_at else ""
+
+        def names(xs: "list[str]") -> str:
+            shown = ", ".join(x or "<model>" for x in xs[:12])
+            return (shown + f", ... ({len(xs)} in all)") if len(xs) > 12 else (shown or "none")
+
+        super().__init__(
+            f"init_inference failed while applying pass {failed_pass!r}{where}: {reason}\n"
+            f"  passes completed: {', '.join(self.completed_passes) or 'none'}\n"
+            f"  converted by {failed_pass!r}: {names(self.converted)}\n"
+            f"  not converted by {failed_pass!r}: {names(self.unconverted)}\n"
+            "  The model is partly converted; its forward now raises. Reload the model to try again.")
+
+    def __reduce__(self) -> tuple:  # picklable (errors cross process boundaries under tensor parallelism)
+        return (type(self), (self.failed_pass, self.completed_passes, self.converted, self.unconverted,
+                             self.failed_at, self.reason))
+
+
+class PoisonedModelError(PolicyInjectError, RuntimeError):
+    """The forward of a model that a failed ``init_inference`` left partly converted (see :class:`ApplyError`).
+
+    Example:
+        >>> issubclass(PoisonedModelError, PolicyInjectError)
+        True
+    """

@@ -28,15 +28,17 @@ from typing import Any, List, Optional, Tuple
 import attrs
 import torch
 
+from .apply_guard import check_not_poisoned, fail, snapshot, unchanged, units_of
 from .config import InferenceConfig, load_config
 from .coverage import warn_if_nothing_injected
+from . import preflight
 from .engine import InferenceEngine
 from .errors import PlanError
 from .passes.base import Pass, PassContext
 from .passes.cuda_graph import CudaGraphPass
 from .passes.dtype import DtypePass
 from .passes.kernel_inject import KernelInjectPass
-from .passes.quantize import QuantizePass
+from .passes.quantize import QuantizePass, resolve_method
 from .passes.tensor_parallel import TensorParallelPass
 from .plan import Plan
 from ._plugin_manager import PluginManager
@@ -86,8 +88,14 @@ class Planned:
     passes: List[Tuple[Pass, list]]
 
 
-def prepare(model: torch.nn.Module, config: InferenceConfig, plugins: Optional[PluginManager] = None) -> Planned:
-    """Resolve policies and plan every enabled pass without mutating anything (PlanError on any problem)."""
+def prepare(model: torch.nn.Module, config: InferenceConfig, plugins: Optional[PluginManager] = None,
+            memory_probe: Optional[preflight.MemoryProbe] = None) -> Planned:
+    """Resolve policies and plan every enabled pass without mutating anything (PlanError on any problem).
+
+    After the passes plan, :mod:`policyinject.preflight` checks kernel availability and the device memory
+    applying the plan needs against what ``memory_probe`` (default: ``torch.cuda.mem_get_info``) says is free.
+    """
+    check_not_poisoned(model)
     manager = plugins if plugins is not None else PluginManager.default()
     resolved = resolve_policies(model, config, manager, autotp=TensorParallelPass.enabled(config))
     plan = Plan(layers=resolved.layers, model_policy=resolved.model_policy, model_config=resolved.model_config)
@@ -108,9 +116,18 @@ def prepare(model: torch.nn.Module, config: InferenceConfig, plugins: Optional[P
             continue
         plan.extend(actions)
         per_pass.append((p, actions))
+    problems += preflight.kernel_problems(config, ctx.device or torch.device("cpu"), [p.name for p, _ in per_pass])
     if problems:
         raise PlanError(problems)
     warn_if_nothing_injected(plan, model, config, manager, stacklevel=3)
+    device = ctx.device or torch.device("cpu")
+    on_meta = any(t.device.type == "meta" for t in model.parameters())
+    if config.checkpoint or not on_meta:  # a meta model without a checkpoint materialises nothing
+        estimate = preflight.estimate_memory(model, plan, ctx.layers, device, int(config.tensor_parallel.tp_size))
+        memory = preflight.check_memory(estimate, memory_probe, device)
+        if memory is not None:
+            plan.summary["device memory (planned)"] = memory
+    ctx.quantize_on_load = _quantize_on_load(config, per_pass)
     plan.summary["layers matched"] = len(resolved.layers)
     by: dict = {}
     for layer in resolved.layers:
@@ -128,7 +145,7 @@ def prepare(model: torch.nn.Module, config: InferenceConfig, plugins: Optional[P
 
 
 def plan_inference(model: torch.nn.Module, config: Any = None, *, plugins: Optional[PluginManager] = None,
-                   **kwargs: Any) -> Plan:
+                   memory_probe: Optional[preflight.MemoryProbe] = None, **kwargs: Any) -> Plan:
     """What ``init_inference`` would do to ``model``, without changing it: the typed :class:`Plan`.
 
     ``config`` and keyword arguments are what :func:`policyinject.load_config` takes. The plan's public
@@ -144,16 +161,19 @@ def plan_inference(model: torch.nn.Module, config: Any = None, *, plugins: Optio
         >>> sorted(plan.to_json())[:4]
         ['actions', 'dtype', 'layers', 'lint']
     """
-    return prepare(model, load_config(config, **kwargs), plugins).plan
+    return prepare(model, load_config(config, **kwargs), plugins, memory_probe).plan
 
 
-def init_inference(model: torch.nn.Module, config: Any = None, *,
-                   plugins: Optional[PluginManager] = None, **kwargs: Any) -> InferenceEngine:
+def init_inference(model: torch.nn.Module, config: Any = None, *, plugins: Optional[PluginManager] = None,
+                   memory_probe: Optional[preflight.MemoryProbe] = None, **kwargs: Any) -> InferenceEngine:
     """Make ``model`` fast for inference and return an :class:`InferenceEngine` wrapping it.
 
     ``config`` is anything :func:`policyinject.load_config` takes (None, a dict, a JSON/YAML path, an
     ``InferenceConfig``); keyword arguments are merged in. The model is transformed in place, as
-    DeepSpeed does; if planning fails it is left untouched.
+    DeepSpeed does; if planning fails (:class:`~policyinject.errors.PlanError`) it is left untouched. If
+    applying fails part-way, :class:`~policyinject.errors.ApplyError` lists the converted and unconverted
+    layers and the model's forward raises from then on (``docs/reliability.md``, "Atomicity of apply").
+    ``memory_probe``: ``probe(device) -> (free, total)`` bytes, or None (:mod:`policyinject.preflight`).
 
     Example:
         >>> import torch, policyinject as pi
@@ -163,21 +183,56 @@ def init_inference(model: torch.nn.Module, config: Any = None, *,
     """
     cfg = load_config(config, **kwargs)
     started = time.perf_counter()
-    planned = prepare(model, cfg, plugins)
+    planned = prepare(model, cfg, plugins, memory_probe)
     plan, ctx = planned.plan, planned.context
     planned_at = time.perf_counter()
+    for p, _ in planned.passes:  # e.g. tensor parallelism planned without a process group: nothing changed yet
+        p.check_can_apply(ctx)
     timings = {}
-    for p, actions in planned.passes:
+    completed: List[str] = []
+    layer_paths = [m.path for m in ctx.layers]
+    start = snapshot(model, [""])  # the whole model: every module and tensor
+    for p, actions in planned.passes + [(None, [])]:
+        name = p.name if p is not None else "place"
+        units = units_of(layer_paths, (a.path for a in actions))
+        before = snapshot(model, units)
+        ctx.building = None
         t0 = time.perf_counter()
-        if isinstance(p, CudaGraphPass):
-            _place(ctx)
-        p.apply(ctx, actions)
-        timings[p.name] = round(time.perf_counter() - t0, 4)
-    _place(ctx)
+        try:
+            if p is None or isinstance(p, CudaGraphPass):
+                _place(ctx)
+            if p is not None:
+                p.apply(ctx, actions)
+        except BaseException as exc:  # poison the model whatever stopped apply, then say what is left
+            if isinstance(exc, PlanError) and unchanged(model, start):
+                raise  # a check as a pass started, nothing changed yet: the PlanError's promise holds
+            err = fail(model, name, completed, units, before, ctx.building, exc)
+            if not isinstance(exc, Exception):
+                raise
+            raise err from exc
+        completed.append(name)
+        if p is not None:
+            timings[p.name] = round(time.perf_counter() - t0, 4)
     _release_originals(ctx)
     plan.summary["plan seconds"] = round(planned_at - started, 4)
     plan.summary["apply seconds"] = timings
     return InferenceEngine(model, cfg, plan)
+
+
+def _quantize_on_load(config: InferenceConfig, per_pass: list) -> dict:
+    """Linear path -> quantize payload for the linears read from a ``checkpoint`` and quantized as read.
+
+    Only round-to-nearest and HQQ quantize one linear alone (calibrated methods and ``quant.checkpoint`` need
+    the whole model, so they keep quantizing in the quantize pass).
+    """
+    actions = {p.name: acts for p, acts in per_pass}
+    if not any(a.action == "load_checkpoint" for a in actions.get("tensor_parallel", ())):
+        return {}
+    if getattr(config.quant, "checkpoint", None) or config.save_mp_checkpoint_path:
+        return {}  # a stored quantized checkpoint, or 16-bit shards to save: quantize in the quantize pass
+    return {a.path: a.payload for a in actions.get("quantize", ())
+            if a.action == "quantize" and resolve_method(a.payload.method, a.payload.num_bits,
+                                                          a.payload.symmetric) in ("rtn", "hqq")}
 
 
 def _release_originals(ctx: PassContext) -> None:

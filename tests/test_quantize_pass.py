@@ -148,14 +148,15 @@ def test_quantize_linear_on_tensor_parallel_wrappers() -> None:
     x = torch.randn(3, 128)
     col = ColumnParallelLinear.from_linear(full, rows=range(0, 16))
     q = quantize_linear(col, 8, None, True, "torch")
-    assert q is col and isinstance(col.local, QuantLinear)
-    assert ((col(x) - full(x)[:, :16]).norm() / full(x)[:, :16].norm()) < 0.01
+    # a new wrapper: the one passed in is unchanged (apply builds a replacement before swapping it in)
+    assert q is not col and isinstance(q.local, QuantLinear) and type(col.local) is nn.Linear
+    assert ((q(x) - full(x)[:, :16]).norm() / full(x)[:, :16].norm()) < 0.01
     row = RowParallelLinear.from_linear(full, cols=range(64, 128))
-    quantize_linear(row, 4, 32, True, "torch")
+    row = quantize_linear(row, 4, 32, True, "torch")
     assert isinstance(row.local, QuantLinear) and row.local.in_features == 64 and row.bias is not None
     ref = x[:, 64:] @ full.weight[:, 64:].t() + full.bias
     assert ((row(x[:, 64:]) - ref).norm() / ref.norm()) < 0.15
-    fused = ColumnParallelLinear.cat([col, quantize_linear(ColumnParallelLinear.from_linear(full, rows=range(16, 32)),
+    fused = ColumnParallelLinear.cat([q, quantize_linear(ColumnParallelLinear.from_linear(full, rows=range(16, 32)),
                                                            8, None, True, "torch")])
     assert isinstance(fused.local, QuantLinear) and fused.out_features == 32
 

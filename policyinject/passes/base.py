@@ -19,7 +19,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import attrs
 import torch
@@ -27,7 +27,21 @@ import torch
 from ..plan import Plan
 from ..policy.resolved import ResolvedLayer
 
-__all__ = ["Pass", "PassContext", "ResolvedLayer"]
+__all__ = ["Pass", "PassContext", "ResolvedLayer", "owner_of"]
+
+
+def owner_of(path: str, layer_paths: List[str]) -> str:
+    """The resolved layer holding ``path`` (the longest layer path it is under), else ``path`` itself.
+
+    Example:
+        >>> owner_of("model.layers.1.mlp.up_proj", ["model.layers.0", "model.layers.1"]), owner_of("lm_head", [])
+        ('model.layers.1', 'lm_head')
+    """
+    best = None
+    for lp in layer_paths:
+        if (path == lp or path.startswith(lp + ".") or not lp) and (best is None or len(lp) > len(best)):
+            best = lp
+    return path if best is None else best
 
 
 @attrs.define
@@ -52,9 +66,21 @@ class PassContext:
     plan: Plan = attrs.field(factory=Plan)
     #: The model has been moved to ``device`` (once, before the CUDA-graph pass or at the end).
     placed: bool = False
+    #: The unit (layer path) a pass is building now; named by :class:`~policyinject.errors.ApplyError`.
+    building: Optional[str] = None
+    #: Checkpoint loading: linear path -> its quantize payload, quantized as soon as it is read (one linear of
+    #: 16-bit weights alive at a time); the quantize pass then finds it quantized already.
+    quantize_on_load: Dict[str, Any] = attrs.field(factory=dict)
 
     def module(self, path: str) -> torch.nn.Module:
         return self.model.get_submodule(path) if path else self.model
+
+    def replaced(self, path: str) -> None:
+        """A pass swapped the layer at ``path``: point the resolved layer at the new module now, so the
+        original (and the weights only it holds) is freed as apply goes, not after the last layer."""
+        for i, m in enumerate(self.layers):
+            if m.path == path:
+                self.layers[i] = attrs.evolve(m, module=self.module(path))
 
 
 class Pass:
@@ -69,6 +95,10 @@ class Pass:
 
     def plan(self, ctx: PassContext) -> list:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def check_can_apply(self, ctx: PassContext) -> None:
+        """Raise (before any pass applies, the model untouched) when this pass cannot apply here; the default
+        finds nothing."""
 
     def apply(self, ctx: PassContext, actions: list) -> None:  # pragma: no cover - interface
         raise NotImplementedError

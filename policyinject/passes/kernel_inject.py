@@ -206,6 +206,7 @@ class KernelInjectPass(Pass):
                 _set(ctx.model, action.path, norm_from_spec(ctx.model, ctx.model_policy.final_norm, plan.backend))
                 continue
             layer = ctx.module(action.path)
+            ctx.building = action.path
             policy = plan.policy
             counts = dict(num_heads=plan.heads, num_kv_heads=plan.kv_heads, head_dim=plan.head_dim)
             layer_config = config_for_layer(layer, policy.attention, ctx.model_config)
@@ -218,10 +219,13 @@ class KernelInjectPass(Pass):
                 block = InjectedBlock.build(layer, policy, backend=plan.backend, model_config=layer_config,
                                             mlp_module=moe, **counts)
                 _set(ctx.model, action.path, block)
+                del layer
+                ctx.replaced(action.path)  # the original layer (its unfused weights) is freed now, not at the end
                 summary.blocks[action.path] = InjectedLayerInfo(plan.heads, plan.kv_heads, plan.head_dim,
                                                                 plan.kind.value)
                 continue
             offset = policy.norms[0].weight_offset if policy.norms else 0.0
+            built = []  # every replacement of the layer is built before any is swapped in
             for sub, what in plan.replace:
                 if what == "attention":
                     a = policy.attention
@@ -233,8 +237,11 @@ class KernelInjectPass(Pass):
                     new = moe
                 else:
                     new = norm_from_spec(layer, policy.norms[int(what[5:])], plan.backend)
+                built.append((sub, new))
+            for sub, new in built:
                 _set(layer, sub, new)
             summary.submodules[action.path] = [sub for sub, _ in plan.replace]
+        ctx.building = None
         self._install_decoder(ctx)
 
     @staticmethod

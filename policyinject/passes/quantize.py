@@ -45,6 +45,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any, Optional, Tuple
 
@@ -60,11 +61,11 @@ from ..modules.quant_linear import QuantLinear
 from .._nn import is_conv1d, set_submodule, shape_out_in
 from ..plan import Action
 from ..plan_fields import QuantizeSummary
-from .base import Pass, PassContext
+from .base import Pass, PassContext, owner_of
 from .quant_select import select_linears
 
-__all__ = ["QuantizePass", "QuantSpec", "quantize_linear", "quant_spec_from_config", "resolve_method", "METHODS",
-           "NothingQuantizedWarning", "nothing_quantized_message"]
+__all__ = ["QuantizePass", "QuantSpec", "quantize_linear", "quantize_action", "quant_spec_from_config",
+           "resolve_method", "METHODS", "NothingQuantizedWarning", "nothing_quantized_message"]
 
 NAME = "quantize"
 
@@ -230,8 +231,8 @@ def quantize_linear(
     * ``nn.Linear`` (or anything with a 2-D ``weight``): a :class:`QuantLinear`;
     * GPT-2 ``Conv1D`` (or ``transposed=True``): the same, from the transposed weight;
     * a tensor-parallel wrapper with an inner ``.local`` linear (``ColumnParallelLinear``,
-      ``RowParallelLinear``): its ``.local`` is quantized in place and the wrapper returned, so its
-      communication is unchanged;
+      ``RowParallelLinear``): a shallow copy of the wrapper holding the quantized ``.local``, so its
+      communication is unchanged (the wrapper passed in is not modified);
     * a module with a ``policyinject_quantize(num_bits, group_size, symmetric, backend)`` method: its result;
     * a ``QuantLinear``: returned as is.
 
@@ -255,8 +256,13 @@ def quantize_linear(
         return hook(num_bits=num_bits, group_size=group_size, symmetric=symmetric, backend=backend)
     local = getattr(module, "local", None)
     if isinstance(local, nn.Module):
-        module.local = quantize_linear(local, num_bits, group_size, symmetric, backend, method=method)
-        return module
+        inner = quantize_linear(local, num_bits, group_size, symmetric, backend, method=method)
+        if inner is local:
+            return module
+        wrapper = copy.copy(module)  # a new wrapper sharing the communication settings; ``module`` is unchanged
+        wrapper._modules = dict(module._modules)
+        wrapper.local = inner
+        return wrapper
     transposed = transposed or is_conv1d(module)
     resolved = resolve_method(method, num_bits, symmetric)
     if resolved in ("gptq", "awq"):
@@ -409,6 +415,8 @@ class QuantizePass(Pass):
 
     # ---------------------------------------------------------------------------------------------- apply
     def apply(self, ctx: PassContext, actions: list) -> None:
+        """Quantize layer by layer: every replacement of a layer is built before any is swapped in, so a
+        failure leaves that layer as it was (``docs/reliability.md``, "Atomicity of apply")."""
         before_model = _model_bytes(ctx.model)
         done = 0
         # ---- calibrated methods (gptq, awq) and quant.checkpoint: policyinject.quant.hook -------------
@@ -416,26 +424,26 @@ class QuantizePass(Pass):
 
         prepared = prepare_quantized(ctx, actions)
         # ---------------------------------------------------------------------------------------------------
+        layer_paths = [m.path for m in ctx.layers]
+        groups: dict = {}
         for a in actions:
-            if a.action != "quantize":
-                continue
-            p: QuantizeLinear = a.payload
-            mod = ctx.module(a.path)
-            _, local_in = shape_out_in(mod, p.transposed)
-            group = local_in if p.per_channel else p.group_size
-            if local_in % group:
-                raise PlanError(f"{a.path}: {local_in} input features on this rank are not a multiple of "
-                                f"group_size={group}")
-            if a.path in prepared:  # policyinject.quant.hook
-                bias = getattr(mod, "bias", None)
-                new = QuantLinear.from_quantized(prepared[a.path], None if bias is None else bias.detach().clone(),
-                                                 p.backend)
-            else:
-                new = quantize_linear(mod, p.num_bits, group, p.symmetric, p.backend, transposed=p.transposed,
-                                      method=p.method)
-            if new is not mod:
-                set_submodule(ctx.model, a.path, new)
-            done += 1
+            if a.action == "quantize":
+                groups.setdefault(owner_of(a.path, layer_paths), []).append(a)
+        for owner, group in groups.items():
+            ctx.building = owner
+            built = []
+            for a in group:
+                mod = ctx.module(a.path)
+                if isinstance(getattr(mod, "local", mod), QuantLinear):  # quantized as it was read (checkpoint)
+                    done += 1
+                    continue
+                built.append((a.path, mod, quantize_action(a.path, mod, a.payload, prepared.get(a.path))))
+            for path, mod, new in built:
+                if new is not mod:
+                    set_submodule(ctx.model, path, new)
+                done += 1
+            del built
+        ctx.building = None
         after_model = _model_bytes(ctx.model)
         planned = ctx.plan.quantize
         ctx.plan.quantize = QuantizeSummary(
@@ -444,3 +452,20 @@ class QuantizePass(Pass):
             linear_bytes_before=planned.linear_bytes_before if planned is not None else 0,
             linear_bytes_after=planned.linear_bytes_after if planned is not None else 0, planned=False,
             **(planned.selection_fields() if planned is not None else {}))
+
+
+
+def quantize_action(path: str, mod: nn.Module, p: QuantizeLinear, prepared: Any = None) -> nn.Module:
+    """The quantized replacement of ``mod`` (at ``path``) for the planned payload ``p`` (``mod`` unchanged).
+
+    ``prepared``: a :class:`~policyinject.kernels.quantize.QuantizedWeight` made already (calibrated methods,
+    ``quant.checkpoint``), else the weights are quantized here by ``p.method``.
+    """
+    _, local_in = shape_out_in(mod, p.transposed)
+    group = local_in if p.per_channel else p.group_size
+    if local_in % group:
+        raise ValueError(f"{path}: {local_in} input features on this rank are not a multiple of group_size={group}")
+    if prepared is not None:  # policyinject.quant.hook
+        bias = getattr(mod, "bias", None)
+        return QuantLinear.from_quantized(prepared, None if bias is None else bias.detach().clone(), p.backend)
+    return quantize_linear(mod, p.num_bits, group, p.symmetric, p.backend, transposed=p.transposed, method=p.method)

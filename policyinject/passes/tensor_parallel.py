@@ -47,7 +47,8 @@ from ..errors import PlanError, UnsupportedError
 from ..plan import Action
 from ..rank_agreement import agree
 from ..plan_fields import LocalHeads, TensorParallelLayout
-from .base import Pass, PassContext
+from .base import Pass, PassContext, owner_of
+from .quantize import quantize_action
 from .tp_apply import build_parallel, shard_tensors
 from .tp_attributes import AttrRewrite, apply_attributes
 from .tp_linears import LinearSplitter, Shard
@@ -100,41 +101,68 @@ class TensorParallelPass(Pass):
             if isinstance(a.payload, Shard) and "local" in a.details:
                 layout.local_shapes[a.path] = (int(a.details["local"][0]), int(a.details["local"][1]))
         ctx.plan.tensor_parallel = layout
-        load = ckpt.plan_checkpoint(ctx, tp)
+        load = ckpt.plan_checkpoint(ctx, tp, [a.payload for a in actions if isinstance(a.payload, Shard)])
         if load is not None:
             actions.append(load)
         return actions
 
     # ------------------------------------------------------------------------------------------ apply
-    def apply(self, ctx: PassContext, actions: List[Action]) -> None:
+    def check_can_apply(self, ctx: PassContext) -> None:
+        """Raise before any pass applies when this one cannot (planned without a process group)."""
         info: TPInfo = ctx.tp
         if info is None or (info.planning_only and info.world_size > 1):
             raise UnsupportedError(
                 f"tensor_parallel.tp_size={info.world_size if info else '?'} was planned without a process group; "
                 f"launch with `torchrun --nproc-per-node {info.world_size if info else 'N'} ...` or pass "
                 f"tensor_parallel.tp_group")
+
+    def apply(self, ctx: PassContext, actions: List[Action]) -> None:
+        self.check_can_apply(ctx)
+        info: TPInfo = ctx.tp
         load_action = next((a for a in actions if a.action == "load_checkpoint"), None)
         source, meter = ckpt.open_source(ctx, load_action)
         saved: Dict[str, torch.Tensor] = {}
         built: Dict[str, nn.Module] = {}
+        layer_paths = [m.path for m in ctx.layers]
+        pending: List[tuple] = []  # (path, shard, new) of the layer being built
+
+        save_path = ctx.config.save_mp_checkpoint_path
+
+        def swap_in() -> None:  # the whole layer is built: swap its modules in, release the originals
+            if save_path:
+                for _, shard, new in pending:
+                    saved.update(shard_tensors(shard, new))
+            for path, shard, new in pending:
+                set_submodule(ctx.model, path, new)
+                built[path] = new
+                release = getattr(source, "release", None)
+                if release is not None:
+                    release(shard.weight.name, shard.bias.name if shard.bias else None)
+            pending.clear()
+
         with meter:
             for a in actions:
                 if isinstance(a.payload, AttrRewrite):
+                    swap_in()
                     apply_attributes(ctx.model, a.payload)
                     continue
                 if not isinstance(a.payload, Shard):  # replicate, lint, load_checkpoint: nothing to build
                     continue
+                owner = owner_of(a.path, layer_paths)
+                if pending and ctx.building != owner:
+                    swap_in()
+                ctx.building = owner
                 shard: Shard = a.payload
-                new = build_parallel(ctx.model, a.path, shard, source, info, built)
-                set_submodule(ctx.model, a.path, new)
-                built[a.path] = new
-                release = getattr(source, "release", None)
-                if release is not None:
-                    release(shard.weight.name, shard.bias.name if shard.bias else None)
-                saved.update(shard_tensors(shard, new))
+                new = build_parallel(ctx.model, a.path, shard, source, info, {**built, **{p: n for p, _, n in pending}})
+                on_load = ctx.quantize_on_load.get(a.path)
+                if on_load is not None:  # quantized as read: one linear of 16-bit weights alive at a time
+                    new = quantize_action(a.path, new, on_load)
+                pending.append((a.path, shard, new))
+            swap_in()
+            ctx.building = "(tensors outside the parallel modules)"
             ckpt.materialize_rest(ctx, source, built)
+            ctx.building = None
         if meter.report and ctx.plan.tensor_parallel is not None:
             ctx.plan.tensor_parallel.load = dict(meter.report)
-        save_path = ctx.config.save_mp_checkpoint_path
         if save_path:
             ckpt.save_sharded(ctx, save_path, saved, built)
