@@ -51,6 +51,7 @@ from .tp_apply import build_parallel, shard_tensors
 from .tp_attributes import AttrRewrite, apply_attributes
 from .tp_linears import LinearSplitter, Shard
 from .tp_model_level import plan_model_level
+from .tp_verify import verify_layers
 
 __all__ = ["TensorParallelPass"]
 
@@ -76,6 +77,8 @@ class TensorParallelPass(Pass):
         ctx.tp = info
         splitter = LinearSplitter(tp, int(tpc.tp_grain_size or 1), info.rank)
         layout = TensorParallelLayout(tp_size=tp, rank=info.rank, grain=splitter.grain)
+        # guessed plans (AutoTP, HF plans, short forms) are proved on one process first (PlanError if wrong)
+        ctx.layers[:] = verify_layers(ctx.model, ctx.model_config, ctx.layers, tp, splitter.grain)
         problems: List[str] = []
         layer_actions: List[Action] = []
         for layer in ctx.layers:
