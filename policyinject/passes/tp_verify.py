@@ -341,10 +341,11 @@ def verify_layer(layer: nn.Module, policy: Policy, model_config: Any, tp: int, g
                                 f"verified: {type(exc).__name__}: {_short(exc)}")
         return verdict
     try:
-        plans = [LinearSplitter(tp, grain, r).plan_layer(sample, model_config, "", sample, policy, "verify")[0]
-                 for r in range(tp)]
+        planned = [LinearSplitter(tp, grain, r).plan_layer(sample, model_config, "", sample, policy, "verify")
+                   for r in range(tp)]
     except PlanError:
         return verdict  # the pass reports it
+    plans, heads = [p[0] for p in planned], planned[0][1]
     styles = {a.path: a.details.get("style") for a in plans[0] if "style" in a.details}
     for name, (pieces, how) in sorted(packed.items()):
         style = styles.get(name)
@@ -361,7 +362,7 @@ def verify_layer(layer: nn.Module, policy: Policy, model_config: Any, tp: int, g
         verdict.policy = policy
         plans = [LinearSplitter(tp, grain, r).plan_layer(sample, model_config, "", sample, policy, "verify")[0]
                  for r in range(tp)]
-    verdict.problems += static_problems(sample, plans[0])
+    verdict.problems += static_problems(sample, plans[0], heads)
     if verdict.problems:
         return verdict
     sim = SimulatedCollectives(tp)
@@ -421,9 +422,16 @@ def _split_sizes(actions: list) -> Tuple[Dict[int, str], set]:
     return split, keep
 
 
-def static_problems(sample: nn.Module, actions: list) -> List[str]:
-    """Parameters and buffers outside the split linears whose size the plan splits, but that it keeps whole."""
+def static_problems(sample: nn.Module, actions: list, heads: Any = None) -> List[str]:
+    """Parameters and buffers outside the split linears whose size the plan splits, but that it keeps whole.
+
+    ``heads``: the layer's head geometry when the plan splits by heads (a per-head vector such as ``sinks``).
+    """
     split, keep = _split_sizes(actions)
+    if heads is not None and any("heads" in str(a.details.get("split", "")) for a in actions):
+        split.setdefault(int(heads.heads), f"the {heads.heads} query heads")
+        if heads.kv_heads != heads.heads and heads.kv_heads >= len(heads.shards):
+            split.setdefault(int(heads.kv_heads), f"the {heads.kv_heads} key/value heads")
     split_paths = [a.path for a in actions if isinstance(a.payload, Shard)]
     sizes = {s: w for s, w in split.items() if s not in keep and s > 1}
     out: List[str] = []
