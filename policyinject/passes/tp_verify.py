@@ -362,28 +362,28 @@ def verify_layer(layer: nn.Module, policy: Policy, model_config: Any, tp: int, g
         verdict.policy = policy
         plans = [LinearSplitter(tp, grain, r).plan_layer(sample, model_config, "", sample, policy, "verify")[0]
                  for r in range(tp)]
-    verdict.problems += static_problems(sample, plans[0], heads)
     if verdict.problems:
         return verdict
+    static = static_problems(sample, plans[0], heads)
     sim = SimulatedCollectives(tp)
     try:
         shards = [_build_rank(sample, plans[r], r, tp, sim) for r in range(tp)]
         outs = sim.run(shards, lambda m: _first_tensor(m(*args, **kwargs)))
     except Exception as exc:  # noqa: BLE001
-        verdict.problems.append(f"the simulated ranks' forward fails: {type(exc).__name__}: {_short(exc)}"
-                                + _attribute_hint(sample, plans[0]))
+        verdict.problems += static + [f"the simulated ranks' forward fails: {type(exc).__name__}: {_short(exc)}"
+                                      + _attribute_hint(sample, plans[0])]
         return verdict
     verdict.collectives = sim.count
     for r, out in enumerate(outs):
         if out is None or tuple(out.shape) != tuple(ref.shape):
-            verdict.problems.append(f"rank {r}'s output has shape {None if out is None else tuple(out.shape)}, "
-                                    f"the unsharded layer's {tuple(ref.shape)}" + _attribute_hint(sample, plans[0]))
+            verdict.problems += static + [f"rank {r}'s output has shape {None if out is None else tuple(out.shape)}, "
+                                          f"the unsharded layer's {tuple(ref.shape)}" + _attribute_hint(sample, plans[0])]
             return verdict
         err = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
         verdict.max_rel_err = max(verdict.max_rel_err, err) if err == err else float("nan")
         if not err <= RTOL:
-            verdict.problems.append(f"rank {r}'s output differs from the unsharded layer's (relative error "
-                                    f"{err:.2e} > {RTOL:g})" + _attribute_hint(sample, plans[0]))
+            verdict.problems += static + [f"rank {r}'s output differs from the unsharded layer's (relative error "
+                                          f"{err:.2e} > {RTOL:g})" + _attribute_hint(sample, plans[0])]
             return verdict
     return verdict
 

@@ -112,8 +112,13 @@ def coverage_row(model_type: str) -> CoverageRow:
     try:
         model = tiny_causal_lm(model_type)
     except Exception as exc:  # noqa: BLE001
-        why = f"model does not build: {type(exc).__name__}"
-        return CoverageRow(model_type, cls_name, "-", "-", why)
+        return CoverageRow(model_type, cls_name, "-", "-", f"tiny model does not build: {type(exc).__name__}")
+    try:
+        with torch.no_grad():
+            model(torch.randint(3, 200, (1, 5), generator=torch.Generator().manual_seed(0)))
+    except Exception as exc:  # noqa: BLE001
+        return CoverageRow(model_type, type(model).__name__, "-", "-",
+                           f"tiny model does not run: {type(exc).__name__}")
     cls_name = type(model).__name__
     plugins = PluginManager.default()
     try:
