@@ -34,7 +34,8 @@ TINY_SIZES: Dict[str, Any] = dict(
     encoder_ffn_dim=128, decoder_layers=2, encoder_layers=2, decoder_attention_heads=4, encoder_attention_heads=4,
     word_embed_proj_dim=64, first_k_dense_replace=1, global_head_dim=16, num_global_key_value_heads=2,
     rotary_dim=8, partial_rotary_factor=0.5, bos_token_id=0, eos_token_id=1, pad_token_id=2, decoder_start_token_id=0,
-    sliding_window=16, attention_chunk_size=16,
+    sliding_window=16, attention_chunk_size=16, ffn_hidden_size=128, n_positions=128, intermediate_dim=128,
+    moe_ffn_hidden_size=32,
 )
 
 
