@@ -2,7 +2,8 @@
 
 A plan is *guessed* when it carries no head geometry of its own: AutoTP's heuristics, a model's own Hugging
 Face plan, a ``tensor_parallel.tp_plan`` mapping, a DeepSpeed short form or any styles-only policy
-(:func:`needs_verification`). For each distinct layer class, one sample (a float32 CPU copy of the first such
+(:func:`needs_verification`). For each distinct layer class and geometry (layers of one class whose per-layer
+config gives other sizes are checked separately), one sample (a float32 CPU copy of the first such
 layer, with fresh random weights so that no zero-initialised weight hides a wrong split) is checked:
 
 - **statically**: every parameter and buffer outside the split linears whose size follows a split dimension
@@ -118,26 +119,36 @@ def verify_layers(model: nn.Module, model_config: Any, layers: Sequence[Resolved
     """
     if tp <= 1:
         return list(layers)
-    firsts: Dict[type, ResolvedLayer] = {}
+    firsts: Dict[tuple, ResolvedLayer] = {}
     for layer in layers:
         if needs_verification(layer):
-            firsts.setdefault(type(layer.module), layer)
+            firsts.setdefault(_geometry_key(layer), layer)
     if not firsts:
         return list(layers)
     inputs = capture_inputs(model, [f.module for f in firsts.values()])
     problems: List[str] = []
-    fixed: Dict[type, Policy] = {}
-    for cls, first in firsts.items():
+    fixed: Dict[tuple, Policy] = {}
+    for key, first in firsts.items():
         args = inputs.get(id(first.module))
         verdict = verify_layer(first.module, first.policy, model_config, tp, grain, args, first.path,
                                correct=first.resolved_by is ResolvedBy.HEURISTIC)
         if verdict.problems:
             problems.append(_refusal(first, verdict.problems))
         elif verdict.policy is not first.policy:
-            fixed[cls] = verdict.policy
+            fixed[key] = verdict.policy
     if problems:
         raise PlanError(problems)
-    return [attrs.evolve(m, policy=fixed[type(m.module)]) if type(m.module) in fixed else m for m in layers]
+    return [attrs.evolve(m, policy=fixed[_geometry_key(m)]) if needs_verification(m) and _geometry_key(m) in fixed
+            else m for m in layers]
+
+
+def _geometry_key(layer: ResolvedLayer) -> tuple:
+    """One check per layer class *and* geometry: layers of one class whose per-layer config gives other sizes
+    (sliding-window layers with other head counts, global vs local head sizes) are checked separately."""
+    shapes = tuple((n, tuple(p.shape)) for n, p in layer.module.named_parameters())
+    sizes = tuple(sorted((f"{n}.{k}", v) for n, m in layer.module.named_modules() for k, v in vars(m).items()
+                         if not k.startswith("_") and type(v) in (int, bool) and k != "layer_idx"))
+    return type(layer.module), id(layer.policy), shapes, sizes
 
 
 def _refusal(first: ResolvedLayer, problems: List[str]) -> str:
