@@ -125,12 +125,17 @@ def verify_layers(model: nn.Module, model_config: Any, layers: Sequence[Resolved
             firsts.setdefault(_geometry_key(layer), layer)
     if not firsts:
         return list(layers)
-    inputs = capture_inputs(model, [f.module for f in firsts.values()])
+    twin = tiny_twin(model, tp, grain) if _needs_twin(model, firsts.values()) else None
+    if twin is not None and any(_missing(twin, f.path) for f in firsts.values()):
+        twin = None
+    samples = {key: (twin.get_submodule(f.path) if twin is not None else f.module) for key, f in firsts.items()}
+    inputs = capture_inputs(twin if twin is not None else model, list(samples.values()))
+    config = twin.config if twin is not None else model_config
     problems: List[str] = []
     fixed: Dict[tuple, Policy] = {}
     for key, first in firsts.items():
-        args = inputs.get(id(first.module))
-        verdict = verify_layer(first.module, first.policy, model_config, tp, grain, args, first.path,
+        args = inputs.get(id(samples[key]))
+        verdict = verify_layer(samples[key], first.policy, config, tp, grain, args, first.path,
                                correct=first.resolved_by is ResolvedBy.HEURISTIC)
         if verdict.problems:
             problems.append(_refusal(first, verdict.problems))
@@ -140,6 +145,57 @@ def verify_layers(model: nn.Module, model_config: Any, layers: Sequence[Resolved
         raise PlanError(problems)
     return [attrs.evolve(m, policy=fixed[_geometry_key(m)]) if needs_verification(m) and _geometry_key(m) in fixed
             else m for m in layers]
+
+
+#: A layer with more parameters than this (or on the meta device) is checked on a tiny twin model instead.
+MAX_SAMPLE_PARAMS = 16_000_000
+
+
+def _missing(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return False
+    except AttributeError:
+        return True
+
+
+def _needs_twin(model: nn.Module, firsts: Any) -> bool:
+    if not hasattr(getattr(model, "config", None), "to_dict"):
+        return False
+    for f in firsts:
+        params = list(f.module.parameters())
+        if any(p.device.type == "meta" for p in params) or sum(p.numel() for p in params) > MAX_SAMPLE_PARAMS:
+            return True
+    return False
+
+
+#: Width-like config attributes a tiny twin shrinks (head counts, layer counts and layer types are kept).
+_TWIN_WIDTHS = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", "moe_intermediate_size",
+                "shared_expert_intermediate_size", "decoder_ffn_dim")
+
+
+def tiny_twin(model: nn.Module, tp: int, grain: int) -> Optional[nn.Module]:
+    """A Hugging Face model of the same class with the same head counts and layers but small widths (head_dim
+    8, MLP widths a multiple of ``tp * grain``), float32 on the CPU; None when it cannot be built or runs."""
+    cfg = copy.deepcopy(model.config)
+    heads = getattr(cfg, "num_attention_heads", None)
+    if not isinstance(heads, int) or heads < 1:
+        return None
+    try:
+        hd = 8
+        if hasattr(cfg, "head_dim"):
+            cfg.head_dim = hd
+        cfg.hidden_size = heads * hd
+        for name in _TWIN_WIDTHS:
+            if isinstance(getattr(cfg, name, None), int):
+                setattr(cfg, name, 2 * tp * max(grain, 8))
+        if isinstance(getattr(cfg, "vocab_size", None), int):
+            cfg.vocab_size = tp * max(grain, 8) * 2
+        with torch.device("cpu"):
+            twin = type(model)(cfg)
+        return twin.float().eval()
+    except Exception:  # noqa: BLE001 - the real layers are used instead
+        return None
 
 
 def _geometry_key(layer: ResolvedLayer) -> tuple:
@@ -243,9 +299,16 @@ def _vocab(model: nn.Module) -> Optional[int]:
 
 def _sample_copy(layer: nn.Module, seed: int = 0) -> nn.Module:
     """A float32 CPU copy with fresh random weights (norm-like vectors near 1, matrices scaled by fan-in)."""
-    sample = copy.deepcopy(layer).to(device="cpu", dtype=torch.float32).eval()
+    sample = copy.deepcopy(layer)
+    meta = [n for n, b in sample.named_buffers() if b.device.type == "meta"]
+    if meta or any(p.device.type == "meta" for p in sample.parameters()):
+        sample = sample.to_empty(device="cpu")  # a model created on the meta device: random weights, zero buffers
+    sample = sample.to(device="cpu", dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        for name, b in sample.named_buffers():
+            if name in meta:
+                b.zero_()
         for name, p in sample.named_parameters():
             if not p.is_floating_point():
                 continue
@@ -331,6 +394,8 @@ def _reference(sample: nn.Module, args: tuple, kwargs: dict) -> Tuple[torch.Tens
             h.remove()
     if out is None:
         raise SimulationError("the forward returns no tensor")
+    if not bool(torch.isfinite(out).all()):
+        raise SimulationError("the unsharded output is not finite on random weights")
     return out.detach().clone(), watch.found
 
 

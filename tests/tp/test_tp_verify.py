@@ -139,3 +139,20 @@ def test_per_codebook_heads_stay_replicated():
     plan = pi.plan_inference(model, dtype="fp32", plugins=PluginManager.empty(), tensor_parallel=TP2)
     assert not any(".lm_heads." in m.path for m in plan.layers)
     assert any(m.path.endswith("layers.0") for m in plan.layers)
+
+
+def test_meta_model_is_verified_on_a_tiny_twin():
+    import transformers
+
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=256)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg)
+    plan = pi.plan_inference(model, dtype="fp32", plugins=PluginManager.empty(), tensor_parallel=TP2)
+    assert {m.resolved_by.value for m in plan.layers} == {"autotp:hf_plan"}
+    cfg = transformers.BitNetConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=256)
+    with torch.device("meta"):
+        model = transformers.BitNetForCausalLM(cfg)
+    with pytest.raises(PlanError, match="ffn_sub_norm"):
+        pi.plan_inference(model, dtype="fp32", plugins=PluginManager.empty(), tensor_parallel=TP2)
