@@ -186,9 +186,11 @@ def tiny_twin(model: nn.Module, tp: int, grain: int) -> Optional[nn.Module]:
         if hasattr(cfg, "head_dim"):
             cfg.head_dim = hd
         cfg.hidden_size = heads * hd
+        unit = tp * max(grain, 8)
+        width = next(k * unit for k in range(2, 64) if k * unit != cfg.hidden_size)  # kept apart from hidden
         for name in _TWIN_WIDTHS:
             if isinstance(getattr(cfg, name, None), int):
-                setattr(cfg, name, 2 * tp * max(grain, 8))
+                setattr(cfg, name, width)
         if isinstance(getattr(cfg, "vocab_size", None), int):
             cfg.vocab_size = tp * max(grain, 8) * 2
         with torch.device("cpu"):
