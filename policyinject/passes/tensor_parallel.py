@@ -23,6 +23,8 @@ Example (planning only; no process group is needed to plan):
     >>> class Block(torch.nn.Module):
     ...     def __init__(self):
     ...         super().__init__(); self.fc1 = torch.nn.Linear(8, 32); self.fc2 = torch.nn.Linear(32, 8)
+    ...     def forward(self, x):
+    ...         return self.fc2(self.fc1(x))
     >>> model = torch.nn.Sequential(Block())
     >>> cfg = load_config(None, tensor_parallel={"tp_size": 2, "tp_grain_size": 8})
     >>> ctx = PassContext(model=model, config=cfg,
