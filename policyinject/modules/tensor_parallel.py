@@ -39,9 +39,16 @@ def _world(group: Any) -> int:
 
 
 def all_reduce(x: torch.Tensor, group: Any, world_size: int) -> torch.Tensor:
-    """Sum ``x`` over the group (in place on a contiguous copy); a no-op for one rank."""
+    """Sum ``x`` over the group (in place on a contiguous copy); a no-op for one rank.
+
+    A simulated group (:class:`policyinject.passes.tp_simulate.SimulatedRank`, used to verify plans on one
+    process) answers itself.
+    """
     if world_size == 1:
         return x
+    simulated = getattr(group, "simulated_all_reduce", None)
+    if simulated is not None:
+        return simulated(x)
     import torch.distributed as dist
 
     x = x.contiguous()
@@ -53,6 +60,9 @@ def gather_last_dim(x: torch.Tensor, sizes: Sequence[int], group: Any, world_siz
     """Concatenate every rank's ``x`` along the last dimension; shards may have different sizes."""
     if world_size == 1:
         return x
+    simulated = getattr(group, "simulated_all_gather", None)
+    if simulated is not None:
+        return simulated(x, sizes)
     import torch.distributed as dist
 
     width = max(sizes)

@@ -23,6 +23,8 @@ Example (planning only; no process group is needed to plan):
     >>> class Block(torch.nn.Module):
     ...     def __init__(self):
     ...         super().__init__(); self.fc1 = torch.nn.Linear(8, 32); self.fc2 = torch.nn.Linear(32, 8)
+    ...     def forward(self, x):
+    ...         return self.fc2(self.fc1(x))
     >>> model = torch.nn.Sequential(Block())
     >>> cfg = load_config(None, tensor_parallel={"tp_size": 2, "tp_grain_size": 8})
     >>> ctx = PassContext(model=model, config=cfg,
@@ -53,6 +55,7 @@ from .tp_apply import build_parallel, shard_tensors
 from .tp_attributes import AttrRewrite, apply_attributes
 from .tp_linears import LinearSplitter, Shard
 from .tp_model_level import plan_model_level
+from .tp_verify import verify_layers
 
 __all__ = ["TensorParallelPass"]
 
@@ -80,6 +83,8 @@ class TensorParallelPass(Pass):
         info = ctx.tp
         splitter = LinearSplitter(tp, int(tpc.tp_grain_size or 1), info.rank)
         layout = TensorParallelLayout(tp_size=tp, rank=info.rank, grain=splitter.grain)
+        # guessed plans (AutoTP, HF plans, short forms) are proved on one process first (PlanError if wrong)
+        ctx.layers[:] = verify_layers(ctx.model, ctx.model_config, ctx.layers, tp, splitter.grain)
         problems: List[str] = []
         layer_actions: List[Action] = []
         for layer in ctx.layers:

@@ -63,8 +63,8 @@ def _model_styles(model: nn.Module, mp: Optional[ModelPolicy], autotp_mp: Option
             mod = fn() if callable(fn) else None
         except Exception:
             mod = None
-        if mod is None:
-            continue
+        if mod is None or not (isinstance(mod, nn.Embedding) or is_linear_like(mod)):
+            continue  # e.g. MusicGen's per-codebook lists: kept replicated
         p = _path_of(model, mod)
         if p is not None and not any(s is style for s in styles.values()) and p not in styles:
             styles[p] = style

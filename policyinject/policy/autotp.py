@@ -74,9 +74,36 @@ def hf_plan_policies(model: nn.Module, plan: Optional[Mapping[str, str]]
         return {}, None, []
     from .shortforms import convert_hf_plan
 
-    conv = convert_hf_plan(plan, model, source=ResolvedBy.HF_PLAN.value)
+    known, lint = split_unknown_styles(plan)
+    conv = convert_hf_plan(known, model, source=ResolvedBy.HF_PLAN.value)
     model_policy = conv.model_policies[0] if conv.model_policies else None
-    return {p.layer: p for p in conv.policies}, model_policy, list(conv.lint)
+    return {p.layer: p for p in conv.policies}, model_policy, lint + list(conv.lint)
+
+
+def split_unknown_styles(plan: Mapping[str, str]) -> Tuple[Dict[str, str], List[str]]:
+    """(the entries of a model's own HF plan whose style policyinject knows, a lint line per other entry).
+
+    A model's plan may use styles policyinject does not implement (``mla_kv_a_proj``, ``local_params``,
+    ``all_reduce``, ``embedding_colwise``, ...): those modules stay replicated and the plan says so, instead of
+    the whole plan being refused. (A plan the user writes in ``tensor_parallel.tp_plan`` is validated
+    strictly: a typo there is a ConfigError naming the key.)
+
+    Example:
+        >>> split_unknown_styles({"layers.*.q_proj": "colwise", "layers.*.kv_a_proj": "mla_kv_a_proj"})[1]
+        ["autotp:hf_plan: 'layers.*.kv_a_proj' uses style 'mla_kv_a_proj' that policyinject does not implement (multi-head latent attention is not implemented); that module stays replicated"]
+    """
+    from ..config.tp_plan import HF_STYLE_TABLE, HF_UNSUPPORTED_STYLES
+
+    known: Dict[str, str] = {}
+    lint: List[str] = []
+    for key, style in plan.items():
+        if isinstance(style, str) and (style in HF_STYLE_TABLE or style.startswith("megamoe")):
+            known[key] = style
+            continue
+        why = HF_UNSUPPORTED_STYLES.get(style, "unknown style") if isinstance(style, str) else "not a style name"
+        lint.append(f"{ResolvedBy.HF_PLAN.value}: {key!r} uses style {style!r} that policyinject does not "
+                    f"implement ({why}); that module stays replicated")
+    return known, lint
 
 
 def auto_layers(model: nn.Module, covered: Sequence[str], hf_policies: Mapping[type, Policy]) -> AutoLayers:
@@ -98,9 +125,11 @@ def auto_layers(model: nn.Module, covered: Sequence[str], hf_policies: Mapping[t
             cpath = f"{lpath}.{name}" if lpath else name
             if inside(cpath) or not any(is_linear_like(m) for m in child.modules()):
                 continue
+            if is_linear_like(child) or isinstance(child, nn.Embedding):
+                continue  # a list of per-codebook heads or embeddings (MusicGen): kept replicated
             cls = type(child)
             if cls not in cache:
-                if cls in hf_policies:
+                if cls in hf_policies and _covers_a_linear(hf_policies[cls], child):
                     cache[cls] = (hf_policies[cls], ResolvedBy.HF_PLAN)
                 else:
                     try:
@@ -112,6 +141,12 @@ def auto_layers(model: nn.Module, covered: Sequence[str], hf_policies: Mapping[t
             if policy is not None:
                 out.layers.append(ResolvedLayer(cpath, child, policy, how))
     return out
+
+
+def _covers_a_linear(policy: Policy, layer: nn.Module) -> bool:
+    """False for an HF plan that names none of the layer's linears (only its experts): heuristics decide then."""
+    styles = policy.styles_for(layer)[0]
+    return any(s is not Style.REPLICATE for s in styles.values())
 
 
 def heuristic_policy(layer: nn.Module, path: str = "") -> Policy:

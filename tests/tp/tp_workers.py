@@ -279,3 +279,16 @@ def modules_math(tp: int) -> Dict[str, Any]:
     cat_err = float((fused(x) - torch.cat([a(x), col(x)], -1)).abs().max())
     return {"mlp_err": mlp_err, "gather_err": gather_err, "emb_err": emb_err, "head_err": head_err,
             "cat_err": cat_err, "fused_sizes": fused.out_sizes}
+
+
+def coverage_equal(model_type: str, tp: int, grain: int = 8) -> Dict[str, Any]:
+    """A tiny random model of any installed ``model_type`` (no policy needed): TP logits equal the unsharded."""
+    from policyinject.testing.coverage import tiny_causal_lm
+
+    model = tiny_causal_lm(model_type)
+    vocab = model.get_input_embeddings().num_embeddings
+
+    def engine_fn(m: torch.nn.Module) -> Any:
+        return init_inference(m, dtype="fp32", tensor_parallel={"tp_size": tp, "tp_grain_size": grain})
+
+    return _compare(model, engine_fn, _ids(min(vocab, 200)), generate=False)

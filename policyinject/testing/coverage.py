@@ -1,0 +1,188 @@
+"""The coverage table: what policyinject does for every causal-LM architecture of the installed transformers.
+
+For each entry of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` a tiny random model is built from the default config
+with small sizes (:func:`tiny_causal_lm`), and three things are recorded (:func:`coverage_row`): kernel
+injection (a plugin policy matches its layers, or none), tensor parallelism at ``tp_size=2`` (planned only,
+no process group: a policy, the model's own Hugging Face plan or AutoTP heuristics -- both verified on one
+process --, or refused with the reason), and weight-only int8 quantization through the public API
+(``init_inference(model, dtype="int8")``: how many linears were quantized, or why it failed).
+:func:`render_table` writes the Markdown section kept in ``docs/builtin-policies.md``.
+
+Example:
+    >>> row = coverage_row("llama")
+    >>> row.injection, row.tp, row.quant.startswith("works")
+    ('policy', 'policy', True)
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, List, Optional
+
+import attrs
+import torch
+
+__all__ = ["TINY_SIZES", "CoverageRow", "tiny_causal_lm", "coverage_row", "render_table", "architectures"]
+
+#: Sizes set on a default config where the config has the attribute (through its ``attribute_map`` aliases).
+TINY_SIZES: Dict[str, Any] = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, vocab_size=256, max_position_embeddings=128, moe_intermediate_size=32,
+    shared_expert_intermediate_size=64, num_experts=4, num_local_experts=4, n_routed_experts=4,
+    num_experts_per_tok=2, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+    qk_nope_head_dim=8, v_head_dim=16, ffn_dim=128, n_inner=128, d_ff=128, decoder_ffn_dim=128,
+    encoder_ffn_dim=128, decoder_layers=2, encoder_layers=2, decoder_attention_heads=4, encoder_attention_heads=4,
+    word_embed_proj_dim=64, first_k_dense_replace=1, global_head_dim=16, num_global_key_value_heads=2,
+    rotary_dim=8, partial_rotary_factor=0.5, bos_token_id=0, eos_token_id=1, pad_token_id=2, decoder_start_token_id=0,
+    sliding_window=16, attention_chunk_size=16, ffn_hidden_size=128, n_positions=128, intermediate_dim=128,
+    moe_ffn_hidden_size=32,
+)
+
+
+#: A "tiny" model larger than this is not built (its config has sizes :data:`TINY_SIZES` does not reach).
+MAX_PARAMS = 4_000_000
+
+
+def architectures() -> List[str]:
+    """Every ``model_type`` with a causal-LM class in the installed transformers, sorted."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def _shrink(cfg: Any) -> None:
+    for key, value in TINY_SIZES.items():
+        if hasattr(cfg, key) and getattr(cfg, key) is not None and not isinstance(getattr(cfg, key), bool):
+            try:
+                setattr(cfg, key, value)
+            except Exception:  # noqa: BLE001 - a read-only alias
+                pass
+    types = getattr(cfg, "layer_types", None)
+    if isinstance(types, (list, tuple)) and len(types) != 2:
+        distinct = list(dict.fromkeys(types))
+        cfg.layer_types = (distinct + distinct)[:2]
+    from transformers import PretrainedConfig
+
+    for sub, inner in list(vars(cfg).items()):
+        if isinstance(inner, PretrainedConfig) and inner is not cfg:
+            _shrink(inner)
+
+
+def tiny_causal_lm(model_type: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random fp32 causal LM of ``model_type`` (default config with :data:`TINY_SIZES`).
+
+    Example:
+        >>> type(tiny_causal_lm("gpt2")).__name__
+        'GPT2LMHeadModel'
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(model_type)
+    _shrink(cfg)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
+    if n > MAX_PARAMS:
+        raise ValueError(f"the tiny config of {model_type} still has {n / 1e6:.0f}M parameters")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    return model.float().eval()
+
+
+@attrs.frozen
+class CoverageRow:
+    """One architecture's line of the table."""
+
+    model_type: str
+    model_class: str
+    injection: str
+    tp: str
+    quant: str
+
+
+_NUMBER = re.compile(r"\d+\.\d+(e[-+]?\d+)?|0x[0-9a-f]+")
+
+
+def _why(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = next((ln[2:] for ln in lines if ln.startswith("- ")), lines[0] if lines else type(exc).__name__)
+    text = _NUMBER.sub("#", text).replace("|", "/")
+    return text[:110] + ("..." if len(text) > 110 else "")
+
+
+def coverage_row(model_type: str) -> CoverageRow:
+    """Build the tiny model of ``model_type`` and record injection, TP and int8 quantization (see the module)."""
+    from .. import init_inference, plan_inference
+    from .._plugin_manager import PluginManager
+    from ..config import load_config
+    from ..policy.resolve import resolve_policies
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    cls_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, "?")
+    try:
+        model = tiny_causal_lm(model_type)
+    except Exception as exc:  # noqa: BLE001
+        what = "too large" if "still has" in str(exc) else type(exc).__name__
+        return CoverageRow(model_type, cls_name, "-", "-", f"tiny model does not build: {what}")
+    try:
+        with torch.no_grad():
+            model(torch.randint(3, 200, (1, 5), generator=torch.Generator().manual_seed(0)))
+    except Exception as exc:  # noqa: BLE001
+        return CoverageRow(model_type, type(model).__name__, "-", "-",
+                           f"tiny model does not run: {type(exc).__name__}")
+    cls_name = type(model).__name__
+    plugins = PluginManager.default()
+    try:
+        resolved = resolve_policies(model, load_config(None), plugins)
+        injection = "policy" if any(m.resolved_by.value == "plugin" for m in resolved.layers) else "none"
+    except Exception as exc:  # noqa: BLE001
+        injection = f"refused: {_why(exc)}"
+    try:
+        plan = plan_inference(model, dtype="fp32", tensor_parallel={"tp_size": 2, "tp_grain_size": 8},
+                              plugins=plugins)
+        by = sorted({m.resolved_by.value for m in plan.layers})
+        names = {"plugin": "policy", "autotp:hf_plan": "HF plan (verified)",
+                 "autotp:heuristic": "verified heuristic"}
+        tp = ", ".join(names.get(b, b) for b in by) or "nothing to split"
+    except Exception as exc:  # noqa: BLE001
+        tp = f"refused: {_why(exc)}"
+    try:
+        engine = init_inference(model, dtype="int8", plugins=plugins)
+        n = sum(1 for a in engine.plan.for_pass("quantize") if a.action == "quantize")
+        quant = f"works ({n} linears)" if n else "runs, quantizes nothing"
+    except Exception as exc:  # noqa: BLE001
+        quant = f"fails: {type(exc).__name__}: {_why(exc)}"
+    return CoverageRow(model_type, cls_name, injection, tp, quant)
+
+
+BEGIN = "<!-- coverage table: generated by tests/coverage/test_coverage_table.py; do not edit -->"
+END = "<!-- end of coverage table -->"
+
+
+def render_table(rows: List[CoverageRow], transformers_version: str) -> str:
+    """The generated Markdown section (between :data:`BEGIN` and :data:`END`).
+
+    Example:
+        >>> text = render_table([CoverageRow("llama", "LlamaForCausalLM", "policy", "policy", "works (7 linears)")], "5.24.0")
+        >>> text.splitlines()[-3], "transformers 5.24.0" in text
+        ('| `llama` | `LlamaForCausalLM` | policy | policy | works (7 linears) |', True)
+    """
+    lines = [BEGIN, "",
+             f"Produced with transformers {transformers_version}, torch {torch.__version__.split('+')[0]}: tiny "
+             f"random models (hidden 64, 2 layers, fp32, CPU); TP planned at `tp_size=2`, `tp_grain_size=8` "
+             f"(plans not from a policy are verified on one process); int8 through `init_inference(model, "
+             f"dtype=\"int8\")`.", "",
+             "| model_type | class | kernel injection | tensor parallel | int8 quantization |",
+             "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| `{r.model_type}` | `{r.model_class}` | {r.injection} | {r.tp} | {r.quant} |")
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def replace_section(text: str, section: str) -> Optional[str]:
+    """``text`` with its generated section replaced by ``section`` (None when the markers are missing)."""
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < 0:
+        return None
+    return text[:start] + section + text[end + len(END):]
