@@ -123,6 +123,7 @@ def coverage_row(model_type: str, plugins: Optional[Any] = None) -> CoverageRow:
     from .. import init_inference, plan_inference
     from .._plugin_manager import PluginManager
     from ..config import load_config
+    from ..passes.quantize import EXPERTS_STAY_FLOAT
     from ..policy.resolve import resolve_policies
 
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -159,7 +160,9 @@ def coverage_row(model_type: str, plugins: Optional[Any] = None) -> CoverageRow:
     try:
         engine = init_inference(model, dtype="int8", plugins=plugins)
         n = sum(1 for a in engine.plan.for_pass("quantize") if a.action == "quantize")
-        quant = f"works ({n} linears)" if n else "runs, quantizes nothing"
+        experts = any(line.startswith(EXPERTS_STAY_FLOAT) for line in engine.plan.lint)
+        quant = (f"works ({n} linears{'; routed experts (3-D weights) stay float' if experts else ''})" if n
+                 else "runs, quantizes nothing")
     except Exception as exc:  # noqa: BLE001
         quant = f"fails: {type(exc).__name__}: {_why(exc)}"
     return CoverageRow(model_type, cls_name, injection, tp, quant)
