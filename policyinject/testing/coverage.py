@@ -44,7 +44,12 @@ TINY_SIZES: Dict[str, Any] = dict(
     mamba_headdim=16, attention_hidden_size=64, n_group=1, topk_group=1, index_n_heads=4, index_head_dim=16,
     # hybrids: one attention layer among the two (Jamba: layer 1)
     attn_layer_period=2, attn_layer_offset=1,
+    # per-layer input embeddings (Gemma-3n / Gemma-4); 0 (switched off) stays 0, see _OFF_WHEN_ZERO
+    vocab_size_per_layer_input=256, hidden_size_per_layer_input=16,
 )
+
+#: Sizes whose 0 switches a feature off: a 0 is kept.
+_OFF_WHEN_ZERO = frozenset({"hidden_size_per_layer_input"})
 
 
 #: A "tiny" model larger than this is not built (its config has sizes :data:`TINY_SIZES` does not reach).
@@ -59,10 +64,14 @@ def architectures() -> List[str]:
 
 
 def _shrink(cfg: Any) -> None:
+    # a heterogeneous config (per-layer attributes) refuses global reads of per-layer sizes unless asked
+    if getattr(cfg, "is_heterogeneous", False):
+        cfg.allow_global_per_layer_attribute_access = True
     mla_rope_is_head_dim = getattr(cfg, "qk_rope_head_dim", None) is not None and \
         getattr(cfg, "head_dim", None) == cfg.qk_rope_head_dim
     for key, value in TINY_SIZES.items():
-        if hasattr(cfg, key) and getattr(cfg, key) is not None and not isinstance(getattr(cfg, key), bool):
+        if hasattr(cfg, key) and getattr(cfg, key) is not None and not isinstance(getattr(cfg, key), bool) \
+                and not (key in _OFF_WHEN_ZERO and getattr(cfg, key) == 0):
             try:
                 setattr(cfg, key, value)
             except Exception:  # noqa: BLE001 - a read-only alias
@@ -123,6 +132,8 @@ _NUMBER = re.compile(r"\d+\.\d+(e[-+]?\d+)?|0x[0-9a-f]+")
 def _why(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     text = next((ln[2:] for ln in lines if ln.startswith("- ")), lines[0] if lines else type(exc).__name__)
+    if text.endswith(":") and len(lines) > 1 and text == lines[0]:
+        text = f"{text} {lines[1]}"  # "validation error for ...:" then the reason on the next line
     text = _NUMBER.sub("#", text).replace("|", "/")
     return text[:110] + ("..." if len(text) > 110 else "")
 
@@ -145,14 +156,14 @@ def coverage_row(model_type: str, plugins: Optional[Any] = None) -> CoverageRow:
     try:
         model = tiny_causal_lm(model_type)
     except Exception as exc:  # noqa: BLE001
-        what = "too large" if "still has" in str(exc) else type(exc).__name__
+        what = "too large" if "still has" in str(exc) else f"{type(exc).__name__}: {_why(exc)}"
         return CoverageRow(model_type, cls_name, "-", "-", f"tiny model does not build: {what}")
     try:
         with torch.no_grad():
             model(torch.randint(3, 200, (1, 5), generator=torch.Generator().manual_seed(0)))
     except Exception as exc:  # noqa: BLE001
         return CoverageRow(model_type, type(model).__name__, "-", "-",
-                           f"tiny model does not run: {type(exc).__name__}")
+                           f"tiny model does not run: {type(exc).__name__}: {_why(exc)}")
     cls_name = type(model).__name__
     plugins = plugins if plugins is not None else PluginManager.default()
     try:
