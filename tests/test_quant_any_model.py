@@ -161,3 +161,22 @@ def test_a_quantized_plan_does_not_warn():
 def test_hostile_patterns_are_config_errors_naming_the_key(key, value, message):
     with pytest.raises(pi.ConfigError, match=message):
         pi.load_config({"quant": {"enabled": True, "weight": {key: value}}})
+
+
+def test_routed_experts_left_in_float_are_a_lint_line_unless_the_moe_block_is_injected():
+    from policyinject.passes.quantize import EXPERTS_STAY_FLOAT
+    from policyinject.testing.coverage import tiny_causal_lm
+
+    model = tiny_causal_lm("mixtral")  # experts as 3-D parameters (MixtralExperts), not nn.Linear
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = pi.plan_inference(model, dtype="int8")
+        injected = pi.plan_inference(model, dtype="int8", replace_with_kernel_inject=True)
+    lines = [ln for ln in plain.lint if ln.startswith(EXPERTS_STAY_FLOAT)]
+    assert len(lines) == 1 and "2 modules" in lines[0] and "model.layers.0.mlp.experts" in lines[0], plain.lint
+    assert "gate_up_proj" in lines[0] and "Policy.moe" in lines[0]
+    # the attention linears are still quantized; the injected MoE block quantizes its experts itself
+    assert plain.quantize.linears == 8
+    assert not [ln for ln in injected.lint if ln.startswith(EXPERTS_STAY_FLOAT)], injected.lint
+    moe = [a.details["moe"] for a in injected.for_pass("kernel_inject") if "moe" in a.details]
+    assert len(moe) == 2 and all(m["experts_quant"].startswith("int8") for m in moe)

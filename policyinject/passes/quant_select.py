@@ -40,7 +40,7 @@ from ..config.patterns import first_match
 from ..errors import PlanError
 from ..policy.model import is_linear_like
 
-__all__ = ["Candidate", "Selection", "select_linears", "output_heads"]
+__all__ = ["Candidate", "Selection", "select_linears", "output_heads", "float_expert_weights"]
 
 
 @attrs.frozen
@@ -181,4 +181,40 @@ def select_linears(model: nn.Module, layers: Sequence[Any], model_policy: Any, *
         raise PlanError(f"quant.weight.include: {', '.join(repr(p) for p in missing)} match no linear of "
                         f"{type(model).__name__} (its linears: {', '.join(names)}{', ...' if len(named) > 8 else ''})")
     out.unused_excludes = tuple(p for p in exclude or () if not any(first_match((p,), n) for n, _ in named))
+    return out
+
+
+def float_expert_weights(model: nn.Module, layers: Sequence[Any], moe_injected: bool) -> Dict[str, str]:
+    """Routed-expert weights the weight quantization cannot reach: module path -> ``Class (parameters)``.
+
+    A module counts when its class name or its path names an expert and it holds floating-point parameters of
+    three or more dimensions (``[experts, out, in]``, as Hugging Face's fused expert modules do): these are no
+    ``nn.Linear``. Modules inside a layer whose policy describes its MoE block are left out when
+    ``moe_injected`` (kernel injection with ``moe.enabled``: the injected block quantizes its experts).
+
+    Example:
+        >>> class MixtralExperts(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.gate_up_proj = torch.nn.Parameter(torch.zeros(4, 8, 2))
+        >>> float_expert_weights(torch.nn.Sequential(MixtralExperts()), [], moe_injected=False)
+        {'0': 'MixtralExperts (gate_up_proj)'}
+    """
+    covered = []
+    if moe_injected:
+        for layer in layers:
+            spec = layer.policy.moe_for(layer.module)
+            if spec is not None:
+                prefix = ".".join(p for p in (layer.path, spec.module) if p)
+                covered.append(prefix)
+    out: Dict[str, str] = {}
+    for path, mod in model.named_modules():
+        if not path or "expert" not in f"{type(mod).__name__}.{path}".lower():
+            continue
+        names = [n for n, p in mod.named_parameters(recurse=False) if p.dim() >= 3 and p.is_floating_point()]
+        if not names or isinstance(mod, nn.modules.conv._ConvNd):
+            continue
+        if any(path == c or path.startswith(c + ".") or not c for c in covered):
+            continue
+        out[path] = f"{type(mod).__name__} ({', '.join(names)})"
     return out

@@ -62,12 +62,15 @@ from .._nn import is_conv1d, set_submodule, shape_out_in
 from ..plan import Action
 from ..plan_fields import QuantizeSummary
 from .base import Pass, PassContext, owner_of
-from .quant_select import select_linears
+from .quant_select import float_expert_weights, select_linears
 
 __all__ = ["QuantizePass", "QuantSpec", "quantize_linear", "quantize_action", "quant_spec_from_config",
            "resolve_method", "METHODS", "NothingQuantizedWarning", "nothing_quantized_message"]
 
 NAME = "quantize"
+
+#: How the plan's lint line about routed experts left in floating point begins.
+EXPERTS_STAY_FLOAT = "quantization: routed expert weights stay in floating point"
 
 #: ``quant.weight.method`` values: ``auto`` resolves per bit width (:func:`resolve_method`).
 METHODS = ("auto", "rtn", "hqq", "gptq", "awq")
@@ -380,6 +383,13 @@ class QuantizePass(Pass):
             model_bytes_before=model_before, model_bytes_after=model_before - before_total + after_total,
             linear_bytes_before=before_total, linear_bytes_after=after_total, planned=True,
             quantized=quantized, skipped=skipped, include=spec.include, exclude=spec.exclude)
+        experts = float_expert_weights(ctx.model, ctx.layers,
+                                       bool(ctx.config.replace_with_kernel_inject and ctx.config.moe.enabled))
+        if experts:
+            first = next(iter(experts.items()))
+            ctx.plan.warn(f"{EXPERTS_STAY_FLOAT} in {len(experts)} modules ({first[0]}: {first[1]}, ...): 3-D "
+                          "parameters, not nn.Linear; a policy with Policy.moe and replace_with_kernel_inject=True "
+                          "quantizes them (docs/moe.md)")
         if not quantized:
             message = nothing_quantized_message(ctx.model, spec, skipped)
             ctx.plan.warn(message)
