@@ -84,9 +84,12 @@ class TensorParallelPass(Pass):
         splitter = LinearSplitter(tp, int(tpc.tp_grain_size or 1), info.rank)
         layout = TensorParallelLayout(tp_size=tp, rank=info.rank, grain=splitter.grain)
         # guessed plans (AutoTP, HF plans, short forms) are proved on one process first (PlanError if wrong)
-        ctx.layers[:] = verify_layers(ctx.model, ctx.model_config, ctx.layers, tp, splitter.grain)
+        unverified: List[tuple] = []
+        ctx.layers[:] = verify_layers(ctx.model, ctx.model_config, ctx.layers, tp, splitter.grain, unverified)
         problems: List[str] = []
-        layer_actions: List[Action] = []
+        layer_actions: List[Action] = [Action(NAME, path, type(ctx.module(path)).__name__, "lint",
+                                              {"problem": reason, "source": "AutoTP verification"})
+                                       for path, reason in unverified]
         for layer in ctx.layers:
             how = layer.resolved_by.value if layer.resolved_by.is_autotp else "policy"
             try:

@@ -45,6 +45,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -105,17 +106,24 @@ class LayerVerdict:
     corrected: List[str] = attrs.field(factory=list)
     max_rel_err: float = 0.0
     collectives: int = 0
+    #: why the sample could not run at all (a layer the model's forward does not reach, whose own forward
+    #: needs inputs that cannot be made up): nothing is known about the plan, right or wrong
+    unverifiable: str = ""
 
 
 class _Captured(Exception):
     pass
 
 
-def verify_layers(model: nn.Module, model_config: Any, layers: Sequence[ResolvedLayer], tp: int, grain: int
-                  ) -> List[ResolvedLayer]:
+def verify_layers(model: nn.Module, model_config: Any, layers: Sequence[ResolvedLayer], tp: int, grain: int,
+                  notes: Optional[List[Tuple[str, str]]] = None) -> List[ResolvedLayer]:
     """Check every guessed layer plan (one sample per class); the layers with corrected policies, or PlanError.
 
-    Nothing of ``model`` is changed: samples are copies, inputs come from one forward under ``no_grad``.
+    Nothing of ``model`` is changed: samples are copies, inputs come from one forward under ``no_grad``. A
+    heuristic (AutoTP) plan for a layer the model's forward does not reach and whose forward cannot run on
+    made-up inputs (a vision tower's layer under a text-only forward) cannot be proved: that layer is kept
+    whole on every rank (always correct) and ``notes`` receives ``(path, reason)`` for the plan's lint. Any
+    other unverifiable plan (an HF plan, a user's ``tp_plan`` or short form) is refused.
     """
     if tp <= 1:
         return list(layers)
@@ -137,7 +145,15 @@ def verify_layers(model: nn.Module, model_config: Any, layers: Sequence[Resolved
         args = inputs.get(id(samples[key]))
         verdict = verify_layer(samples[key], first.policy, config, tp, grain, args, first.path,
                                correct=first.resolved_by is ResolvedBy.HEURISTIC)
-        if verdict.problems:
+        if verdict.unverifiable and first.resolved_by is ResolvedBy.HEURISTIC:
+            fixed[key] = Policy(first.policy.layer, default_style=Style.REPLICATE,
+                                source=f"{first.policy.source or 'AutoTP'} (unverifiable: replicated)")
+            if notes is not None:
+                notes.append((first.path, f"AutoTP could not verify its plan for {type(first.module).__name__} "
+                                          f"({verdict.unverifiable}); these layers stay whole on every rank"))
+        elif verdict.unverifiable:
+            problems.append(_refusal(first, [verdict.unverifiable + ", so the plan cannot be verified"]))
+        elif verdict.problems:
             problems.append(_refusal(first, verdict.problems))
         elif verdict.policy is not first.policy:
             fixed[key] = verdict.policy
@@ -340,7 +356,18 @@ def _default_inputs(layer: nn.Module) -> Tuple[tuple, dict]:
     first = next((m for _, m in layer.named_modules() if is_linear_like(m)), None)
     hidden = shape_out_in(first)[1] if first is not None else 8
     x = torch.randn(1, _TOKENS, hidden, generator=torch.Generator().manual_seed(1))
-    return (x,), {}
+    return (x,), _none_for_required(layer)
+
+
+def _none_for_required(layer: nn.Module) -> Dict[str, Any]:
+    """None for each required parameter of ``layer.forward`` after the hidden states (e.g. an encoder layer's
+    ``attention_mask``), so a layer the model's forward does not reach can still be sampled unmasked."""
+    try:
+        params = list(inspect.signature(layer.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: None for p in params if p.kind in kinds and p.default is inspect.Parameter.empty}
 
 
 # ------------------------------------------------------------------------------------------ packed outputs
@@ -415,8 +442,11 @@ def verify_layer(layer: nn.Module, policy: Policy, model_config: Any, tp: int, g
     try:
         ref, packed = _reference(sample, args, kwargs)
     except Exception as exc:  # noqa: BLE001
-        verdict.problems.append(f"the unsharded layer's forward fails on sample inputs, so the plan cannot be "
-                                f"verified: {type(exc).__name__}: {_short(exc)}")
+        reason = f"the unsharded layer's forward fails on sample inputs: {type(exc).__name__}: {_short(exc)}"
+        if inputs is None:  # made-up inputs: the layer may be fine, the plan is just unknown
+            verdict.unverifiable = reason
+        else:
+            verdict.problems.append(f"{reason}, so the plan cannot be verified")
         return verdict
     try:
         planned = [LinearSplitter(tp, grain, r).plan_layer(sample, model_config, "", sample, policy, "verify")
