@@ -29,7 +29,7 @@ from typing import Any, Union
 
 import attrs
 
-from .checks import check_explicit, unsupported_warnings
+from .checks import check_explicit, inert_warnings, unsupported_warnings
 from .converter import structure_config
 from .errors import ConfigError, ConfigWarning, InvalidValue, Problem, short_repr
 from .files import config_path, read_config_file
@@ -200,7 +200,7 @@ def _parse(config: Any, kwargs: dict) -> LoadResult:
     problems += [speller.problem(p) for p in found]
     found_warnings = list(merged.warnings)
     if cfg is not None:
-        found_warnings += [speller.warning(w) for w in unsupported_warnings(cfg)]
+        found_warnings += [speller.warning(w) for w in unsupported_warnings(cfg) + inert_warnings(cfg, explicit)]
     if problems or cfg is None:
         raise ConfigError(problems or [Problem("", "invalid configuration")], found_warnings)
     return LoadResult(cfg, tuple(found_warnings))
