@@ -88,6 +88,8 @@ class Planned:
 
 def prepare(model: torch.nn.Module, config: InferenceConfig, plugins: Optional[PluginManager] = None) -> Planned:
     """Resolve policies and plan every enabled pass without mutating anything (PlanError on any problem)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"the model must be a torch.nn.Module, got {type(model).__name__}")
     manager = plugins if plugins is not None else PluginManager.default()
     resolved = resolve_policies(model, config, manager, autotp=TensorParallelPass.enabled(config))
     plan = Plan(layers=resolved.layers, model_policy=resolved.model_policy, model_config=resolved.model_config)
