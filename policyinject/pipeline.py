@@ -95,6 +95,8 @@ def prepare(model: torch.nn.Module, config: InferenceConfig, plugins: Optional[P
     After the passes plan, :mod:`policyinject.preflight` checks kernel availability and the device memory
     applying the plan needs against what ``memory_probe`` (default: ``torch.cuda.mem_get_info``) says is free.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"the model must be a torch.nn.Module, got {type(model).__name__}")
     check_not_poisoned(model)
     manager = plugins if plugins is not None else PluginManager.default()
     resolved = resolve_policies(model, config, manager, autotp=TensorParallelPass.enabled(config))

@@ -16,7 +16,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -35,7 +35,15 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
 
 
 def parse_assignments(items: Sequence[str]) -> dict:
-    """Turn ``a.b=1`` strings into a nested dict (values parsed as JSON when they parse)."""
+    """Turn ``a.b=1`` strings into a nested dict (values parsed as JSON when they parse); a later assignment
+    of the same key wins, and a key given both as a value and as a section is an error.
+
+    Example:
+        >>> parse_assignments(["tp=2", "tp.tp_size=2"])
+        Traceback (most recent call last):
+        ...
+        SystemExit: --set 'tp.tp_size=2': `tp` is already set to a value by --set; give either tp=... or tp.KEY=...
+    """
     out: dict = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -47,26 +55,39 @@ def parse_assignments(items: Sequence[str]) -> dict:
             value = raw
         node = out
         parts = key.split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                prefix = ".".join(parts[:i + 1])
+                raise SystemExit(f"--set {item!r}: `{prefix}` is already set to a value by --set; give either "
+                                 f"{prefix}=... or {prefix}.KEY=...")
+        if isinstance(node.get(parts[-1]), dict) and not isinstance(value, dict):
+            raise SystemExit(f"--set {item!r}: `{key}` is already a section set by --set {key}.KEY=...; give one")
         node[parts[-1]] = value
     return out
 
 
-def deep_merge(base: dict, overrides: dict) -> dict:
-    """Merge nested dicts, ``overrides`` winning.
+def load_inspect_config(config_file: Optional[str], assignments: Sequence[str]) -> Any:
+    """The config ``inspect`` plans with: ``config_file`` (or none), then the ``--set`` assignments, each
+    replacing the file's value of the same key in whatever spelling either uses (alias, deprecated key).
+    Warnings are emitted; a bad config raises :class:`~policyinject.config.ConfigError`.
 
     Example:
-        >>> deep_merge({"tp": {"tp_size": 2, "x": 1}}, {"tp": {"tp_size": 4}})
-        {'tp': {'tp_size': 4, 'x': 1}}
+        >>> load_inspect_config(None, ["tp.tp_size=2"]).tensor_parallel.tp_size
+        2
     """
-    out = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+    import warnings
+
+    from ..config import load_config
+    from ..config.loader import parse_config_overriding
+
+    overrides = parse_assignments(assignments)
+    if not config_file:
+        return load_config(overrides or None)
+    result = parse_config_overriding(config_file, overrides)
+    for w in result.warnings:
+        warnings.warn(w.message, w.category, stacklevel=2)
+    return result.config
 
 
 def build_model(spec: str) -> torch.nn.Module:
@@ -77,6 +98,8 @@ def build_model(spec: str) -> torch.nn.Module:
     if spec.startswith("tiny:") or spec in presets.SHAPES:
         require("transformers", "hf")
     if spec.startswith("tiny:"):
+        if spec[5:] not in presets.TINY:
+            raise SystemExit(f"unknown tiny architecture {spec[5:]!r}; known: {', '.join(presets.TINY)}")
         return presets.tiny_model(spec[5:], device="meta")
     if spec in presets.SHAPES:
         return presets.preset_model(spec, device="meta")
@@ -88,38 +111,42 @@ def build_model(spec: str) -> torch.nn.Module:
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
             raise SystemExit(f"cannot load model factory {spec!r}: {exc}") from None
-        with torch.device("meta"):
-            return factory()
+        try:
+            with torch.device("meta"):
+                model = factory()
+        except Exception as exc:  # the user's factory failed: say which, without a traceback of ours
+            raise SystemExit(f"model factory {spec!r} raised {type(exc).__name__}: {exc}") from None
+        if not isinstance(model, torch.nn.Module):
+            raise SystemExit(f"model factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+        return model
     if os.path.isdir(spec):
         transformers = require("transformers", "hf")
 
-        config = transformers.AutoConfig.from_pretrained(spec)
-        with torch.device("meta"):
-            return transformers.AutoModelForCausalLM.from_config(config)
+        try:
+            config = transformers.AutoConfig.from_pretrained(spec)
+            with torch.device("meta"):
+                return transformers.AutoModelForCausalLM.from_config(config)
+        except (OSError, ValueError, KeyError) as exc:  # no config.json, an unknown model_type, ...
+            raise SystemExit(f"cannot build a model from the folder {spec!r}: {type(exc).__name__}: {exc}") from None
     known = ", ".join(list(presets.SHAPES) + [f"tiny:{a}" for a in presets.TINY])
     raise SystemExit(f"unknown model {spec!r}: not a preset ({known}) and not a folder")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import ConfigError, load_config
-    from ..errors import PlanError
+    from ..config import ConfigError
+    from ..errors import PolicyInjectError
     from ..pipeline import plan_inference
 
     try:
-        overrides = parse_assignments(args.set)
-        if args.config:
-            base = load_config(args.config)
-            config = load_config(deep_merge(base.to_dict(), overrides))
-        else:
-            config = load_config(overrides or None)
+        config = load_inspect_config(args.config, args.set)
     except ConfigError as exc:
         print(f"policyinject inspect: invalid config:\n{exc}", file=sys.stderr)
         return 1
     model = build_model(args.model)
     try:
         plan = plan_inference(model, config)
-    except PlanError as exc:
-        print(f"policyinject inspect: planning failed:\n{exc}", file=sys.stderr)
+    except PolicyInjectError as exc:  # PlanError, PolicyError, PluginError, UnsupportedError, ConfigError
+        print(f"policyinject inspect: planning failed ({type(exc).__name__}):\n{exc}", file=sys.stderr)
         return 1
     if args.json:
         print(plan.dumps())

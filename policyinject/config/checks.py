@@ -167,3 +167,52 @@ def _leaves(obj: Any, section: str) -> Iterable:
             yield from _leaves(value, spec.path)
         else:
             yield spec.path, value
+
+
+#: Sections of ``quant`` whose keys only matter when ``quant.enabled`` is true (``quant.activation`` has
+#: its own statuses: every non-default value there already warns or is an error).
+_QUANT_USED_WHEN_ENABLED = ("quant.weight", "quant.qkv", "quant.lm_head", "quant.calibration")
+
+
+def inert_warnings(cfg: Any, given: Iterable[str] = ()) -> list:
+    """A ``UserWarning`` record per key set to a value that does nothing in this configuration.
+
+    ``given``: the canonical paths the user wrote (the loader's), to tell a default from an explicit value.
+
+    - ``quant.*`` settings (other than switching something off) while ``quant.enabled`` is false by default
+      (not given; DeepSpeed's default is true): no weight is quantized, so they have no effect. An explicit
+      ``quant.enabled: false`` says so already (DeepSpeed configs write the whole section that way);
+    - ``save_mp_checkpoint_path`` without tensor parallelism (``tp_size`` 1) or a ``checkpoint`` to load:
+      the resharded checkpoint is written by the tensor-parallel pass, which then does not run.
+
+    Example:
+        >>> from policyinject.config import load_config
+        >>> [w.path for w in inert_warnings(load_config(quant={"weight": {"num_bits": 4}}))]
+        ['quant.weight.num_bits']
+        >>> inert_warnings(load_config(quant={"enabled": True, "weight": {"num_bits": 4}}))
+        []
+    """
+    out = []
+    if not cfg.quant.enabled and "quant.enabled" not in set(given):
+        inert = [(path, value) for section in _QUANT_USED_WHEN_ENABLED
+                 for path, value in _leaves(_section(cfg, section), section)
+                 if _differs(value, SPECS[path].default) and not (path.endswith(".enabled") and value is False)]
+        if cfg.quant.checkpoint is not None:
+            inert.insert(0, ("quant.checkpoint", cfg.quant.checkpoint))
+        for path, value in inert:
+            out.append(ConfigWarning(UserWarning, path, (
+                f"`{path}` = {_show(value)} has no effect: `quant.enabled` is false (its default), so no weight is "
+                "quantized (set `quant.enabled` true, or `dtype` int8)")))
+    if cfg.save_mp_checkpoint_path and cfg.tensor_parallel.tp_size == 1 and not cfg.checkpoint:
+        out.append(ConfigWarning(UserWarning, "save_mp_checkpoint_path", (
+            f"`save_mp_checkpoint_path` = {_show(cfg.save_mp_checkpoint_path)} writes nothing: the resharded "
+            "checkpoint is written when the model is split (`tensor_parallel.tp_size` > 1) or loaded from a "
+            "`checkpoint`, and neither is set")))
+    return out
+
+
+def _section(cfg: Any, section: str) -> Any:
+    obj = cfg
+    for part in section.split("."):
+        obj = getattr(obj, part)
+    return obj

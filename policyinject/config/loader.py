@@ -29,7 +29,7 @@ from typing import Any, Union
 
 import attrs
 
-from .checks import check_explicit, unsupported_warnings
+from .checks import check_explicit, inert_warnings, unsupported_warnings
 from .converter import structure_config
 from .errors import ConfigError, ConfigWarning, InvalidValue, Problem, short_repr
 from .files import config_path, read_config_file
@@ -110,7 +110,10 @@ def _same(path: str, a: Any, b: Any) -> bool:
     return _equal(a, b)
 
 
-def _merge(first: Normalized, first_name: str, second: Normalized, second_name: str) -> Normalized:
+def _merge(first: Normalized, first_name: str, second: Normalized, second_name: str,
+           override: bool = False) -> Normalized:
+    """Both sources' settings; a key in both with different values is a problem, or, with ``override``,
+    takes ``second``'s value."""
     out = Normalized(
         settings=dict(first.settings),
         spellings={**second.spellings, **first.spellings},
@@ -119,7 +122,7 @@ def _merge(first: Normalized, first_name: str, second: Normalized, second_name: 
     )
     for path, setting in second.settings.items():
         old = out.settings.get(path)
-        if old is None:
+        if old is None or override:
             out.settings[path] = setting
             out.spellings[path] = setting.spelled
         elif not _same(path, old.value, setting.value):
@@ -178,8 +181,27 @@ def parse_config(config: ConfigSource = None, **kwargs: Any) -> LoadResult:
         >>> r.config.tensor_parallel.tp_size, [str(w) for w in r.warnings]
         (2, ['`mp_size` is deprecated; use `tensor_parallel.tp_size` instead (its value was moved there)'])
     """
+    return _guarded_parse(config, kwargs, override=False)
+
+
+def parse_config_overriding(config: ConfigSource, overrides: Any) -> LoadResult:
+    """Like :func:`parse_config`, but a key of ``overrides`` (a mapping) replaces the same key of ``config``
+    instead of conflicting with it; keys are compared after aliases and deprecated keys are resolved, so
+    ``{"tp": {"tp_size": 2}}`` or ``{"mp_size": 2}`` overrides a file's ``tensor_parallel.tp_size``. What the
+    command line's ``--set`` does on top of ``--config``.
+
+    Example:
+        >>> r = parse_config_overriding({"kernel_inject": True, "tp": {"tp_grain_size": 32}},
+        ...                             {"replace_with_kernel_inject": False, "tensor_parallel": {"tp_size": 2}})
+        >>> r.config.replace_with_kernel_inject, r.config.tensor_parallel.tp_size, r.config.tensor_parallel.tp_grain_size
+        (False, 2, 32)
+    """
+    return _guarded_parse(config, overrides, override=True)
+
+
+def _guarded_parse(config: Any, kwargs: Any, override: bool) -> LoadResult:
     try:
-        return _parse(config, kwargs)
+        return _parse(config, kwargs, override)
     except ConfigError:
         raise
     except MemoryError:
@@ -189,9 +211,9 @@ def parse_config(config: ConfigSource = None, **kwargs: Any) -> LoadResult:
                                       f"{type(e).__name__}: {safe_text(e)}")) from None
 
 
-def _parse(config: Any, kwargs: dict) -> LoadResult:
+def _parse(config: Any, kwargs: Any, override: bool = False) -> LoadResult:
     source, name = _source(config)
-    merged = _merge(source, name, normalize(kwargs), "the keyword arguments") if kwargs else source
+    merged = _merge(source, name, normalize(kwargs), "the keyword arguments", override) if kwargs else source
     speller = _Speller(merged.spellings)
     problems = list(merged.problems)
     explicit = {path: s.value for path, s in merged.settings.items()}
@@ -200,7 +222,7 @@ def _parse(config: Any, kwargs: dict) -> LoadResult:
     problems += [speller.problem(p) for p in found]
     found_warnings = list(merged.warnings)
     if cfg is not None:
-        found_warnings += [speller.warning(w) for w in unsupported_warnings(cfg)]
+        found_warnings += [speller.warning(w) for w in unsupported_warnings(cfg) + inert_warnings(cfg, explicit)]
     if problems or cfg is None:
         raise ConfigError(problems or [Problem("", "invalid configuration")], found_warnings)
     return LoadResult(cfg, tuple(found_warnings))

@@ -48,7 +48,7 @@ _NEUTRAL = {"use_cache": (True, None), "num_beams": (1, None), "return_dict_in_g
             "typical_p": (1.0, None), "cache_implementation": (None, "static"), "num_beam_groups": (1, None),
             "no_repeat_ngram_size": (0, None), "epsilon_cutoff": (0.0, None), "eta_cutoff": (0.0, None),
             "top_h": (None,), "bos_token_id": (None,), "decoder_start_token_id": (None,),
-            "length_penalty": (1.0, None), "early_stopping": (False, None)}
+            "length_penalty": (1.0, None), "early_stopping": (False, None), "synced_gpus": (False, None)}
 
 
 @attrs.frozen
@@ -143,6 +143,8 @@ def _check_keys(kwargs: Dict[str, Any]) -> None:
             continue
         if key in _NEUTRAL and any(value is v or (not isinstance(value, torch.Tensor) and value == v)
                                    for v in _NEUTRAL[key]):
+            continue
+        if value is None and key in known:  # Hugging Face: a keyword given as None is unset (its default)
             continue
         (unsupported if (key in known or key in _NEUTRAL) else unknown).append((key, value))
     if unknown:
