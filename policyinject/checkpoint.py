@@ -172,7 +172,31 @@ class ModuleSource:
                 self.tensors.pop(n, None)
 
 
-class SafetensorsSource:
+class NamedSource:
+    """What every by-name tensor source shares: one device, names resolved directly or through ``aliases``
+    (tied tensors stored once). A subclass gives ``device``, ``aliases`` and ``_names()``."""
+
+    device: torch.device
+    aliases: Dict[str, str]
+
+    def _names(self) -> Mapping[str, Any]:
+        raise NotImplementedError
+
+    def device_for(self, ref: torch.Tensor) -> torch.device:
+        return self.device
+
+    def resolve(self, name: str) -> Optional[str]:
+        names = self._names()
+        if name in names:
+            return name
+        alias = self.aliases.get(name)
+        return alias if alias in names else None
+
+    def has(self, name: str) -> bool:
+        return self.resolve(name) is not None
+
+
+class SafetensorsSource(NamedSource):
     """Reads tensors and slices of tensors from safetensors files, one tensor at a time."""
 
     def __init__(self, files: Mapping[str, str], device: torch.device, aliases: Optional[Mapping[str, str]] = None,
@@ -193,17 +217,8 @@ class SafetensorsSource:
                     files[k] = path
         return cls(files, torch.device(device), **kwargs)
 
-    def device_for(self, ref: torch.Tensor) -> torch.device:
-        return self.device
-
-    def resolve(self, name: str) -> Optional[str]:
-        if name in self.files:
-            return name
-        alias = self.aliases.get(name)
-        return alias if alias in self.files else None
-
-    def has(self, name: str) -> bool:
-        return self.resolve(name) is not None
+    def _names(self) -> Mapping[str, Any]:
+        return self.files
 
     def nbytes(self) -> int:
         return sum(os.path.getsize(p) for p in set(self.files.values()))

@@ -31,12 +31,12 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..checkpoint import PeakMemory, _aliases, _slice_stored
+from ..checkpoint import NamedSource, PeakMemory, _aliases, _slice_stored
 
 __all__ = ["RandomSource", "write_random_checkpoint"]
 
 
-class RandomSource:
+class RandomSource(NamedSource):
     """Seeded random tensors by name, with the model's shapes and dtypes (see the module docstring)."""
 
     def __init__(self, shapes: Mapping[str, Tuple[Tuple[int, ...], torch.dtype]], device: Any, seed: int = 0,
@@ -54,17 +54,8 @@ class RandomSource:
         shapes = {n: (tuple(t.shape), t.dtype) for n, t in model.state_dict(keep_vars=True).items() if t is not None}
         return cls(shapes, device, seed, std, _aliases(model))
 
-    def device_for(self, ref: torch.Tensor) -> torch.device:
-        return self.device
-
-    def resolve(self, name: str) -> Optional[str]:
-        if name in self.shapes:
-            return name
-        alias = self.aliases.get(name)
-        return alias if alias in self.shapes else None
-
-    def has(self, name: str) -> bool:
-        return self.resolve(name) is not None
+    def _names(self) -> Mapping[str, Any]:
+        return self.shapes
 
     def nbytes(self) -> int:
         return sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for s, d in self.shapes.values())
