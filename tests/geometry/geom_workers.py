@@ -9,53 +9,23 @@ temporary directory by the parent test is found through its entry point on every
 from __future__ import annotations
 
 import copy
-import os
-import pickle
-import socket
-import tempfile
-import traceback
+import sys
+from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tp"))
 
 Task = Tuple[str, Dict[str, Any]]
 
 
 def run_ranks(world: int, tasks: Sequence[Task], timeout: float = 240.0) -> List[List[Dict[str, Any]]]:
-    import torch.multiprocessing as mp
+    """Run ``tasks`` (functions of this module) on ``world`` gloo ranks, with ``tests/tp/tp_workers.py``'s
+    spawner; returns ``results[rank][task_index]``."""
+    import tp_workers
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as out:
-        ctx = mp.start_processes(_main, args=(world, port, list(tasks), out), nprocs=world, join=False,
-                                 start_method="spawn")
-        while not ctx.join(timeout=timeout):
-            pass
-        results = []
-        for rank in range(world):
-            with open(os.path.join(out, f"{rank}.pkl"), "rb") as f:
-                results.append(pickle.load(f))
-    return results
-
-
-def _main(rank: int, world: int, port: int, tasks: List[Task], out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    results = []
-    for name, kwargs in tasks:
-        try:
-            results.append(globals()[name](**kwargs))
-        except BaseException:  # noqa: BLE001 - reported to the parent test
-            results.append({"error": traceback.format_exc()})
-        dist.barrier()
-    with open(os.path.join(out, f"{rank}.pkl"), "wb") as f:
-        pickle.dump(results, f)
-    dist.destroy_process_group()
+    return tp_workers.run_ranks(world, tasks, timeout, module=__name__)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -2,54 +2,24 @@
 
 from __future__ import annotations
 
-import os
-import pickle
 import sys
-import tempfile
-import traceback
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tp"))
 
-
-def run_ranks(world: int, tasks: List[tuple], timeout: float = 240.0) -> List[List[Dict[str, Any]]]:
-    import torch.multiprocessing as mp
-    from tp_workers import free_port
-
-    port = free_port()
-    with tempfile.TemporaryDirectory() as out:
-        ctx = mp.start_processes(_main, args=(world, port, tasks, out), nprocs=world, join=False,
-                                 start_method="spawn")
-        while not ctx.join(timeout=timeout):
-            pass
-        results = []
-        for rank in range(world):
-            with open(os.path.join(out, f"{rank}.pkl"), "rb") as f:
-                results.append(pickle.load(f))
-    return results
+Task = Tuple[str, Dict[str, Any]]
 
 
-def _main(rank: int, world: int, port: int, tasks: List[tuple], out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    torch.set_num_threads(1)
-    import torch.distributed as dist
+def run_ranks(world: int, tasks: Sequence[Task], timeout: float = 240.0) -> List[List[Dict[str, Any]]]:
+    """Run ``tasks`` (functions of this module) on ``world`` gloo ranks, with ``tests/tp/tp_workers.py``'s
+    spawner; returns ``results[rank][task_index]``."""
+    import tp_workers
 
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    results = []
-    for name, kwargs in tasks:
-        try:
-            results.append(globals()[name](**kwargs))
-        except BaseException:  # noqa: BLE001 - reported to the parent test
-            results.append({"error": traceback.format_exc()})
-        dist.barrier()
-    with open(os.path.join(out, f"{rank}.pkl"), "wb") as f:
-        pickle.dump(results, f)
-    dist.destroy_process_group()
+    return tp_workers.run_ranks(world, tasks, timeout, module=__name__)
 
 
 def ep_block(family: str, tokens: str, dispatch: str) -> Dict[str, Any]:

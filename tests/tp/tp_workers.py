@@ -8,6 +8,7 @@ failing check does not hide the others in the same spawn.
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import socket
@@ -26,13 +27,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(world: int, tasks: Sequence[Task], timeout: float = 240.0) -> List[List[Dict[str, Any]]]:
-    """Run ``tasks`` on ``world`` gloo ranks; returns ``results[rank][task_index]``."""
+def run_ranks(world: int, tasks: Sequence[Task], timeout: float = 240.0,
+              module: Optional[str] = None) -> List[List[Dict[str, Any]]]:
+    """Run ``tasks`` on ``world`` gloo ranks; returns ``results[rank][task_index]``.
+
+    ``module``: the importable name of the module whose functions the task names are (default: this one);
+    the other test directories' worker modules pass their own ``__name__``."""
     import torch.multiprocessing as mp
 
     port = free_port()
     with tempfile.TemporaryDirectory() as out:
-        ctx = mp.start_processes(_main, args=(world, port, list(tasks), out), nprocs=world, join=False,
+        ctx = mp.start_processes(_main, args=(world, port, list(tasks), out, module), nprocs=world, join=False,
                                  start_method="spawn")
         while not ctx.join(timeout=timeout):
             pass
@@ -43,7 +48,7 @@ def run_ranks(world: int, tasks: Sequence[Task], timeout: float = 240.0) -> List
     return results
 
 
-def _main(rank: int, world: int, port: int, tasks: List[Task], out: str) -> None:
+def _main(rank: int, world: int, port: int, tasks: List[Task], out: str, module: Optional[str] = None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     torch.set_num_threads(1)
@@ -53,7 +58,8 @@ def _main(rank: int, world: int, port: int, tasks: List[Task], out: str) -> None
     results = []
     for name, kwargs in tasks:
         try:
-            results.append(globals()[name](**kwargs))
+            where = vars(importlib.import_module(module)) if module else globals()
+            results.append(where[name](**kwargs))
         except BaseException:  # noqa: BLE001 - reported to the parent test
             results.append({"error": traceback.format_exc()})
         dist.barrier()
