@@ -37,12 +37,7 @@ def test_an_entry_for_a_nested_class_is_applied_or_refused_loudly(extra):
     assert not any("matched no module" in line for line in plan.lint)
 
 
-@pytest.mark.parametrize("extra", [
-    {"replace_with_kernel_inject": True},
-    pytest.param({"tensor_parallel": {"tp_size": 2}}, marks=pytest.mark.xfail(strict=True, reason=(
-        "tensor-parallel head planning reads the `config`/`args` key given as a mapping with getattr only, so "
-        "the model's own config as a dict gives 'the model config gives no head count'"))),
-])
+@pytest.mark.parametrize("extra", [{"replace_with_kernel_inject": True}, {"tensor_parallel": {"tp_size": 2}}])
 def test_the_model_config_key_as_a_mapping_is_read(extra):
     model = tiny_model("llama")
     as_mapping = model.config.to_dict()
