@@ -6,7 +6,9 @@ exactly the same. A plugin is a module, a class (instantiated without arguments)
 ``@hookimpl`` functions; hooks are called through pluggy, so ``tryfirst`` / ``trylast`` order them.
 
 When several plugins register a policy for the same layer (or model) class, one wins by a fixed precedence
-(see :func:`precedence_reason` and ``docs/plugins.md``) and a :class:`PluginConflictWarning` names both.
+(see :func:`precedence_reason` and ``docs/plugins.md``) and a :class:`PluginConflictWarning` names both; one
+plugin registering several different policies for a class without a ``policyinject_select_policy`` hook to
+choose among them is a :class:`PluginConflictWarning` too (its first one is used).
 Plugins can be disabled with ``POLICYINJECT_DISABLE_PLUGINS``: a comma-separated list of entry-point names
 (``llama``), ``distribution:name`` (``my-dist:llama``), ``external`` (every plugin not shipped with
 policyinject) or ``all``.
@@ -103,12 +105,35 @@ class PolicyConflict:
 
 
 @attrs.frozen
+class RepeatedPolicies:
+    """One plugin registers ``count`` different policies for the class ``target``; the first one is used."""
+
+    kind: str  # "layer" or "model"
+    target: str
+    plugin: PluginInfo
+    count: int
+    #: Other plugins with a ``policyinject_select_policy`` hook (layer classes only): they may pick another.
+    selectors: tuple = ()
+
+    def message(self) -> str:
+        used = "the first one it registered is used"
+        if self.selectors:
+            used += (" unless a policyinject_select_policy hook picks another per module (plugins with one: "
+                     + ", ".join(s.label() for s in self.selectors) + ")")
+        return (f"{self.kind} class {self.target}: plugin {self.plugin.label()} registers {self.count} different "
+                f"policies for it; {used}; a plugin that registers variants on purpose chooses among them with "
+                f"its own policyinject_select_policy hook")
+
+
+@attrs.frozen
 class PolicySet:
     """Every policy the plugins registered, highest precedence first, and the conflicts among plugins."""
 
     layer_policies: tuple = ()
     model_policies: tuple = ()
     conflicts: tuple = ()
+    #: Classes one plugin registers several different policies for, without a select hook to choose.
+    repeated: tuple = ()
 
 
 def disabled_names(environ: Optional[Mapping[str, str]] = None) -> frozenset:
@@ -261,11 +286,12 @@ class PluginManager:
                 (layer if isinstance(obj, Policy) else model).append(obj)
                 self._rank[id(obj)] = (rank, key)
         conflicts = self._conflicts("layer", layer) + self._conflicts("model", model)
+        repeated = self._repeated("layer", layer) + self._repeated("model", model)
         losing = {(c.target, lo.key) for c in conflicts if c.kind == "model" for lo in c.losers}
         model = [p for p in model if (_target(p.model), self._rank[id(p)][1]) not in losing]
-        self._collected = PolicySet(tuple(layer), tuple(model), tuple(conflicts))
+        self._collected = PolicySet(tuple(layer), tuple(model), tuple(conflicts), tuple(repeated))
         if warn:
-            for c in conflicts:
+            for c in [*conflicts, *repeated]:
                 warnings.warn(c.message(), PluginConflictWarning, stacklevel=2)
         return self._collected
 
@@ -314,6 +340,22 @@ class PluginManager:
                             for k in owners[1:])
             out.append(PolicyConflict(kind, target, winner, tuple(self._info[k] for k in owners[1:]), reasons))
         return out
+
+    def _repeated(self, kind: str, policies: list) -> list:
+        """Classes one plugin registers several different policies for. A layer plugin with a
+        ``policyinject_select_policy`` hook registers variants on purpose (it picks one per module)."""
+        by_owner: dict = {}
+        for p in policies:
+            key = self._rank[id(p)][1]
+            group = by_owner.setdefault((_target(p.layer if kind == "layer" else p.model), key), [])
+            if all(p != q for q in group):
+                group.append(p)
+        selects = [k for k in self._ordered_keys()
+                   if k in {impl.plugin_name for impl in self._pm.hook.policyinject_select_policy.get_hookimpls()}]
+        return [RepeatedPolicies(kind, target, self._info[key], len(group),
+                                 tuple(self._info[k] for k in selects) if kind == "layer" else ())
+                for (target, key), group in by_owner.items()
+                if len(group) > 1 and not (kind == "layer" and key in selects)]
 
     def _collect_from(self, key: str) -> list:
         """Call one plugin's ``policyinject_register_policies`` through pluggy; its policies, sourced."""

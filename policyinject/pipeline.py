@@ -119,6 +119,8 @@ def prepare(model: torch.nn.Module, config: InferenceConfig, plugins: Optional[P
         plan.extend(actions)
         per_pass.append((p, actions))
     problems += preflight.kernel_problems(config, ctx.device or torch.device("cpu"), [p.name for p, _ in per_pass])
+    if not problems:
+        problems += preflight.weight_problems(model, config, [a for _, acts in per_pass for a in acts], ctx.layers)
     if problems:
         raise PlanError(problems)
     warn_if_nothing_injected(plan, model, config, manager, stacklevel=3)

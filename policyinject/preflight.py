@@ -16,6 +16,11 @@ device, or a test's).
 **Kernels.** :func:`kernel_problems`: ``kernel_backend="triton"`` needs the ``triton`` package, and a CUDA device
 unless ``TRITON_INTERPRET=1`` is set.
 
+**Weights.** :func:`weight_problems`, one pass over the weights the plan will change, no copies: a weight the
+plan quantizes must be finite (a NaN or an infinity cannot be quantized), and the role linears of a layer the
+plan kernel-injects must share one floating dtype when no cast to one dtype is planned (the injected block
+computes in one dtype).
+
 Example:
     >>> import torch
     >>> est = MemoryEstimate(final_bytes=10 << 30, resident_bytes=0, transient_bytes=1 << 30)
@@ -30,14 +35,15 @@ Example:
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import attrs
 import torch
 
 from .errors import PlanError
 
-__all__ = ["MemoryEstimate", "MemoryProbe", "cuda_free_memory", "estimate_memory", "check_memory", "kernel_problems"]
+__all__ = ["MemoryEstimate", "MemoryProbe", "cuda_free_memory", "estimate_memory", "check_memory", "kernel_problems",
+           "weight_problems"]
 
 #: ``probe(device) -> (free_bytes, total_bytes)``, or None when it cannot say (the check is skipped).
 MemoryProbe = Callable[[torch.device], Optional[Tuple[int, int]]]
@@ -159,3 +165,68 @@ def kernel_problems(config: Any, device: torch.device, pass_names: List[str]) ->
         return [f"kernel_backend='triton' on {device}: Triton kernels run on CUDA devices (on the CPU only with "
                 "TRITON_INTERPRET=1 in the environment); use kernel_backend 'auto' or 'torch'"]
     return []
+
+
+def weight_problems(model: torch.nn.Module, config: Any, actions: Sequence[Any], layers: Sequence[Any]) -> List[str]:
+    """Problems with the weights the planned ``actions`` will change (see the module docstring).
+
+    A weight read later from a checkpoint (``checkpoint`` or ``quant.checkpoint`` set) or on the meta device is
+    not checked here. One ``isfinite`` reduction per quantized weight, one host sync per device.
+
+    Example:
+        >>> from policyinject.config import load_config
+        >>> from policyinject.plan import Action
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        >>> with torch.no_grad():
+        ...     _ = model[0].weight.fill_(float("nan"))
+        >>> weight_problems(model, load_config(None), [Action("quantize", "0", "Linear", "quantize", {})], [])
+        ["0.weight holds NaN or infinite values and cannot be quantized; fix or reload the weights, or leave the linear out (quant.weight.exclude: ['0'])"]
+    """
+    problems: List[str] = []
+    if not config.checkpoint and config.quant.checkpoint is None:
+        quantized = [a.path for a in actions if a.pass_name == "quantize" and a.action == "quantize"]
+        problems += [f"{path}.weight holds NaN or infinite values and cannot be quantized; fix or reload the "
+                     f"weights, or leave the linear out (quant.weight.exclude: [{path!r}])"
+                     for path in _non_finite(model, quantized)]
+    if not any(a.pass_name == "dtype" and a.action == "cast" for a in actions):
+        injected = {a.path for a in actions if a.pass_name == "kernel_inject" and a.action == "replace"}
+        problems += [p for layer in layers if layer.path in injected for p in _mixed_dtypes(layer)]
+    return problems
+
+
+def _non_finite(model: torch.nn.Module, paths: Sequence[str]) -> List[str]:
+    """The paths (of ``paths``) whose ``weight`` holds a NaN or an infinity; one host sync per device."""
+    flags: Dict[torch.device, List[Tuple[str, torch.Tensor]]] = {}
+    for path in paths:
+        weight = getattr(model.get_submodule(path), "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.device.type == "meta" or not weight.is_floating_point():
+            continue
+        flags.setdefault(weight.device, []).append((path, torch.isfinite(weight.detach()).all()))
+    bad: List[str] = []
+    for found in flags.values():
+        ok = torch.stack([f for _, f in found]).tolist()
+        bad += [path for (path, _), fine in zip(found, ok) if not fine]
+    return sorted(bad, key=list(paths).index)
+
+
+def _mixed_dtypes(layer: Any) -> List[str]:
+    """A problem when the role linears of one kernel-injected layer hold weights of different float dtypes."""
+    from .policy.user_input import role_names
+
+    dtypes: Dict[str, torch.dtype] = {}
+    for rel in role_names(layer.policy):
+        try:
+            weight = getattr(layer.module.get_submodule(rel), "weight", None)
+        except AttributeError:
+            continue
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+            dtypes[f"{layer.path}.{rel}.weight" if layer.path else f"{rel}.weight"] = weight.dtype
+    kinds = list(dict.fromkeys(dtypes.values()))
+    if len(kinds) < 2:
+        return []
+    common = max(kinds, key=lambda d: sum(v == d for v in dtypes.values()))
+    odd = ", ".join(f"{name} {str(d).replace('torch.', '')}" for name, d in dtypes.items() if d != common)
+    others, name = sum(v == common for v in dtypes.values()), str(common).replace("torch.", "")
+    return [f"{layer.path}: kernel injection computes this layer in one dtype, but its linears' weights differ: "
+            f"{odd} (the other {others}: {name}); convert the model to one dtype before init_inference "
+            f"(model.to(torch.{name}))"]

@@ -26,7 +26,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple
 
 import attrs
 from torch import nn
@@ -128,7 +128,8 @@ def config_for_layer(layer: Optional[nn.Module], attn: Optional[AttentionSpec], 
         >>> config_for_layer(layer, None, plain) is plain
         True
     """
-    sub = getattr(model_config, "text_config", None) if model_config is not None else None
+    sub = model_config.get("text_config") if isinstance(model_config, Mapping) else \
+        getattr(model_config, "text_config", None) if model_config is not None else None
     if model_config is not None and sub is None:
         return model_config
     if layer is not None:

@@ -2,7 +2,8 @@
 
 Layer policies match by exact class first, then by fully qualified class name; the policies a user passes
 through ``injection_policy`` take precedence over plugins for their class. A matched layer's descendants
-are not matched again. Nothing here mutates the model.
+are not matched again, so a user entry for a class nested inside a matched layer is a
+:class:`~policyinject.errors.PolicyError` (key it by the layer class). Nothing here mutates the model.
 
 Example:
     >>> import torch
@@ -24,6 +25,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import attrs
 import torch
 
+from ..errors import PolicyError
 from .model import ModelPolicy, Policy
 from .._nn import qualname
 from .resolved import ResolvedBy, ResolvedLayer
@@ -59,10 +61,13 @@ def match_layers(
 ) -> MatchResult:
     """Find every module instance covered by a policy (user policies win over plugin policies)."""
     result = MatchResult()
-    covered_prefixes: list = []
+    covered: list = []  # (path, policy) of every matched layer
     user_hits = {id(p): 0 for p in user}
+    nested: list = []  # (user policy, path, covering path, covering policy)
     for path, module in model.named_modules():
-        if any(path == c or path.startswith(c + ".") for c in covered_prefixes):
+        outer = next(((c, cp) for c, cp in covered if path == c or path.startswith(c + ".")), None)
+        if outer is not None:
+            nested.extend((p, path) + outer for p in find_policy(type(module), user)[:1] if p is not outer[1])
             continue
         cls = type(module)
         chosen = None
@@ -82,13 +87,33 @@ def match_layers(
         if user_candidates:
             by = ResolvedBy.TP_PLAN if chosen.source == "tp_plan" else ResolvedBy.USER
         result.layers.append(ResolvedLayer(path=path, module=module, policy=chosen, resolved_by=by))
-        covered_prefixes.append(path)
+        covered.append((path, chosen))
+    _refuse_nested(nested)
     for p in user:
         if user_hits[id(p)] == 0:
             result.lint.append(f"injection_policy for {p.layer_name} matched no module in the model")
     result.model_policy = match_model(model, model_policies)
     result.lint.extend(uncovered_layer_classes(model, result.layers))
     return result
+
+
+def _refuse_nested(nested: Sequence[tuple]) -> None:
+    """``PolicyError`` for user entries whose class sits inside a layer another policy covers: a covered
+    layer's descendants are not matched again, so the entry would silently do nothing there."""
+    seen: set = set()
+    problems = []
+    for p, path, outer_path, outer in nested:
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        written = f"injection_policy[{p.layer_name}]" if p.source != "tp_plan" else f"tensor_parallel.tp_plan ({p.layer_name})"
+        problems.append(
+            f"{written}: {p.layer_name} at {path!r} is inside {outer_path!r}, a {outer.layer_name} that the policy "
+            f"of {outer.source or 'a plugin'} covers as one layer, so the entry would not be applied; key the entry "
+            f"by the layer class instead ({{{outer.layer_name}: ...}}, paths relative to it), or pass a Policy for "
+            f"{outer.layer_name}")
+    if problems:
+        raise PolicyError("\n".join(problems))
 
 
 def match_model(model: torch.nn.Module, model_policies: Iterable[ModelPolicy]) -> Optional[ModelPolicy]:

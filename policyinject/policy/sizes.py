@@ -10,11 +10,13 @@ Example:
     (8, 4, 3)
     >>> read_value(cfg, ("missing", "num_attention_heads"))
     8.0
+    >>> read_size({"num_attention_heads": 8, "text": {"heads": 4}}, "text.heads")
+    4
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 from ..errors import PolicyError
 
@@ -138,11 +140,14 @@ def read_value(model_config: Any, source: ValueSource) -> Optional[float]:
 
 
 def _first_attribute(model_config: Any, source: Any) -> Any:
-    """The first of the (dotted) attribute names in ``source`` that ``model_config`` sets; None if none."""
+    """The first of the (dotted) names in ``source`` that ``model_config`` sets; None if none.
+
+    Each step reads an attribute, or a key of a mapping (the ``config`` / ``args`` key given as a dict).
+    """
     for name in _tuple_of_str(source):
         obj = model_config
         for part in name.split("."):
-            obj = getattr(obj, part, None)
+            obj = obj.get(part) if isinstance(obj, Mapping) else getattr(obj, part, None)
             if obj is None:
                 break
         if obj is not None:

@@ -201,3 +201,43 @@ def test_plan_error_during_apply_is_kept_only_while_nothing_changed(monkeypatch)
     assert "refused after a write" in str(info.value) and info.value.failed_pass == "quantize"
     with pytest.raises(PoisonedModelError):
         model(IDS)
+
+
+# ------------------------------------------------------------------------------------------ weights at plan time
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_weight_to_quantize_is_a_plan_error_naming_it(bad):
+    model = _model()
+    with torch.no_grad():
+        model.model.layers[2].mlp.down_proj.weight[3, 1] = bad
+    types = [type(m).__name__ for m in model.modules()]
+    state = {k: (v.data_ptr(), v.dtype, v.detach().nan_to_num(0.0, 0.0, 0.0).clone()) for k, v in
+             model.state_dict().items()}
+    with pytest.raises(PlanError) as err:
+        pi.init_inference(model, dtype="int8")
+    assert "model.layers.2.mlp.down_proj.weight holds NaN or infinite values" in str(err.value)
+    assert len(err.value.problems) == 1  # only the bad weight is named
+    assert types == [type(m).__name__ for m in model.modules()]
+    now = model.state_dict()
+    assert now.keys() == state.keys() and all(
+        (now[k].data_ptr(), now[k].dtype) == state[k][:2] and torch.equal(now[k].nan_to_num(0.0, 0.0, 0.0), state[k][2])
+        for k in state)
+    # left out of quantization, the same weight is not the plan's business
+    with torch.no_grad():
+        model.model.layers[2].mlp.down_proj.weight[3, 1] = 0.0
+    assert pi.plan_inference(model, dtype="int8").quantize.linears > 0
+
+
+def test_mixed_dtype_linears_of_an_injected_layer_are_a_plan_error_naming_them():
+    model = _model()
+    lin = model.model.layers[1].mlp.down_proj
+    lin.weight.data = lin.weight.data.half()
+    state, types = _state(model), [type(m).__name__ for m in model.modules()]
+    with pytest.raises(PlanError) as err:
+        pi.init_inference(model, dtype="auto", replace_with_kernel_inject=True)
+    text = str(err.value)
+    assert "model.layers.1.mlp.down_proj.weight float16 (the other 6: float32)" in text
+    assert "model.to(torch.float32)" in text and "model.layers.0" not in text
+    assert _same(model, state, types)
+    # a planned cast to one dtype makes the layers agree: no error, and the forward runs
+    engine = pi.init_inference(model, dtype="bf16", replace_with_kernel_inject=True)
+    assert engine(IDS).logits.dtype == torch.bfloat16

@@ -144,6 +144,39 @@ def test_a_select_hook_still_decides_per_module():
     assert chosen(pm, collected).source == "plugin a"  # b wins by precedence; the hook picks the other
 
 
+def test_one_plugin_registering_two_policies_for_a_class_warns_and_its_first_is_used():
+    import policyinject as pi
+
+    pm = PluginManager.empty()
+    pm.register(plugin_module("twice", Policy(Block, styles={"fc": "row"}), Policy(Block, styles={"fc": "column"}),
+                              Policy(Block, styles={"fc": "row"})), "twice")
+    collected, messages = collect(pm)
+    assert len(messages) == 1 and len(collected.repeated) == 1
+    assert f"layer class {Block.__module__}.Block: plugin 'twice' (registered in code) registers 2 different " \
+        "policies" in messages[0] and "the first one it registered is used" in messages[0]
+    with pytest.warns(PluginConflictWarning, match="plugin 'twice'"):
+        plan = pi.plan_inference(torch.nn.Sequential(Block()), dtype="fp32", plugins=pm)
+    assert plan.layers[0].policy.styles["fc"].value == "row"
+
+
+def test_variants_chosen_by_the_plugins_own_select_hook_do_not_warn():
+    class Variants:
+        @hookimpl
+        def policyinject_register_policies(self, register):
+            register(policy("row"))
+            register(policy("column"))
+
+        @hookimpl
+        def policyinject_select_policy(self, module, path, candidates):
+            return candidates[-1]
+
+    pm = PluginManager.empty()
+    pm.register(Variants, "variants")
+    collected, messages = collect(pm)
+    assert messages == [] and collected.repeated == ()
+    assert PluginManager.default().collect().repeated == ()  # built-in variants (Falcon, Cohere) have a hook
+
+
 # ---------------------------------------------------------------------------------------------- precedence
 def test_an_entry_point_named_like_a_builtin_does_not_replace_it(monkeypatch):
     builtin = FakeEP("llama", plugin_module("builtin_llama", policy("row")))

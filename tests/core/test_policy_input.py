@@ -190,6 +190,24 @@ def test_paths_that_exist_are_accepted_as_before():
         pi.plan_inference(model, plugins=pi.PluginManager.empty(), injection_policy={Block: BUILTIN})
 
 
+@pytest.mark.parametrize("extra", [{"replace_with_kernel_inject": True}, {"tensor_parallel": {"tp_size": 2}}])
+def test_an_entry_for_a_class_inside_a_covered_layer_is_a_policy_error(extra):
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    model = tiny_model("llama")
+    before = _snapshot(model)
+    with pytest.raises(pi.PolicyError) as err:
+        pi.plan_inference(model, dtype="fp32", injection_policy={LlamaMLP: "up_proj"}, **extra)
+    text = str(err.value)
+    assert "injection_policy[LlamaMLP]" in text and "'model.layers.0.mlp'" in text
+    assert "inside 'model.layers.0', a LlamaDecoderLayer" in text and "key the entry by the layer class" in text
+    _same(before, model)
+    # keyed by the layer class, the same intent is applied
+    plan = pi.plan_inference(model, dtype="fp32", injection_policy={LlamaDecoderLayer: ("o_proj", "down_proj")},
+                             tensor_parallel={"tp_size": 2})
+    assert ("model.layers.1.mlp.down_proj", "row") in {(a.path, a.action) for a in plan.actions}
+
+
 # ------------------------------------------------------------------------------ nothing to inject: warned
 
 

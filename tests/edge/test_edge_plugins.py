@@ -1,11 +1,9 @@
-"""Plugin input found by the edge-case suite; the plugin manager is being reworked, so a strict xfail states
-the promise (docs/plugins.md: a conflict is never silent)."""
+"""Plugin input found by the edge-case suite (docs/plugins.md: a conflict is never silent)."""
 
 from __future__ import annotations
 
 import warnings
 
-import pytest
 import torch
 
 import policyinject as pi
@@ -29,10 +27,6 @@ class RegistersTwice:
         register(Policy(layer=Block, styles={"up": "row", "down": "column"}))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "plugin manager (_plugin_manager.py): one plugin registering two different policies for the same layer "
-    "class keeps the first silently: no PluginConflictWarning, no PluginError, and the precedence rules of "
-    "docs/plugins.md do not say which one wins"))
 def test_one_plugin_registering_two_policies_for_one_class_is_not_silent():
     pm = PluginManager.empty()
     pm.register(RegistersTwice, name="twice")

@@ -1,5 +1,4 @@
-"""``injection_policy`` entries that the plan drops: found by the edge-case suite, in policy resolution (being
-rewritten), so strict xfails stating the promise: a user's entry is used, or the user is told (a
+"""``injection_policy`` input found by the edge-case suite: a user's entry is used, or the user is told (a
 ``PolicyError``, or a warning) why not, naming the class; a lint line nobody prints is not enough, and it
 must not claim the class is absent when it is there."""
 
@@ -13,11 +12,6 @@ import policyinject as pi
 from policyinject.testing.presets import tiny_model
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "policy resolution (being rewritten): an injection_policy entry for a class nested inside a layer that a "
-    "plugin already covers (LlamaMLP inside LlamaDecoderLayer) is dropped; the only trace is the lint line "
-    "'injection_policy for LlamaMLP matched no module in the model', which is false (every layer has one), "
-    "and the user's row-parallel choice (up_proj) is not applied"))
 @pytest.mark.parametrize("extra", [{"tensor_parallel": {"tp_size": 2}}, {"replace_with_kernel_inject": True}])
 def test_an_entry_for_a_nested_class_is_applied_or_refused_loudly(extra):
     from transformers.models.llama.modeling_llama import LlamaMLP
@@ -37,12 +31,7 @@ def test_an_entry_for_a_nested_class_is_applied_or_refused_loudly(extra):
     assert not any("matched no module" in line for line in plan.lint)
 
 
-@pytest.mark.parametrize("extra", [
-    {"replace_with_kernel_inject": True},
-    pytest.param({"tensor_parallel": {"tp_size": 2}}, marks=pytest.mark.xfail(strict=True, reason=(
-        "tensor-parallel head planning reads the `config`/`args` key given as a mapping with getattr only, so "
-        "the model's own config as a dict gives 'the model config gives no head count'"))),
-])
+@pytest.mark.parametrize("extra", [{"replace_with_kernel_inject": True}, {"tensor_parallel": {"tp_size": 2}}])
 def test_the_model_config_key_as_a_mapping_is_read(extra):
     model = tiny_model("llama")
     as_mapping = model.config.to_dict()
