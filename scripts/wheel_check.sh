@@ -22,6 +22,7 @@ echo "wheel-check: built $(basename "$wheel")"
 
 python3 -m venv "$work/venv"
 "$work/venv/bin/python" -m pip install -q torch==2.13.0 triton==3.7.1
+"$work/venv/bin/python" -m pip install -q "${POLICYINJECT_TRANSFORMERS:-transformers==5.24.0}"
 "$work/venv/bin/python" -m pip install -q "${wheel}[hf]"
 
 mkdir "$work/outside"
