@@ -163,14 +163,17 @@ def gptq_quantize_weight(
     group_size: Optional[int] = None,
     symmetric: bool = True,
     *,
-    damp: float = 0.01,
+    damp: float = 0.1,
     block_size: int = 128,
     scale_dtype: torch.dtype = torch.float16,
     act_order: bool = False,
 ) -> QuantizedWeight:
     """GPTQ: quantize ``weight`` ``[N, K]`` minimising the output error on inputs with Hessian ``hessian`` ``[K, K]``.
 
-    ``damp`` times the mean diagonal is added to the diagonal (inputs that never fire get weight 0). Columns are
+    ``damp`` times the mean diagonal is added to the diagonal (inputs that never fire get weight 0). The
+    default 0.1 (the GPTQ paper uses 0.01) measured better on Qwen2.5-Coder-0.5B: int4 g32 perplexity +8.4%
+    against +9.9% with 0.01 on held-out in-domain calibration, and a lower output error on every linear checked
+    with out-of-domain calibration text (``docs/quantization.md``). Columns are
     walked in order (no reordering, so groups stay contiguous); a group's scale/zero come from the
     error-updated weights of the whole group when its first column is reached. ``block_size`` columns are
     updated lazily at a time (a speed knob only).
