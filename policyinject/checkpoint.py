@@ -195,6 +195,16 @@ class NamedSource:
     def has(self, name: str) -> bool:
         return self.resolve(name) is not None
 
+    def read(self, name: str, dim: int = 0, index: Optional[Sequence[int]] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def get(self, ps: Any, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+        dim, index = _slice_stored(ps)
+        t = self.read(ps.name, dim, index)
+        if ps.transposed:
+            t = t.t()
+        return t.contiguous()
+
 
 class SafetensorsSource(NamedSource):
     """Reads tensors and slices of tensors from safetensors files, one tensor at a time."""
@@ -245,13 +255,6 @@ class SafetensorsSource(NamedSource):
             t = t.clone()  # own the memory: no view into the file mapping outlives this read
         self.meter.bytes_read += t.numel() * t.element_size()
         return t
-
-    def get(self, ps: Any, like: Optional[torch.Tensor] = None) -> torch.Tensor:
-        dim, index = _slice_stored(ps)
-        t = self.read(ps.name, dim, index)
-        if ps.transposed:
-            t = t.t()
-        return t.contiguous()
 
 
 class PreShardedSource(SafetensorsSource):

@@ -31,7 +31,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..checkpoint import NamedSource, PeakMemory, _aliases, _slice_stored
+from ..checkpoint import NamedSource, PeakMemory, _aliases
 
 __all__ = ["RandomSource", "write_random_checkpoint"]
 
@@ -82,13 +82,6 @@ class RandomSource(NamedSource):
             t = t.index_select(dim, torch.as_tensor(list(index), dtype=torch.long, device=t.device))
         self.meter.bytes_read += t.numel() * t.element_size()
         return t
-
-    def get(self, ps: Any, like: Optional[torch.Tensor] = None) -> torch.Tensor:
-        dim, index = _slice_stored(ps)
-        t = self.read(ps.name, dim, index)
-        if ps.transposed:
-            t = t.t()
-        return t.contiguous()
 
 
 def write_random_checkpoint(model: nn.Module, directory: str, seed: int = 0, std: float = 0.02,
