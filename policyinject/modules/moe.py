@@ -222,13 +222,18 @@ class InjectedMoE(torch.nn.Module):
         out = moe_kernels.fused_moe(
             x, self.experts_weight("w13"), self.experts_weight("w2"), ids, weights, self.activation, gated=self.gated, b13=self.b13, b2=self.b2,
             alpha=self.alpha, limit=self.limit, backend=self.backend, dispatch=self._dispatch(x))
-        if self.shared is not None:
-            s = self.shared(x)
-            if self.shared_gate is not None:
-                s = torch.sigmoid(self.shared_gate(x)) * s
-            out = out + s
-        out = out.reshape(shape)
+        out = self.add_shared(x, out).reshape(shape)
         return (out, weights) if self.returns_router_scores else out
+
+    def add_shared(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` plus the shared experts' output on ``x`` (gated by ``sigmoid(shared_gate(x))`` when the
+        block has a shared gate); ``out`` unchanged for a block without shared experts."""
+        if self.shared is None:
+            return out
+        s = self.shared(x)
+        if self.shared_gate is not None:
+            s = torch.sigmoid(self.shared_gate(x)) * s
+        return out + s
 
     def extra_repr(self) -> str:
         e, _, h = self.experts_weight("w13").shape

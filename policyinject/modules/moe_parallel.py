@@ -179,12 +179,7 @@ class ExpertParallelMoE(torch.nn.Module):
             t = x.shape[0]
             out = partial[self.ep_rank * t:(self.ep_rank + 1) * t]
             weights = weights[self.ep_rank * t:(self.ep_rank + 1) * t]
-        if m.shared is not None:
-            s = m.shared(x)
-            if m.shared_gate is not None:
-                s = torch.sigmoid(m.shared_gate(x)) * s
-            out = out + s
-        out = out.reshape(shape)
+        out = m.add_shared(x, out).reshape(shape)
         return (out, weights) if m.returns_router_scores else out
 
     def extra_repr(self) -> str:
