@@ -192,8 +192,13 @@ class Decoder:
             logits = runner.forward(st.tokens[:, None], pos, attends, last_only=True, rotary_in_attend=fused,
                                     tables=(cos, sin))[:, -1]
             st.consumed()
+            if greedy_select and not (penalty or suppress):
+                # argmax of the 16-bit logits = argmax of their exact float32 copy; the non-finite check
+                # shares the argmax's maxima
+                st.advance(greedy(logits, st.nonfinite))
+                return
             flag_nonfinite(st.nonfinite, logits)
-            if greedy_select:  # argmax of the 16-bit logits = argmax of their exact float32 copy
+            if greedy_select:
                 if penalty:  # Hugging Face applies the penalty to the float32 copy
                     logits = penalize(logits.float(), st.seen, st.penalty)
                 if suppress:

@@ -77,6 +77,8 @@ class DecodeState:
         self.nonfinite = torch.zeros(1, dtype=torch.bool, device=d)
         self.seen = torch.zeros(batch, vocab, dtype=torch.bool, device=d)
         self.penalty = torch.ones(1, dtype=torch.float32, device=d)
+        #: whether :meth:`advance` records tokens in ``seen`` (only the repetition penalty reads it)
+        self.track_seen = False
 
     def start(self, attention_mask: torch.Tensor, eos_ids: Optional[Sequence[int]], pad: int, min_new: int,
               input_ids: Optional[torch.Tensor] = None, penalty: Optional[float] = None) -> None:
@@ -104,6 +106,7 @@ class DecodeState:
         self.nonfinite.zero_()
         self.seen.zero_()
         self.penalty.fill_(1.0 if penalty is None else float(penalty))
+        self.track_seen = penalty is not None
         if input_ids is not None and penalty is not None:
             ids = input_ids.to(device=self.device, dtype=torch.long)
             after_pad = mask.long().cumsum(-1) > 0
@@ -123,7 +126,8 @@ class DecodeState:
         nxt = torch.where(self.finished, self.pad, next_tokens)
         self.out.index_copy_(1, self.step, nxt[:, None])
         self.finished |= self.eos_vocab[nxt]
-        self.seen.scatter_(1, nxt[:, None], True)
+        if self.track_seen:
+            self.seen.scatter_(1, nxt[:, None], True)
         self.tokens.copy_(nxt)
         self.step += 1
 

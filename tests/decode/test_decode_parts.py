@@ -199,6 +199,36 @@ def test_sampler_validates_parameters():
     assert Sampler(do_sample=False, temperature=0.0).greedy  # greedy ignores warpers, as Hugging Face
 
 
+@pytest.mark.parametrize("vocab", [128256, 50257, 256, 3])
+def test_nonfinite_flag_matches_its_definition(vocab):
+    """The flag (from greedy's maxima or from flag_nonfinite) is set exactly when some entry is NaN or +inf
+    or some row is -inf everywhere, on fresh random rows with hostile values planted."""
+    from policyinject.decode.sampling import flag_nonfinite, greedy
+
+    g = torch.Generator().manual_seed(vocab)
+    for trial in range(24):
+        x = torch.randn(3, vocab, generator=g)
+        kind = trial % 6
+        row = int(torch.randint(0, 3, (1,), generator=g))
+        col = int(torch.randint(0, vocab, (1,), generator=g))
+        if kind == 1:
+            x[row, col] = float("nan")
+        elif kind == 2:
+            x[row, col] = float("inf")
+        elif kind == 3:
+            x[row] = float("-inf")
+        elif kind == 4:
+            x[row, col] = float("-inf")  # one -inf entry is a filtered token, not garbage
+        elif kind == 5:
+            x[row, : max(vocab - 1, 1)] = float("-inf")  # all but the last
+        want = bool(torch.isnan(x).any() or torch.isposinf(x).any() or torch.isneginf(x).all(dim=-1).any())
+        for dtype in (torch.float32, torch.bfloat16):
+            a, b = torch.zeros(1, dtype=torch.bool), torch.zeros(1, dtype=torch.bool)
+            flag_nonfinite(a, x.to(dtype))
+            greedy(x.to(dtype), b)
+            assert bool(a) == want and bool(b) == want, (vocab, kind, dtype)
+
+
 def test_chunked_greedy_equals_argmax_with_ties_across_chunks():
     from policyinject.decode.sampling import greedy
 
