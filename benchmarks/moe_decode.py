@@ -143,6 +143,25 @@ def time_generate(fn: Any, ids: torch.Tensor, new: int, device: torch.device, re
     return 1e3 * statistics.median(diffs)
 
 
+def profile_kernels(fn: Any, ids: torch.Tensor, new: int, label: str, fh: Any, top: int = 20) -> None:
+    """Per decode step GPU time of the kernels of one ``generate`` call (graph replays included), largest
+    first, with the sum of all kernels against the step's wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        fn(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    rows = [(e.key, e.device_time_total, e.count) for e in prof.key_averages() if e.device_time_total > 0]
+    rows.sort(key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    log(f"{label} profile: kernels {total / new / 1e3:.3f} ms per token (wall {1e3 * wall / new:.3f}), "
+        f"{sum(r[2] for r in rows) / new:.0f} launches per token", fh)
+    for name, us, count in rows[:top]:
+        log(f"    {us / new:9.1f} us/token {count / new:7.1f}x  {name[:110]}", fh)
+
+
 def measured_distinct(model: torch.nn.Module, ids: torch.Tensor) -> Optional[float]:
     """Distinct experts per layer chosen by the last position of each sequence (one eager decode-like step)."""
     counts: List[int] = []
@@ -214,6 +233,8 @@ def run_preset(preset: str, args: argparse.Namespace, device: torch.device, bw: 
                 log(f"{preset} B={b} {variant}: skipped ({row['skipped']})", fh)
                 rows.append(row)
                 continue
+            if args.profile and device.type == "cuda":
+                profile_kernels(engine.generate, ids, args.new_tokens, f"{preset} B={b} {variant}", fh)
             dist_exp = expected_distinct(experts, cfgm.num_experts_per_tok, b)
             nbytes = step_bytes(model, preset, b, context, bits, dist_exp)
             roof = 1e3 * nbytes["total"] / bw if bw else None
@@ -247,6 +268,8 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None)
     p.add_argument("--log", default=None)
+    p.add_argument("--profile", action="store_true",
+                   help="also print the top kernels of one engine generate per (variant, batch), per decode step")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     fh = open(args.log, "w") if args.log else None

@@ -77,6 +77,56 @@ def _wload(W, S, Z, r2, k2, m2, stride_wn, stride_sn, G, WBITS: tl.constexpr, HA
 
 
 @triton.jit
+def _group_rows(ptrs, NG: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``[NG, BLOCK_N]`` per-group values as float32, each repeated over its group's ``ROWS // NG`` rows."""
+    v = tl.load(ptrs).to(tl.float32)
+    return tl.reshape(tl.broadcast_to(v[:, None, :], (NG, ROWS // NG, BLOCK_N)), (ROWS, BLOCK_N))
+
+
+@triton.jit
+def _qtiles(w_base, s_base, z_base, cols_w, k0, K, NGROUPS, stride_wn, stride_sn, G,
+            WBITS: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+            SCALE_MODE: tl.constexpr, NG: tl.constexpr):
+    """A quantized weight step for ``tl.dot``: ``[BKW, BLOCK_N]`` float32 tiles of ``(q - z) * s`` for the
+    rows ``cols_w`` (already wrapped into range) over features ``k0 .. k0 + BLOCK_K`` -- the bytes loaded in
+    their stored layout (``BKW = BLOCK_K`` bytes of int8, ``BLOCK_K // 2`` of int4). int8 returns the tile
+    twice; int4 returns the even features' tile (low nibbles) and the odd features' (high nibbles).
+
+    ``SCALE_MODE`` 1: the step lies inside one group (``G % BLOCK_K == 0``), one scale per row;
+    2: the step holds ``NG = BLOCK_K // G`` whole groups, each group's scale broadcast over its rows of the tile
+    (loaded once per row and group, not per element)."""
+    BKW: tl.constexpr = BLOCK_K if WBITS == 8 else BLOCK_K // 2
+    j = tl.arange(0, BKW)
+    if WBITS == 8:
+        kmask = (k0 + j) < K
+        w0 = tl.load(w_base + cols_w[None, :] * stride_wn + (k0 + j)[:, None], mask=kmask[:, None],
+                     other=0).to(tl.float32)
+        w1 = w0
+    else:
+        kmask = (k0 + 2 * j) < K  # byte j holds features 2j and 2j + 1 (K is even)
+        raw = tl.load(w_base + cols_w[None, :] * stride_wn + (k0 // 2 + j)[:, None], mask=kmask[:, None],
+                      other=0).to(tl.int32)
+        w0 = (raw & 15).to(tl.float32) - 8.0
+        w1 = ((raw >> 4) & 15).to(tl.float32) - 8.0
+    if SCALE_MODE == 1:
+        g = k0 // G
+        sc = tl.load(s_base + cols_w * stride_sn + g).to(tl.float32)[None, :]
+        if HAS_ZERO:
+            z = tl.load(z_base + cols_w * stride_sn + g).to(tl.float32)[None, :]
+            w0 = w0 - z
+            w1 = w1 - z
+    else:
+        grp = tl.minimum(k0 // G + tl.arange(0, NG), NGROUPS - 1)  # a ragged last step reads the last group
+        sp = cols_w[None, :] * stride_sn + grp[:, None]
+        sc = _group_rows(s_base + sp, NG, BKW, BLOCK_N)
+        if HAS_ZERO:
+            z = _group_rows(z_base + sp, NG, BKW, BLOCK_N)
+            w0 = w0 - z
+            w1 = w1 - z
+    return w0 * sc, w1 * sc
+
+
+@triton.jit
 def _gemv_part(w_base, s_base, z_base, x_row, rows, mask_n, k0, K, stride_wn, stride_sn, G,
                WBITS: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     """``sum_k W[rows, k] * x[k]`` over ``k0 .. k0 + BLOCK_K`` (float32 ``[BLOCK_N]``). int4 reads whole bytes
@@ -117,12 +167,80 @@ def _gemv_part(w_base, s_base, z_base, x_row, rows, mask_n, k0, K, stride_wn, st
 
 
 @triton.jit
+def _qgemv_part(w_base, s_base, z_base, x_row, rows_w, k0, K, NGROUPS, stride_wn, stride_sn, G,
+                WBITS: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                EVEN_K: tl.constexpr, SCALE_MODE: tl.constexpr, NG: tl.constexpr):
+    """:func:`_gemv_part` for int8/int4 weights with the scales read once per (row, group): ``SCALE_MODE``
+    1: the step lies in one group (one scale and zero point per row); 2: ``NG`` whole groups per step, the
+    products summed per group (``[BLOCK_N, NG, group]`` in registers) before the scale. ``rows_w`` are in
+    range (wrapped by the caller), so only the K tail is masked."""
+    if WBITS == 8:
+        PW: tl.constexpr = BLOCK_K
+        ks = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            q = tl.load(w_base + rows_w[:, None] * stride_wn + ks[None, :]).to(tl.float32)
+            xv = tl.load(x_row + ks).to(tl.float32)
+        else:
+            mk = ks < K
+            q = tl.load(w_base + rows_w[:, None] * stride_wn + ks[None, :], mask=mk[None, :], other=0).to(tl.float32)
+            xv = tl.load(x_row + ks, mask=mk, other=0.0).to(tl.float32)
+    else:
+        PW: tl.constexpr = BLOCK_K // 2
+        kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        if EVEN_K:
+            raw = tl.load(w_base + rows_w[:, None] * stride_wn + kb[None, :]).to(tl.int32)
+            x2 = tl.load(x_row + k0 + tl.arange(0, BLOCK_K)).to(tl.float32)
+        else:
+            raw = tl.load(w_base + rows_w[:, None] * stride_wn + kb[None, :], mask=(kb * 2 < K)[None, :],
+                          other=0).to(tl.int32)
+            kx = k0 + tl.arange(0, BLOCK_K)
+            x2 = tl.load(x_row + kx, mask=kx < K, other=0.0).to(tl.float32)
+        xe, xo = tl.split(tl.reshape(x2, (BLOCK_K // 2, 2)))  # contiguous load, de-interleaved in registers
+        lo = (raw & 15).to(tl.float32) - 8.0
+        hi = ((raw >> 4) & 15).to(tl.float32) - 8.0
+    if SCALE_MODE == 1:
+        g = k0 // G
+        sc = tl.load(s_base + rows_w * stride_sn + g).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(z_base + rows_w * stride_sn + g).to(tl.float32)[:, None]
+        if WBITS == 8:
+            if HAS_ZERO:
+                q = q - z
+            dot = tl.sum(q * xv[None, :], axis=1)
+        else:
+            if HAS_ZERO:
+                lo = lo - z
+                hi = hi - z
+            dot = tl.sum(lo * xe[None, :] + hi * xo[None, :], axis=1)
+        return dot * sc
+    else:
+        gidx = tl.minimum(k0 // G + tl.arange(0, NG), NGROUPS - 1)  # a ragged last step reads the last group
+        sp = rows_w[:, None] * stride_sn + gidx[None, :]
+        sc = tl.load(s_base + sp).to(tl.float32)  # [BLOCK_N, NG]
+        if WBITS == 8:
+            q3 = tl.reshape(q, (BLOCK_N, NG, PW // NG))
+            if HAS_ZERO:
+                q3 = q3 - tl.load(z_base + sp).to(tl.float32)[:, :, None]
+            gs = tl.sum(q3 * tl.reshape(xv, (NG, PW // NG))[None, :, :], axis=2)
+        else:
+            lo3 = tl.reshape(lo, (BLOCK_N, NG, PW // NG))
+            hi3 = tl.reshape(hi, (BLOCK_N, NG, PW // NG))
+            if HAS_ZERO:
+                z3 = tl.load(z_base + sp).to(tl.float32)[:, :, None]
+                lo3 = lo3 - z3
+                hi3 = hi3 - z3
+            gs = tl.sum(lo3 * tl.reshape(xe, (NG, PW // NG))[None, :, :]
+                        + hi3 * tl.reshape(xo, (NG, PW // NG))[None, :, :], axis=2)
+        return tl.sum(gs * sc, axis=1)
+
+
+@triton.jit
 def moe_gemv_up_kernel(
     X, W13, S13, Z13, B13, IDS, Hb, H, I, alpha, limit, G,
     stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_hp, stride_be,
     TOPK: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr,
     WBITS: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, NGROUPS=1, SCALE_MODE: tl.constexpr = 0, NG: tl.constexpr = 1,
 ):
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -139,15 +257,27 @@ def moe_gemv_up_kernel(
     acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
     x_row = X + t * stride_xt
-    for k0 in range(0, H, BLOCK_K):
-        if GATED:
-            acc_g += _gemv_part(w_base, s_base, z_base, x_row, cols, mask_n, k0, H, stride_wn, stride_sn, G, WBITS,
-                                HAS_ZERO, BLOCK_K, EVEN_K)
-            acc_u += _gemv_part(w_base, s_base, z_base, x_row, cols + I, mask_n, k0, H, stride_wn, stride_sn, G,
-                                WBITS, HAS_ZERO, BLOCK_K, EVEN_K)
-        else:
-            acc_u += _gemv_part(w_base, s_base, z_base, x_row, cols, mask_n, k0, H, stride_wn, stride_sn, G, WBITS,
-                                HAS_ZERO, BLOCK_K, EVEN_K)
+    if WBITS != 16 and SCALE_MODE != 0:
+        rows_w = cols % I
+        for k0 in range(0, H, BLOCK_K):
+            if GATED:
+                acc_g += _qgemv_part(w_base, s_base, z_base, x_row, rows_w, k0, H, NGROUPS, stride_wn, stride_sn, G,
+                                     WBITS, HAS_ZERO, BLOCK_N, BLOCK_K, EVEN_K, SCALE_MODE, NG)
+                acc_u += _qgemv_part(w_base, s_base, z_base, x_row, rows_w + I, k0, H, NGROUPS, stride_wn,
+                                     stride_sn, G, WBITS, HAS_ZERO, BLOCK_N, BLOCK_K, EVEN_K, SCALE_MODE, NG)
+            else:
+                acc_u += _qgemv_part(w_base, s_base, z_base, x_row, rows_w, k0, H, NGROUPS, stride_wn, stride_sn, G,
+                                     WBITS, HAS_ZERO, BLOCK_N, BLOCK_K, EVEN_K, SCALE_MODE, NG)
+    else:
+        for k0 in range(0, H, BLOCK_K):
+            if GATED:
+                acc_g += _gemv_part(w_base, s_base, z_base, x_row, cols, mask_n, k0, H, stride_wn, stride_sn, G, WBITS,
+                                    HAS_ZERO, BLOCK_K, EVEN_K)
+                acc_u += _gemv_part(w_base, s_base, z_base, x_row, cols + I, mask_n, k0, H, stride_wn, stride_sn, G,
+                                    WBITS, HAS_ZERO, BLOCK_K, EVEN_K)
+            else:
+                acc_u += _gemv_part(w_base, s_base, z_base, x_row, cols, mask_n, k0, H, stride_wn, stride_sn, G, WBITS,
+                                    HAS_ZERO, BLOCK_K, EVEN_K)
     if HAS_BIAS:
         if GATED:
             acc_g += tl.load(B13 + e * stride_be + cols, mask=mask_n, other=0.0).to(tl.float32)
@@ -164,7 +294,8 @@ def moe_gemv_down_kernel(
     Hb, W2, S2, Z2, B2, IDS, WTS, OUT, H, I, G,
     stride_hp, stride_we, stride_wn, stride_se, stride_sn, stride_ot, stride_be,
     TOPK: tl.constexpr, HAS_BIAS: tl.constexpr, WBITS: tl.constexpr, HAS_ZERO: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, NGROUPS=1, SCALE_MODE: tl.constexpr = 0,
+    NG: tl.constexpr = 1,
 ):
     t = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
@@ -182,9 +313,16 @@ def moe_gemv_down_kernel(
         s_base = S2 + e * stride_se
         z_base = Z2 + e * stride_se
         part = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, I, BLOCK_K):
-            part += _gemv_part(w_base, s_base, z_base, Hb + pair * stride_hp, cols, mask_j, k0, I, stride_wn,
-                               stride_sn, G, WBITS, HAS_ZERO, BLOCK_K, EVEN_K)
+        if WBITS != 16 and SCALE_MODE != 0:
+            for k0 in range(0, I, BLOCK_K):
+                part += _qgemv_part(w_base, s_base, z_base, Hb + pair * stride_hp, cols % H, k0, I, NGROUPS,
+                                    stride_wn, stride_sn, G, WBITS, HAS_ZERO, BLOCK_N, BLOCK_K, EVEN_K, SCALE_MODE,
+                                    NG)
+            part = tl.where(valid, part, 0.0)  # the wrapped rows were read from expert 0 for a foreign pair
+        else:
+            for k0 in range(0, I, BLOCK_K):
+                part += _gemv_part(w_base, s_base, z_base, Hb + pair * stride_hp, cols, mask_j, k0, I, stride_wn,
+                                   stride_sn, G, WBITS, HAS_ZERO, BLOCK_K, EVEN_K)
         if HAS_BIAS:
             part += tl.load(B2 + e * stride_be + cols, mask=mask_j, other=0.0).to(tl.float32)
         acc += wt * part
@@ -192,11 +330,31 @@ def moe_gemv_down_kernel(
 
 
 @triton.jit
+def _qdot(acc, a, w0, w1, WBITS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+          BLOCK_K: tl.constexpr):
+    """``acc + a @ W`` for a dequantized step from :func:`_qtiles` (int4: the even and odd activation
+    columns, split in registers, against the low- and high-nibble tiles)."""
+    if WBITS == 8:
+        if UPCAST:
+            acc += tl.dot(a, w0, input_precision="ieee")
+        else:
+            acc += tl.dot(a, w0.to(a.dtype))
+    else:
+        a0, a1 = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
+        if UPCAST:
+            acc += tl.dot(a0, w0, input_precision="ieee") + tl.dot(a1, w1, input_precision="ieee")
+        else:
+            acc += tl.dot(a0, w0.to(a.dtype)) + tl.dot(a1, w1.to(a.dtype))
+    return acc
+
+
+@triton.jit
 def moe_gemm_up_kernel(
-    X, W13, S13, Z13, B13, SORTED, BLOCK_EXPERT, Hb, H, I, alpha, limit, NPAIRS, E, G,
+    X, W13, S13, Z13, B13, SORTED, BLOCK_EXPERT, Hb, H, I, alpha, limit, NPAIRS, E, G, NGROUPS,
     stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_hp, stride_be,
     TOPK: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr,
     WBITS: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SCALE_MODE: tl.constexpr = 0, NG: tl.constexpr = 1,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -214,29 +372,49 @@ def moe_gemm_up_kernel(
     z_base = Z13 + e * stride_se
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        mask_k = ks < H
-        a = tl.load(X + tok[:, None] * stride_xt + ks[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
-        mb = mask_k[:, None] & mask_n[None, :]
-        if GATED:
-            bu = _wload(w_base, s_base, z_base, (cols + I)[None, :], ks[:, None], mb, stride_wn, stride_sn, G, WBITS,
-                        HAS_ZERO)
-        else:
-            bu = _wload(w_base, s_base, z_base, cols[None, :], ks[:, None], mb, stride_wn, stride_sn, G, WBITS,
-                        HAS_ZERO)
-        if UPCAST:
-            a = a.to(tl.float32)
-            acc_u += tl.dot(a, bu, input_precision="ieee")
-        else:
-            acc_u += tl.dot(a, bu.to(a.dtype))
-        if GATED:
-            bg = _wload(w_base, s_base, z_base, cols[None, :], ks[:, None], mb, stride_wn, stride_sn, G, WBITS,
-                        HAS_ZERO)
+    if WBITS != 16 and SCALE_MODE != 0:
+        cols_w = cols % I  # wrapped: every weight and scale load is in range, the store is masked
+        for k0 in range(0, H, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(X + tok[:, None] * stride_xt + ks[None, :], mask=valid[:, None] & (ks < H)[None, :],
+                        other=0.0)
             if UPCAST:
-                acc_g += tl.dot(a, bg, input_precision="ieee")
+                a = a.to(tl.float32)
+            if GATED:
+                up_rows = cols_w + I  # the up rows follow the gate rows
             else:
-                acc_g += tl.dot(a, bg.to(a.dtype))
+                up_rows = cols_w
+            u0, u1 = _qtiles(w_base, s_base, z_base, up_rows, k0, H, NGROUPS, stride_wn, stride_sn, G, WBITS,
+                             HAS_ZERO, BLOCK_N, BLOCK_K, SCALE_MODE, NG)
+            acc_u = _qdot(acc_u, a, u0, u1, WBITS, UPCAST, BLOCK_M, BLOCK_K)
+            if GATED:
+                g0, g1 = _qtiles(w_base, s_base, z_base, cols_w, k0, H, NGROUPS, stride_wn, stride_sn, G,
+                                 WBITS, HAS_ZERO, BLOCK_N, BLOCK_K, SCALE_MODE, NG)
+                acc_g = _qdot(acc_g, a, g0, g1, WBITS, UPCAST, BLOCK_M, BLOCK_K)
+    else:
+        for k0 in range(0, H, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            mask_k = ks < H
+            a = tl.load(X + tok[:, None] * stride_xt + ks[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
+            mb = mask_k[:, None] & mask_n[None, :]
+            if GATED:
+                bu = _wload(w_base, s_base, z_base, (cols + I)[None, :], ks[:, None], mb, stride_wn, stride_sn, G, WBITS,
+                            HAS_ZERO)
+            else:
+                bu = _wload(w_base, s_base, z_base, cols[None, :], ks[:, None], mb, stride_wn, stride_sn, G, WBITS,
+                            HAS_ZERO)
+            if UPCAST:
+                a = a.to(tl.float32)
+                acc_u += tl.dot(a, bu, input_precision="ieee")
+            else:
+                acc_u += tl.dot(a, bu.to(a.dtype))
+            if GATED:
+                bg = _wload(w_base, s_base, z_base, cols[None, :], ks[:, None], mb, stride_wn, stride_sn, G, WBITS,
+                            HAS_ZERO)
+                if UPCAST:
+                    acc_g += tl.dot(a, bg, input_precision="ieee")
+                else:
+                    acc_g += tl.dot(a, bg.to(a.dtype))
     if HAS_BIAS:
         if GATED:
             acc_g += tl.load(B13 + e * stride_be + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -251,10 +429,11 @@ def moe_gemm_up_kernel(
 
 @triton.jit
 def moe_gemm_down_kernel(
-    Hb, W2, S2, Z2, B2, SORTED, BLOCK_EXPERT, WTS, Y, H, I, NPAIRS, E, G,
+    Hb, W2, S2, Z2, B2, SORTED, BLOCK_EXPERT, WTS, Y, H, I, NPAIRS, E, G, NGROUPS,
     stride_hp, stride_we, stride_wn, stride_se, stride_sn, stride_yp, stride_be,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, WBITS: tl.constexpr, HAS_ZERO: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_MODE: tl.constexpr = 0,
+    NG: tl.constexpr = 1,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -271,18 +450,79 @@ def moe_gemm_down_kernel(
     s_base = S2 + e * stride_se
     z_base = Z2 + e * stride_se
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, I, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        mask_k = ks < I
-        a = tl.load(Hb + rows[:, None] * stride_hp + ks[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
-        b = _wload(w_base, s_base, z_base, cols[None, :], ks[:, None], mask_k[:, None] & mask_n[None, :],
-                   stride_wn, stride_sn, G, WBITS, HAS_ZERO)
-        if UPCAST:
-            acc += tl.dot(a.to(tl.float32), b, input_precision="ieee")
-        else:
-            acc += tl.dot(a, b.to(a.dtype))
+    if WBITS != 16 and SCALE_MODE != 0:
+        cols_w = cols % H
+        for k0 in range(0, I, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(Hb + rows[:, None] * stride_hp + ks[None, :], mask=valid[:, None] & (ks < I)[None, :],
+                        other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+            w0, w1 = _qtiles(w_base, s_base, z_base, cols_w, k0, I, NGROUPS, stride_wn, stride_sn, G, WBITS,
+                             HAS_ZERO, BLOCK_N, BLOCK_K, SCALE_MODE, NG)
+            acc = _qdot(acc, a, w0, w1, WBITS, UPCAST, BLOCK_M, BLOCK_K)
+    else:
+        for k0 in range(0, I, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            mask_k = ks < I
+            a = tl.load(Hb + rows[:, None] * stride_hp + ks[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
+            b = _wload(w_base, s_base, z_base, cols[None, :], ks[:, None], mask_k[:, None] & mask_n[None, :],
+                       stride_wn, stride_sn, G, WBITS, HAS_ZERO)
+            if UPCAST:
+                acc += tl.dot(a.to(tl.float32), b, input_precision="ieee")
+            else:
+                acc += tl.dot(a, b.to(a.dtype))
     if HAS_BIAS:
         acc += tl.load(B2 + e * stride_be + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     wt = tl.load(WTS + pairs, mask=valid, other=0.0)
     acc = acc * wt[:, None]
     tl.store(Y + rows[:, None] * stride_yp + cols[None, :], acc, mask=valid[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def moe_route_kernel(
+    LOGITS, WEIGHTS, IDS, E, stride_lt,
+    TOPK: tl.constexpr, SOFTMAX_FIRST: tl.constexpr, NORMALIZE: tl.constexpr, ROUND_BF16: tl.constexpr,
+    ROUND_FP16: tl.constexpr, BLOCK_E: tl.constexpr, TOPK_P2: tl.constexpr,
+):
+    """One token's routing: grid ``(T,)``. ``SOFTMAX_FIRST``: softmax over all ``E`` logits in float32, the
+    ``TOPK`` largest probabilities (largest first; the lowest index among equals), divided by their sum with
+    ``NORMALIZE``; otherwise the ``TOPK`` largest logits, then a softmax over them. Weights (float32) are
+    rounded through bf16/fp16 when the model keeps them in its own dtype; ids are int32 (a row of NaN
+    logits picks in-range ids: garbage, caught by the logits' non-finite check, never an out-of-bounds read).
+    ``TOPK_P2``: ``TOPK`` rounded up to a power of two (the register vector's length)."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_E)
+    mask = offs < E
+    v = tl.load(LOGITS + t * stride_lt + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    if SOFTMAX_FIRST:
+        ex = tl.exp(v - tl.max(v, axis=0))
+        ex = tl.where(mask, ex, 0.0)
+        v = ex / tl.sum(ex, axis=0)
+        v = tl.where(mask, v, -1.0)  # below every probability: padding is never chosen
+    slot = tl.arange(0, TOPK_P2)
+    picked_v = tl.where(slot < TOPK, 0.0, float("-inf"))  # unused slots: no weight after either softmax
+    if SOFTMAX_FIRST:
+        picked_v = tl.where(slot < TOPK, 0.0, 0.0)
+    picked_i = tl.zeros([TOPK_P2], dtype=tl.int32)
+    for j in tl.static_range(TOPK):
+        m = tl.max(v, axis=0)
+        idx = tl.minimum(tl.min(tl.where(v == m, offs, BLOCK_E), axis=0), E - 1)
+        picked_v = tl.where(slot == j, m, picked_v)
+        picked_i = tl.where(slot == j, idx, picked_i)
+        v = tl.where(offs == idx, float("-inf"), v)
+    if SOFTMAX_FIRST:
+        w = picked_v
+        if NORMALIZE:
+            w = w / tl.sum(w, axis=0)
+    else:
+        ex = tl.exp(picked_v - tl.max(picked_v, axis=0))
+        w = ex / tl.sum(ex, axis=0)
+    if ROUND_BF16:  # round to nearest even on the bits (the same on the GPU and in the interpreter)
+        u = w.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        w = u.to(tl.float32, bitcast=True)
+    if ROUND_FP16:
+        w = w.to(tl.float16).to(tl.float32)
+    tl.store(WEIGHTS + t * TOPK + slot, w, mask=slot < TOPK)
+    tl.store(IDS + t * TOPK + slot, picked_i, mask=slot < TOPK)

@@ -46,7 +46,7 @@ from policyinject.kernels._common import check_launch, device_guard, is_interpre
 
 __all__ = [
     "ACT_CODES", "AlignedTokens", "MoEConfig", "QuantizedExperts", "quantize_experts", "dequantize_experts", "align_tokens", "expert_act", "fused_moe", "moe_config",
-    "moe_reference", "route",
+    "moe_reference", "route", "route_fused", "gemv_warps",
 ]
 
 #: Activation codes of the Triton kernels (``swiglu_clamped`` is GPT-OSS's clamped SwiGLU).
@@ -139,6 +139,41 @@ def route(logits: torch.Tensor, top_k: int, order: str = "softmax_topk",
         values, ids = torch.topk(logits, top_k, dim=-1)
         return torch.softmax(values.float(), dim=-1), ids
     raise ValueError(f"route: order must be 'softmax_topk' or 'topk_softmax', got {order!r}")
+
+
+def route_fused(logits: torch.Tensor, top_k: int, order: str = "softmax_topk", normalize: bool = False,
+                round_to: Optional[torch.dtype] = None, backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`route` in one Triton launch per call (softmax, top-k and normalisation fused; decode runs one
+    per MoE layer per step, where the separate PyTorch kernels cost more than the routing): ``(weights
+    float32 [T, k], ids int32 [T, k])``, the weights rounded through ``round_to`` (the model's dtype, when it
+    keeps routing weights in it). Falls back to :func:`route` off the Triton path (ids int64 there).
+
+    Example:
+        >>> w, i = route_fused(torch.tensor([[0.0, 2.0, 1.0]]), top_k=2, normalize=True, backend="torch")
+        >>> i.tolist(), round(float(w.sum()), 6)
+        ([[1, 2]], 1.0)
+    """
+    if order not in ("softmax_topk", "topk_softmax"):
+        raise ValueError(f"route: order must be 'softmax_topk' or 'topk_softmax', got {order!r}")
+    num_experts = logits.shape[-1]
+    if logits.dim() != 2 or not use_triton(backend, logits) or num_experts > 1024 or top_k > num_experts:
+        weights, ids = route(logits, top_k, order, normalize)
+        if round_to is not None:
+            weights = weights.to(round_to).to(torch.float32)
+        return weights, ids
+    mod = load_kernel_module("_moe_triton")
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    t = logits.shape[0]
+    weights = torch.empty(t, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(t, top_k, dtype=torch.int32, device=logits.device)
+    block_e = 1 << max(num_experts - 1, 1).bit_length()
+    with device_guard(logits.device):
+        mod.moe_route_kernel[(t,)](logits, weights, ids, num_experts, logits.stride(0), TOPK=top_k,
+                                   SOFTMAX_FIRST=order == "softmax_topk", NORMALIZE=bool(normalize),
+                                   ROUND_BF16=round_to == torch.bfloat16, ROUND_FP16=round_to == torch.float16,
+                                   BLOCK_E=block_e, TOPK_P2=1 << max(top_k - 1, 0).bit_length(),
+                                   num_warps=1 if block_e <= 256 else 4)
+    return weights, ids
 
 
 def expert_act(h: torch.Tensor, activation: str, gated: bool, alpha: float = 1.702,
@@ -271,31 +306,91 @@ def align_tokens(ids: torch.Tensor, num_experts: int, block_m: int) -> AlignedTo
 @dataclass(frozen=True)
 class MoEConfig:
     """Launch parameters. ``gemv``: one program per (pair, column block) reading only the selected experts
-    (decode); otherwise the grouped GEMM with ``[block_m, block_n, block_k]`` tiles over sorted tokens."""
+    (decode); otherwise the grouped GEMM with ``[block_m, block_n, block_k]`` tiles over sorted tokens.
+    ``block_n_down``: the GEMV down kernel's column block (default ``block_n``)."""
 
     gemv: bool
     block_m: int
     block_n: int
     block_k: int
     num_warps: int = 4
+    block_n_down: Optional[int] = None
 
 
 #: Up to this many tokens the GEMV path runs (each (token, expert) pair streams its expert's rows once).
 GEMV_MAX_TOKENS = 8
+#: With int8/int4 experts, the GEMV path also runs up to this many tokens while the routed pairs are sparse
+#: (at most two per expert on average): it reads at most about twice the selected experts' bytes, where the
+#: grouped GEMM dequantizes a padded tile per pair.
+QUANT_GEMV_MAX_TOKENS = 64
 
 
-def moe_config(tokens: int, hidden: int, inter: int, interpret: bool = False) -> MoEConfig:
-    """Default launch parameters from the static shape (the GEMV up to :data:`GEMV_MAX_TOKENS` tokens).
+def _pow2_floor(v: float) -> int:
+    return 1 << max(int(v), 1).bit_length() - 1
+
+
+def moe_config(tokens: int, hidden: int, inter: int, interpret: bool = False, top_k: int = 2,
+               num_experts: int = 8, programs: int = 512, quantized: bool = False) -> MoEConfig:
+    """Default launch parameters from the static shape.
+
+    Up to :data:`GEMV_MAX_TOKENS` tokens (with ``quantized`` experts, up to :data:`QUANT_GEMV_MAX_TOKENS`
+    while there are at most two routed pairs per expert), the GEMV pair; its column blocks are sized so that each kernel
+    has about ``programs`` programs (several per SM: one program per SM cannot keep enough loads in flight
+    to stream its rows at the copy rate), between 4 and 32 rows. Above, the grouped GEMM; its row block
+    follows the expected tokens per expert (``tokens * top_k / num_experts``): 16 for batched decode (a
+    64-row block would be mostly padding, multiplied all the same), 64 for long prompts.
 
     Example:
         >>> moe_config(1, 4096, 14336).gemv, moe_config(128, 4096, 14336).gemv
         (True, False)
+        >>> c = moe_config(1, 2048, 768, top_k=8, num_experts=128); c.block_n, c.block_n_down
+        (8, 4)
+        >>> moe_config(16, 2048, 768, top_k=8, num_experts=128).block_m, moe_config(2048, 4096, 14336).block_m
+        (16, 64)
     """
-    if tokens <= GEMV_MAX_TOKENS:
-        return MoEConfig(gemv=True, block_m=1, block_n=16 if interpret else 32, block_k=32 if interpret else 256)
+    per_expert = tokens * top_k / max(num_experts, 1)
+    gemv = tokens <= GEMV_MAX_TOKENS or (quantized and tokens <= QUANT_GEMV_MAX_TOKENS and per_expert <= 2)
+    if gemv:
+        if interpret:
+            return MoEConfig(gemv=True, block_m=1, block_n=16, block_k=32)
+        up = min(32, max(4, _pow2_floor(tokens * top_k * inter / programs)))
+        down = min(32, max(4, _pow2_floor(tokens * hidden / programs)))
+        return MoEConfig(gemv=True, block_m=1, block_n=up, block_k=256, block_n_down=down)
     if interpret:
-        return MoEConfig(gemv=False, block_m=16, block_n=16, block_k=16)
-    return MoEConfig(gemv=False, block_m=64, block_n=64 if inter >= 64 else 32, block_k=64, num_warps=4)
+        return MoEConfig(gemv=False, block_m=16, block_n=16, block_k=32)
+    block_m = 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64
+    return MoEConfig(gemv=False, block_m=block_m, block_n=64 if inter >= 64 else 32, block_k=64, num_warps=4)
+
+
+def _scale_mode(w: "Weights", block_k: int) -> Tuple[int, int]:
+    """``(SCALE_MODE, NGROUPS)`` of the grouped GEMM's quantized path for ``w`` (see ``_moe_triton._qtiles``):
+    1 when a K step lies inside one group, 2 when it holds whole groups, 0 (per-element scales) otherwise."""
+    if not isinstance(w, QuantizedExperts):
+        return 0, 1
+    g, k = w.group_size, w.in_features
+    groups = -(-k // g)
+    if k % g == 0 and g % block_k == 0:
+        return 1, groups
+    if k % g == 0 and block_k % g == 0 and (w.num_bits == 8 or (g % 2 == 0)):
+        return 2, groups
+    return 0, groups
+
+
+def gemv_warps(block_n: int, block_k: int, bits: int, cap: int = 4) -> int:
+    """Warps of a GEMV program: enough for 16-byte loads over its ``[block_n, block_k]`` weight tile
+    (``bits`` per weight), at most ``cap`` -- a small int4 tile on four warps would load 4 bytes per thread.
+
+    Example:
+        >>> gemv_warps(32, 256, 16), gemv_warps(4, 256, 8), gemv_warps(4, 256, 4)
+        (4, 2, 1)
+    """
+    per_warp = 32 * 16  # bytes one warp loads with 16-byte loads
+    return max(1, min(cap, _pow2_floor(block_n * block_k * bits / 8 / per_warp)))
+
+
+def _groups_per_step(w: "Weights", block_k: int, mode: int) -> int:
+    """Whole quantization groups in one K step of ``block_k`` (scale mode 2), else 1."""
+    return block_k // w.group_size if mode == 2 and isinstance(w, QuantizedExperts) else 1
 
 
 def fused_moe(x: torch.Tensor, w13: Weights, w2: Weights, ids: torch.Tensor, weights: torch.Tensor,
@@ -352,7 +447,8 @@ def _launch(x: torch.Tensor, w13: Weights, w2: Weights, ids: torch.Tensor, weigh
         raise ValueError(f"fused_moe: ids {tuple(ids.shape)} and weights {tuple(weights.shape)} must be [T, k]")
     top_k = ids.shape[1]
     interp = is_interpreted(mod.moe_gemv_up_kernel)
-    cfg = config or moe_config(t, hidden, inter, interp)
+    cfg = config or moe_config(t, hidden, inter, interp, top_k=ids.shape[1], num_experts=num_experts,
+                               quantized=isinstance(w13, QuantizedExperts) or isinstance(w2, QuantizedExperts))
     x = x if x.stride(-1) == 1 else x.contiguous()
     W13, S13, Z13, G13, swe13, swn13, sse13, ssn13, bits13, zero13 = _wargs(w13)
     W2, S2, Z2, G2, swe2, swn2, sse2, ssn2, bits2, zero2 = _wargs(w2)
@@ -369,31 +465,38 @@ def _launch(x: torch.Tensor, w13: Weights, w2: Weights, ids: torch.Tensor, weigh
     down = dict(WBITS=bits2, HAS_ZERO=zero2, HAS_BIAS=b2 is not None)
     with device_guard(x.device):
         if cfg.gemv:
+            mode13, groups13 = _scale_mode(w13, cfg.block_k)
+            mode2, groups2 = _scale_mode(w2, cfg.block_k)
             mod.moe_gemv_up_kernel[(n_pairs, -(-inter // cfg.block_n))](
                 x, W13, S13, Z13, bias13, ids32, h, hidden, inter, alpha, limit, G13,
                 x.stride(0), swe13, swn13, sse13, ssn13, h.stride(0), sb13,
                 TOPK=top_k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=hidden % cfg.block_k == 0,
-                num_warps=cfg.num_warps, **up)
+                NGROUPS=groups13, SCALE_MODE=mode13, NG=_groups_per_step(w13, cfg.block_k, mode13),
+                num_warps=gemv_warps(cfg.block_n, cfg.block_k, bits13, cfg.num_warps), **up)
             out = torch.empty_like(x)
-            mod.moe_gemv_down_kernel[(t, -(-hidden // cfg.block_n))](
+            bn_down = cfg.block_n_down or cfg.block_n
+            mod.moe_gemv_down_kernel[(t, -(-hidden // bn_down))](
                 h, W2, S2, Z2, bias2, ids32, wts, out, hidden, inter, G2,
                 h.stride(0), swe2, swn2, sse2, ssn2, out.stride(0), sb2,
-                TOPK=top_k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=inter % cfg.block_k == 0,
-                num_warps=cfg.num_warps, **down)
+                TOPK=top_k, BLOCK_N=bn_down, BLOCK_K=cfg.block_k, EVEN_K=inter % cfg.block_k == 0,
+                NGROUPS=groups2, SCALE_MODE=mode2, NG=_groups_per_step(w2, cfg.block_k, mode2),
+                num_warps=gemv_warps(bn_down, cfg.block_k, bits2, cfg.num_warps), **down)
             return out
         al = align_tokens(ids, num_experts, cfg.block_m)
+        mode13, groups13 = _scale_mode(w13, cfg.block_k)
+        mode2, groups2 = _scale_mode(w2, cfg.block_k)
         mod.moe_gemm_up_kernel[(al.max_blocks, -(-inter // cfg.block_n))](
             x, W13, S13, Z13, bias13, al.sorted_ids, al.block_expert, h, hidden, inter, alpha, limit, n_pairs,
-            num_experts, G13, x.stride(0), swe13, swn13, sse13, ssn13, h.stride(0), sb13,
+            num_experts, G13, groups13, x.stride(0), swe13, swn13, sse13, ssn13, h.stride(0), sb13,
             TOPK=top_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-            **up)
+            SCALE_MODE=mode13, NG=_groups_per_step(w13, cfg.block_k, mode13), **up)
         # zeros: pairs left out of the alignment (ids outside [0, E)) are never written and add nothing
         y = torch.zeros(n_pairs, hidden, dtype=torch.float32, device=x.device)
         mod.moe_gemm_down_kernel[(al.max_blocks, -(-hidden // cfg.block_n))](
             h, W2, S2, Z2, bias2, al.sorted_ids, al.block_expert, wts, y, hidden, inter, n_pairs, num_experts, G2,
-            h.stride(0), swe2, swn2, sse2, ssn2, y.stride(0), sb2,
+            groups2, h.stride(0), swe2, swn2, sse2, ssn2, y.stride(0), sb2,
             UPCAST=up["UPCAST"], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, **down)
+            num_warps=cfg.num_warps, SCALE_MODE=mode2, NG=_groups_per_step(w2, cfg.block_k, mode2), **down)
     return y.view(t, top_k, hidden).sum(dim=1).to(x.dtype)
 
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ..errors import PolicyError
 from ..kernels import moe as moe_kernels
+from ..kernels._common import use_triton
 from ..policy.moe import ExpertsLayout, GateUpOrder, MoESpec
 from .mlp import InjectedMLP
 
@@ -203,10 +204,22 @@ class InjectedMoE(torch.nn.Module):
     def route(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(logits [T, E], weights [T, k], ids [T, k])`` for ``x [T, H]``; no host sync."""
         logits = F.linear(x, self.router_weight, self.router_bias)
+        in_dtype = self.weights_dtype == "input" or self.order == "topk_softmax"
+        if use_triton(self.backend, logits):  # one fused launch; float32 weights already rounded to the dtype
+            weights, ids = moe_kernels.route_fused(logits, self.top_k, self.order, self.normalize,
+                                                   round_to=logits.dtype if in_dtype else None, backend=self.backend)
+            return logits, weights, ids
         weights, ids = moe_kernels.route(logits, self.top_k, self.order, self.normalize)
-        if self.weights_dtype == "input" or self.order == "topk_softmax":
+        if in_dtype:
             weights = weights.to(logits.dtype)
         return logits, weights, ids
+
+    def router_scores(self, weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The routing weights as the Hugging Face block returns them (in the input's dtype when the model
+        keeps them there; :meth:`route` may hand them over as float32 already rounded)."""
+        if (self.weights_dtype == "input" or self.order == "topk_softmax") and weights.dtype != x.dtype:
+            return weights.to(x.dtype)
+        return weights
 
     def _dispatch(self, x: torch.Tensor) -> str:
         if self.dispatch != "auto":
@@ -223,7 +236,7 @@ class InjectedMoE(torch.nn.Module):
             x, self.experts_weight("w13"), self.experts_weight("w2"), ids, weights, self.activation, gated=self.gated, b13=self.b13, b2=self.b2,
             alpha=self.alpha, limit=self.limit, backend=self.backend, dispatch=self._dispatch(x))
         out = self.add_shared(x, out).reshape(shape)
-        return (out, weights) if self.returns_router_scores else out
+        return (out, self.router_scores(weights, x)) if self.returns_router_scores else out
 
     def add_shared(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``out`` plus the shared experts' output on ``x`` (gated by ``sigmoid(shared_gate(x))`` when the

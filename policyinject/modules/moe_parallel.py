@@ -180,7 +180,7 @@ class ExpertParallelMoE(torch.nn.Module):
             out = partial[self.ep_rank * t:(self.ep_rank + 1) * t]
             weights = weights[self.ep_rank * t:(self.ep_rank + 1) * t]
         out = m.add_shared(x, out).reshape(shape)
-        return (out, weights) if m.returns_router_scores else out
+        return (out, m.router_scores(weights, rows)) if m.returns_router_scores else out
 
     def extra_repr(self) -> str:
         sliced = f", each sliced over {self.slice_size} ranks" if self.slice_size > 1 else ""

@@ -31,10 +31,12 @@ def test_moe_kernels_compile_for_sm90(aot_rows: list) -> None:
     assert not failed, "\n".join(f"{r['name']} {r['dtype']}: {r['error']}" for r in failed)
     names = {(r["name"], r["dtype"]) for r in aot_rows}
     for shape in ("mixtral", "qwen3_30b_a3b"):
-        for kernel in ("gemv_up", "gemv_down", "gemm_up", "gemm_down"):
+        for kernel in ("gemv_up", "gemv_down", "gemm_up_prefill", "gemm_up_batch16", "gemm_down_prefill",
+                       "gemm_down_batch16"):
             for dt in ("bf16", "fp16"):
                 for suffix in ("", "_int8", "_int4") if dt == "bf16" else ("",):
                     assert (f"{kernel}_{shape}_silu{suffix}", dt) in names
+        assert any(n.startswith("route_") for n, _ in names)
 
 
 def test_moe_kernels_are_lean(aot_rows: list) -> None:
@@ -43,4 +45,5 @@ def test_moe_kernels_are_lean(aot_rows: list) -> None:
         what = f"{r['name']} {r['dtype']}"
         assert not r["local"], f"{what} spills to local memory"
         assert r["shared"] <= 64 * 1024, f"{what} uses {r['shared']} B of shared memory"
-        assert r["v4_loads"] > 0, f"{what} has no 16-byte global loads"
+        if not r["name"].startswith("route_"):  # the router reads one row of E logits: no wide loads needed
+            assert r["v4_loads"] > 0, f"{what} has no 16-byte global loads"

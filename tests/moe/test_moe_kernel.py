@@ -24,6 +24,11 @@ pytest.importorskip("triton")
 
 GEMV = MoEConfig(gemv=True, block_m=1, block_n=16, block_k=16)
 GEMM = MoEConfig(gemv=False, block_m=16, block_n=16, block_k=16)
+#: K steps of two int4 groups of 16 (per-group scales broadcast over the tile) and 16 output rows
+GEMM_WIDE_K = MoEConfig(gemv=False, block_m=16, block_n=16, block_k=32)
+GEMV_SPLIT_DOWN = MoEConfig(gemv=True, block_m=1, block_n=16, block_k=16, block_n_down=4)
+#: K steps of 32: int4 group 16 -> two groups per step (per-group sums), group 32 -> one
+GEMV_WIDE_K = MoEConfig(gemv=True, block_m=1, block_n=8, block_k=32, block_n_down=4)
 
 
 def _case(t: int, e: int, k: int, h: int, i: int, dtype: torch.dtype, gated: bool = True, bias: bool = False,
@@ -132,7 +137,8 @@ def test_shape_errors() -> None:
         fused_moe(x, w13, w2, ids[:, :1], w, backend="triton")
 
 
-@pytest.mark.parametrize("cfg", [GEMV, GEMM], ids=["gemv", "gemm"])
+@pytest.mark.parametrize("cfg", [GEMV, GEMM, GEMM_WIDE_K, GEMV_SPLIT_DOWN, GEMV_WIDE_K],
+                         ids=["gemv", "gemm", "gemm_k32", "gemv_bn4", "gemv_k32"])
 @pytest.mark.parametrize("bits,group,symmetric", [(8, None, True), (8, None, False), (4, 16, True), (4, 32, False)],
                          ids=["int8", "int8_asym", "int4_g16", "int4_g32_asym"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -167,3 +173,47 @@ def test_out_of_range_ids_contribute_nothing(cfg: MoEConfig, bias: bool) -> None
     assert torch.isfinite(out).all()
     assert out[2].abs().max() == 0
     assert rel_err(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("t,e,k", [(1, 128, 8), (5, 8, 2), (3, 60, 6), (4, 64, 4)])
+@pytest.mark.parametrize("order,normalize", [("softmax_topk", True), ("softmax_topk", False), ("topk_softmax", False)])
+@pytest.mark.parametrize("round_to", [None, torch.bfloat16])
+def test_fused_routing_matches_route(t: int, e: int, k: int, order: str, normalize: bool, round_to) -> None:
+    """The one-launch routing kernel picks the same experts in the same order as :func:`route` (fresh random
+    logits, no ties) with the same weights, rounded through the model's dtype when asked."""
+    from policyinject.kernels.moe import route_fused
+
+    logits = torch.randn(t, e, generator=torch.Generator().manual_seed(t * e + k)) * 3
+    weights, ids = route_fused(logits, k, order, normalize, round_to=round_to, backend="triton")
+    ref_w, ref_i = route(logits, k, order, normalize)
+    if round_to is not None:
+        ref_w = ref_w.to(round_to).float()
+    assert ids.dtype == torch.int32 and weights.dtype == torch.float32
+    assert torch.equal(ids.long(), ref_i)
+    assert rel_err(weights, ref_w) <= 1e-6
+
+
+@pytest.mark.parametrize("cfg", [GEMV, GEMV_WIDE_K, GEMM_WIDE_K], ids=["gemv", "gemv_k32", "gemm_k32"])
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 16)], ids=["int8", "int4_g16"])
+def test_out_of_range_ids_contribute_nothing_quantized(cfg: MoEConfig, bits: int, group) -> None:
+    """The quantized paths read wrapped rows without masks: a pair of another rank must still add nothing."""
+    from policyinject.kernels.moe import dequantize_experts, quantize_experts
+
+    x, w13, w2, _, _, ids, w = _case(t=6, e=4, k=2, h=64, i=32, dtype=torch.float32, seed=7)
+    q13, q2 = (quantize_experts(v, bits, group, False) for v in (w13, w2))
+    ids = ids.clone()
+    ids[1, 0] = -1
+    ids[3] = -1
+    with poisoned_alloc():
+        out = fused_moe(x, q13, q2, ids, w, backend="triton", config=cfg)
+    ref = moe_reference(x, dequantize_experts(q13), dequantize_experts(q2), ids, w)
+    assert out[3].abs().max() == 0
+    assert rel_err(out, ref) <= 1e-5
+
+
+def test_quantized_experts_take_the_gemv_path_while_pairs_are_sparse() -> None:
+    from policyinject.kernels.moe import moe_config
+
+    assert moe_config(16, 2048, 768, top_k=8, num_experts=128, quantized=True).gemv
+    assert not moe_config(16, 2048, 768, top_k=8, num_experts=128).gemv
+    assert not moe_config(16, 4096, 14336, top_k=2, num_experts=8, quantized=True).gemv  # 4 pairs per expert
