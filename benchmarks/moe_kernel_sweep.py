@@ -48,15 +48,17 @@ def graph_time_us(fn: Any, reps: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def candidates(tokens: int, hidden: int, inter: int, experts: int, k: int) -> List[MoEConfig]:
-    base = moe_config(tokens, hidden, inter, top_k=k, num_experts=experts)
+def candidates(tokens: int, hidden: int, inter: int, experts: int, k: int, quantized: bool) -> List[MoEConfig]:
+    base = moe_config(tokens, hidden, inter, top_k=k, num_experts=experts, quantized=quantized)
     out = [base]
     if base.gemv:
+        for down in (4, 8, 16, 32):
+            for pairs in (False, True):
+                out.append(MoEConfig(True, 1, base.block_n, 256, 4, down, pairs))
         for up in (8, 16, 32):
-            for down in (4, 8, 16):
-                out.append(MoEConfig(True, 1, up, 256, 4, down))
+            out.append(MoEConfig(True, 1, up, 256, 4, base.block_n_down, base.down_per_pair))
         for bk in (128, 512):
-            out.append(MoEConfig(True, 1, base.block_n, bk, 4, base.block_n_down))
+            out.append(MoEConfig(True, 1, base.block_n, bk, 4, base.block_n_down, base.down_per_pair))
     else:
         for bm in (16, 32):
             for bn in (64, 128):
@@ -98,7 +100,7 @@ def main(argv: Any = None) -> int:
                 roof_us = 1e6 * distinct * per_expert / bw
                 ref = fused_moe(x, a, b, ids, weights).float()
                 best = None
-                for i, cfg in enumerate(candidates(t, hidden, inter, experts, k)):
+                for i, cfg in enumerate(candidates(t, hidden, inter, experts, k, fmt != "bf16")):
                     try:
                         out = fused_moe(x, a, b, ids, weights, config=cfg).float()
                         err = float((out - ref).norm() / ref.norm())

@@ -290,43 +290,62 @@ def moe_gemv_up_kernel(
 
 
 @triton.jit
+def _down_pair(Hb, W2, S2, Z2, B2, IDS, WTS, pair, cols, mask_n, H, I, G, NGROUPS,
+               stride_hp, stride_we, stride_wn, stride_se, stride_sn, stride_be,
+               HAS_BIAS: tl.constexpr, WBITS: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SCALE_MODE: tl.constexpr, NG: tl.constexpr):
+    """``w_p * (W2[e_p][cols] @ Hb[p] + b2)`` in float32 for routed pair ``p`` (zero for a pair whose expert
+    is held by another rank)."""
+    e = tl.load(IDS + pair).to(tl.int64)
+    valid = e >= 0
+    e = tl.where(valid, e, 0)
+    mask_j = mask_n & valid
+    wt = tl.load(WTS + pair)
+    w_base = W2 + e * stride_we
+    s_base = S2 + e * stride_se
+    z_base = Z2 + e * stride_se
+    part = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if WBITS != 16 and SCALE_MODE != 0:
+        for k0 in range(0, I, BLOCK_K):
+            part += _qgemv_part(w_base, s_base, z_base, Hb + pair * stride_hp, cols % H, k0, I, NGROUPS,
+                                stride_wn, stride_sn, G, WBITS, HAS_ZERO, BLOCK_N, BLOCK_K, EVEN_K, SCALE_MODE, NG)
+        part = tl.where(valid, part, 0.0)  # the wrapped rows were read from expert 0 for a foreign pair
+    else:
+        for k0 in range(0, I, BLOCK_K):
+            part += _gemv_part(w_base, s_base, z_base, Hb + pair * stride_hp, cols, mask_j, k0, I, stride_wn,
+                               stride_sn, G, WBITS, HAS_ZERO, BLOCK_K, EVEN_K)
+    if HAS_BIAS:
+        part += tl.load(B2 + e * stride_be + cols, mask=mask_j, other=0.0).to(tl.float32)
+    return wt * part
+
+
+@triton.jit
 def moe_gemv_down_kernel(
     Hb, W2, S2, Z2, B2, IDS, WTS, OUT, H, I, G,
     stride_hp, stride_we, stride_wn, stride_se, stride_sn, stride_ot, stride_be,
     TOPK: tl.constexpr, HAS_BIAS: tl.constexpr, WBITS: tl.constexpr, HAS_ZERO: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, NGROUPS=1, SCALE_MODE: tl.constexpr = 0,
-    NG: tl.constexpr = 1,
+    NG: tl.constexpr = 1, PER_PAIR: tl.constexpr = False,
 ):
-    t = tl.program_id(0).to(tl.int64)
+    """Grid ``(T, cdiv(H, BLOCK_N))``: token ``t``'s ``TOPK`` experts summed in float32, one store per output
+    (no atomics). ``PER_PAIR``: grid ``(T * TOPK, cdiv(H, BLOCK_N))``, each program one pair, writing the
+    weighted float32 partial to ``OUT [T * TOPK, H]`` (the caller sums a token's ``TOPK`` rows): ``TOPK``
+    times the programs, for a step too small to keep the chip busy otherwise."""
+    pid = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = cols < H
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for j in tl.static_range(TOPK):
-        pair = t * TOPK + j
-        e = tl.load(IDS + pair).to(tl.int64)
-        valid = e >= 0
-        e = tl.where(valid, e, 0)
-        mask_j = mask_n & valid
-        wt = tl.load(WTS + pair)
-        w_base = W2 + e * stride_we
-        s_base = S2 + e * stride_se
-        z_base = Z2 + e * stride_se
-        part = tl.zeros([BLOCK_N], dtype=tl.float32)
-        if WBITS != 16 and SCALE_MODE != 0:
-            for k0 in range(0, I, BLOCK_K):
-                part += _qgemv_part(w_base, s_base, z_base, Hb + pair * stride_hp, cols % H, k0, I, NGROUPS,
-                                    stride_wn, stride_sn, G, WBITS, HAS_ZERO, BLOCK_N, BLOCK_K, EVEN_K, SCALE_MODE,
-                                    NG)
-            part = tl.where(valid, part, 0.0)  # the wrapped rows were read from expert 0 for a foreign pair
-        else:
-            for k0 in range(0, I, BLOCK_K):
-                part += _gemv_part(w_base, s_base, z_base, Hb + pair * stride_hp, cols, mask_j, k0, I, stride_wn,
-                                   stride_sn, G, WBITS, HAS_ZERO, BLOCK_K, EVEN_K)
-        if HAS_BIAS:
-            part += tl.load(B2 + e * stride_be + cols, mask=mask_j, other=0.0).to(tl.float32)
-        acc += wt * part
-    tl.store(OUT + t * stride_ot + cols, acc.to(OUT.dtype.element_ty), mask=mask_n)
+    if PER_PAIR:
+        acc = _down_pair(Hb, W2, S2, Z2, B2, IDS, WTS, pid, cols, mask_n, H, I, G, NGROUPS, stride_hp, stride_we,
+                         stride_wn, stride_se, stride_sn, stride_be, HAS_BIAS, WBITS, HAS_ZERO, BLOCK_N, BLOCK_K,
+                         EVEN_K, SCALE_MODE, NG)
+    else:
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for j in tl.static_range(TOPK):
+            acc += _down_pair(Hb, W2, S2, Z2, B2, IDS, WTS, pid * TOPK + j, cols, mask_n, H, I, G, NGROUPS,
+                              stride_hp, stride_we, stride_wn, stride_se, stride_sn, stride_be, HAS_BIAS, WBITS,
+                              HAS_ZERO, BLOCK_N, BLOCK_K, EVEN_K, SCALE_MODE, NG)
+    tl.store(OUT + pid * stride_ot + cols, acc.to(OUT.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit

@@ -307,7 +307,9 @@ def align_tokens(ids: torch.Tensor, num_experts: int, block_m: int) -> AlignedTo
 class MoEConfig:
     """Launch parameters. ``gemv``: one program per (pair, column block) reading only the selected experts
     (decode); otherwise the grouped GEMM with ``[block_m, block_n, block_k]`` tiles over sorted tokens.
-    ``block_n_down``: the GEMV down kernel's column block (default ``block_n``)."""
+    ``block_n_down``: the GEMV down kernel's column block (default ``block_n``); ``down_per_pair``: the GEMV
+    down kernel runs one program per (pair, column block) and the ``k`` float32 partials of a token are summed
+    afterwards (``k`` times the programs, one more small kernel)."""
 
     gemv: bool
     block_m: int
@@ -315,6 +317,7 @@ class MoEConfig:
     block_k: int
     num_warps: int = 4
     block_n_down: Optional[int] = None
+    down_per_pair: bool = False
 
 
 #: Up to this many tokens the GEMV path runs (each (token, expert) pair streams its expert's rows once).
@@ -336,15 +339,16 @@ def moe_config(tokens: int, hidden: int, inter: int, interpret: bool = False, to
     Up to :data:`GEMV_MAX_TOKENS` tokens (with ``quantized`` experts, up to :data:`QUANT_GEMV_MAX_TOKENS`
     while there are at most two routed pairs per expert), the GEMV pair; its column blocks are sized so that each kernel
     has about ``programs`` programs (several per SM: one program per SM cannot keep enough loads in flight
-    to stream its rows at the copy rate), between 4 and 32 rows. Above, the grouped GEMM; its row block
+    to stream its rows at the copy rate), between 4 and 32 rows; with ``top_k >= 4`` (many small experts) the
+    down kernel runs one program per routed pair (``down_per_pair``). Above, the grouped GEMM; its row block
     follows the expected tokens per expert (``tokens * top_k / num_experts``): 16 for batched decode (a
     64-row block would be mostly padding, multiplied all the same), 64 for long prompts.
 
     Example:
         >>> moe_config(1, 4096, 14336).gemv, moe_config(128, 4096, 14336).gemv
         (True, False)
-        >>> c = moe_config(1, 2048, 768, top_k=8, num_experts=128); c.block_n, c.block_n_down
-        (8, 4)
+        >>> c = moe_config(1, 2048, 768, top_k=8, num_experts=128); c.block_n, c.block_n_down, c.down_per_pair
+        (8, 32, True)
         >>> moe_config(16, 2048, 768, top_k=8, num_experts=128).block_m, moe_config(2048, 4096, 14336).block_m
         (16, 64)
     """
@@ -354,8 +358,9 @@ def moe_config(tokens: int, hidden: int, inter: int, interpret: bool = False, to
         if interpret:
             return MoEConfig(gemv=True, block_m=1, block_n=16, block_k=32)
         up = min(32, max(4, _pow2_floor(tokens * top_k * inter / programs)))
-        down = min(32, max(4, _pow2_floor(tokens * hidden / programs)))
-        return MoEConfig(gemv=True, block_m=1, block_n=up, block_k=256, block_n_down=down)
+        per_pair = top_k >= 4  # many small experts: one program per pair keeps enough loads in flight
+        down = min(32, max(4, _pow2_floor(tokens * (top_k if per_pair else 1) * hidden / programs)))
+        return MoEConfig(gemv=True, block_m=1, block_n=up, block_k=256, block_n_down=down, down_per_pair=per_pair)
     if interpret:
         return MoEConfig(gemv=False, block_m=16, block_n=16, block_k=32)
     block_m = 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64
@@ -473,15 +478,17 @@ def _launch(x: torch.Tensor, w13: Weights, w2: Weights, ids: torch.Tensor, weigh
                 TOPK=top_k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=hidden % cfg.block_k == 0,
                 NGROUPS=groups13, SCALE_MODE=mode13, NG=_groups_per_step(w13, cfg.block_k, mode13),
                 num_warps=gemv_warps(cfg.block_n, cfg.block_k, bits13, cfg.num_warps), **up)
-            out = torch.empty_like(x)
             bn_down = cfg.block_n_down or cfg.block_n
-            mod.moe_gemv_down_kernel[(t, -(-hidden // bn_down))](
+            per_pair = cfg.down_per_pair and top_k > 1
+            out = (torch.empty(n_pairs, hidden, dtype=torch.float32, device=x.device) if per_pair
+                   else torch.empty_like(x))
+            mod.moe_gemv_down_kernel[(n_pairs if per_pair else t, -(-hidden // bn_down))](
                 h, W2, S2, Z2, bias2, ids32, wts, out, hidden, inter, G2,
                 h.stride(0), swe2, swn2, sse2, ssn2, out.stride(0), sb2,
                 TOPK=top_k, BLOCK_N=bn_down, BLOCK_K=cfg.block_k, EVEN_K=inter % cfg.block_k == 0,
                 NGROUPS=groups2, SCALE_MODE=mode2, NG=_groups_per_step(w2, cfg.block_k, mode2),
-                num_warps=gemv_warps(bn_down, cfg.block_k, bits2, cfg.num_warps), **down)
-            return out
+                num_warps=gemv_warps(bn_down, cfg.block_k, bits2, cfg.num_warps), PER_PAIR=per_pair, **down)
+            return out.view(t, top_k, hidden).sum(dim=1).to(x.dtype) if per_pair else out
         al = align_tokens(ids, num_experts, cfg.block_m)
         mode13, groups13 = _scale_mode(w13, cfg.block_k)
         mode2, groups2 = _scale_mode(w2, cfg.block_k)

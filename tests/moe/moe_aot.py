@@ -52,7 +52,7 @@ def variants(dt: str) -> Iterator[Tuple[str, Any, Dict, Dict, List[str], int]]:
             div = ["Hb", "W2", "B2", "OUT", "H", "I", "stride_hp", "stride_we", "stride_wn", "stride_ot", "stride_be"]
             yield (f"gemv_down_{tag}", k.moe_gemv_down_kernel, sig,
                    dict(TOPK=topk, HAS_BIAS=bias, BLOCK_N=dec.block_n_down or dec.block_n, BLOCK_K=dec.block_k,
-                        EVEN_K=inter % dec.block_k == 0, **q, **gemv_scale), div,
+                        EVEN_K=inter % dec.block_k == 0, PER_PAIR=dec.down_per_pair, **q, **gemv_scale), div,
                    gemv_warps(dec.block_n_down or dec.block_n, dec.block_k, bits))
             sig = {"X": p, "W13": wt, "S13": "*fp16", "Z13": "*fp16", "B13": p, "SORTED": "*i32",
                    "BLOCK_EXPERT": "*i32", "Hb": p, "H": "i32", "I": "i32", "alpha": "fp32", "limit": "fp32",

@@ -29,6 +29,8 @@ GEMM_WIDE_K = MoEConfig(gemv=False, block_m=16, block_n=16, block_k=32)
 GEMV_SPLIT_DOWN = MoEConfig(gemv=True, block_m=1, block_n=16, block_k=16, block_n_down=4)
 #: K steps of 32: int4 group 16 -> two groups per step (per-group sums), group 32 -> one
 GEMV_WIDE_K = MoEConfig(gemv=True, block_m=1, block_n=8, block_k=32, block_n_down=4)
+#: the down projection one program per (pair, column block), partials summed afterwards
+GEMV_PER_PAIR = MoEConfig(gemv=True, block_m=1, block_n=16, block_k=32, block_n_down=8, down_per_pair=True)
 
 
 def _case(t: int, e: int, k: int, h: int, i: int, dtype: torch.dtype, gated: bool = True, bias: bool = False,
@@ -48,7 +50,7 @@ def _ref(x, w13, w2, b13, b2, ids, weights, act, gated):
     return moe_reference(f(x), f(w13), f(w2), ids, weights, act, gated, f(b13), f(b2))
 
 
-@pytest.mark.parametrize("cfg", [GEMV, GEMM], ids=["gemv", "gemm"])
+@pytest.mark.parametrize("cfg", [GEMV, GEMM, GEMV_PER_PAIR], ids=["gemv", "gemm", "gemv_pairs"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 def test_fused_moe_matches_reference(cfg: MoEConfig, dtype: torch.dtype) -> None:
     x, w13, w2, b13, b2, ids, w = _case(t=5, e=4, k=2, h=40, i=24, dtype=dtype)  # H, I not block multiples
@@ -137,8 +139,8 @@ def test_shape_errors() -> None:
         fused_moe(x, w13, w2, ids[:, :1], w, backend="triton")
 
 
-@pytest.mark.parametrize("cfg", [GEMV, GEMM, GEMM_WIDE_K, GEMV_SPLIT_DOWN, GEMV_WIDE_K],
-                         ids=["gemv", "gemm", "gemm_k32", "gemv_bn4", "gemv_k32"])
+@pytest.mark.parametrize("cfg", [GEMV, GEMM, GEMM_WIDE_K, GEMV_SPLIT_DOWN, GEMV_WIDE_K, GEMV_PER_PAIR],
+                         ids=["gemv", "gemm", "gemm_k32", "gemv_bn4", "gemv_k32", "gemv_pairs"])
 @pytest.mark.parametrize("bits,group,symmetric", [(8, None, True), (8, None, False), (4, 16, True), (4, 32, False)],
                          ids=["int8", "int8_asym", "int4_g16", "int4_g32_asym"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -158,7 +160,7 @@ def test_quantized_experts_match_dequantized_reference(cfg: MoEConfig, bits: int
     assert rel_err(fused_moe(x.float(), q13, q2, ids, w, backend="torch"), ref) <= 1e-5
 
 
-@pytest.mark.parametrize("cfg", [GEMV, GEMM], ids=["gemv", "gemm"])
+@pytest.mark.parametrize("cfg", [GEMV, GEMM, GEMV_PER_PAIR], ids=["gemv", "gemm", "gemv_pairs"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_out_of_range_ids_contribute_nothing(cfg: MoEConfig, bias: bool) -> None:
     """Expert parallelism marks the experts of other ranks with -1: the kernels skip those pairs."""
@@ -193,7 +195,8 @@ def test_fused_routing_matches_route(t: int, e: int, k: int, order: str, normali
     assert rel_err(weights, ref_w) <= 1e-6
 
 
-@pytest.mark.parametrize("cfg", [GEMV, GEMV_WIDE_K, GEMM_WIDE_K], ids=["gemv", "gemv_k32", "gemm_k32"])
+@pytest.mark.parametrize("cfg", [GEMV, GEMV_WIDE_K, GEMM_WIDE_K, GEMV_PER_PAIR],
+                         ids=["gemv", "gemv_k32", "gemm_k32", "gemv_pairs"])
 @pytest.mark.parametrize("bits,group", [(8, None), (4, 16)], ids=["int8", "int4_g16"])
 def test_out_of_range_ids_contribute_nothing_quantized(cfg: MoEConfig, bits: int, group) -> None:
     """The quantized paths read wrapped rows without masks: a pair of another rank must still add nothing."""
