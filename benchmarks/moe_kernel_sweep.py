@@ -48,8 +48,9 @@ def graph_time_us(fn: Any, reps: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def candidates(tokens: int, hidden: int, inter: int, experts: int, k: int, quantized: bool) -> List[MoEConfig]:
-    base = moe_config(tokens, hidden, inter, top_k=k, num_experts=experts, quantized=quantized)
+def candidates(tokens: int, hidden: int, inter: int, experts: int, k: int, bits: int) -> List[MoEConfig]:
+    quantized = bits != 16
+    base = moe_config(tokens, hidden, inter, top_k=k, num_experts=experts, quantized=quantized, weight_bits=bits)
     out = [base]
     if base.gemv:
         for down in (4, 8, 16, 32):
@@ -100,7 +101,7 @@ def main(argv: Any = None) -> int:
                 roof_us = 1e6 * distinct * per_expert / bw
                 ref = fused_moe(x, a, b, ids, weights).float()
                 best = None
-                for i, cfg in enumerate(candidates(t, hidden, inter, experts, k, fmt != "bf16")):
+                for i, cfg in enumerate(candidates(t, hidden, inter, experts, k, {"bf16": 16, "int8": 8, "int4": 4}[fmt])):
                     try:
                         out = fused_moe(x, a, b, ids, weights, config=cfg).float()
                         err = float((out - ref).norm() / ref.norm())

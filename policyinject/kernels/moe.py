@@ -333,14 +333,16 @@ def _pow2_floor(v: float) -> int:
 
 
 def moe_config(tokens: int, hidden: int, inter: int, interpret: bool = False, top_k: int = 2,
-               num_experts: int = 8, programs: int = 512, quantized: bool = False) -> MoEConfig:
+               num_experts: int = 8, programs: int = 512, quantized: bool = False,
+               weight_bits: int = 16) -> MoEConfig:
     """Default launch parameters from the static shape.
 
     Up to :data:`GEMV_MAX_TOKENS` tokens (with ``quantized`` experts, up to :data:`QUANT_GEMV_MAX_TOKENS`
     while there are at most two routed pairs per expert), the GEMV pair; its column blocks are sized so that each kernel
     has about ``programs`` programs (several per SM: one program per SM cannot keep enough loads in flight
-    to stream its rows at the copy rate), between 4 and 32 rows; with ``top_k >= 4`` (many small experts) the
-    down kernel runs one program per routed pair (``down_per_pair``). Above, the grouped GEMM; its row block
+    to stream its rows at the copy rate), between 4 and 32 rows; the down kernel runs one program per routed
+    pair (``down_per_pair``) and about four times as many programs, with wider blocks for ``weight_bits`` 8
+    and 4 (fewer bytes per row). Above, the grouped GEMM; its row block
     follows the expected tokens per expert (``tokens * top_k / num_experts``): 16 for batched decode (a
     64-row block would be mostly padding, multiplied all the same), 64 for long prompts.
 
@@ -348,7 +350,9 @@ def moe_config(tokens: int, hidden: int, inter: int, interpret: bool = False, to
         >>> moe_config(1, 4096, 14336).gemv, moe_config(128, 4096, 14336).gemv
         (True, False)
         >>> c = moe_config(1, 2048, 768, top_k=8, num_experts=128); c.block_n, c.block_n_down, c.down_per_pair
-        (8, 32, True)
+        (8, 8, True)
+        >>> moe_config(1, 4096, 14336).block_n_down, moe_config(1, 4096, 14336, weight_bits=8).block_n_down
+        (4, 8)
         >>> moe_config(16, 2048, 768, top_k=8, num_experts=128).block_m, moe_config(2048, 4096, 14336).block_m
         (16, 64)
     """
@@ -358,9 +362,11 @@ def moe_config(tokens: int, hidden: int, inter: int, interpret: bool = False, to
         if interpret:
             return MoEConfig(gemv=True, block_m=1, block_n=16, block_k=32)
         up = min(32, max(4, _pow2_floor(tokens * top_k * inter / programs)))
-        per_pair = top_k >= 4  # many small experts: one program per pair keeps enough loads in flight
-        down = min(32, max(4, _pow2_floor(tokens * (top_k if per_pair else 1) * hidden / programs)))
-        return MoEConfig(gemv=True, block_m=1, block_n=up, block_k=256, block_n_down=down, down_per_pair=per_pair)
+        # the down kernel: one program per routed pair and ~4x the programs (the best of a sweep on an H200
+        # at Mixtral-8x7B and Qwen3-30B-A3B shapes: benchmarks/moe_kernel_sweep.py)
+        down = min(32, max(4, _pow2_floor(tokens * top_k * hidden * (16 // weight_bits) / (4 * programs))))
+        return MoEConfig(gemv=True, block_m=1, block_n=up, block_k=256, block_n_down=down,
+                         down_per_pair=top_k > 1)
     if interpret:
         return MoEConfig(gemv=False, block_m=16, block_n=16, block_k=32)
     block_m = 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64
@@ -453,7 +459,8 @@ def _launch(x: torch.Tensor, w13: Weights, w2: Weights, ids: torch.Tensor, weigh
     top_k = ids.shape[1]
     interp = is_interpreted(mod.moe_gemv_up_kernel)
     cfg = config or moe_config(t, hidden, inter, interp, top_k=ids.shape[1], num_experts=num_experts,
-                               quantized=isinstance(w13, QuantizedExperts) or isinstance(w2, QuantizedExperts))
+                               quantized=isinstance(w13, QuantizedExperts) or isinstance(w2, QuantizedExperts),
+                               weight_bits=w2.num_bits if isinstance(w2, QuantizedExperts) else 16)
     x = x if x.stride(-1) == 1 else x.contiguous()
     W13, S13, Z13, G13, swe13, swn13, sse13, ssn13, bits13, zero13 = _wargs(w13)
     W2, S2, Z2, G2, swe2, swn2, sse2, ssn2, bits2, zero2 = _wargs(w2)

@@ -33,6 +33,7 @@ def variants(dt: str) -> Iterator[Tuple[str, Any, Dict, Dict, List[str], int]]:
             if (bits != 16 and dt != "bf16") or (act != "silu" and shape != "mixtral"):
                 continue  # quantized variants in bf16 only, GPT-OSS's activation at one shape
             tag = f"{shape}_{act}" + ("" if bits == 16 else f"_int{bits}")
+            dec = moe_config(1, hidden, inter, top_k=topk, num_experts=experts, weight_bits=bits)
             wt = {16: p, 8: "*i8", 4: "*u8"}[bits]
             q = dict(WBITS=bits, HAS_ZERO=zero)
             qsig = {"G": "i32", "stride_se": "i32", "stride_sn": "i32"}
