@@ -57,6 +57,23 @@ def test_gptq_act_order_keeps_contiguous_groups_and_format():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gptq_hqq_static_grid(seed):
+    """static_grid="hqq": the static groups are HQQ's (scales and zero points), the format is unchanged and
+    the output error stays below round-to-nearest's."""
+    from policyinject.kernels.quant_search import hqq_quantize_weight
+
+    w, x = _problem(seed)
+    qw = gptq_quantize_weight(w, x.T @ x, 4, 32, False, act_order=True, static_grid="hqq")
+    grid = hqq_quantize_weight(w, 4, 32)
+    assert torch.equal(qw.scales, grid.scales) and torch.equal(qw.zeros, grid.zeros)
+    assert qw.qweight.shape == grid.qweight.shape and qw.qweight.dtype == grid.qweight.dtype
+    rtn = quantize_weight(w, 4, 32, False)
+    assert _out_err(x, w, dequantize_weight(qw)) <= _out_err(x, w, dequantize_weight(rtn))
+    with pytest.raises(ValueError, match="static_grid"):
+        gptq_quantize_weight(w, x.T @ x, 4, 32, False, static_grid="best")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("bits,group,symmetric", [(4, 32, False), (4, 128, True)])
 def test_awq_output_error_at_most_rtn(seed, bits, group, symmetric):
     w, x = _problem(seed)

@@ -167,6 +167,7 @@ def gptq_quantize_weight(
     block_size: int = 128,
     scale_dtype: torch.dtype = torch.float16,
     act_order: bool = False,
+    static_grid: str = "minmax",
 ) -> QuantizedWeight:
     """GPTQ: quantize ``weight`` ``[N, K]`` minimising the output error on inputs with Hessian ``hessian`` ``[K, K]``.
 
@@ -181,7 +182,9 @@ def gptq_quantize_weight(
     ``act_order``: walk the columns by decreasing Hessian diagonal (the most-activated inputs first, while the
     most columns remain to absorb their error). The groups stay the contiguous ones the kernels expect: each
     group's scale (and zero point) is fixed up front from the original weights ("static groups"), and every
-    column uses its own group's, whatever its place in the walk.
+    column uses its own group's, whatever its place in the walk. ``static_grid``: how those static groups are
+    found: ``"minmax"`` (each group's range) or ``"hqq"`` (asymmetric int4 only: the zero points
+    :func:`hqq_quantize_weight` optimises on the original weights, a grid with a smaller weight error).
 
     Example:
         >>> w, x = torch.randn(8, 64), torch.randn(256, 64)
@@ -203,9 +206,15 @@ def gptq_quantize_weight(
     h[idx, idx] += damp * torch.diagonal(h).mean()
     groups = k // g
     perm = None
+    if static_grid not in ("minmax", "hqq"):
+        raise ValueError(f"static_grid must be 'minmax' or 'hqq', got {static_grid!r}")
     if act_order:
         perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-        s_static, z_static = group_scale_zero(w.reshape(n, groups, g), num_bits, symmetric, scale_dtype)
+        if static_grid == "hqq" and not symmetric and num_bits == 4:
+            grid = hqq_quantize_weight(w, num_bits, g, scale_dtype=scale_dtype)
+            s_static, z_static = grid.scales, grid.zeros
+        else:
+            s_static, z_static = group_scale_zero(w.reshape(n, groups, g), num_bits, symmetric, scale_dtype)
         w, h = w[:, perm], h[perm][:, perm]
     hinv = _inverse_cholesky_upper(h)
 
