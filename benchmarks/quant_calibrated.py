@@ -4,7 +4,8 @@ Evaluation text: Debian's GPL-3 (``/usr/share/common-licenses/GPL-3``), the firs
 windows. Calibration text (``--calibration``): ``shipped``, the package's default
 (``policyinject/quant/data/calibration.txt``, this project's own documentation and code: out of domain), or
 ``heldout``, the same license text's tokens after the evaluated 2048 (in domain, disjoint tokens). Either way the
-calibration tokens are not the evaluation tokens. Greedy agreement: the share of
+calibration tokens are not the evaluation tokens; ``licenses`` adds the other license texts Debian ships
+(GPL-2, LGPL-2.1, GFDL-1.3, MPL-2.0, Apache-2.0, ...) up to ``--max-rows`` rows of 512 tokens. Greedy agreement: the share of
 32 greedily generated tokens (after each of two fixed prompts) equal, position by position, to the unquantized
 model's. CPU, fp32, reference (PyTorch) kernels: it measures the format and the rounding, not the kernels.
 
@@ -26,6 +27,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from quant_accuracy import GPL3, perplexity  # noqa: E402
+
+#: In-domain calibration besides the held-out GPL-3 tokens (``--calibration licenses``): other license texts
+#: that Debian ships next to it (none of them is the evaluated text).
+OTHER_LICENSES = ("GPL-2", "LGPL-2.1", "GFDL-1.3", "MPL-2.0", "Apache-2.0", "LGPL-2", "GPL-1")
 
 PROMPTS = ("The GNU General Public License is", "def fibonacci(n):\n    ")
 
@@ -58,9 +63,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["smollm2"], choices=["smollm2", "qwen"])
     ap.add_argument("--rows", nargs="+", default=[])
-    ap.add_argument("--calibration", choices=["shipped", "heldout"], default="shipped",
+    ap.add_argument("--calibration", choices=["shipped", "heldout", "licenses"], default="shipped",
                     help="shipped: the package's default text (out of domain); heldout: the evaluation text's tokens "
-                         "after the evaluated 2048, in 512-token rows (same text, disjoint tokens)")
+                         "after the evaluated 2048, in 512-token rows (same text, disjoint tokens); licenses: "
+                         "heldout plus the system's other license texts (in domain, more tokens; --max-rows)")
+    ap.add_argument("--max-rows", type=int, default=32, help="calibration rows of 512 tokens for 'licenses'")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
     import transformers
@@ -76,10 +83,18 @@ def main() -> int:
         all_ids = tok(text, return_tensors="pt").input_ids
         ids = all_ids[:, :2048]
         calibration = {"tokenizer": tok}
-        if args.calibration == "heldout":
+        if args.calibration in ("heldout", "licenses"):
             held = all_ids[0, 2048:]
             rows_ = [held[i:i + 512] for i in range(0, held.numel() - 511, 512)]
+            if args.calibration == "licenses":
+                for other in OTHER_LICENSES:
+                    path = os.path.join(os.path.dirname(GPL3), other)
+                    if os.path.exists(path):
+                        ids_o = tok(open(path, encoding="utf-8").read(), return_tensors="pt").input_ids[0]
+                        rows_ += [ids_o[i:i + 512] for i in range(0, ids_o.numel() - 511, 512)]
+                rows_ = rows_[:args.max_rows]
             calibration = {"data": rows_, "num_samples": len(rows_), "seq_len": 512}
+            result["calibration_tokens"] = 512 * len(rows_)
         result["calibration"] = args.calibration
         ref_ppl, ref_gen, table = None, None, []
         result["models"][name] = table
