@@ -18,34 +18,14 @@ from typing import Any, Dict, List
 import torch
 
 from policyinject.kernels.moe import MoEConfig, fused_moe, moe_config, quantize_experts, route
-from policyinject.testing.roofline import copy_bandwidth
+from policyinject.testing.roofline import copy_bandwidth, steady_state_seconds
 
 SHAPES = {"mixtral-8x7b": (4096, 14336, 8, 2), "qwen3-30b-a3b": (2048, 768, 128, 8)}
 
 
-def graph_time_us(fn: Any, reps: int = 20) -> float:
-    """Mean GPU time of ``fn`` over ``reps`` calls captured in one CUDA graph (no launch gaps)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / reps)
-    return sorted(times)[len(times) // 2]
+def graph_time_us(fn: Any, device: torch.device) -> float:
+    """GPU time of ``fn`` per call over CUDA-graph replays (no launch gaps)."""
+    return 1e6 * steady_state_seconds(fn, [()], calls=20, device=device)
 
 
 def candidates(tokens: int, hidden: int, inter: int, experts: int, k: int, bits: int) -> List[MoEConfig]:
@@ -105,7 +85,7 @@ def main(argv: Any = None) -> int:
                     try:
                         out = fused_moe(x, a, b, ids, weights, config=cfg).float()
                         err = float((out - ref).norm() / ref.norm())
-                        us = graph_time_us(lambda: fused_moe(x, a, b, ids, weights, config=cfg))
+                        us = graph_time_us(lambda: fused_moe(x, a, b, ids, weights, config=cfg), dev)
                     except Exception as exc:  # a configuration that does not compile or fit: reported, skipped
                         print(f"  {name} {fmt} T={t} {cfg}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
                         continue

@@ -349,6 +349,17 @@ def moe_gemv_down_kernel(
 
 
 @triton.jit
+def _rows_step(P, rows, stride, valid, k0, K, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The ``[BLOCK_M, BLOCK_K]`` activation step at ``k0`` of the gathered ``rows`` (zero where not
+    ``valid`` or past ``K``), float32 with ``UPCAST``."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    a = tl.load(P + rows[:, None] * stride + ks[None, :], mask=valid[:, None] & (ks < K)[None, :], other=0.0)
+    if UPCAST:
+        a = a.to(tl.float32)
+    return a
+
+
+@triton.jit
 def _qdot(acc, a, w0, w1, WBITS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
           BLOCK_K: tl.constexpr):
     """``acc + a @ W`` for a dequantized step from :func:`_qtiles` (int4: the even and odd activation
@@ -394,11 +405,7 @@ def moe_gemm_up_kernel(
     if WBITS != 16 and SCALE_MODE != 0:
         cols_w = cols % I  # wrapped: every weight and scale load is in range, the store is masked
         for k0 in range(0, H, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(X + tok[:, None] * stride_xt + ks[None, :], mask=valid[:, None] & (ks < H)[None, :],
-                        other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
+            a = _rows_step(X, tok, stride_xt, valid, k0, H, UPCAST, BLOCK_K)
             if GATED:
                 up_rows = cols_w + I  # the up rows follow the gate rows
             else:
@@ -472,11 +479,7 @@ def moe_gemm_down_kernel(
     if WBITS != 16 and SCALE_MODE != 0:
         cols_w = cols % H
         for k0 in range(0, I, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(Hb + rows[:, None] * stride_hp + ks[None, :], mask=valid[:, None] & (ks < I)[None, :],
-                        other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
+            a = _rows_step(Hb, rows, stride_hp, valid, k0, I, UPCAST, BLOCK_K)
             w0, w1 = _qtiles(w_base, s_base, z_base, cols_w, k0, I, NGROUPS, stride_wn, stride_sn, G, WBITS,
                              HAS_ZERO, BLOCK_N, BLOCK_K, SCALE_MODE, NG)
             acc = _qdot(acc, a, w0, w1, WBITS, UPCAST, BLOCK_M, BLOCK_K)
