@@ -131,6 +131,23 @@ def test_calibrated_model_quantizes_to_quantlinears_and_beats_rtn(method):
     assert err == err and err < err_rtn
 
 
+def test_gptq_grid_key_reaches_gptq():
+    """quant.calibration.gptq_grid="hqq": every calibrated linear's zero points are HQQ's of its original
+    weight (the static groups); "minmax" differs; a value outside the two is a ConfigError naming the key."""
+    from policyinject.kernels.quant_search import hqq_quantize_weight
+
+    base = _tiny_llama()
+    w0 = base.model.layers[0].mlp.down_proj.weight.detach().clone()
+    weight = {"num_bits": 4, "method": "gptq", "group_size": 32, "q_type": "asymmetric"}
+    hqq = _init(copy.deepcopy(base), {**_quant("gptq", gptq_grid="hqq"), "weight": weight})
+    minmax = _init(copy.deepcopy(base), {**_quant("gptq"), "weight": weight})
+    grid = hqq_quantize_weight(w0, 4, 32)
+    assert torch.equal(hqq.model.layers[0].mlp.down_proj.zeros.float(), grid.zeros.float())
+    assert not torch.equal(minmax.model.layers[0].mlp.down_proj.zeros.float(), grid.zeros.float())
+    with pytest.raises(ConfigError, match="gptq_grid"):
+        load_config(quant={"calibration": {"gptq_grid": "best"}})
+
+
 def test_calibrated_weights_dequantize_through_quantlinear():
     """Kernel-format equality: a calibrated linear is a QuantLinear whose output is x @ dequantize(stored)^T."""
     model = _init(_tiny_llama(), _quant("gptq"))

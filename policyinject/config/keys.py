@@ -375,6 +375,13 @@ KEYS: tuple = (
             "gptq: quantize columns by decreasing activation (Hessian diagonal), with the contiguous groups the "
             "kernels expect (static groups). Read by gptq only.",
             convert=v.boolean, schema=_BOOL, origin="policyinject"),
+    KeySpec("quant.calibration.gptq_grid", '"minmax" | "hqq"', "minmax",
+            "gptq with act_order: how the static groups' scales and zero points are found. minmax: each "
+            "group's range; hqq: for asymmetric int4, the zero points HQQ optimises on the original weights "
+            "(a smaller weight error; +8.1% against +8.4% perplexity on Qwen2.5-Coder-0.5B int4 g32). Read by "
+            "gptq only.",
+            convert=v.choice("minmax", "hqq"), schema={"type": "string", "enum": ["minmax", "hqq"]},
+            origin="policyinject"),
     # ---- checkpoint_config -----------------------------------------------------------------------------
     KeySpec("checkpoint_config.checkpoint_dir", "str or null", None, "DeepSpeed: unused (TODO there).",
             status=Status.WARNS, note="use the top-level `checkpoint`", convert=v.optional_text,

@@ -190,6 +190,7 @@ class CalibrationConfig:
     seed: int = _field("quant.calibration.seed")
     tokenizer: Any = _field("quant.calibration.tokenizer")
     act_order: bool = _field("quant.calibration.act_order")
+    gptq_grid: str = _field("quant.calibration.gptq_grid")
 
     def __attrs_post_init__(self) -> None:
         _validate(self, "quant.calibration")

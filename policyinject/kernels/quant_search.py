@@ -184,7 +184,8 @@ def gptq_quantize_weight(
     group's scale (and zero point) is fixed up front from the original weights ("static groups"), and every
     column uses its own group's, whatever its place in the walk. ``static_grid``: how those static groups are
     found: ``"minmax"`` (each group's range) or ``"hqq"`` (asymmetric int4 only: the zero points
-    :func:`hqq_quantize_weight` optimises on the original weights, a grid with a smaller weight error).
+    :func:`hqq_quantize_weight` optimises on the original weights, a grid with a smaller weight error;
+    ``quant.calibration.gptq_grid``).
 
     Example:
         >>> w, x = torch.randn(8, 64), torch.randn(256, 64)

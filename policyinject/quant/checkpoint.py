@@ -100,6 +100,7 @@ def fingerprint(config: Any, method: str) -> Dict[str, Any]:
                    "quant.calibration.seed": spec.seed})
         if method == "gptq":
             fp["quant.calibration.act_order"] = spec.act_order
+            fp["quant.calibration.gptq_grid"] = spec.gptq_grid
     return fp
 
 

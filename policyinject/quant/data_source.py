@@ -52,6 +52,7 @@ class CalibrationSpec:
     seed: int = 0
     tokenizer: Any = None
     act_order: bool = True
+    gptq_grid: str = "minmax"
 
 
 def calibration_spec_from_config(config: Any) -> CalibrationSpec:
@@ -67,7 +68,8 @@ def calibration_spec_from_config(config: Any) -> CalibrationSpec:
     return CalibrationSpec(
         data=getattr(cal, "data", d.data), num_samples=int(getattr(cal, "num_samples", d.num_samples)),
         seq_len=int(getattr(cal, "seq_len", d.seq_len)), seed=int(getattr(cal, "seed", d.seed)),
-        tokenizer=getattr(cal, "tokenizer", d.tokenizer), act_order=bool(getattr(cal, "act_order", d.act_order)))
+        tokenizer=getattr(cal, "tokenizer", d.tokenizer), act_order=bool(getattr(cal, "act_order", d.act_order)),
+        gptq_grid=str(getattr(cal, "gptq_grid", d.gptq_grid)))
 
 
 def describe_data(data: Any) -> str:
