@@ -148,6 +148,19 @@ def test_gptq_grid_key_reaches_gptq():
         load_config(quant={"calibration": {"gptq_grid": "best"}})
 
 
+def test_gptq_damp_key_reaches_gptq():
+    """quant.calibration.damp changes the result (0.1 is the default) and must be a finite number > 0."""
+    base = _tiny_llama()
+    a = _init(copy.deepcopy(base), _quant("gptq"))
+    b = _init(copy.deepcopy(base), _quant("gptq", damp=0.1))
+    c = _init(copy.deepcopy(base), _quant("gptq", damp=2.0))
+    qa, qb, qc = (m.model.layers[1].mlp.down_proj.qweight for m in (a, b, c))
+    assert torch.equal(qa, qb) and not torch.equal(qa, qc)
+    for bad in (0, -0.1, float("nan"), "0.1", True):
+        with pytest.raises(ConfigError, match="damp"):
+            load_config(quant={"calibration": {"damp": bad}})
+
+
 def test_calibrated_weights_dequantize_through_quantlinear():
     """Kernel-format equality: a calibrated linear is a QuantLinear whose output is x @ dequantize(stored)^T."""
     model = _init(_tiny_llama(), _quant("gptq"))

@@ -382,6 +382,10 @@ KEYS: tuple = (
             "gptq only.",
             convert=v.choice("minmax", "hqq"), schema={"type": "string", "enum": ["minmax", "hqq"]},
             origin="policyinject"),
+    KeySpec("quant.calibration.damp", "number > 0", 0.1,
+            "gptq: the damping added to the Hessian's diagonal, as a fraction of its mean (the GPTQ paper uses "
+            "0.01). Read by gptq only.",
+            convert=v.positive_number, schema={"type": "number", "exclusiveMinimum": 0}, origin="policyinject"),
     # ---- checkpoint_config -----------------------------------------------------------------------------
     KeySpec("checkpoint_config.checkpoint_dir", "str or null", None, "DeepSpeed: unused (TODO there).",
             status=Status.WARNS, note="use the top-level `checkpoint`", convert=v.optional_text,

@@ -191,6 +191,7 @@ class CalibrationConfig:
     tokenizer: Any = _field("quant.calibration.tokenizer")
     act_order: bool = _field("quant.calibration.act_order")
     gptq_grid: str = _field("quant.calibration.gptq_grid")
+    damp: float = _field("quant.calibration.damp")
 
     def __attrs_post_init__(self) -> None:
         _validate(self, "quant.calibration")

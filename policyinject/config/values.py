@@ -123,6 +123,25 @@ def positive_seconds(value: Any) -> float:
     return number
 
 
+def positive_number(value: Any) -> float:
+    """A finite number > 0 (an int or a float; bools, strings, NaN and infinity rejected).
+
+    Example:
+        >>> positive_number(0.2), positive_number(1)
+        (0.2, 1.0)
+        >>> positive_number(float("nan"))
+        Traceback (most recent call last):
+        ...
+        policyinject.config.errors.InvalidValue: must be a finite number > 0, got nan
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidValue(f"expected a number, got {short_repr(value)}")
+    number = float(int.__int__(value)) if isinstance(value, int) else float.__float__(value)
+    if not math.isfinite(number) or number <= 0:
+        raise InvalidValue(f"must be a finite number > 0, got {short_repr(value, typed=False)}")
+    return number
+
+
 def optional_positive_int(value: Any) -> Optional[int]:
     """None, or an int >= 1.
 

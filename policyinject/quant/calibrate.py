@@ -240,8 +240,8 @@ def _gptq_layer(mods: Dict[str, nn.Module], targets: Dict[str, Target], collecto
         if acc is None:
             raise PlanError(f"calibration: {path} was never called while its layer ran; cannot calibrate it")
         qw = gptq_quantize_weight(_weight(mod, t.transposed), acc.hessian, t.num_bits, t.group_size, t.symmetric,
-                                  act_order=spec.act_order, static_grid=spec.gptq_grid)
+                                  act_order=spec.act_order, static_grid=spec.gptq_grid, damp=spec.damp)
         _set_weight(mod, dequantize_weight(qw), t.transposed)
         result.weights[path] = qw
-        result.notes[path] = (f"gptq (act_order={spec.act_order}, grid {spec.gptq_grid}, {acc.count} calibration "
-                              "tokens)")
+        result.notes[path] = (f"gptq (act_order={spec.act_order}, grid {spec.gptq_grid}, damp {spec.damp}, "
+                              f"{acc.count} calibration tokens)")

@@ -101,6 +101,7 @@ def fingerprint(config: Any, method: str) -> Dict[str, Any]:
         if method == "gptq":
             fp["quant.calibration.act_order"] = spec.act_order
             fp["quant.calibration.gptq_grid"] = spec.gptq_grid
+            fp["quant.calibration.damp"] = spec.damp
     return fp
 
 

@@ -53,6 +53,7 @@ class CalibrationSpec:
     tokenizer: Any = None
     act_order: bool = True
     gptq_grid: str = "minmax"
+    damp: float = 0.1
 
 
 def calibration_spec_from_config(config: Any) -> CalibrationSpec:
@@ -69,7 +70,7 @@ def calibration_spec_from_config(config: Any) -> CalibrationSpec:
         data=getattr(cal, "data", d.data), num_samples=int(getattr(cal, "num_samples", d.num_samples)),
         seq_len=int(getattr(cal, "seq_len", d.seq_len)), seed=int(getattr(cal, "seed", d.seed)),
         tokenizer=getattr(cal, "tokenizer", d.tokenizer), act_order=bool(getattr(cal, "act_order", d.act_order)),
-        gptq_grid=str(getattr(cal, "gptq_grid", d.gptq_grid)))
+        gptq_grid=str(getattr(cal, "gptq_grid", d.gptq_grid)), damp=float(getattr(cal, "damp", d.damp)))
 
 
 def describe_data(data: Any) -> str:

@@ -35,7 +35,7 @@ OURS = ["kernel_backend", "max_batch_size", "cuda_graph_cache_size", "tensor_par
         "quant.lm_head", "quant.lm_head.enabled", "quant.weight.method", "quant.checkpoint", "quant.calibration",
         "quant.calibration.data", "quant.calibration.num_samples", "quant.calibration.seq_len",
         "quant.calibration.seed", "quant.calibration.tokenizer", "quant.calibration.act_order",
-        "quant.calibration.gptq_grid",
+        "quant.calibration.gptq_grid", "quant.calibration.damp",
         "quant.weight.include", "quant.weight.exclude"]
 ALIASES = {
     "kernel_inject": "replace_with_kernel_inject", "tp": "tensor_parallel", "injection_dict": "injection_policy",
