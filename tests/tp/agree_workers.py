@@ -84,7 +84,7 @@ def _types(model: torch.nn.Module) -> List[str]:
     return [type(m).__name__ for m in model.modules()]
 
 
-def build(rank: int, tp: int = 2, grain: int = 8, overrides: Any = None, timeout: float = 20.0,
+def build(rank: int, tp: int = 2, grain: int = 8, overrides: Any = None, timeout: float = 120.0,
           **extra: Any) -> Dict[str, Any]:
     """``init_inference`` of the tiny Llama; reports whether the model was left untouched on failure."""
     from policyinject.pipeline import init_inference
