@@ -33,6 +33,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._quant_gemm_triton import _rows_of_groups
+
 
 @triton.jit
 def _act(g, u, alpha, limit, ACT: tl.constexpr, GATED: tl.constexpr):
@@ -58,6 +60,13 @@ def _act(g, u, alpha, limit, ACT: tl.constexpr, GATED: tl.constexpr):
 
 
 @triton.jit
+def _nibbles(b):
+    """The two int4 values of each byte of ``b`` (int32 from uint8, stored ``q + 8``) as float32 ``q``:
+    ``(low, high)`` -- the even and the odd feature."""
+    return (b & 15).to(tl.float32) - 8.0, ((b >> 4) & 15).to(tl.float32) - 8.0
+
+
+@triton.jit
 def _wload(W, S, Z, r2, k2, m2, stride_wn, stride_sn, G, WBITS: tl.constexpr, HAS_ZERO: tl.constexpr):
     """A float32 weight tile at rows ``r2``, input features ``k2`` (broadcast 2-D offsets), dequantized:
     16-bit floats as they are; int8 ``W[r, k]``; int4 two per byte (``k`` even: low nibble), stored ``q + 8``;
@@ -74,13 +83,6 @@ def _wload(W, S, Z, r2, k2, m2, stride_wn, stride_sn, G, WBITS: tl.constexpr, HA
     if HAS_ZERO:
         q = q - tl.load(Z + r2 * stride_sn + grp, mask=m2, other=0.0).to(tl.float32)
     return q * sc
-
-
-@triton.jit
-def _group_rows(ptrs, NG: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``[NG, BLOCK_N]`` per-group values as float32, each repeated over its group's ``ROWS // NG`` rows."""
-    v = tl.load(ptrs).to(tl.float32)
-    return tl.reshape(tl.broadcast_to(v[:, None, :], (NG, ROWS // NG, BLOCK_N)), (ROWS, BLOCK_N))
 
 
 @triton.jit
@@ -106,8 +108,7 @@ def _qtiles(w_base, s_base, z_base, cols_w, k0, K, NGROUPS, stride_wn, stride_sn
         kmask = (k0 + 2 * j) < K  # byte j holds features 2j and 2j + 1 (K is even)
         raw = tl.load(w_base + cols_w[None, :] * stride_wn + (k0 // 2 + j)[:, None], mask=kmask[:, None],
                       other=0).to(tl.int32)
-        w0 = (raw & 15).to(tl.float32) - 8.0
-        w1 = ((raw >> 4) & 15).to(tl.float32) - 8.0
+        w0, w1 = _nibbles(raw)
     if SCALE_MODE == 1:
         g = k0 // G
         sc = tl.load(s_base + cols_w * stride_sn + g).to(tl.float32)[None, :]
@@ -118,9 +119,9 @@ def _qtiles(w_base, s_base, z_base, cols_w, k0, K, NGROUPS, stride_wn, stride_sn
     else:
         grp = tl.minimum(k0 // G + tl.arange(0, NG), NGROUPS - 1)  # a ragged last step reads the last group
         sp = cols_w[None, :] * stride_sn + grp[:, None]
-        sc = _group_rows(s_base + sp, NG, BKW, BLOCK_N)
+        sc = _rows_of_groups(s_base + sp, NG, BKW, BLOCK_N)
         if HAS_ZERO:
-            z = _group_rows(z_base + sp, NG, BKW, BLOCK_N)
+            z = _rows_of_groups(z_base + sp, NG, BKW, BLOCK_N)
             w0 = w0 - z
             w1 = w1 - z
     return w0 * sc, w1 * sc
@@ -145,8 +146,7 @@ def _gemv_part(w_base, s_base, z_base, x_row, rows, mask_n, k0, K, stride_wn, st
             xe = tl.load(x_row + kb * 2, mask=mk, other=0.0).to(tl.float32)
             xo = tl.load(x_row + kb * 2 + 1, mask=mk, other=0.0).to(tl.float32)
         b = tl.load(w_base + rows[:, None] * stride_wn + kb[None, :], mask=m2, other=0).to(tl.int32)
-        lo = (b & 15).to(tl.float32) - 8.0
-        hi = (b >> 4).to(tl.float32) - 8.0
+        lo, hi = _nibbles(b)
         grp = (kb * 2 // G)[None, :]
         sc = tl.load(s_base + rows[:, None] * stride_sn + grp, mask=m2, other=0.0).to(tl.float32)
         if HAS_ZERO:
@@ -196,8 +196,7 @@ def _qgemv_part(w_base, s_base, z_base, x_row, rows_w, k0, K, NGROUPS, stride_wn
             kx = k0 + tl.arange(0, BLOCK_K)
             x2 = tl.load(x_row + kx, mask=kx < K, other=0.0).to(tl.float32)
         xe, xo = tl.split(tl.reshape(x2, (BLOCK_K // 2, 2)))  # contiguous load, de-interleaved in registers
-        lo = (raw & 15).to(tl.float32) - 8.0
-        hi = ((raw >> 4) & 15).to(tl.float32) - 8.0
+        lo, hi = _nibbles(raw)
     if SCALE_MODE == 1:
         g = k0 // G
         sc = tl.load(s_base + rows_w * stride_sn + g).to(tl.float32)
