@@ -55,11 +55,11 @@ def greedy(logits: torch.Tensor, flag: Optional[torch.Tensor] = None) -> torch.T
     if chunk is None or logits.dim() != 2:
         values, index = logits.max(dim=-1)
         if flag is not None:
-            flag.logical_or_(~torch.isfinite(values).all())
+            flag_nonfinite(flag, values[..., None])
         return index
     values, within = logits.view(logits.shape[0], vocab // chunk, chunk).max(dim=-1)
     if flag is not None:
-        flag.logical_or_(~torch.isfinite(values.amax(dim=-1)).all())
+        flag_nonfinite(flag, values)  # the chunk maxima carry every row's maximum
     best = values.argmax(dim=-1, keepdim=True)  # first chunk holding the maximum
     return (best * chunk + within.gather(-1, best))[:, 0]
 

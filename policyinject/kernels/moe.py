@@ -42,7 +42,8 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from policyinject.kernels._common import check_launch, device_guard, is_interpreted, load_kernel_module, use_triton
+from policyinject.kernels._common import (cdiv, check_launch, device_guard, floor_pow2, is_interpreted,
+                                          load_kernel_module, use_triton)
 
 __all__ = [
     "ACT_CODES", "AlignedTokens", "MoEConfig", "QuantizedExperts", "quantize_experts", "dequantize_experts", "align_tokens", "expert_act", "fused_moe", "moe_config",
@@ -329,7 +330,8 @@ QUANT_GEMV_MAX_TOKENS = 64
 
 
 def _pow2_floor(v: float) -> int:
-    return 1 << max(int(v), 1).bit_length() - 1
+    """:func:`~policyinject.kernels._common.floor_pow2` of a float ratio (1 below 2)."""
+    return floor_pow2(max(int(v), 1))
 
 
 def moe_config(tokens: int, hidden: int, inter: int, interpret: bool = False, top_k: int = 2,
@@ -373,18 +375,19 @@ def moe_config(tokens: int, hidden: int, inter: int, interpret: bool = False, to
     return MoEConfig(gemv=False, block_m=block_m, block_n=64 if inter >= 64 else 32, block_k=64, num_warps=4)
 
 
-def _scale_mode(w: "Weights", block_k: int) -> Tuple[int, int]:
-    """``(SCALE_MODE, NGROUPS)`` of the grouped GEMM's quantized path for ``w`` (see ``_moe_triton._qtiles``):
-    1 when a K step lies inside one group, 2 when it holds whole groups, 0 (per-element scales) otherwise."""
+def _scale_mode(w: "Weights", block_k: int) -> Tuple[int, int, int]:
+    """``(SCALE_MODE, NGROUPS, NG)`` of the quantized kernels for ``w`` (see ``_moe_triton._qtiles``): mode 1
+    when a K step of ``block_k`` lies inside one group, 2 when it holds ``NG`` whole groups, 0 (per-element
+    scales; float weights too) otherwise."""
     if not isinstance(w, QuantizedExperts):
-        return 0, 1
+        return 0, 1, 1
     g, k = w.group_size, w.in_features
-    groups = -(-k // g)
+    groups = cdiv(k, g)
     if k % g == 0 and g % block_k == 0:
-        return 1, groups
+        return 1, groups, 1
     if k % g == 0 and block_k % g == 0 and (w.num_bits == 8 or (g % 2 == 0)):
-        return 2, groups
-    return 0, groups
+        return 2, groups, block_k // g
+    return 0, groups, 1
 
 
 def gemv_warps(block_n: int, block_k: int, bits: int, cap: int = 4) -> int:
@@ -397,11 +400,6 @@ def gemv_warps(block_n: int, block_k: int, bits: int, cap: int = 4) -> int:
     """
     per_warp = 32 * 16  # bytes one warp loads with 16-byte loads
     return max(1, min(cap, _pow2_floor(block_n * block_k * bits / 8 / per_warp)))
-
-
-def _groups_per_step(w: "Weights", block_k: int, mode: int) -> int:
-    """Whole quantization groups in one K step of ``block_k`` (scale mode 2), else 1."""
-    return block_k // w.group_size if mode == 2 and isinstance(w, QuantizedExperts) else 1
 
 
 def fused_moe(x: torch.Tensor, w13: Weights, w2: Weights, ids: torch.Tensor, weights: torch.Tensor,
@@ -458,7 +456,7 @@ def _launch(x: torch.Tensor, w13: Weights, w2: Weights, ids: torch.Tensor, weigh
         raise ValueError(f"fused_moe: ids {tuple(ids.shape)} and weights {tuple(weights.shape)} must be [T, k]")
     top_k = ids.shape[1]
     interp = is_interpreted(mod.moe_gemv_up_kernel)
-    cfg = config or moe_config(t, hidden, inter, interp, top_k=ids.shape[1], num_experts=num_experts,
+    cfg = config or moe_config(t, hidden, inter, interp, top_k=top_k, num_experts=num_experts,
                                quantized=isinstance(w13, QuantizedExperts) or isinstance(w2, QuantizedExperts),
                                weight_bits=w2.num_bits if isinstance(w2, QuantizedExperts) else 16)
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -475,42 +473,40 @@ def _launch(x: torch.Tensor, w13: Weights, w2: Weights, ids: torch.Tensor, weigh
     up = dict(ACT=ACT_CODES[activation], GATED=gated, UPCAST=interp or x.dtype == torch.float32, WBITS=bits13,
               HAS_ZERO=zero13, HAS_BIAS=b13 is not None)
     down = dict(WBITS=bits2, HAS_ZERO=zero2, HAS_BIAS=b2 is not None)
+    mode13, groups13, ng13 = _scale_mode(w13, cfg.block_k)
+    mode2, groups2, ng2 = _scale_mode(w2, cfg.block_k)
     with device_guard(x.device):
         if cfg.gemv:
-            mode13, groups13 = _scale_mode(w13, cfg.block_k)
-            mode2, groups2 = _scale_mode(w2, cfg.block_k)
-            mod.moe_gemv_up_kernel[(n_pairs, -(-inter // cfg.block_n))](
+            mod.moe_gemv_up_kernel[(n_pairs, cdiv(inter, cfg.block_n))](
                 x, W13, S13, Z13, bias13, ids32, h, hidden, inter, alpha, limit, G13,
                 x.stride(0), swe13, swn13, sse13, ssn13, h.stride(0), sb13,
                 TOPK=top_k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=hidden % cfg.block_k == 0,
-                NGROUPS=groups13, SCALE_MODE=mode13, NG=_groups_per_step(w13, cfg.block_k, mode13),
+                NGROUPS=groups13, SCALE_MODE=mode13, NG=ng13,
                 num_warps=gemv_warps(cfg.block_n, cfg.block_k, bits13, cfg.num_warps), **up)
             bn_down = cfg.block_n_down or cfg.block_n
             per_pair = cfg.down_per_pair and top_k > 1
             out = (torch.empty(n_pairs, hidden, dtype=torch.float32, device=x.device) if per_pair
                    else torch.empty_like(x))
-            mod.moe_gemv_down_kernel[(n_pairs if per_pair else t, -(-hidden // bn_down))](
+            mod.moe_gemv_down_kernel[(n_pairs if per_pair else t, cdiv(hidden, bn_down))](
                 h, W2, S2, Z2, bias2, ids32, wts, out, hidden, inter, G2,
                 h.stride(0), swe2, swn2, sse2, ssn2, out.stride(0), sb2,
                 TOPK=top_k, BLOCK_N=bn_down, BLOCK_K=cfg.block_k, EVEN_K=inter % cfg.block_k == 0,
-                NGROUPS=groups2, SCALE_MODE=mode2, NG=_groups_per_step(w2, cfg.block_k, mode2),
+                NGROUPS=groups2, SCALE_MODE=mode2, NG=ng2,
                 num_warps=gemv_warps(bn_down, cfg.block_k, bits2, cfg.num_warps), PER_PAIR=per_pair, **down)
             return out.view(t, top_k, hidden).sum(dim=1).to(x.dtype) if per_pair else out
         al = align_tokens(ids, num_experts, cfg.block_m)
-        mode13, groups13 = _scale_mode(w13, cfg.block_k)
-        mode2, groups2 = _scale_mode(w2, cfg.block_k)
-        mod.moe_gemm_up_kernel[(al.max_blocks, -(-inter // cfg.block_n))](
+        mod.moe_gemm_up_kernel[(al.max_blocks, cdiv(inter, cfg.block_n))](
             x, W13, S13, Z13, bias13, al.sorted_ids, al.block_expert, h, hidden, inter, alpha, limit, n_pairs,
             num_experts, G13, groups13, x.stride(0), swe13, swn13, sse13, ssn13, h.stride(0), sb13,
             TOPK=top_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-            SCALE_MODE=mode13, NG=_groups_per_step(w13, cfg.block_k, mode13), **up)
+            SCALE_MODE=mode13, NG=ng13, **up)
         # zeros: pairs left out of the alignment (ids outside [0, E)) are never written and add nothing
         y = torch.zeros(n_pairs, hidden, dtype=torch.float32, device=x.device)
-        mod.moe_gemm_down_kernel[(al.max_blocks, -(-hidden // cfg.block_n))](
+        mod.moe_gemm_down_kernel[(al.max_blocks, cdiv(hidden, cfg.block_n))](
             h, W2, S2, Z2, bias2, al.sorted_ids, al.block_expert, wts, y, hidden, inter, n_pairs, num_experts, G2,
             groups2, h.stride(0), swe2, swn2, sse2, ssn2, y.stride(0), sb2,
             UPCAST=up["UPCAST"], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, SCALE_MODE=mode2, NG=_groups_per_step(w2, cfg.block_k, mode2), **down)
+            num_warps=cfg.num_warps, SCALE_MODE=mode2, NG=ng2, **down)
     return y.view(t, top_k, hidden).sum(dim=1).to(x.dtype)
 
 

@@ -204,20 +204,23 @@ class InjectedMoE(torch.nn.Module):
     def route(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(logits [T, E], weights [T, k], ids [T, k])`` for ``x [T, H]``; no host sync."""
         logits = F.linear(x, self.router_weight, self.router_bias)
-        in_dtype = self.weights_dtype == "input" or self.order == "topk_softmax"
         if use_triton(self.backend, logits):  # one fused launch; float32 weights already rounded to the dtype
             weights, ids = moe_kernels.route_fused(logits, self.top_k, self.order, self.normalize,
-                                                   round_to=logits.dtype if in_dtype else None, backend=self.backend)
+                                                   round_to=logits.dtype if self._weights_in_input_dtype else None,
+                                                   backend=self.backend)
             return logits, weights, ids
         weights, ids = moe_kernels.route(logits, self.top_k, self.order, self.normalize)
-        if in_dtype:
-            weights = weights.to(logits.dtype)
-        return logits, weights, ids
+        return logits, self.router_scores(weights, logits), ids
+
+    @property
+    def _weights_in_input_dtype(self) -> bool:
+        """Whether the model keeps its routing weights in its own dtype (rounded from float32)."""
+        return self.weights_dtype == "input" or self.order == "topk_softmax"
 
     def router_scores(self, weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The routing weights as the Hugging Face block returns them (in the input's dtype when the model
         keeps them there; :meth:`route` may hand them over as float32 already rounded)."""
-        if (self.weights_dtype == "input" or self.order == "topk_softmax") and weights.dtype != x.dtype:
+        if self._weights_in_input_dtype and weights.dtype != x.dtype:
             return weights.to(x.dtype)
         return weights
 
