@@ -324,3 +324,24 @@ def test_tokenizer_and_checkpoint_keys():
     assert load_config(quant={"checkpoint": "a.safetensors"}).quant.checkpoint == "a.safetensors"
     d = load_config(quant={"calibration": {"data": [torch.arange(3)]}}).to_dict()["quant"]["calibration"]
     assert "data" not in d and d["num_samples"] == 8  # a live value has no JSON form: left out, not mangled
+
+
+@pytest.mark.parametrize("weight,cal,key", [
+    ({"method": "awq"}, {"damp": 0.2}, "quant.calibration.damp"),
+    ({"method": "rtn"}, {"gptq_grid": "hqq"}, "quant.calibration.gptq_grid"),
+    ({"method": "gptq"}, {"gptq_grid": "hqq", "act_order": False}, "quant.calibration.gptq_grid"),
+    ({"method": "gptq", "q_type": "symmetric"}, {"gptq_grid": "hqq"}, "quant.calibration.gptq_grid"),
+])
+def test_gptq_only_keys_warn_where_they_do_nothing(weight, cal, key):
+    """Loud or right: a GPTQ-only key that cannot act is named in a warning, not dropped silently."""
+    with pytest.warns(UserWarning, match=key.replace(".", r"\.") + ".*has no effect"):
+        load_config(quant={"enabled": True, "weight": {"num_bits": 4, **weight}, "calibration": cal})
+
+
+def test_gptq_only_keys_do_not_warn_where_they_act():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(quant={"enabled": True, "weight": {"num_bits": 4, "method": "gptq"},
+                           "calibration": {"gptq_grid": "hqq", "damp": 0.2}})

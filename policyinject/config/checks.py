@@ -182,6 +182,8 @@ def inert_warnings(cfg: Any, given: Iterable[str] = ()) -> list:
     - ``quant.*`` settings (other than switching something off) while ``quant.enabled`` is false by default
       (not given; DeepSpeed's default is true): no weight is quantized, so they have no effect. An explicit
       ``quant.enabled: false`` says so already (DeepSpeed configs write the whole section that way);
+    - ``quant.calibration.damp`` / ``gptq_grid`` set while the method is not ``gptq``, and ``gptq_grid: hqq``
+      where it cannot apply (without ``act_order``, or weights other than asymmetric int4);
     - ``save_mp_checkpoint_path`` without tensor parallelism (``tp_size`` 1) or a ``checkpoint`` to load:
       the resharded checkpoint is written by the tensor-parallel pass, which then does not run.
 
@@ -203,6 +205,8 @@ def inert_warnings(cfg: Any, given: Iterable[str] = ()) -> list:
             out.append(ConfigWarning(UserWarning, path, (
                 f"`{path}` = {_show(value)} has no effect: `quant.enabled` is false (its default), so no weight is "
                 "quantized (set `quant.enabled` true, or `dtype` int8)")))
+    if cfg.quant.enabled:
+        out += _gptq_only_warnings(cfg.quant)
     if cfg.save_mp_checkpoint_path and cfg.tensor_parallel.tp_size == 1 and not cfg.checkpoint:
         out.append(ConfigWarning(UserWarning, "save_mp_checkpoint_path", (
             f"`save_mp_checkpoint_path` = {_show(cfg.save_mp_checkpoint_path)} writes nothing: the resharded "
@@ -216,3 +220,23 @@ def _section(cfg: Any, section: str) -> Any:
     for part in section.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _gptq_only_warnings(quant: Any) -> list:
+    """Warnings for the GPTQ-only calibration keys set where they change nothing (see :func:`inert_warnings`)."""
+    w, cal, out = quant.weight, quant.calibration, []
+    for key in ("damp", "gptq_grid"):
+        path = f"quant.calibration.{key}"
+        value = getattr(cal, key)
+        if not _differs(value, SPECS[path].default):
+            continue
+        if w.method != "gptq":
+            why = f"`quant.weight.method` is {w.method!r}; only gptq reads it"
+        elif key == "gptq_grid" and not cal.act_order:
+            why = "`quant.calibration.act_order` is false; the grid is that of act-order's static groups"
+        elif key == "gptq_grid" and (w.num_bits != 4 or w.symmetric):
+            why = "the hqq grid applies to asymmetric int4 weights only; these use each group's range"
+        else:
+            continue
+        out.append(ConfigWarning(UserWarning, path, f"`{path}` = {_show(value)} has no effect: {why}"))
+    return out
