@@ -221,15 +221,28 @@ def agree(info: Any, model: torch.nn.Module, config: Any, timeout_s: Optional[fl
         raise _timeout_error(None if lost else store, me, missing, group, timeout, "tensor-parallel setup",
                              f" to exchange config and model fingerprints (setup #{round_}){lost}")
     records = {r: (mine if r == me else Fingerprint.from_json(store.get(keys[r]))) for r in group}
-    if round_ > 2:  # every rank has read round - 2 (it has finished round - 1): drop this rank's key
-        try:
-            store.delete_key(f"{ns}/{round_ - 2}/{me}")
-        except Exception:  # noqa: BLE001 - a store without delete keeps a few kilobytes more
-            pass
+    _settle(store, ns, round_, me, group, timeout)
     problems = disagreements(records)
     if problems:
         raise ConfigError([Problem("", f"the ranks of tensor-parallel group {list(group)} disagree; nothing was "
                                        "changed (every rank raises this error):"), *problems])
+
+
+def _settle(store: Any, ns: str, round_: int, me: int, group: Sequence[int], timeout_s: float) -> None:
+    """After reading every fingerprint: say so, and on global rank 0 -- the host of an ``env://`` TCP store --
+    wait until every rank of the group has read too, so that rank 0 raising and exiting at once cannot take
+    the store away from a rank still reading (that rank would report rank 0 missing instead of the real
+    disagreement). The wait is bounded by ``timeout_s``; a rank that read but never says so only delays rank 0.
+    Keys of round - 2 are dropped: every rank finished reading them before it started round - 1."""
+    store.set(f"{ns}/{round_}/read/{me}", "1")
+    if me == 0:
+        _wait_for(store, {r: f"{ns}/{round_}/read/{r}" for r in group if r != me}, timeout_s)
+    if round_ > 2:
+        for key in (f"{ns}/{round_ - 2}/{me}", f"{ns}/{round_ - 2}/read/{me}"):
+            try:
+                store.delete_key(key)
+            except Exception:  # noqa: BLE001 - a store without delete keeps a few kilobytes more
+                pass
 
 
 def _agree_by_collective(group: Any, me: int, mine: Fingerprint) -> None:

@@ -85,9 +85,20 @@ def _types(model: torch.nn.Module) -> List[str]:
 
 
 def build(rank: int, tp: int = 2, grain: int = 8, overrides: Any = None, timeout: float = 120.0,
-          **extra: Any) -> Dict[str, Any]:
-    """``init_inference`` of the tiny Llama; reports whether the model was left untouched on failure."""
+          read_delay: float = 0.0, **extra: Any) -> Dict[str, Any]:
+    """``init_inference`` of the tiny Llama; reports whether the model was left untouched on failure.
+    ``read_delay`` makes this rank start reading the other fingerprints that many seconds late (a slow rank)."""
+    from policyinject import rank_agreement
     from policyinject.pipeline import init_inference
+
+    if read_delay:
+        waiting = rank_agreement._wait_for
+
+        def late(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(read_delay)
+            return waiting(*args, **kwargs)
+
+        rank_agreement._wait_for = late  # this process only
 
     model = _llama(**(overrides or {}))
     before = _types(model)

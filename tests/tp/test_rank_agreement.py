@@ -105,6 +105,16 @@ def test_group_created_from_the_torchrun_variables_then_agreement():
         assert res[rank][1]["error"] == "ConfigError" and "tensor_parallel.tp_grain_size" in res[rank][1]["problems"]
 
 
+def test_rank_zero_raising_first_does_not_take_the_store_from_a_slow_rank():
+    # rank 0 hosts the store and raises at once; rank 1 starts reading 3 s later and must still see the
+    # disagreement, not "rank 0 did not arrive" (rank 0 exits right after its task list)
+    res = run_per_rank([[("build", dict(grain=8))], [("build", dict(grain=32, read_delay=3.0))]],
+                       init_group=False)
+    for rank in (0, 1):
+        assert res[rank][0]["error"] == "ConfigError", res[rank][0]
+        assert "tensor_parallel.tp_grain_size" in res[rank][0]["problems"]
+
+
 def test_setup_names_the_rank_that_never_came():
     res = run_per_rank([[("build", dict(tp=3, timeout=SHORT))], [("build", dict(tp=3, timeout=SHORT))],
                         [("idle", dict(seconds=SHORT + 3))]], init_group=False)
