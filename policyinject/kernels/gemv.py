@@ -26,7 +26,7 @@ import torch
 from ._common import cdiv, floor_pow2, load_kernel_module, next_pow2, resolve_backend, sm_count
 from .quant_reference import gemv_reference
 
-__all__ = ["gemv", "gemv_gated", "gemv_config", "GEMV_MAX_M"]
+__all__ = ["gemv", "gemv_gated", "gemv_config", "gemv_rms_norm", "gemv_rms_norm_config", "GEMV_MAX_M"]
 
 #: Largest batch the GEMV kernel takes (the activation rows live in registers).
 GEMV_MAX_M = 16
@@ -212,3 +212,78 @@ def gemv_gated(
     bias = bias.contiguous() if bias is not None else None
     y = load_kernel_module("_gemv_triton").launch_gemv(x2, weight, bias, cfg, gated=True)
     return y.reshape(*x.shape[:-1], weight.shape[0] // 2)
+
+
+def gemv_rms_norm_config(n: int, k: int, gated: bool = False, sm_count: int = 132) -> dict:
+    """Launch config of :func:`gemv_rms_norm` (``BN``, ``BK``, ``num_warps``): :func:`gemv_config`'s batch-1
+    pick without a K split (every program needs the whole row's sum of squares), ``BN`` even when gated.
+
+    Example:
+        >>> gemv_rms_norm_config(4096, 4096)
+        {'BN': 2, 'BK': 2048, 'num_warps': 8}
+    """
+    cfg = gemv_config(1, n, k, 2, sm_count)
+    bn = int(cfg["BN"]) * (2 if gated and int(cfg["BN"]) % 2 else 1)
+    return {"BN": bn, "BK": int(cfg["BK"]), "num_warps": int(cfg["num_warps"])}
+
+
+def gemv_rms_norm(
+    x: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    weight_offset: float = 0.0,
+    gated: bool = False,
+    backend: str = "auto",
+    config: Optional[Mapping] = None,
+) -> "tuple[torch.Tensor, torch.Tensor]":
+    """Residual add, RMSNorm and a decode GEMV of one activation row in one kernel: ``s = x + residual``
+    (rounded to ``x``'s dtype; ``residual=None``: ``s = x``), ``n = rms_norm(s) * (weight_offset +
+    norm_weight)``, returns ``(n @ weight.T + bias, s)``. ``gated``: ``weight`` is a fused gate|up ``[2 I, K]``
+    and the first result is ``silu(gate) * up``, as :func:`gemv_gated`. The Triton kernel scales the float32
+    sums by the row's ``1/rms`` in its epilogue, so the normalised row is never rounded to 16 bits (the
+    two-kernel path rounds it). ``config`` overrides :func:`gemv_rms_norm_config`.
+
+    Example:
+        >>> from policyinject.kernels.norms import add_rms_norm
+        >>> x, r, g, w = torch.randn(1, 64), torch.randn(1, 64), torch.rand(64), torch.randn(8, 64)
+        >>> y, s = gemv_rms_norm(x, r, g, 1e-6, w, backend="torch")
+        >>> n, s2 = add_rms_norm(x, r, g, 1e-6, backend="torch")
+        >>> torch.allclose(y, n @ w.T, atol=1e-4), torch.equal(s, s2)
+        (True, True)
+    """
+    k = x.shape[-1]
+    rows = x.numel() // max(k, 1)
+    if weight.dim() != 2 or weight.shape[1] != k or (gated and weight.shape[0] % 2):
+        raise ValueError(f"gemv_rms_norm: x {tuple(x.shape)} does not match weight {tuple(weight.shape)} "
+                         f"({'[2 I, K] gate|up' if gated else '[N, K]'})")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"gemv_rms_norm: residual {tuple(residual.shape)} != x {tuple(x.shape)}")
+    if norm_weight.shape != (k,):
+        raise ValueError(f"gemv_rms_norm: norm weight {tuple(norm_weight.shape)} is not [{k}]")
+    n_out = weight.shape[0] // 2 if gated else weight.shape[0]
+    if resolve_backend(backend, x) == "torch":
+        from .reference import add_rms_norm, rms_norm
+
+        normed, s = (add_rms_norm(x, residual, norm_weight, eps, weight_offset) if residual is not None
+                     else (rms_norm(x, norm_weight, eps, weight_offset), x))
+        y = gemv_reference(normed, weight, bias)
+        if gated:
+            gate, up = y.chunk(2, dim=-1)
+            y = torch.nn.functional.silu(gate) * up
+        return y, s
+    if rows != 1:
+        raise ValueError(f"gemv_rms_norm takes one activation row, got {rows}")
+    if not (x.dtype == weight.dtype == norm_weight.dtype) or (residual is not None and residual.dtype != x.dtype):
+        raise TypeError(f"gemv_rms_norm: x {x.dtype}, residual {None if residual is None else residual.dtype}, "
+                        f"norm weight {norm_weight.dtype} and weight {weight.dtype} must share one dtype")
+    cfg = dict(config) if config is not None else gemv_rms_norm_config(
+        n_out * (2 if gated else 1), k, gated, sm_count(x.device))
+    y, s = load_kernel_module("_gemv_norm_triton").launch_gemv_rms_norm(
+        x.reshape(k).contiguous(), None if residual is None else residual.reshape(k).contiguous(),
+        norm_weight.contiguous(), eps, weight_offset, weight.contiguous(),
+        None if bias is None else bias.contiguous(), cfg, gated)
+    return y.reshape(*x.shape[:-1], n_out), (x if s is None else s.reshape(x.shape))

@@ -39,6 +39,7 @@ from ..errors import PolicyError
 from ..policy.model import QKNormScope, QKVLayout, read_size, read_value
 from . import _ops
 from ._hf import CallSignature, find_cache
+from .fast_linear import DecodeLinear
 from .fused_linear import as_linear, fuse_linears
 from .norms import FusedLayerNorm, FusedRMSNorm
 
@@ -337,7 +338,13 @@ class InjectedAttention(torch.nn.Module):
             raise PolicyError(
                 "this attention applies rotary embeddings but got no position_embeddings=(cos, sin); the model "
                 "must compute them once per forward (transformers >= 4.48 style)")
-        fused = self.qkv(x)
+        return self.split_qkv(self.qkv(x), cos, sin)
+
+    def split_qkv(self, fused: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor]
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The rest of :meth:`project` after the qkv matmul: clipping, the split, q/k norms and rotary."""
+        if cos is NO_ROTARY:
+            cos = sin = None
         if self.clip_qkv is not None:
             fused = fused.clamp(min=-self.clip_qkv, max=self.clip_qkv)
         q, k, v = self.split(fused)
@@ -406,6 +413,22 @@ class InjectedAttention(torch.nn.Module):
             attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``output(attend(*project(x, cos, sin)))``."""
         return self.output(attend(*self.project(x, cos, sin)))
+
+    def run_normed(self, hidden: torch.Tensor, pending: Optional[torch.Tensor], norm: torch.nn.Module,
+                   cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+                   attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                   ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(run(norm(s)), s)`` with ``s = hidden + pending``, where the qkv projection can fold the residual
+        add and the norm into its decode GEMV (:meth:`DecodeLinear.normed`: one row on a GPU); else None."""
+        if not isinstance(self.qkv, DecodeLinear):
+            return None
+        if cos is not NO_ROTARY and self.rotary is not None and cos is None:
+            return None  # project() raises the clear error
+        done = self.qkv.normed(hidden, pending, norm)
+        if done is None:
+            return None
+        fused, s = done
+        return self.output(attend(*self.split_qkv(fused, cos, sin))), s
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Hugging Face attention call: same arguments as the replaced module; returns ``(output, None)``."""

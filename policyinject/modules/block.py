@@ -105,6 +105,10 @@ class InjectedBlock(torch.nn.Module):
         #: Factor on each branch before its residual add (None: 1).
         self.residual_scale = float(residual_scale) if residual_scale is not None and residual_scale != 1.0 else None
         self.kind = BlockKind(kind)
+        #: In :meth:`run_deferred`, let a decode GEMV fold the residual add and RMSNorm before it into its own
+        #: kernel (one row on a GPU; see :meth:`InjectedAttention.run_normed`). False runs the separate norm
+        #: kernels (for measuring the difference).
+        self.fuse_norms = True
         self.signature = signature
         self.backend = backend
         sandwich = attn_out_norm is not None or mlp_out_norm is not None
@@ -233,11 +237,19 @@ class InjectedBlock(torch.nn.Module):
         """
         if not self.defers_residual:
             raise PolicyError(f"run_deferred needs a pre-norm block, not kind={self.kind.value}")
-        if pending is None:
-            n1, x = self.norm1(hidden), hidden
+        done = self.attn.run_normed(hidden, pending, self.norm1, cos, sin, attend) if self.fuse_norms else None
+        if done is not None:
+            a, x = done
         else:
-            n1, x = self.norm1.forward_add(pending, hidden)
-        a = self.attn.run(n1, cos, sin, attend)
+            if pending is None:
+                n1, x = self.norm1(hidden), hidden
+            else:
+                n1, x = self.norm1.forward_add(pending, hidden)
+            a = self.attn.run(n1, cos, sin, attend)
+        if self.fuse_norms and isinstance(self.mlp, InjectedMLP):
+            mlp_done = self.mlp.run_normed(a, x, self.norm2)
+            if mlp_done is not None:
+                return mlp_done
         n2, h = self.norm2.forward_add(a, x)
         return self._mlp(n2), h
 

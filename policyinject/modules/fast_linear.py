@@ -17,14 +17,14 @@ Example:
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..kernels._common import resolve_backend
-from ..kernels.gemv import GEMV_MAX_M, gemv, gemv_gated
+from ..kernels.gemv import GEMV_MAX_M, gemv, gemv_gated, gemv_rms_norm
 
 __all__ = ["DecodeLinear"]
 
@@ -86,6 +86,33 @@ class DecodeLinear(nn.Module):
                 or resolve_backend(self.backend, x) != "triton" or x.dtype != self.weight.dtype):
             return None
         return gemv_gated(x, self.weight, self.bias, backend="triton")
+
+    def normed(self, x: torch.Tensor, residual: Optional[torch.Tensor], norm: Any,
+               activation: Optional[str] = None) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(self(norm(s)), s)`` with ``s = x + residual`` (``residual=None``: ``s = x``) in one kernel
+        (:func:`~policyinject.kernels.gemv.gemv_rms_norm`), for one activation row on a GPU and an RMSNorm
+        ``norm`` (:class:`~policyinject.modules.norms.FusedRMSNorm`) of this layer's dtype; ``activation="silu"``:
+        this layer is a fused gate|up and the first result is SwiGLU's, as :meth:`gated`. Else None (the
+        caller runs the norm, then the layer).
+
+        Example:
+            >>> from policyinject.modules.norms import FusedRMSNorm
+            >>> DecodeLinear.from_linear(torch.nn.Linear(32, 8)).normed(torch.randn(1, 32), None,
+            ...                                                          FusedRMSNorm(32)) is None  # CPU
+            True
+        """
+        from .norms import FusedRMSNorm
+
+        gated = activation is not None
+        weight = getattr(norm, "weight", None)
+        if (type(norm) is not FusedRMSNorm or weight is None or self.max_m < 1 or x.numel() != x.shape[-1]
+                or (gated and (activation != "silu" or self.out_features % 2))
+                or resolve_backend(self.backend, x) != "triton" or norm.backend == "torch"
+                or not (x.dtype == self.weight.dtype == weight.dtype)
+                or (residual is not None and residual.dtype != x.dtype)):
+            return None
+        return gemv_rms_norm(x, residual, weight, norm.eps, self.weight, self.bias, weight_offset=norm.weight_offset,
+                             gated=gated, backend="triton")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -28,7 +28,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Tuple
 
 import torch
 
@@ -72,6 +72,18 @@ class InjectedMLP(torch.nn.Module):
         else:
             h = _ops.activation(self.up(x), self.activation)
         return self.down(h)
+
+    def run_normed(self, x: torch.Tensor, residual: torch.Tensor, norm: torch.nn.Module
+                   ) -> "Optional[Tuple[torch.Tensor, torch.Tensor]]":
+        """``(self(norm(s)), s)`` with ``s = x + residual``, where the gate|up projection folds the residual add,
+        the norm and SwiGLU into one decode GEMV (:meth:`DecodeLinear.normed`: one row on a GPU); else None."""
+        if not (self.gated and isinstance(self.up, DecodeLinear)):
+            return None
+        done = self.up.normed(x, residual, norm, self.activation)
+        if done is None:
+            return None
+        h, s = done
+        return self.down(h), s
 
     def extra_repr(self) -> str:
         return f"{'gated ' if self.gated else ''}{self.activation}, backend={self.backend}"

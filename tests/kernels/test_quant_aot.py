@@ -25,9 +25,12 @@ from triton.backends.compiler import GPUTarget
 from policyinject.kernels._quant_gemv_triton import _qgemv_kernel, _q4gemv_kernel, _q8gemv_kernel
 from policyinject.kernels._quant_gemm_triton import _qgemm_kernel
 from policyinject.kernels._gemv_triton import _gemv_kernel
+from policyinject.kernels._gemv_norm_triton import _gemv_rms_norm_kernel
 
-PTR = {"X": "*bf16", "W": "*bf16", "QW": None, "S": "*fp16", "Z": "*fp16", "B": "*bf16", "Y": "*bf16"}
-ALIGNED = {"X", "W", "QW", "S", "Z", "B", "Y", "K", "stride_wn", "stride_sn", "stride_ym", "K_PER_SPLIT"}
+PTR = {"X": "*bf16", "W": "*bf16", "QW": None, "S": "*fp16", "Z": "*fp16", "B": "*bf16", "Y": "*bf16",
+       "R": "*bf16", "G": "*bf16"}
+FLOATS = {"eps", "offset"}
+ALIGNED = {"X", "W", "QW", "S", "Z", "B", "Y", "R", "G", "K", "stride_wn", "stride_sn", "stride_ym", "K_PER_SPLIT"}
 
 def compile_one(fn, constexprs, qtype="*i8", num_warps=4, num_stages=3, source=ASTSource):
     names = fn.arg_names
@@ -37,6 +40,8 @@ def compile_one(fn, constexprs, qtype="*i8", num_warps=4, num_stages=3, source=A
             sig[name] = "constexpr"
         elif name in PTR:
             sig[name] = PTR[name] or qtype
+        elif name in FLOATS:
+            sig[name] = "fp32"
         else:
             sig[name] = "i32"
         if name in ALIGNED and name not in constexprs:
@@ -77,6 +82,12 @@ gemv_cases = {
 }
 for name, c in gemv_cases.items():
     out[name] = compile_one(_gemv_kernel, c, num_warps=8 if c["BK"] == 2048 else 4)
+PTR["S"] = "*bf16"  # the norm GEMV's residual-sum output
+for name, c in {"gemv_rms_norm": dict(HAS_RESIDUAL=True, HAS_BIAS=False, BN=2, BK=2048, EVEN_K=True, GATED=False),
+                "gemv_rms_norm_gated": dict(HAS_RESIDUAL=True, HAS_BIAS=False, BN=2, BK=2048, EVEN_K=True,
+                                            GATED=True)}.items():
+    out[name] = compile_one(_gemv_rms_norm_kernel, c, num_warps=8)
+PTR["S"] = "*fp16"
 qgemv_cases = {
     "q8_pc_m1": (8, dict(SYMMETRIC=True, PER_CHANNEL=True, G=4096, BM=1, ROWS=1, BN=4, GPB=1, GK=1024, EVEN_K=True)),
     "q8_g128_m1": (8, dict(SYMMETRIC=True, PER_CHANNEL=False, G=128, BM=1, ROWS=1, BN=4, GPB=8, GK=128, EVEN_K=True)),
@@ -155,7 +166,7 @@ def compiled() -> dict:
 
 
 def test_every_kernel_compiles_for_sm90(compiled: dict) -> None:
-    assert len(compiled) in (28, 32)  # 32 with Gluon (the tensor-core int4 GEMV)
+    assert len(compiled) in (30, 34)  # 34 with Gluon (the tensor-core int4 GEMV)
     for name, info in compiled.items():
         assert info["cubin"], name
         assert info["shared"] <= 228 * 1024, (name, info["shared"])
@@ -163,7 +174,7 @@ def test_every_kernel_compiles_for_sm90(compiled: dict) -> None:
 
 
 def test_decode_kernels_use_16_byte_weight_loads(compiled: dict) -> None:
-    for name in ("gemv_m1", "gemv_m4_split", "q8_pc_m1", "q8_g128_m1", "q4_g128_m1", "q4w_g128_m1"):
+    for name in ("gemv_m1", "gemv_m4_split", "gemv_rms_norm", "gemv_rms_norm_gated", "q8_pc_m1", "q8_g128_m1", "q4_g128_m1", "q4w_g128_m1"):
         assert compiled[name]["v4"], name
 
 
