@@ -15,16 +15,22 @@ multi-head                    per head ``[q_h | k_h | v_h]``            ``num_he
 ============================  =======================================  ==================  ===========
 
 All linears are ``FalconLinear`` (an ``nn.Linear`` subclass); the MLP is plain exact GELU. ALiBi variants
-(``alibi=True``) carry the bias inside the attention mask, and the injected attention then skips rotary.
+(``alibi=True``) carry the bias inside the attention mask: each wiring has a twin without rotary, chosen from
+the config (:data:`ALIBI_VARIANTS`).
 The HF attention counts heads with ``num_heads``/``num_kv_heads`` (tensor-parallel attributes).
 
 Example:
     >>> class C: new_decoder_architecture = False; multi_query = True; parallel_attn = True
     >>> variant_for(C()).attention.qkv_layout.value
     'blocks'
+    >>> C.alibi = True
+    >>> variant_for(C()).attention.rotary is None
+    True
 """
 
 from typing import Any
+
+import attrs
 
 from policyinject import hookimpl
 from policyinject.policy import AttentionSpec, MLPSpec, ModelPolicy, NormSpec, Policy
@@ -42,9 +48,9 @@ def kv_heads(config: Any) -> int:
     return int(config.num_attention_heads)
 
 
-def _attention(layout: str) -> AttentionSpec:
+def _attention(layout: str, rotary: Any = "half") -> AttentionSpec:
     return AttentionSpec(module="self_attention", qkv="query_key_value", qkv_layout=layout, o="dense",
-                         rotary="half", num_heads=("num_attention_heads",), num_kv_heads=kv_heads,
+                         rotary=rotary, num_heads=("num_attention_heads",), num_kv_heads=kv_heads,
                          tp_attributes={"num_heads": "heads", "num_kv_heads": "kv_heads"})
 
 
@@ -71,20 +77,31 @@ FALCON_SEQUENTIAL_MH = Policy(layer=_LAYER, attention=_attention("per_head"), ml
                               norms=(_ln("input_layernorm"), _ln("post_attention_layernorm")), block="pre_norm",
                               input_norm="input_layernorm", post_attention_norm="post_attention_layernorm")
 
-#: Every variant; the first is the default when no config tells otherwise.
-VARIANTS = (FALCON_MULTI_QUERY, FALCON_NEW_ARCH, FALCON_NEW_ARCH_ONE_LN, FALCON_MULTI_HEAD,
-            FALCON_SEQUENTIAL_MQ, FALCON_SEQUENTIAL_MH)
+#: The rotary variants; the first is the default when no config tells otherwise.
+ROTARY_VARIANTS = (FALCON_MULTI_QUERY, FALCON_NEW_ARCH, FALCON_NEW_ARCH_ONE_LN, FALCON_MULTI_HEAD,
+                   FALCON_SEQUENTIAL_MQ, FALCON_SEQUENTIAL_MH)
+#: The same wiring without rotary, for ``alibi=True`` configs: their ALiBi bias arrives inside the attention
+#: mask. Which one applies is read from the config, never from the call (transformers 5.25 stopped passing
+#: ``alibi=`` to the layer and computes rotary tables for ALiBi models too).
+ALIBI_VARIANTS = tuple(attrs.evolve(p, attention=attrs.evolve(p.attention, rotary=None)) for p in ROTARY_VARIANTS)
+#: Every variant.
+VARIANTS = ROTARY_VARIANTS + ALIBI_VARIANTS
 
 
 def variant_for(config: Any) -> Policy:
     """The policy variant matching a Falcon config."""
     if getattr(config, "new_decoder_architecture", False):
         two = getattr(config, "num_ln_in_parallel_attn", None) in (None, 2)
-        return FALCON_NEW_ARCH if two else FALCON_NEW_ARCH_ONE_LN
-    multi_query = getattr(config, "multi_query", True)
-    if getattr(config, "parallel_attn", True):
-        return FALCON_MULTI_QUERY if multi_query else FALCON_MULTI_HEAD
-    return FALCON_SEQUENTIAL_MQ if multi_query else FALCON_SEQUENTIAL_MH
+        policy = FALCON_NEW_ARCH if two else FALCON_NEW_ARCH_ONE_LN
+    else:
+        multi_query = getattr(config, "multi_query", True)
+        if getattr(config, "parallel_attn", True):
+            policy = FALCON_MULTI_QUERY if multi_query else FALCON_MULTI_HEAD
+        else:
+            policy = FALCON_SEQUENTIAL_MQ if multi_query else FALCON_SEQUENTIAL_MH
+    if getattr(config, "alibi", False) is True:
+        return ALIBI_VARIANTS[ROTARY_VARIANTS.index(policy)]
+    return policy
 
 
 FALCON_CAUSAL_LM = ModelPolicy(model=_M + "FalconForCausalLM", layers="transformer.h",

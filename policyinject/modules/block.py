@@ -106,9 +106,9 @@ class InjectedBlock(torch.nn.Module):
         self.residual_scale = float(residual_scale) if residual_scale is not None and residual_scale != 1.0 else None
         self.kind = BlockKind(kind)
         #: In :meth:`run_deferred`, let a decode GEMV fold the residual add and RMSNorm before it into its own
-        #: kernel (one row on a GPU; see :meth:`InjectedAttention.run_normed`). False runs the separate norm
-        #: kernels (for measuring the difference).
-        self.fuse_norms = True
+        #: kernel (one row on a GPU; see :meth:`InjectedAttention.run_normed`). Off by default until measured
+        #: on a GPU (``benchmarks/norm_fusion.py`` compares both); True turns it on for this block.
+        self.fuse_norms = False
         self.signature = signature
         self.backend = backend
         sandwich = attn_out_norm is not None or mlp_out_norm is not None

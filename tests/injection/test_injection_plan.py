@@ -45,6 +45,9 @@ def test_falcon_variants(overrides, layout, kind, norms, inject):
     assert layout in action.details["qkv"]
     policies = {m.path: m.policy for m in engine.plan.layers}  # payloads are released after apply
     assert policies["transformer.h.0"].input_norm == norms
+    # ALiBi configs take the wiring without rotary, read from the config: transformers >= 5.25 no longer passes
+    # `alibi=` to the layer and computes rotary tables for every Falcon
+    assert (policies["transformer.h.0"].attention.rotary is None) == bool(overrides.get("alibi"))
     _check(model, original)
 
 

@@ -123,7 +123,10 @@ def test_hf_plan_conversion_styles_and_moe_lint():
     with pytest.raises(PolicyError, match="Hugging Face TP style 'colwize': unknown tensor-parallel style `colwize`; did you mean `colwise`"):
         hf_style("colwize")
     m = tiny_model("mixtral")
-    conv = convert_hf_plan(m._tp_plan, m)
+    # the experts' entries as transformers 5.24 ships them (5.25 dropped them from Mixtral's plan)
+    plan = {**m._tp_plan, "model.layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+            "model.layers.*.mlp.experts.down_proj": "rowwise", "model.layers.*.mlp.experts": "moe_tp_experts"}
+    conv = convert_hf_plan(plan, m)
     assert any("moe_tp_experts" in msg for msg in conv.lint)
     assert conv.model_policies[0].embed == "model.embed_tokens"
     assert conv.policies[0].styles["self_attn.o_proj"] is Style.ROW
