@@ -328,9 +328,10 @@ class Decoder:
 
 
 def _default_mask(ids: torch.Tensor, params: GenerateParams) -> torch.Tensor:
-    """Hugging Face's inference: pad tokens (when pad is not an EOS token) are masked, else all ones."""
+    """Hugging Face's inference: pad tokens (when pad is not an EOS token) are masked, else all ones (which
+    ``ids != pad`` also is when no pad token occurs: no synchronisation to ask)."""
     pad = params.pad_token_id
-    if pad is not None and pad not in params.eos_token_id and bool((ids == pad).any()):
+    if pad is not None and pad not in params.eos_token_id:
         return (ids != pad).long()
     return torch.ones_like(ids)
 

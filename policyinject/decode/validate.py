@@ -27,6 +27,9 @@ Example:
     ... except ValueError as e:
     ...     print(e)
     input_ids hold token ids outside the vocabulary [0, 10): largest 60 at row 0, column 1
+
+The values are checked on a host copy: a prompt on the GPU costs one device-to-host copy of the ids and one of
+the mask, instead of a synchronisation per check.
 """
 
 from __future__ import annotations
@@ -36,6 +39,11 @@ from typing import Any, Optional, Tuple
 import torch
 
 __all__ = ["check_inputs", "check_mask"]
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself on the CPU, else one copy to the host (the only synchronisation of a check)."""
+    return t if t.device.type == "cpu" else t.cpu()
 
 
 def _tensor(name: str, value: Any, hint: str) -> torch.Tensor:
@@ -64,10 +72,11 @@ def check_inputs(input_ids: Any, attention_mask: Any, vocab_size: Optional[int]
                          "row of at least one token")
     ids = ids.long()
     if vocab_size is not None:
-        lo, hi = int(ids.min()), int(ids.max())
+        host = _host(ids)
+        lo, hi = int(host.min()), int(host.max())
         if lo < 0 or hi >= vocab_size:
             bad, which = (lo, "smallest") if lo < 0 else (hi, "largest")
-            r, c = (ids == bad).nonzero()[0].tolist()
+            r, c = (host == bad).nonzero()[0].tolist()
             raise ValueError(f"input_ids hold token ids outside the vocabulary [0, {vocab_size}): {which} {bad} "
                              f"at row {r}, column {c}")
     mask = None if attention_mask is None else check_mask(attention_mask, ids)
@@ -88,16 +97,17 @@ def check_mask(attention_mask: Any, ids: torch.Tensor) -> torch.Tensor:
                          f"{tuple(ids.shape)}; they must match")
     if mask.is_complex():
         raise TypeError(f"`attention_mask` must hold 0/1 entries, got dtype {mask.dtype}")
-    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+    host = _host(mask)
+    if host.dtype != torch.bool and not bool(((host == 0) | (host == 1)).all()):
         raise ValueError("`attention_mask` must hold only 0 and 1 (1: a real token, 0: padding); got values "
-                         f"{sorted(set(mask.flatten().tolist()))[:8]}")
-    mask = mask.long()
-    empty = (mask.sum(-1) == 0).nonzero().flatten().tolist()
+                         f"{sorted(set(host.flatten().tolist()))[:8]}")
+    host = host.long()
+    empty = (host.sum(-1) == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"`attention_mask` row(s) {empty} are padding everywhere: a prompt needs at least one "
                          "token to generate from")
-    if not bool(mask[:, -1].all()):
-        rows = (mask[:, -1] == 0).nonzero().flatten().tolist()
+    if not bool(host[:, -1].all()):
+        rows = (host[:, -1] == 0).nonzero().flatten().tolist()
         raise ValueError(f"right padding detected in `attention_mask` row(s) {rows}: the decode engine needs "
                          "left-padded prompts (tokenizer.padding_side = 'left')")
-    return mask
+    return mask.long()
