@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session: set up the project on the lent GPU machine, then run the named stages.
-#   bash benchmarks/gpu_session.sh env tests kernels quant q4mma sweep decode breakdown tp
+#   bash benchmarks/gpu_session.sh env tests kernels quant q4mma sweep decode breakdown normfusion tp
 # Outputs (logs, JSON, plots) go to $OUT (or ./out). The cattrs wheel (absent there) travels in .whl/.
 set -uo pipefail
 OUT="${OUT:-$PWD/out}"; mkdir -p "$OUT"
@@ -43,6 +43,9 @@ for stage in "$@"; do
         breakdown)
             python3 benchmarks/decode_breakdown.py --preset llama-3.2-1b --json "$OUT/breakdown_1b.json" 2>&1 | tee "$OUT/breakdown.log" | tail -45 || status=1
             python3 benchmarks/decode_breakdown.py --preset llama-3-8b --json "$OUT/breakdown_8b.json" 2>&1 | tee -a "$OUT/breakdown.log" | tail -45 || status=1
+            ;;
+        normfusion)
+            python3 benchmarks/norm_fusion.py --json "$OUT/norm_fusion.json" 2>&1 | tee "$OUT/norm_fusion.log" | tail -30 || status=1
             ;;
         tp)
             n=$(python3 -c "import torch; print(torch.cuda.device_count())")
