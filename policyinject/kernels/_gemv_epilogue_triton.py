@@ -1,7 +1,8 @@
 """Pieces shared by the GEMV-style Triton kernels (bf16 GEMV, int8/int4 GEMV): the activation load, the rows
 a program reads and the epilogues (bias, then store; or bias, SwiGLU, store).
 
-``load_act`` reads one activation row's K step as float32 (masked past ``k_end`` unless ``EVEN_K``).
+``load_act`` reads one activation row's K step as float32 (masked past ``k_end`` unless ``EVEN_K``);
+``load_weight`` the same for a ``[BN, BK]`` tile of a 16-bit weight.
 
 ``tile_rows`` gives the weight rows of a program's ``BN``-row tile: ``pid_n * BN ...`` (clamped to ``N``), or,
 ``GATED``, the rows of ``BN // 2`` outputs of a fused gate|up weight (``2 N`` rows, gate first) interleaved:
@@ -27,6 +28,13 @@ def load_act(ptrs, kk, k_end, EVEN_K: tl.constexpr):
     if EVEN_K:
         return tl.load(ptrs).to(tl.float32)
     return tl.load(ptrs, mask=kk < k_end, other=0.0).to(tl.float32)
+
+@triton.jit
+def load_weight(ptrs, kk, k_end, EVEN_K: tl.constexpr):
+    """One K step of a streamed 16-bit weight tile (read once: evict first) as float32."""
+    if EVEN_K:
+        return tl.load(ptrs, eviction_policy="evict_first").to(tl.float32)
+    return tl.load(ptrs, mask=(kk < k_end)[None, :], other=0.0, eviction_policy="evict_first").to(tl.float32)
 
 @triton.jit
 def store_tile(Y, acc_t, B, rows, offs_m, offs_n, M, N, stride_ym, pid_k,

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._common import cdiv, triton_launchable
-from ._gemv_epilogue_triton import load_act, store_gated, store_tile, tile_rows
+from ._gemv_epilogue_triton import load_act, load_weight, store_gated, store_tile, tile_rows
 
 __all__ = ["launch_gemv_rms_norm"]
 
@@ -45,11 +45,7 @@ def _gemv_rms_norm_kernel(
     squares = tl.zeros((BK,), dtype=tl.float32)
     for k0 in range(0, K, BK):
         kk = k0 + offs_k
-        if EVEN_K:
-            w = tl.load(w_ptrs + k0, eviction_policy="evict_first").to(tl.float32)
-        else:
-            w = tl.load(w_ptrs + k0, mask=(kk < K)[None, :], other=0.0, eviction_policy="evict_first")
-            w = w.to(tl.float32)
+        w = load_weight(w_ptrs + k0, kk, K, EVEN_K)
         s = load_act(X + kk, kk, K, EVEN_K)
         if HAS_RESIDUAL:
             s = (s + load_act(R + kk, kk, K, EVEN_K)).to(S.dtype.element_ty)

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._common import cdiv, triton_launchable
-from ._gemv_epilogue_triton import load_act, store_gated, store_tile, tile_rows
+from ._gemv_epilogue_triton import load_act, load_weight, store_gated, store_tile, tile_rows
 from .gemv import outputs_per_program, split_k_output
 
 __all__ = ["launch_gemv"]
@@ -49,11 +49,7 @@ def _gemv_kernel(
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     for k0 in range(k_start, k_end, BK):
         kk = k0 + offs_k
-        if EVEN_K:
-            w = tl.load(w_ptrs + k0, eviction_policy="evict_first").to(tl.float32)
-        else:
-            w = tl.load(w_ptrs + k0, mask=(kk < k_end)[None, :], other=0.0, eviction_policy="evict_first")
-            w = w.to(tl.float32)
+        w = load_weight(w_ptrs + k0, kk, k_end, EVEN_K)
         if BM == 1:
             acc2 += w * load_act(X + kk, kk, k_end, EVEN_K)[None, :]
         else:
