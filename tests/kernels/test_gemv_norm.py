@@ -152,3 +152,36 @@ def test_block_folds_both_norms_into_its_decode_gemvs(dtype: torch.dtype, monkey
     xs = randn(1, 3, 64, dtype=dtype, device=DEVICE)
     block.run_deferred(xs, xs, *[t.expand(1, 3, -1) for t in pe], attend)
     assert calls == {"fused": 0, "norm": 2}
+
+
+@pytest.mark.gpu
+def test_folded_norms_decode_graphs_give_the_eager_tokens(monkeypatch) -> None:
+    """With ``fuse_norms`` on, a graphed decode gives the eager decode's tokens and the fused kernel runs
+    (a Llama big enough that its qkv and gate|up become decode GEMV modules)."""
+    import policyinject.modules.fast_linear as fast_linear
+    from policyinject import init_inference
+    from policyinject.decode.generate import Decoder
+    from policyinject.modules.block import InjectedBlock
+    from policyinject.testing.presets import tiny_model
+
+    model = tiny_model("llama", dtype=torch.bfloat16, device="cuda", hidden_size=1024, intermediate_size=2816,
+                       num_attention_heads=16, num_key_value_heads=4, head_dim=64)
+    engine = init_inference(model, dtype="bf16", replace_with_kernel_inject=True, max_out_tokens=64)
+    blocks = [m for m in engine.module.modules() if isinstance(m, InjectedBlock)]
+    assert blocks
+    for b in blocks:
+        b.fuse_norms = True
+    calls = {"n": 0}
+    fused = fast_linear.gemv_rms_norm
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return fused(*a, **k)
+
+    monkeypatch.setattr(fast_linear, "gemv_rms_norm", counting)
+    ids = torch.randint(3, 256, (1, 9), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    eager = Decoder.from_engine(engine, use_graphs=False).generate(ids, max_new_tokens=12, eos_token_id=[])
+    assert calls["n"] >= 2 * len(blocks) * 11  # both projections of every layer at every decode step
+    graphed = Decoder.from_engine(engine, use_graphs=True)
+    assert torch.equal(graphed.generate(ids, max_new_tokens=12, eos_token_id=[]), eager)
+    assert graphed.stats["replays"] >= 1
