@@ -214,15 +214,16 @@ def gemv_gated(
     return y.reshape(*x.shape[:-1], weight.shape[0] // 2)
 
 
-def gemv_rms_norm_config(n: int, k: int, gated: bool = False, sm_count: int = 132) -> dict:
-    """Launch config of :func:`gemv_rms_norm` (``BN``, ``BK``, ``num_warps``): :func:`gemv_config`'s batch-1
-    pick without a K split (every program needs the whole row's sum of squares), ``BN`` even when gated.
+def gemv_rms_norm_config(n: int, k: int, gated: bool = False, element_size: int = 2, sm_count: int = 132) -> dict:
+    """Launch config of :func:`gemv_rms_norm` for ``n`` weight rows (``BN``, ``BK``, ``num_warps``):
+    :func:`gemv_config`'s batch-1 pick without a K split (every program needs the whole row's sum of squares),
+    ``BN`` even when gated.
 
     Example:
         >>> gemv_rms_norm_config(4096, 4096)
         {'BN': 2, 'BK': 2048, 'num_warps': 8}
     """
-    cfg = gemv_config(1, n, k, 2, sm_count)
+    cfg = gemv_config(1, n, k, element_size, sm_count)
     bn = int(cfg["BN"]) * (2 if gated and int(cfg["BN"]) % 2 else 1)
     return {"BN": bn, "BK": int(cfg["BK"]), "num_warps": int(cfg["num_warps"])}
 
@@ -270,10 +271,7 @@ def gemv_rms_norm(
 
         normed, s = (add_rms_norm(x, residual, norm_weight, eps, weight_offset) if residual is not None
                      else (rms_norm(x, norm_weight, eps, weight_offset), x))
-        y = gemv_reference(normed, weight, bias)
-        if gated:
-            gate, up = y.chunk(2, dim=-1)
-            y = torch.nn.functional.silu(gate) * up
+        y = gemv_gated(normed, weight, bias, backend="torch") if gated else gemv_reference(normed, weight, bias)
         return y, s
     if rows != 1:
         raise ValueError(f"gemv_rms_norm takes one activation row, got {rows}")
@@ -281,7 +279,7 @@ def gemv_rms_norm(
         raise TypeError(f"gemv_rms_norm: x {x.dtype}, residual {None if residual is None else residual.dtype}, "
                         f"norm weight {norm_weight.dtype} and weight {weight.dtype} must share one dtype")
     cfg = dict(config) if config is not None else gemv_rms_norm_config(
-        n_out * (2 if gated else 1), k, gated, sm_count(x.device))
+        weight.shape[0], k, gated, weight.element_size(), sm_count(x.device))
     y, s = load_kernel_module("_gemv_norm_triton").launch_gemv_rms_norm(
         x.reshape(k).contiguous(), None if residual is None else residual.reshape(k).contiguous(),
         norm_weight.contiguous(), eps, weight_offset, weight.contiguous(),
